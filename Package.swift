@@ -1,0 +1,34 @@
+// swift-tools-version: 6.0
+// p11ha: a vendor-neutral high-availability PKCS#11 module.
+import PackageDescription
+
+// The module is loaded into nginx and OpenSSL processes: keep it lean.
+let leanRuntime: [SwiftSetting] = [
+    .unsafeFlags([
+        "-Xfrontend", "-disable-implicit-concurrency-module-import",
+        "-Xfrontend", "-disable-implicit-string-processing-module-import",
+    ]),
+]
+
+let package = Package(
+    name: "p11ha",
+    products: [
+        .library(name: "p11ha", type: .dynamic, targets: ["P11HAModule"]),
+        .executable(name: "p11hactl", targets: ["p11hactl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CInterop", path: "CInterop", pkgConfig: "p11-kit-1"),
+        .target(name: "P11HA", dependencies: ["CInterop"], swiftSettings: leanRuntime),
+        .target(name: "P11HAModule", dependencies: ["P11HA", "CInterop"], swiftSettings: leanRuntime),
+        .executableTarget(
+            name: "p11hactl",
+            dependencies: ["P11HA", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        // Drives the real C ABI of libp11ha.so from a separate process, one scenario per run.
+        .executableTarget(name: "p11ha-scenario", dependencies: ["CInterop"], path: "Tests/ScenarioDriver"),
+        .testTarget(name: "P11HATests", dependencies: ["P11HA"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["p11ha-scenario"]),
+    ]
+)

@@ -1,0 +1,172 @@
+// A group: its members, their health, the scheduler that picks a member per operation, and the group's login.
+import CInterop
+import Synchronization
+
+public final class Group: @unchecked Sendable {
+    public let slotID: CK_SLOT_ID
+    public let config: GroupConfig
+    public let members: [Member]
+    /// Mechanisms every member supports, with the intersection of their sizes and flags.
+    public let mechanisms: [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)]
+    let objects = Mutex(ObjectTable())
+    let login = Mutex(LoginState())
+    private let roundRobin = Atomic<Int>(0)
+
+    struct LoginState {
+        var userType: CK_USER_TYPE?
+        /// Kept to log members in again after they return (zeroed on logout and finalize).
+        var pin: Secret?
+        var sessions = 0
+        var readWriteSessions = 0
+    }
+
+    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member]) {
+        self.slotID = slotID
+        self.config = config
+        self.members = members
+        self.mechanisms = Self.commonMechanisms(members)
+    }
+
+    public var name: String { config.name }
+    public var label: String { config.label }
+
+    /// The member with the fewest operations in flight among those in service that `holds` (nil: any),
+    /// ties broken round-robin.
+    func pick(holding copies: [CK_OBJECT_HANDLE?]? = nil) throws(P11Error) -> Member {
+        let start = roundRobin.add(1, ordering: .relaxed).oldValue
+        let n = members.count
+        var best: Member?
+        var bestLoad = Int.max
+        for step in 0..<n {
+            let member = members[(start &+ step) % n]
+            guard member.isInService else { continue }
+            if let copies, copies[member.index] == nil { continue }
+            let load = member.inFlight.load(ordering: .relaxed)
+            if load < bestLoad {
+                best = member
+                bestLoad = load
+            }
+        }
+        guard let best else {
+            // Held only by members out of service: the member's fault, not the caller's.
+            throw P11Error.deviceError
+        }
+        return best
+    }
+
+    /// Where generated keys are made until replication carries them to every member.
+    func generationMember() throws(P11Error) -> Member {
+        guard let member = members.first(where: \.isInService) else { throw P11Error.deviceError }
+        return member
+    }
+
+    public var membersInService: [Member] { members.filter(\.isInService) }
+
+    private static func commonMechanisms(_ members: [Member]) -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] {
+        intersect(members.map { member in
+            let list = (try? member.mechanismList()) ?? []
+            return list.compactMap { type in (try? member.mechanismInfo(type)).map { (type, $0) } }
+        })
+    }
+
+    /// The mechanisms in every list, in the first list's order: the largest minimum key size, the smallest
+    /// maximum, and the flags all share.
+    static func intersect(_ lists: [[(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)]]) -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] {
+        guard let first = lists.first else { return [] }
+        let others = lists.dropFirst().map { Dictionary($0.map { ($0.type, $0.info) }, uniquingKeysWith: { a, _ in a }) }
+        return first.compactMap { entry in
+            var info = entry.info
+            for other in others {
+                guard let theirs = other[entry.type] else { return nil }
+                info = CK_MECHANISM_INFO(ulMinKeySize: max(info.ulMinKeySize, theirs.ulMinKeySize),
+                                         ulMaxKeySize: min(info.ulMaxKeySize, theirs.ulMaxKeySize),
+                                         flags: info.flags & theirs.flags)
+            }
+            return (entry.type, info)
+        }
+    }
+}
+
+/// Virtual object handles and, for each, the handle of its copy on each member.
+struct ObjectTable {
+    struct Record {
+        var copies: [CK_OBJECT_HANDLE?]
+        var identity: ObjectIdentity?
+        /// For a session object: the virtual session that owns it.
+        var owner: CK_SESSION_HANDLE?
+    }
+
+    struct CopyKey: Hashable {
+        let member: Int
+        let handle: CK_OBJECT_HANDLE
+    }
+
+    private(set) var records: [CK_OBJECT_HANDLE: Record] = [:]
+    private var byCopy: [CopyKey: CK_OBJECT_HANDLE] = [:]
+    private var byIdentity: [ObjectIdentity: [CK_OBJECT_HANDLE]] = [:]
+
+    static let nextHandle = Atomic<UInt>(1)
+
+    subscript(handle: CK_OBJECT_HANDLE) -> Record? { records[handle] }
+
+    func handle(member: Int, copy: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE? {
+        byCopy[CopyKey(member: member, handle: copy)]
+    }
+
+    mutating func insert(_ record: Record) -> CK_OBJECT_HANDLE {
+        let handle = CK_OBJECT_HANDLE(Self.nextHandle.add(1, ordering: .relaxed).oldValue)
+        records[handle] = record
+        for (member, copy) in record.copies.enumerated() {
+            if let copy { byCopy[CopyKey(member: member, handle: copy)] = handle }
+        }
+        if let identity = record.identity { byIdentity[identity, default: []].append(handle) }
+        return handle
+    }
+
+    /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
+    mutating func attach(member: Int, copy: CK_OBJECT_HANDLE, identity: ObjectIdentity, memberCount: Int) -> CK_OBJECT_HANDLE {
+        for handle in byIdentity[identity] ?? [] where records[handle]?.copies[member] == nil {
+            records[handle]!.copies[member] = copy
+            byCopy[CopyKey(member: member, handle: copy)] = handle
+            return handle
+        }
+        var copies = [CK_OBJECT_HANDLE?](repeating: nil, count: memberCount)
+        copies[member] = copy
+        return insert(Record(copies: copies, identity: identity, owner: nil))
+    }
+
+    @discardableResult
+    mutating func remove(_ handle: CK_OBJECT_HANDLE) -> Record? {
+        guard let record = records.removeValue(forKey: handle) else { return nil }
+        for (member, copy) in record.copies.enumerated() {
+            if let copy { byCopy[CopyKey(member: member, handle: copy)] = nil }
+        }
+        if let identity = record.identity {
+            byIdentity[identity]?.removeAll { $0 == handle }
+            if byIdentity[identity]?.isEmpty == true { byIdentity[identity] = nil }
+        }
+        return record
+    }
+
+    /// Forgets the copy on one member (destroyed there); the object goes when no copy is left.
+    mutating func removeCopy(_ handle: CK_OBJECT_HANDLE, member: Int) {
+        guard let copy = records[handle]?.copies[member] else { return }
+        records[handle]!.copies[member] = nil
+        byCopy[CopyKey(member: member, handle: copy)] = nil
+        if records[handle]!.copies.allSatisfy({ $0 == nil }) { remove(handle) }
+    }
+
+    mutating func removeObjects(ownedBy session: CK_SESSION_HANDLE) {
+        for (handle, record) in records where record.owner == session { remove(handle) }
+    }
+}
+
+/// What makes copies of an object on different members one object: the attributes every copy shares and
+/// that an application uses to find it.
+struct ObjectIdentity: Hashable {
+    static let attributeTypes: [CK_ATTRIBUTE_TYPE] = [
+        CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_TOKEN), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE),
+        CK_ATTRIBUTE_TYPE(CKA_CERTIFICATE_TYPE), CK_ATTRIBUTE_TYPE(CKA_ID), CK_ATTRIBUTE_TYPE(CKA_LABEL),
+    ]
+    let values: [[UInt8]?]
+}

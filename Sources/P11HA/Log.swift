@@ -1,0 +1,86 @@
+// The HA event log: stable event names, one line each, to stderr, syslog or a file. Never a PIN or key material.
+import CInterop
+import Glibc
+import Synchronization
+
+public enum LogLevel: Int, Sendable, Comparable {
+    case debug, info, warning, error
+
+    public init?(name: String) {
+        switch name {
+        case "debug": self = .debug
+        case "info": self = .info
+        case "warning", "warn": self = .warning
+        case "error": self = .error
+        default: return nil
+        }
+    }
+
+    public var name: String { ["debug", "info", "warning", "error"][rawValue] }
+    public static func < (a: LogLevel, b: LogLevel) -> Bool { a.rawValue < b.rawValue }
+
+    var syslogPriority: Int32 { [LOG_DEBUG, LOG_INFO, LOG_WARNING, LOG_ERR][rawValue] }
+}
+
+public enum LogDestination: Sendable, Equatable {
+    case stderr
+    case syslog
+    case file(String)
+
+    public init(_ text: String) {
+        switch text {
+        case "stderr": self = .stderr
+        case "syslog": self = .syslog
+        default: self = .file(text)
+        }
+    }
+}
+
+/// The process-wide log. Until a configuration is read, errors go to stderr.
+public enum Log {
+    struct Sink {
+        var destination: LogDestination = .stderr
+        var level: LogLevel = .info
+        var fd: Int32 = 2
+    }
+
+    private static let sink = Mutex(Sink())
+
+    public static func configure(_ destination: LogDestination, level: LogLevel) {
+        sink.withLock { sink in
+            if case .file = sink.destination, sink.fd > 2 { close(sink.fd) }
+            sink.destination = destination
+            sink.level = level
+            sink.fd = 2
+            switch destination {
+            case .stderr: break
+            case .syslog: openlog("p11ha", LOG_PID, LOG_USER)
+            case .file(let path):
+                let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+                if fd >= 0 { sink.fd = fd } else { sink.destination = .stderr }
+            }
+        }
+    }
+
+    /// Writes `event` with its details. `details` must never contain a PIN or key material.
+    public static func event(_ level: LogLevel, _ event: String, _ details: String = "") {
+        sink.withLock { sink in
+            guard level >= sink.level else { return }
+            let text = details.isEmpty ? event : "\(event) \(details)"
+            if case .syslog = sink.destination {
+                text.withCString { withVaList([$0]) { vsyslog(level.syslogPriority, "%s", $0) } }
+                return
+            }
+            let line = "p11ha[\(getpid())] \(level.name): \(text)\n"
+            var bytes = Array(line.utf8)
+            bytes.withUnsafeMutableBytes { raw in
+                var offset = 0
+                while offset < raw.count {
+                    let n = write(sink.fd, raw.baseAddress! + offset, raw.count - offset)
+                    if n <= 0 { break }
+                    offset += n
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+// Objects: one virtual handle per object whatever member holds it; writes reach every member that holds a copy.
+import CInterop
+
+extension Runtime {
+    public func createObject(_ handle: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+        let session = try session(handle)
+        let group = session.group
+        let copies = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+            try member.createObject(try session.memberSession(member), template)
+        } undo: { member, object in
+            if let s = try? session.memberSession(member) { try? member.destroyObject(s, object) }
+        }
+        return record(copies, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
+    }
+
+    /// C_CopyObject, replayed on every member that holds the original.
+    public func copyObject(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+        let session = try session(handle)
+        let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
+        let copies = try everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
+            try member.copyObject(s, original, template)
+        }
+        // A copy is a token object if asked for, else it inherits the original's CKA_TOKEN.
+        let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? (try? isTokenObject(object, in: session)) ?? false
+        return record(copies, in: session, isToken: isToken)
+    }
+
+    public func destroyObject(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) {
+        let session = try session(handle)
+        let group = session.group
+        let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
+        let destroyed = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+            try member.destroyObject(s, copy)
+        }
+        group.objects.withLock { table in
+            for (index, _) in destroyed { table.removeCopy(object, member: index) }
+        }
+    }
+
+    public func objectSize(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
+        let session = try session(handle)
+        let (member, copy) = try primaryCopy(of: object, in: session.group)
+        return try member.objectSize(try session.memberSession(member), copy)
+    }
+
+    /// Attribute values as the member holding the first copy answers them, with its own return value.
+    public func attributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
+                                _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
+        let session = try session(handle)
+        let (member, copy) = try primaryCopy(of: object, in: session.group)
+        let result = member.attributeValues(try session.memberSession(member), copy, queries)
+        if P11Error(result.rv).isMemberFault { throw P11Error(result.rv) }
+        return result
+    }
+
+    public func setAttributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) {
+        let session = try session(handle)
+        let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
+        _ = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+            try member.setAttributeValues(s, copy, template)
+        }
+    }
+
+    // MARK: search
+
+    /// Searches every member in service and merges what they hold: each object once, with one handle.
+    public func findObjectsInit(_ handle: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) {
+        let session = try session(handle)
+        let group = session.group
+        if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
+        var results: [CK_OBJECT_HANDLE] = []
+        var seen = Set<CK_OBJECT_HANDLE>()
+        let found = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+            let s = try session.memberSession(member)
+            return (s, try member.findObjects(s, template))
+        }
+        for (index, (memberSession, handles)) in found {
+            let member = group.members[index]
+            for copy in handles {
+                var object = group.objects.withLock { $0.handle(member: index, copy: copy) }
+                if object == nil {
+                    guard let values = try? member.readAttributes(memberSession, copy, ObjectIdentity.attributeTypes) else { continue }
+                    let identity = ObjectIdentity(values: values)
+                    object = group.objects.withLock { table in
+                        // Another thread may have mapped it meanwhile.
+                        table.handle(member: index, copy: copy)
+                            ?? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
+                    }
+                }
+                if let object, seen.insert(object).inserted { results.append(object) }
+            }
+        }
+        session.state.withLock { $0.search = VirtualSession.Search(results: results) }
+    }
+
+    public func findObjects(_ handle: CK_SESSION_HANDLE, max: Int) throws(P11Error) -> [CK_OBJECT_HANDLE] {
+        let session = try session(handle)
+        return try session.state.withLock { (state) throws(P11Error) -> [CK_OBJECT_HANDLE] in
+            guard var search = state.search else { throw P11Error.operationNotInitialized }
+            let end = min(search.cursor + max, search.results.count)
+            let batch = Array(search.results[search.cursor..<end])
+            search.cursor = end
+            state.search = search
+            return batch
+        }
+    }
+
+    public func findObjectsFinal(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+        let session = try session(handle)
+        try session.state.withLock { (state) throws(P11Error) in
+            guard state.search != nil else { throw P11Error.operationNotInitialized }
+            state.search = nil
+        }
+    }
+
+    // MARK: helpers shared with key management and cryptography
+
+    /// The per-member copies of a virtual object; `invalid` is the caller's error for an unknown handle.
+    func copies(of object: CK_OBJECT_HANDLE, in group: Group, invalid: P11Error) throws(P11Error) -> [CK_OBJECT_HANDLE?] {
+        guard let record = group.objects.withLock({ $0[object] }) else { throw invalid }
+        return record.copies
+    }
+
+    /// The first member in service with a copy: attribute reads come from one member so that a two-call
+    /// size query and its read agree.
+    func primaryCopy(of object: CK_OBJECT_HANDLE, in group: Group) throws(P11Error) -> (Member, CK_OBJECT_HANDLE) {
+        let copies = try copies(of: object, in: group, invalid: .objectHandleInvalid)
+        for member in group.members where member.isInService {
+            if let copy = copies[member.index] { return (member, copy) }
+        }
+        throw P11Error.deviceError
+    }
+
+    /// Runs a write on every member in service that holds a copy of an object, with that member's copy.
+    func everyHolder<T>(_ copies: [CK_OBJECT_HANDLE?], in session: VirtualSession,
+                        _ write: (Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) throws(P11Error) -> T) throws(P11Error) -> [(Int, T)] {
+        let group = session.group
+        let holders = group.membersInService.filter { copies[$0.index] != nil }
+        return try everyMember(of: group, holders) { (member) throws(P11Error) in
+            try write(member, try session.memberSession(member), copies[member.index]!)
+        }
+    }
+
+    /// Records newly made copies (by member index) as one virtual object.
+    func record(_ made: [(Int, CK_OBJECT_HANDLE)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
+        let group = session.group
+        var copies = [CK_OBJECT_HANDLE?](repeating: nil, count: group.members.count)
+        for (index, copy) in made { copies[index] = copy }
+        return group.objects.withLock {
+            $0.insert(ObjectTable.Record(copies: copies, identity: nil, owner: isToken ? nil : session.handle))
+        }
+    }
+
+    func isTokenObject(_ object: CK_OBJECT_HANDLE, in session: VirtualSession) throws(P11Error) -> Bool {
+        let (member, copy) = try primaryCopy(of: object, in: session.group)
+        let values = try member.readAttributes(try session.memberSession(member), copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
+        return values[0]?.first.map { $0 != 0 } ?? false
+    }
+}

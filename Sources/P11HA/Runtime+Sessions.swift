@@ -1,0 +1,157 @@
+// Sessions and login: a virtual session holds a session on every member in service; login acts on every member.
+import CInterop
+
+extension Runtime {
+    public func openSession(_ slot: CK_SLOT_ID, flags: CK_FLAGS) throws(P11Error) -> CK_SESSION_HANDLE {
+        let group = try group(slot)
+        guard flags & CK_FLAGS(CKF_SERIAL_SESSION) != 0 else { throw P11Error(CK_RV(CKR_SESSION_PARALLEL_NOT_SUPPORTED)) }
+        let readWrite = flags & CK_FLAGS(CKF_RW_SESSION) != 0
+        if !readWrite, group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_SO) }) {
+            throw P11Error(CK_RV(CKR_SESSION_READ_WRITE_SO_EXISTS))
+        }
+        var memberSessions = [CK_SESSION_HANDLE?](repeating: nil, count: group.members.count)
+        let opened = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+            try member.openSession(readWrite: readWrite)
+        } undo: { member, handle in
+            member.closeSession(handle)
+        }
+        for (index, handle) in opened { memberSessions[index] = handle }
+        let session = VirtualSession(handle: newSessionHandle(), group: group, readWrite: readWrite,
+                                     memberSessions: memberSessions)
+        sessions.withLock { $0[session.handle] = session }
+        group.login.withLock {
+            $0.sessions += 1
+            if readWrite { $0.readWriteSessions += 1 }
+        }
+        return session.handle
+    }
+
+    public func closeSession(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+        guard let session = sessions.withLock({ $0.removeValue(forKey: handle) }) else { throw P11Error.sessionHandleInvalid }
+        closeMemberSessions(session)
+        let group = session.group
+        group.objects.withLock { $0.removeObjects(ownedBy: handle) }
+        group.login.withLock { login in
+            login.sessions -= 1
+            if session.readWrite { login.readWriteSessions -= 1 }
+            // Closing an application's last session with a token logs it out (PKCS#11 5.6).
+            if login.sessions == 0 {
+                login.userType = nil
+                login.pin = nil
+            }
+        }
+    }
+
+    public func closeAllSessions(_ slot: CK_SLOT_ID) throws(P11Error) {
+        let group = try group(slot)
+        let handles = sessions.withLock { $0.values.filter { $0.group === group }.map(\.handle) }
+        for handle in handles { try? closeSession(handle) }
+    }
+
+    public struct SessionInfo: Sendable {
+        public let slotID: CK_SLOT_ID
+        public let state: CK_STATE
+        public let flags: CK_FLAGS
+    }
+
+    public func sessionInfo(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> SessionInfo {
+        let session = try session(handle)
+        let userType = session.group.login.withLock { $0.userType }
+        let state: CK_STATE = switch (userType, session.readWrite) {
+        case (CK_USER_TYPE(CKU_SO), _): CK_STATE(CKS_RW_SO_FUNCTIONS)
+        case (CK_USER_TYPE(CKU_USER), true): CK_STATE(CKS_RW_USER_FUNCTIONS)
+        case (CK_USER_TYPE(CKU_USER), false): CK_STATE(CKS_RO_USER_FUNCTIONS)
+        case (_, true): CK_STATE(CKS_RW_PUBLIC_SESSION)
+        default: CK_STATE(CKS_RO_PUBLIC_SESSION)
+        }
+        var flags = CK_FLAGS(CKF_SERIAL_SESSION)
+        if session.readWrite { flags |= CK_FLAGS(CKF_RW_SESSION) }
+        return SessionInfo(slotID: session.group.slotID, state: state, flags: flags)
+    }
+
+    /// Logs the application in on every member in service, each with its own PIN if its URI gives one.
+    public func login(_ handle: CK_SESSION_HANDLE, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
+        let session = try session(handle)
+        let group = session.group
+        if userType == CK_USER_TYPE(CKU_CONTEXT_SPECIFIC) {
+            // Re-authentication for a key with CKA_ALWAYS_AUTHENTICATE: on the member running the operation.
+            let running = session.state.withLock { $0.operations.compactMap { $0 }.first }
+            guard let running else { throw P11Error.operationNotInitialized }
+            let member = group.members[running.member]
+            try member.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
+            return
+        }
+        guard userType == CK_USER_TYPE(CKU_USER) || userType == CK_USER_TYPE(CKU_SO) else {
+            throw P11Error(CK_RV(CKR_USER_TYPE_INVALID))
+        }
+        if let current = group.login.withLock({ $0.userType }) {
+            throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
+        }
+        _ = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+            do throws(P11Error) {
+                try member.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
+            } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
+                // Already logged in at the member (it shares login state with another user of the module).
+            }
+        } undo: { member, _ in
+            if let memberSession = try? session.memberSession(member) { try? member.logout(memberSession) }
+        }
+        group.login.withLock {
+            $0.userType = userType
+            $0.pin = pin?.copy()
+        }
+    }
+
+    public func logout(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+        let session = try session(handle)
+        let group = session.group
+        guard group.login.withLock({ $0.userType }) != nil else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
+        for member in group.membersInService {
+            if let memberSession = try? session.memberSession(member) { try? member.logout(memberSession) }
+        }
+        group.login.withLock {
+            $0.userType = nil
+            $0.pin = nil
+        }
+    }
+
+    public func initPIN(_ handle: CK_SESSION_HANDLE, pin: Secret) throws(P11Error) {
+        let session = try session(handle)
+        _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+            try member.initPIN(try session.memberSession(member), pin: pin)
+        }
+    }
+
+    public func setPIN(_ handle: CK_SESSION_HANDLE, old: Secret, new: Secret) throws(P11Error) {
+        let session = try session(handle)
+        _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+            try member.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
+        }
+    }
+
+    /// Runs `write` on each of `targets` in turn: the one way p11ha changes state on several members.
+    /// - A caller's error on the first member returns at once, with nothing changed anywhere.
+    /// - A caller's error on a later member (the members disagree) undoes the write where it succeeded,
+    ///   and returns that error: the group never holds an object some members refused.
+    /// - A member fault takes that member out of service, marked stale; the others go on. The write
+    ///   succeeds when it holds on every member still in service.
+    func everyMember<T>(of group: Group, _ targets: [Member],
+                        _ write: (Member) throws(P11Error) -> T,
+                        undo: (Member, T) -> Void = { _, _ in }) throws(P11Error) -> [(Int, T)] {
+        var done: [(Int, T)] = []
+        var fault: P11Error?
+        for member in targets {
+            do {
+                done.append((member.index, try write(member)))
+            } catch where error.isMemberFault {
+                member.leaveService(.stale, reason: "write failed: \(error)")
+                fault = error
+            } catch {
+                for (index, value) in done { undo(group.members[index], value) }
+                throw error
+            }
+        }
+        if done.isEmpty { throw fault ?? P11Error.deviceError }
+        return done
+    }
+}

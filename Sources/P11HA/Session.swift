@@ -1,0 +1,63 @@
+// A virtual session: its session on each member, and the operations in progress (with what replaying them needs).
+import CInterop
+import Synchronization
+
+public final class VirtualSession: @unchecked Sendable {
+    public let handle: CK_SESSION_HANDLE
+    public let group: Group
+    public let readWrite: Bool
+    let state: Mutex<State>
+
+    /// An operation in progress: which member runs it, and how to start it again elsewhere.
+    struct Operation {
+        let member: Int
+        let mechanism: Mechanism
+        /// The virtual key handle (0 for digest).
+        let key: CK_OBJECT_HANDLE
+    }
+
+    struct Search {
+        var results: [CK_OBJECT_HANDLE]
+        var cursor = 0
+    }
+
+    struct State {
+        /// This session's session on each member, by member index; nil where none is open.
+        var memberSessions: [CK_SESSION_HANDLE?]
+        var operations = [Operation?](repeating: nil, count: OperationKind.allCases.count)
+        var search: Search?
+        var closed = false
+    }
+
+    init(handle: CK_SESSION_HANDLE, group: Group, readWrite: Bool, memberSessions: [CK_SESSION_HANDLE?]) {
+        self.handle = handle
+        self.group = group
+        self.readWrite = readWrite
+        self.state = Mutex(State(memberSessions: memberSessions))
+    }
+
+    /// This session's handle on `member`.
+    func memberSession(_ member: Member) throws(P11Error) -> CK_SESSION_HANDLE {
+        guard let session = state.withLock({ $0.memberSessions[member.index] }) else { throw P11Error.deviceError }
+        return session
+    }
+
+    func operation(_ kind: OperationKind) throws(P11Error) -> Operation {
+        guard let op = state.withLock({ $0.operations[kind.rawValue] }) else { throw P11Error.operationNotInitialized }
+        return op
+    }
+
+    /// Ends the operation of `kind`, releasing its member's load.
+    func endOperation(_ kind: OperationKind) {
+        let ended = state.withLock { state -> Operation? in
+            defer { state.operations[kind.rawValue] = nil }
+            return state.operations[kind.rawValue]
+        }
+        if let ended { group.members[ended.member].inFlight.subtract(1, ordering: .relaxed) }
+    }
+
+    /// Ends every operation (session closed, or the library finalized).
+    func endAllOperations() {
+        for kind in OperationKind.allCases { endOperation(kind) }
+    }
+}

@@ -1,0 +1,104 @@
+// Swift values for what PKCS#11 passes by pointer: attributes, mechanisms, operation outputs.
+import CInterop
+
+/// One attribute of a template, its value copied out of the caller's memory.
+public struct Attribute: Sendable, Equatable {
+    public var type: CK_ATTRIBUTE_TYPE
+    public var value: [UInt8]
+
+    public init(_ type: CK_ATTRIBUTE_TYPE, _ value: [UInt8]) {
+        self.type = type
+        self.value = value
+    }
+
+    public init(_ type: CK_ATTRIBUTE_TYPE, ulong: CK_ULONG) {
+        self.init(type, withUnsafeBytes(of: ulong) { Array($0) })
+    }
+
+    public init(_ type: CK_ATTRIBUTE_TYPE, bool: Bool) {
+        self.init(type, [bool ? 1 : 0])
+    }
+
+    public var ulongValue: CK_ULONG? {
+        guard value.count == MemoryLayout<CK_ULONG>.size else { return nil }
+        return value.withUnsafeBytes { $0.loadUnaligned(as: CK_ULONG.self) }
+    }
+
+    public var boolValue: Bool? { value.count == 1 ? value[0] != 0 : nil }
+}
+
+extension Array where Element == Attribute {
+    public subscript(type: CK_ATTRIBUTE_TYPE) -> Attribute? { first { $0.type == type } }
+}
+
+/// A request for one attribute's value: `capacity` nil asks only for its length.
+public struct AttributeQuery: Sendable, Equatable {
+    public var type: CK_ATTRIBUTE_TYPE
+    public var capacity: Int?
+    public init(_ type: CK_ATTRIBUTE_TYPE, capacity: Int?) {
+        self.type = type
+        self.capacity = capacity
+    }
+}
+
+/// What a member answered for one attribute: its length (CK_UNAVAILABLE_INFORMATION when refused) and value.
+public struct AttributeAnswer: Sendable, Equatable {
+    public var length: CK_ULONG
+    public var value: [UInt8]?
+}
+
+/// A mechanism with its parameter deep-copied, so an operation can be started again later on another member.
+public struct Mechanism: Sendable, Equatable {
+    public enum Parameter: Sendable, Equatable {
+        case none
+        /// A parameter without pointers inside (IV, PSS or CTR parameters, ...).
+        case bytes([UInt8])
+        case gcm(iv: [UInt8], ivBits: CK_ULONG, aad: [UInt8], tagBits: CK_ULONG)
+        case oaep(hashAlg: CK_MECHANISM_TYPE, mgf: CK_ULONG, source: CK_ULONG, sourceData: [UInt8])
+        case ecdh(kdf: CK_ULONG, sharedData: [UInt8], publicData: [UInt8])
+        case derivationString([UInt8])
+        case aesCBCEncryptData(iv: [UInt8], data: [UInt8])
+    }
+
+    public var type: CK_MECHANISM_TYPE
+    public var parameter: Parameter
+
+    public init(_ type: CK_MECHANISM_TYPE, _ parameter: Parameter = .none) {
+        self.type = type
+        self.parameter = parameter
+    }
+}
+
+/// The result of a call that fills a caller's buffer, following PKCS#11's two-call convention.
+public enum Output: Sendable, Equatable {
+    /// The caller passed no buffer: only the length is returned; the operation stays active.
+    case length(Int)
+    /// The caller's buffer was large enough: here is the data.
+    case data([UInt8])
+
+    public var bytes: [UInt8]? {
+        if case .data(let d) = self { return d }
+        return nil
+    }
+}
+
+/// The PKCS#11 operation kinds a session can have in progress, one of each at a time.
+public enum OperationKind: Int, Sendable, CaseIterable {
+    case encrypt, decrypt, digest, sign, verify, signRecover, verifyRecover
+}
+
+/// Pads or truncates a string into a blank-padded PKCS#11 character field.
+public func paddedField(_ text: String, length: Int) -> [UInt8] {
+    var bytes = Array(text.utf8.prefix(length))
+    bytes.append(contentsOf: repeatElement(0x20, count: length - bytes.count))
+    return bytes
+}
+
+/// Reads a blank-padded PKCS#11 character field back into a string.
+public func fieldString<T>(_ field: T) -> String {
+    withUnsafeBytes(of: field) { raw in
+        var bytes = Array(raw)
+        while let last = bytes.last, last == 0x20 || last == 0 { bytes.removeLast() }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}

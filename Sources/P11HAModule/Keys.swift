@@ -1,0 +1,77 @@
+// Key management: generate, wrap, unwrap, derive; and random numbers.
+import CInterop
+import P11HA
+
+func generateKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ attributes: AttributePtr?, _ count: CK_ULONG,
+                 _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(key)
+        out.pointee = try rt.generateKey(session, try mechanism(m), try template(attributes, count))
+    }
+}
+
+func generateKeyPair(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?,
+                     _ publicAttributes: AttributePtr?, _ publicCount: CK_ULONG,
+                     _ privateAttributes: AttributePtr?, _ privateCount: CK_ULONG,
+                     _ publicKey: UnsafeMutablePointer<CK_OBJECT_HANDLE>?, _ privateKey: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let pubOut = try required(publicKey)
+        let privOut = try required(privateKey)
+        let (pub, priv) = try rt.generateKeyPair(session, try mechanism(m),
+                                                 publicTemplate: try template(publicAttributes, publicCount),
+                                                 privateTemplate: try template(privateAttributes, privateCount))
+        pubOut.pointee = pub
+        privOut.pointee = priv
+    }
+}
+
+func wrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ wrappingKey: CK_OBJECT_HANDLE, _ key: CK_OBJECT_HANDLE,
+             _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let mech = try mechanism(m)
+        try produce(out, outLength) { (room) throws(P11Error) in
+            try rt.wrapKey(session, mech, wrappingKey: wrappingKey, key: key, capacity: room)
+        }
+    }
+}
+
+func unwrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ unwrappingKey: CK_OBJECT_HANDLE,
+               _ wrapped: Bytes?, _ wrappedLength: CK_ULONG, _ attributes: AttributePtr?, _ count: CK_ULONG,
+               _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(key)
+        out.pointee = try rt.unwrapKey(session, try mechanism(m), unwrappingKey: unwrappingKey,
+                                       wrapped: try input(wrapped, wrappedLength), try template(attributes, count))
+    }
+}
+
+func deriveKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ baseKey: CK_OBJECT_HANDLE,
+               _ attributes: AttributePtr?, _ count: CK_ULONG, _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(key)
+        out.pointee = try rt.deriveKey(session, try mechanism(m), baseKey: baseKey, try template(attributes, count))
+    }
+}
+
+func seedRandom(_ session: CK_SESSION_HANDLE, _ seed: Bytes?, _ seedLength: CK_ULONG) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        try rt.seedRandom(session, try input(seed, seedLength))
+    }
+}
+
+func generateRandom(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ count: CK_ULONG) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let n = try length(count)
+        if n == 0 { _ = try rt.sessionInfo(session); return }
+        let buffer = try required(out)
+        let bytes = try rt.generateRandom(session, count: n)
+        buffer.update(from: bytes, count: n)
+    }
+}

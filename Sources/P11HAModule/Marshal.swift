@@ -1,0 +1,156 @@
+// Turning the caller's pointers into Swift values and results back into the caller's buffers, with the
+// specification's codes for bad input. Nothing here decides anything about members.
+import CInterop
+import P11HA
+
+typealias Bytes = UnsafeMutablePointer<UInt8>
+typealias ULongPtr = UnsafeMutablePointer<CK_ULONG>
+typealias AttributePtr = UnsafeMutablePointer<CK_ATTRIBUTE>
+typealias MechanismPtr = UnsafeMutablePointer<CK_MECHANISM>
+
+let CKR_OK_RV = CK_RV(CKR_OK)
+
+/// Runs an entry point's body and turns its error into the CK_RV the caller gets.
+@inline(__always)
+func entry(_ body: () throws(P11Error) -> Void) -> CK_RV {
+    do {
+        try body()
+        return CKR_OK_RV
+    } catch {
+        return error.rv
+    }
+}
+
+/// The runtime, or CKR_CRYPTOKI_NOT_INITIALIZED.
+@inline(__always)
+func runtime() throws(P11Error) -> Runtime { try Library.runtime() }
+
+/// A caller's length as a Swift Int; lengths past what memory can hold are the caller's error.
+@inline(__always)
+func length(_ value: CK_ULONG) throws(P11Error) -> Int {
+    guard let n = Int(exactly: value), n <= Int(Int32.max) else { throw P11Error.argumentsBad }
+    return n
+}
+
+/// Copies an input buffer; NULL is allowed only with length 0.
+func input(_ pointer: Bytes?, _ count: CK_ULONG) throws(P11Error) -> [UInt8] {
+    let n = try length(count)
+    if n == 0 { return [] }
+    guard let pointer else { throw P11Error.argumentsBad }
+    return Array(UnsafeBufferPointer(start: pointer, count: n))
+}
+
+func required<T>(_ pointer: UnsafeMutablePointer<T>?) throws(P11Error) -> UnsafeMutablePointer<T> {
+    guard let pointer else { throw P11Error.argumentsBad }
+    return pointer
+}
+
+/// Copies a template's attributes (values included).
+func template(_ pointer: AttributePtr?, _ count: CK_ULONG) throws(P11Error) -> [Attribute] {
+    let n = try length(count)
+    if n == 0 { return [] }
+    guard let pointer else { throw P11Error.argumentsBad }
+    var attributes: [Attribute] = []
+    attributes.reserveCapacity(n)
+    for attribute in UnsafeBufferPointer(start: pointer, count: n) {
+        let size = try length(attribute.ulValueLen)
+        if size == 0 {
+            attributes.append(Attribute(attribute.type, []))
+            continue
+        }
+        guard let value = attribute.pValue else { throw P11Error.argumentsBad }
+        attributes.append(Attribute(attribute.type, Array(UnsafeRawBufferPointer(start: value, count: size))))
+    }
+    return attributes
+}
+
+/// The capacity of an output buffer: nil when the caller only asks for the length.
+func capacity(_ buffer: Bytes?, _ length: ULongPtr?) throws(P11Error) -> Int? {
+    let length = try required(length)
+    guard buffer != nil else { return nil }
+    return try P11HAModule.length(length.pointee)
+}
+
+/// Runs a call that fills an output buffer, and writes its result or needed length back.
+func produce(_ buffer: Bytes?, _ length: ULongPtr?, _ body: (Int?) throws(P11Error) -> Output) throws(P11Error) {
+    let room = try capacity(buffer, length)
+    let output: Output
+    do {
+        output = try body(room)
+    } catch {
+        if let needed = error.neededLength { length!.pointee = CK_ULONG(needed) }
+        throw error
+    }
+    switch output {
+    case .length(let n):
+        length!.pointee = CK_ULONG(n)
+    case .data(let bytes):
+        if !bytes.isEmpty { buffer!.update(from: bytes, count: min(bytes.count, room ?? 0)) }
+        length!.pointee = CK_ULONG(bytes.count)
+    }
+}
+
+/// Fills a caller's array by PKCS#11's two-call convention (slot lists, mechanism lists).
+func fillList<T>(_ items: [T], _ buffer: UnsafeMutablePointer<T>?, _ count: ULongPtr?) throws(P11Error) {
+    let count = try required(count)
+    defer { count.pointee = CK_ULONG(items.count) }
+    guard let buffer else { return }
+    guard try length(count.pointee) >= items.count else { throw P11Error(CK_RV(CKR_BUFFER_TOO_SMALL)) }
+    buffer.update(from: items, count: items.count)
+}
+
+/// A PIN as a Secret; NULL with length 0 means the protected authentication path.
+func secret(_ pointer: Bytes?, _ count: CK_ULONG) throws(P11Error) -> Secret? {
+    let n = try length(count)
+    guard let pointer else {
+        if n == 0 { return nil }
+        throw P11Error.argumentsBad
+    }
+    return Secret(copying: UnsafeRawBufferPointer(start: pointer, count: n))
+}
+
+/// Copies a mechanism and its parameter, following the pointers of the parameter structures p11ha knows.
+func mechanism(_ pointer: MechanismPtr?) throws(P11Error) -> Mechanism {
+    let m = try required(pointer).pointee
+    let size = try length(m.ulParameterLen)
+    guard size > 0 else { return Mechanism(m.mechanism) }
+    guard let raw = m.pParameter else { throw P11Error.argumentsBad }
+    func load<P>(_ type: P.Type) throws(P11Error) -> P {
+        guard size == MemoryLayout<P>.size else { throw P11Error.mechanismParamInvalid }
+        return raw.loadUnaligned(as: P.self)
+    }
+    func copy(_ p: UnsafeMutablePointer<UInt8>?, _ n: CK_ULONG) throws(P11Error) -> [UInt8] {
+        let count = try length(n)
+        if count == 0 { return [] }
+        guard let p else { throw P11Error.mechanismParamInvalid }
+        return Array(UnsafeBufferPointer(start: p, count: count))
+    }
+    switch m.mechanism {
+    case CK_MECHANISM_TYPE(CKM_AES_GCM):
+        let p = try load(CK_GCM_PARAMS.self)
+        return Mechanism(m.mechanism, .gcm(iv: try copy(p.pIv, p.ulIvLen), ivBits: p.ulIvBits,
+                                           aad: try copy(p.pAAD, p.ulAADLen), tagBits: p.ulTagBits))
+    case CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP):
+        let p = try load(CK_RSA_PKCS_OAEP_PARAMS.self)
+        let data = try copy(p.pSourceData?.assumingMemoryBound(to: UInt8.self), p.ulSourceDataLen)
+        return Mechanism(m.mechanism, .oaep(hashAlg: p.hashAlg, mgf: p.mgf, source: p.source, sourceData: data))
+    case CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE), CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE):
+        let p = try load(CK_ECDH1_DERIVE_PARAMS.self)
+        return Mechanism(m.mechanism, .ecdh(kdf: p.kdf, sharedData: try copy(p.pSharedData, p.ulSharedDataLen),
+                                            publicData: try copy(p.pPublicData, p.ulPublicDataLen)))
+    case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_DATA), CK_MECHANISM_TYPE(CKM_CONCATENATE_DATA_AND_BASE),
+         CK_MECHANISM_TYPE(CKM_XOR_BASE_AND_DATA), CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA),
+         CK_MECHANISM_TYPE(CKM_DES_ECB_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_DES3_ECB_ENCRYPT_DATA):
+        let p = try load(CK_KEY_DERIVATION_STRING_DATA.self)
+        return Mechanism(m.mechanism, .derivationString(try copy(p.pData, p.ulLen)))
+    case CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA):
+        let p = try load(CK_AES_CBC_ENCRYPT_DATA_PARAMS.self)
+        let iv = withUnsafeBytes(of: p.iv) { Array($0) }
+        return Mechanism(m.mechanism, .aesCBCEncryptData(iv: iv, data: try copy(p.pData, p.length)))
+    case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_KEY):
+        // Its parameter is an object handle, which differs per member: not supported.
+        throw P11Error(CK_RV(CKR_MECHANISM_INVALID))
+    default:
+        return Mechanism(m.mechanism, .bytes(Array(UnsafeRawBufferPointer(start: raw, count: size))))
+    }
+}

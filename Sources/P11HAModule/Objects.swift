@@ -1,0 +1,90 @@
+// Object management: create, copy, destroy, attributes, search.
+import CInterop
+import P11HA
+
+func createObject(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG,
+                  _ object: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(object)
+        out.pointee = try rt.createObject(session, try template(attributes, count))
+    }
+}
+
+func copyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG,
+                _ newObject: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(newObject)
+        out.pointee = try rt.copyObject(session, object, try template(attributes, count))
+    }
+}
+
+func destroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) -> CK_RV {
+    entry { () throws(P11Error) in try runtime().destroyObject(session, object) }
+}
+
+func getObjectSize(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ size: ULongPtr?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let out = try required(size)
+        out.pointee = try rt.objectSize(session, object)
+    }
+}
+
+/// The member's own answer is passed through attribute by attribute, so CKR_ATTRIBUTE_SENSITIVE,
+/// CKR_ATTRIBUTE_TYPE_INVALID, CKR_BUFFER_TOO_SMALL and length queries behave exactly as PKCS#11 says.
+func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
+    var result = CKR_OK_RV
+    let rv = entry { () throws(P11Error) in
+        let rt = try runtime()
+        let n = try length(count)
+        guard n > 0 else { throw P11Error.argumentsBad }
+        let slots = UnsafeMutableBufferPointer(start: try required(attributes), count: n)
+        var queries: [AttributeQuery] = []
+        queries.reserveCapacity(n)
+        for attribute in slots {
+            queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : try length(attribute.ulValueLen)))
+        }
+        let (memberRV, answers) = try rt.attributeValues(session, object, queries)
+        for (i, answer) in answers.enumerated() {
+            slots[i].ulValueLen = answer.length
+            if let destination = slots[i].pValue, let value = answer.value, let room = queries[i].capacity {
+                value.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: min(value.count, room)) }
+            }
+        }
+        result = memberRV
+    }
+    return rv == CKR_OK_RV ? result : rv
+}
+
+func setAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        try rt.setAttributeValues(session, object, try template(attributes, count))
+    }
+}
+
+func findObjectsInit(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        try rt.findObjectsInit(session, try template(attributes, count))
+    }
+}
+
+func findObjects(_ session: CK_SESSION_HANDLE, _ objects: UnsafeMutablePointer<CK_OBJECT_HANDLE>?, _ max: CK_ULONG,
+                 _ found: ULongPtr?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let found = try required(found)
+        let room = try length(max)
+        guard objects != nil || room == 0 else { throw P11Error.argumentsBad }
+        let batch = try rt.findObjects(session, max: room)
+        if let objects, !batch.isEmpty { objects.update(from: batch, count: batch.count) }
+        found.pointee = CK_ULONG(batch.count)
+    }
+}
+
+func findObjectsFinal(_ session: CK_SESSION_HANDLE) -> CK_RV {
+    entry { () throws(P11Error) in try runtime().findObjectsFinal(session) }
+}
