@@ -29,6 +29,7 @@ public struct Config: Sendable {
     public var path: String
     public var log: LogDestination = .syslog
     public var logLevel: LogLevel = .info
+    public var generatedKeys: GeneratedKeys = .replicate
     public var groups: [GroupConfig] = []
 
     /// The file named by P11HA_CONF, else /etc/p11ha/p11ha.conf.
@@ -42,6 +43,23 @@ public struct Config: Sendable {
             throw ConfigError(file: path, line: 0, message: "cannot read: \(String(cString: strerror(errno)))")
         }
         return try parse(text, path: path)
+    }
+
+    /// Where the log goes according to a file that may not parse: so that its own errors reach that log.
+    public static func logDestination(inFileAt path: String) -> (LogDestination, LogLevel)? {
+        guard let text = readTextFile(path) else { return nil }
+        var inGlobal = false
+        var result: (LogDestination, LogLevel)? = nil
+        for rawLine in text.split(separator: "\n") {
+            let line = stripComment(rawLine).trimmed
+            if line.hasPrefix("[") { inGlobal = line == "[p11ha]" }
+            guard inGlobal, let equals = line.firstIndex(of: "=") else { continue }
+            let key = String(line[..<equals]).trimmed
+            let value = String(line[line.index(after: equals)...]).trimmed
+            if key == "log", !value.isEmpty { result = (LogDestination(value), result?.1 ?? .info) }
+            if key == "log-level", let level = LogLevel(name: value) { result = (result?.0 ?? .syslog, level) }
+        }
+        return result
     }
 
     public static func parse(_ text: String, path: String) throws(ConfigError) -> Config {
@@ -84,6 +102,9 @@ public struct Config: Sendable {
                 case "log-level":
                     guard let level = LogLevel(name: value) else { throw fail("log-level must be debug, info, warning or error") }
                     config.logLevel = level
+                case "generated-keys":
+                    guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate or refuse") }
+                    config.generatedKeys = policy
                 default: throw fail("unknown key '\(key)' in [p11ha]")
                 }
             case .group(let index):

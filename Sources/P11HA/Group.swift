@@ -60,6 +60,12 @@ public final class Group: @unchecked Sendable {
         return member
     }
 
+    /// p11ha's replication key is infrastructure, not the application's: searches through the group skip it.
+    func isReplicationKey(_ object: CK_OBJECT_HANDLE) -> Bool {
+        guard let identity = objects.withLock({ $0[object]?.identity }) else { return false }
+        return identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY).value && identity.values[4] == ReplicationKey.id
+    }
+
     public var membersInService: [Member] { members.filter(\.isInService) }
 
     private static func commonMechanisms(_ members: [Member]) -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] {
@@ -167,6 +173,8 @@ struct ObjectIdentity: Hashable {
     static let attributeTypes: [CK_ATTRIBUTE_TYPE] = [
         CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_TOKEN), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE),
         CK_ATTRIBUTE_TYPE(CKA_CERTIFICATE_TYPE), CK_ATTRIBUTE_TYPE(CKA_ID), CK_ATTRIBUTE_TYPE(CKA_LABEL),
+        // Public values tell apart keys that share a label and ID (and keep conflicting copies apart).
+        CK_ATTRIBUTE_TYPE(CKA_MODULUS), CK_ATTRIBUTE_TYPE(CKA_EC_POINT),
     ]
     let values: [[UInt8]?]
 }

@@ -26,6 +26,7 @@ public final class Member: @unchecked Sendable {
     let ownPIN: Secret?
 
     public var name: String { config.displayURI }
+    public var hasOwnPIN: Bool { ownPIN != nil }
     public var health: Health { Health(rawValue: healthValue.load(ordering: .acquiring)) ?? .failed }
     public var isInService: Bool { health == .inService }
 

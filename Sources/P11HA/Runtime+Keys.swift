@@ -2,25 +2,73 @@
 import CInterop
 
 extension Runtime {
-    /// Generates a key on the group's first member in service. Until replication carries keys to the
-    /// other members, generated keys live there only, together (so that wrapping and derivation, which
-    /// need two keys on one member, work), and operations with them are routed there.
+    /// Generates a key on the group's first member in service and carries it, wrapped under the replication
+    /// key, to every other member in service (see Replication.swift).
     public func generateKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
-        let member = try session.group.generationMember()
-        let key = try member.generateKey(try session.memberSession(member), mechanism, template)
-        return record([(member.index, key)], in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
+        let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
+        guard let plan = try replicationPlan(session, isToken: isToken) else {
+            let member = try session.group.generationMember()
+            let key = try member.generateKey(try session.memberSession(member), mechanism, template)
+            return record([(member.index, key)], in: session, isToken: isToken)
+        }
+        let sourceSession = try session.memberSession(plan.source)
+        let key = try plan.source.generateKey(sourceSession, mechanism, wrappableTemplate(template))
+        do {
+            let copies = try replicateGenerated(session, source: plan.source, key: key, keys: plan.keys, others: plan.others)
+            return record([(plan.source.index, key)] + copies, in: session, isToken: isToken)
+        } catch {
+            try? plan.source.destroyObject(sourceSession, key)
+            throw error
+        }
     }
 
+    /// Generates a key pair on the group's first member in service; the private key travels wrapped under the
+    /// replication key, the public key is created on each other member from its public values.
     public func generateKeyPair(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, publicTemplate: [Attribute],
                                 privateTemplate: [Attribute]) throws(P11Error) -> (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
         let session = try session(handle)
-        let member = try session.group.generationMember()
-        let (pub, priv) = try member.generateKeyPair(try session.memberSession(member), mechanism,
-                                                     publicTemplate: publicTemplate, privateTemplate: privateTemplate)
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
-        return (record([(member.index, pub)], in: session, isToken: publicTemplate[tokenFlag]?.boolValue ?? false),
-                record([(member.index, priv)], in: session, isToken: privateTemplate[tokenFlag]?.boolValue ?? false))
+        let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
+        let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
+        guard let plan = try replicationPlan(session, isToken: publicIsToken || privateIsToken) else {
+            let member = try session.group.generationMember()
+            let (pub, priv) = try member.generateKeyPair(try session.memberSession(member), mechanism,
+                                                         publicTemplate: publicTemplate, privateTemplate: privateTemplate)
+            return (record([(member.index, pub)], in: session, isToken: publicIsToken),
+                    record([(member.index, priv)], in: session, isToken: privateIsToken))
+        }
+        let sourceSession = try session.memberSession(plan.source)
+        let (pub, priv) = try plan.source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+                                                          privateTemplate: wrappableTemplate(privateTemplate))
+        var privateCopies: [(Int, CK_OBJECT_HANDLE)] = []
+        do {
+            privateCopies = try replicateGenerated(session, source: plan.source, key: priv, keys: plan.keys, others: plan.others)
+            let publicTemplate = try plan.source.replicaTemplate(sourceSession, pub)
+            let holders = privateCopies.map { session.group.members[$0.0] }
+            let publicCopies = try everyMember(of: session.group, holders) { (member) throws(P11Error) in
+                try member.createObject(try session.memberSession(member), publicTemplate)
+            } undo: { member, copy in
+                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+            }
+            // A member that failed the public half holds a private key the group no longer counts on it.
+            let withPublic = Set(publicCopies.map(\.0))
+            for (index, copy) in privateCopies where !withPublic.contains(index) {
+                let member = session.group.members[index]
+                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+            }
+            privateCopies = privateCopies.filter { withPublic.contains($0.0) }
+            return (record([(plan.source.index, pub)] + publicCopies, in: session, isToken: publicIsToken),
+                    record([(plan.source.index, priv)] + privateCopies, in: session, isToken: privateIsToken))
+        } catch {
+            for (index, copy) in privateCopies {
+                let member = session.group.members[index]
+                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+            }
+            try? plan.source.destroyObject(sourceSession, pub)
+            try? plan.source.destroyObject(sourceSession, priv)
+            throw error
+        }
     }
 
     /// Wraps on a member that holds both keys.

@@ -87,7 +87,7 @@ extension Runtime {
                             ?? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
                     }
                 }
-                if let object, seen.insert(object).inserted { results.append(object) }
+                if let object, !group.isReplicationKey(object), seen.insert(object).inserted { results.append(object) }
             }
         }
         session.state.withLock { $0.search = VirtualSession.Search(results: results) }

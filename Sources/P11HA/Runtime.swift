@@ -31,6 +31,7 @@ public enum Library {
             do {
                 config = try Config.load(path: path)
             } catch {
+                if let (destination, level) = Config.logDestination(inFileAt: path) { Log.configure(destination, level: level) }
                 Log.event(.error, "config-error", "\(error)")
                 throw P11Error.generalError
             }

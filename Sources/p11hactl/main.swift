@@ -9,7 +9,7 @@ struct P11HACtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "p11hactl",
         abstract: "Operate p11ha high-availability groups of PKCS#11 tokens.",
-        subcommands: [Check.self])
+        subcommands: [Check.self, Domain.self, Sync.self])
 }
 
 struct ConfigOption: ParsableArguments {
@@ -74,6 +74,160 @@ struct Check: ParsableCommand {
             }
         }
         if failed { throw ExitCode(1) }
+    }
+}
+
+struct Domain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Set up or check a group's replication key.",
+        subcommands: [DomainCreate.self, DomainCheck.self])
+}
+
+struct GroupOption: ParsableArguments {
+    @Option(name: .long, help: "The group's name, as in [group NAME].")
+    var group: String
+
+    func find(in runtime: Runtime) throws -> P11HA.Group {
+        guard let group = runtime.groups.first(where: { $0.name == self.group }) else {
+            printError("p11hactl: no group '\(self.group)' in the configuration")
+            throw ExitCode(1)
+        }
+        return group
+    }
+}
+
+/// Starts the configured groups for a command, with warnings and errors on stderr.
+func startRuntime(_ options: ConfigOption) throws -> Runtime {
+    var config = try options.load()
+    config.log = .stderr
+    config.logLevel = .warning
+    do {
+        return try Runtime.start(config)
+    } catch {
+        printError("p11hactl: \(error)")
+        throw ExitCode(1)
+    }
+}
+
+/// A PIN from `--...-pin-source file:PATH`, else from a prompt on the terminal (never from the command line).
+func readPIN(source: String?, prompt: String) throws -> Secret {
+    if let source {
+        guard let pin = Secret.fromPinSource(source) else {
+            printError("p11hactl: cannot read the PIN from \(source)")
+            throw ExitCode(1)
+        }
+        return pin
+    }
+    guard let typed = getpass(prompt) else {
+        printError("p11hactl: no terminal to ask for the PIN; use a pin-source")
+        throw ExitCode(1)
+    }
+    defer { explicit_bzero(typed, strlen(typed)) }
+    return Secret(copying: UnsafeRawBufferPointer(start: typed, count: strlen(typed)))
+}
+
+func hex(_ bytes: some Sequence<UInt8>) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+struct DomainCreate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create",
+        abstract: "Create the group's replication key on every member (or carry it to members that lack it).",
+        discussion: """
+            Needs the SO PIN of the members (one PIN for all). The key is generated on one member and carried to \
+            each other member wrapped under a key the two members agree by ECDH: its value is never in clear \
+            outside the members. Exits 0 when every member holds the same key.
+            """)
+
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var group: GroupOption
+    @Option(name: .customLong("so-pin-source"), help: "Read the SO PIN from file:PATH (default: prompt).")
+    var soPINSource: String?
+
+    func run() throws {
+        let runtime = try startRuntime(options)
+        defer { runtime.shutdown() }
+        let group = try group.find(in: runtime)
+        let pin = try readPIN(source: soPINSource, prompt: "SO PIN for the members of group \(group.name): ")
+        do {
+            try runtime.domainCreate(group, soPIN: pin) { print($0) }
+        } catch {
+            printError("p11hactl: domain create: \(error)")
+            throw ExitCode(1)
+        }
+        try DomainCheck.report(runtime, group)
+    }
+}
+
+struct DomainCheck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Prove that every member holds the same replication key; exit 1 when one differs or lacks it.")
+
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var group: GroupOption
+
+    func run() throws {
+        let runtime = try startRuntime(options)
+        defer { runtime.shutdown() }
+        try Self.report(runtime, try group.find(in: runtime))
+    }
+
+    static func report(_ runtime: Runtime, _ group: P11HA.Group) throws {
+        let states = runtime.domainCheck(group)
+        let prints = states.compactMap(\.fingerprint)
+        let reference = prints.first
+        var good = true
+        for state in states {
+            if let print = state.fingerprint {
+                let same = print == reference
+                good = good && same
+                Swift.print("\(state.member): replication key \(hex(print.prefix(8)))\(same ? "" : "  DIFFERS")")
+            } else {
+                good = false
+                Swift.print("\(state.member): \(state.problem ?? "no replication key")")
+            }
+        }
+        Swift.print(good ? "group \(group.name): every member holds the same replication key"
+                         : "group \(group.name): replication key missing or different")
+        if !good { throw ExitCode(1) }
+    }
+}
+
+struct Sync: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy to each member the token objects it lacks; report conflicts and what cannot be copied.",
+        discussion: """
+            Keys travel wrapped under the group's replication key (only extractable ones can); certificates, \
+            public keys and data objects by value. Objects with the same class, key type, label and ID but \
+            different key material on two members are conflicts: reported, never overwritten. Exits 1 when an \
+            object is in conflict or cannot be copied (with --dry-run too), 0 otherwise.
+            """)
+
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var group: GroupOption
+    @Flag(name: .customLong("dry-run"), help: "Only report what would be copied.")
+    var dryRun = false
+    @Option(name: .customLong("pin-source"), help: "Read the user PIN from file:PATH (default: prompt, unless every member has its own).")
+    var pinSource: String?
+
+    func run() throws {
+        let runtime = try startRuntime(options)
+        defer { runtime.shutdown() }
+        let group = try group.find(in: runtime)
+        let pin: Secret? = group.members.allSatisfy({ $0.hasOwnPIN }) && pinSource == nil
+            ? nil : try readPIN(source: pinSource, prompt: "User PIN for group \(group.name): ")
+        let report: SyncReport
+        do {
+            report = try runtime.synchronize(group, userPIN: pin, dryRun: dryRun) { print($0) }
+        } catch {
+            printError("p11hactl: sync: \(error)")
+            throw ExitCode(1)
+        }
+        for problem in report.uncopyable { print("cannot copy: \(problem.object): \(problem.detail)") }
+        for problem in report.conflicts { print("conflict: \(problem.object): \(problem.detail)") }
+        let verb = dryRun ? "would copy" : "copied"
+        print("group \(group.name): \(report.objectCount) objects, \(verb) \(report.copies.count), \(report.uncopyable.count) cannot be copied, \(report.conflicts.count) conflicts")
+        if !report.uncopyable.isEmpty || !report.conflicts.isEmpty { throw ExitCode(1) }
     }
 }
 

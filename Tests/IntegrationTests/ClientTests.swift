@@ -132,7 +132,7 @@ struct ClientTests {
 }
 
 /// pkcs11-tool on one module, optionally one token, in a Members environment.
-private struct PKCS11Tool {
+struct PKCS11Tool {
     let module: String
     let token: String?
     let members: Members

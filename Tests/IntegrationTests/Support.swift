@@ -26,7 +26,8 @@ final class Members {
     let userPIN = "246810"
     let soPIN = "135790"
 
-    init(count: Int = 3, group: String = "ha-test") throws {
+    /// `replicationKey`: also run `p11hactl domain create`, as an operator sets a group up (generated keys need it).
+    init(count: Int = 3, group: String = "ha-test", replicationKey: Bool = true) throws {
         var template = Array("/tmp/p11ha-test.XXXXXX".utf8CString)
         let made: String? = template.withUnsafeMutableBufferPointer { buffer in
             mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
@@ -46,6 +47,21 @@ final class Members {
             // deinit does not run when init throws: clean up here.
             try? FileManager.default.removeItem(atPath: dir)
             throw SupportError("make-members failed (status \(result.status)): \(result.stderr)")
+        }
+        if replicationKey && count > 1 {
+            let pinPath = dir + "/so.pin"
+            _ = FileManager.default.createFile(atPath: pinPath, contents: Data((soPIN + "\n").utf8),
+                                               attributes: [.posixPermissions: 0o600])
+            var domainEnvironment = ProcessInfo.processInfo.environment
+            domainEnvironment["SOFTHSM2_CONF"] = softhsmConf
+            domainEnvironment["P11HA_CONF"] = p11haConf
+            let domain = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl",
+                                        ["domain", "create", "--group", group, "--so-pin-source", "file:" + pinPath],
+                                        environment: domainEnvironment)
+            guard domain.status == 0 else {
+                try? FileManager.default.removeItem(atPath: dir)
+                throw SupportError("p11hactl domain create failed (status \(domain.status)): \(domain.stdout)\(domain.stderr)")
+            }
         }
     }
 

@@ -218,13 +218,7 @@ func spreadScenario(_ m: Module) {
         ok(m.f.C_Encrypt!(session, &block, 16, &out, &len), "C_Encrypt")
         if let first { check(first == out, "every member encrypts alike") } else { first = out }
     }
-    typealias Counters = @convention(c) (CK_SLOT_ID, UnsafeMutablePointer<CK_ULONG>?, UnsafeMutablePointer<CK_ULONG>?) -> CK_RV
-    guard let symbol = m.symbol("p11ha_member_counters") else { fatal("p11ha_member_counters is not exported") }
-    let counters = unsafeBitCast(symbol, to: Counters.self)
-    var count: CK_ULONG = 0
-    ok(counters(s, nil, &count), "p11ha_member_counters length")
-    var served = [CK_ULONG](repeating: 0, count: Int(count))
-    ok(counters(s, &served, &count), "p11ha_member_counters")
+    let served = memberCounters(m, s)
     print("served=\(served.map { String($0) }.joined(separator: ","))")
     check(served.count >= 2, "the group has several members")
     check(served.allSatisfy { $0 >= 50 }, "every member served a share of 300 operations: \(served)")

@@ -14,6 +14,9 @@ let scenarios: [String: (Module) -> Void] = [
     "crypto": cryptoScenario,
     "bad-input": badInputScenario,
     "spread": spreadScenario,
+    "replication": replicationScenario,
+    "no-replication-key": noReplicationKeyScenario,
+    "refused-generation": refusedGenerationScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))

@@ -1,0 +1,142 @@
+// Replication of generated keys: made on one member, carried to the others wrapped under the group's
+// replication key, never in clear; public halves re-created from their public values.
+import CInterop
+
+/// The group's replication key: an AES-256 key with CKA_TRUSTED on every member, under one identity.
+public enum ReplicationKey {
+    public static let id = Array("p11ha-replication-key".utf8)
+    public static let label = "p11ha replication key"
+    /// RFC 5649 key wrap: deterministic, and takes private keys as well as secret keys.
+    public static let wrapMechanism = Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_WRAP_PAD))
+
+    public static var searchTemplate: [Attribute] {
+        [Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), ulong: CK_ULONG(CKO_SECRET_KEY)),
+         Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), ulong: CK_ULONG(CKK_AES)),
+         Attribute(CK_ATTRIBUTE_TYPE(CKA_ID), id)]
+    }
+}
+
+/// What to do when an application generates a key in a group of several members.
+public enum GeneratedKeys: String, Sendable {
+    /// Generate it wrappable under trusted keys only (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED set) and carry it.
+    case replicate
+    /// Refuse the generation: keys must be imported (created or unwrapped), which replays on every member.
+    case refuse
+}
+
+/// The attributes that make a copy the same key as its original, by object class; read from the original.
+enum ReplicaAttributes {
+    static let common: [CK_ATTRIBUTE_TYPE] = [CKA_LABEL, CKA_ID, CKA_TOKEN, CKA_PRIVATE, CKA_MODIFIABLE, CKA_START_DATE, CKA_END_DATE, CKA_DERIVE]
+    static let secret: [CK_ATTRIBUTE_TYPE] = common + [CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, CKA_ENCRYPT, CKA_DECRYPT,
+                                           CKA_SIGN, CKA_VERIFY, CKA_WRAP, CKA_UNWRAP]
+    static let `private`: [CK_ATTRIBUTE_TYPE] = common + [CKA_SUBJECT, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, CKA_DECRYPT,
+                                              CKA_SIGN, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_ALWAYS_AUTHENTICATE]
+    static let `public`: [CK_ATTRIBUTE_TYPE] = common + [CKA_SUBJECT, CKA_ENCRYPT, CKA_VERIFY, CKA_VERIFY_RECOVER, CKA_WRAP,
+                                             CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT]
+
+    static func types(forClass objectClass: CK_OBJECT_CLASS) -> [CK_ATTRIBUTE_TYPE] {
+        switch objectClass {
+        case CK_OBJECT_CLASS(CKO_SECRET_KEY): secret
+        case CK_OBJECT_CLASS(CKO_PRIVATE_KEY): `private`
+        default: `public`
+        }
+    }
+}
+
+extension Member {
+    /// The replication key's handle on this member, if it holds one.
+    func replicationKey(_ session: CK_SESSION_HANDLE) throws(P11Error) -> CK_OBJECT_HANDLE? {
+        try findObjects(session, ReplicationKey.searchTemplate).first
+    }
+
+    /// Wraps `key` under the replication key: the only form in which key material leaves a member.
+    func wrapForReplication(_ session: CK_SESSION_HANDLE, replicationKey: CK_OBJECT_HANDLE,
+                            key: CK_OBJECT_HANDLE) throws(P11Error) -> [UInt8] {
+        guard case .length(let n) = try wrapKey(session, ReplicationKey.wrapMechanism, wrappingKey: replicationKey,
+                                                key: key, capacity: nil),
+              let blob = try wrapKey(session, ReplicationKey.wrapMechanism, wrappingKey: replicationKey, key: key,
+                                     capacity: n).bytes else { throw P11Error.generalError }
+        return blob
+    }
+
+    /// The template that re-creates `object` elsewhere: its class, key type and the attributes of its class
+    /// that it has (values of public keys included; nothing sensitive can be read).
+    func replicaTemplate(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> [Attribute] {
+        let head = try readAttributes(session, object, [CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE)])
+        guard let classBytes = head[0] else { throw P11Error.generalError }
+        let objectClass = Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), classBytes)
+        var template = [objectClass]
+        if let keyType = head[1] { template.append(Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), keyType)) }
+        let types = ReplicaAttributes.types(forClass: objectClass.ulongValue ?? 0)
+        for (type, value) in zip(types, try readAttributes(session, object, types)) {
+            if let value, !value.isEmpty { template.append(Attribute(type, value)) }
+        }
+        return template
+    }
+}
+
+extension Runtime {
+    /// The replication key on each of `members`, through this session; a clear error when one lacks it.
+    func replicationKeys(_ session: VirtualSession, _ members: [Member]) throws(P11Error) -> [Int: CK_OBJECT_HANDLE] {
+        var keys: [Int: CK_OBJECT_HANDLE] = [:]
+        for member in members {
+            guard let key = try member.replicationKey(try session.memberSession(member)) else {
+                Log.event(.error, "replication-key-missing",
+                          "group=\(session.group.name) member=\(member.name) hint=\"run: p11hactl domain create --group \(session.group.name)\"")
+                throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
+            }
+            keys[member.index] = key
+        }
+        return keys
+    }
+
+    /// Makes a generated key (or private key) exist on every member in service: generated on `source`,
+    /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
+    /// `extra` runs on each other member after the unwrap (the public half of a pair) and may add a handle.
+    func replicateGenerated(_ session: VirtualSession, source: Member, key: CK_OBJECT_HANDLE,
+                            keys: [Int: CK_OBJECT_HANDLE], others: [Member]) throws(P11Error) -> [(Int, CK_OBJECT_HANDLE)] {
+        let sourceSession = try session.memberSession(source)
+        var blob = try source.wrapForReplication(sourceSession, replicationKey: keys[source.index]!, key: key)
+        defer { for i in blob.indices { blob[i] = 0 } }
+        let template = try source.replicaTemplate(sourceSession, key)
+        return try everyMember(of: session.group, others) { (member) throws(P11Error) in
+            try member.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
+                                 unwrappingKey: keys[member.index]!, wrapped: blob, template)
+        } undo: { member, copy in
+            if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+        }
+    }
+
+    /// The members a generated key must reach, and their replication keys; or nil when it stays where it is made.
+    func replicationPlan(_ session: VirtualSession, isToken: Bool) throws(P11Error) -> (source: Member, others: [Member], keys: [Int: CK_OBJECT_HANDLE])? {
+        let group = session.group
+        let source = try group.generationMember()
+        let others = group.membersInService.filter { $0 !== source }
+        if others.isEmpty { return nil }
+        if config.generatedKeys == .refuse {
+            Log.event(.warning, "generation-refused",
+                      "group=\(group.name) reason=\"generated-keys = refuse; import the key instead (C_CreateObject or C_UnwrapKey)\"")
+            throw P11Error(CK_RV(CKR_FUNCTION_REJECTED))
+        }
+        do {
+            return (source, others, try replicationKeys(session, [source] + others))
+        } catch where !isToken && error.rv == CKR_FUNCTION_FAILED {
+            // A session key without a replication key stays on one member (it dies with its session anyway).
+            return nil
+        }
+    }
+}
+
+/// The application's template with what lets p11ha carry the key. A key the application asked to be
+/// extractable is left as asked; any other is made extractable only under trusted keys (CKA_EXTRACTABLE and
+/// CKA_WRAP_WITH_TRUSTED set), so that only the replication key can wrap it.
+func wrappableTemplate(_ template: [Attribute]) -> [Attribute] {
+    let extractable = template[CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE)]?.boolValue
+    if extractable == true { return template }
+    if extractable == false {
+        Log.event(.info, "generated-key-extractable",
+                  "reason=\"CKA_EXTRACTABLE=false asked; set true with CKA_WRAP_WITH_TRUSTED so the key can reach every member (generated-keys = refuse to refuse instead)\"")
+    }
+    let forced = [CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), CK_ATTRIBUTE_TYPE(CKA_WRAP_WITH_TRUSTED)]
+    return template.filter { !forced.contains($0.type) } + forced.map { Attribute($0, bool: true) }
+}
