@@ -14,6 +14,10 @@ public struct MemberConfig: Sendable {
     public let displayURI: String
     public let uri: TokenURI
     public let line: Int
+    /// Gets every write but serves no reads while an active member is in service.
+    public var standby = false
+    /// A p11-kit remote address (`unix:path=...`): the token is served by `p11-kit server` there.
+    public var via: String? = nil
 }
 
 public struct GroupConfig: Sendable {
@@ -30,6 +34,14 @@ public struct Config: Sendable {
     public var log: LogDestination = .syslog
     public var logLevel: LogLevel = .info
     public var generatedKeys: GeneratedKeys = .replicate
+    /// How long a member may take to answer one call before it is failed over (nil: no deadline).
+    public var operationTimeout: Duration? = .seconds(5)
+    /// How often failed members are probed.
+    public var recoveryInterval: Duration = .seconds(2)
+    /// How many bytes of a multi-part operation's updates are kept to replay it on a peer.
+    public var replayBuffer = 1 << 20
+    /// Where processes sharing a group coordinate the resynchronization of a returning member.
+    public var lockDirectory = "/tmp"
     public var groups: [GroupConfig] = []
 
     /// The file named by P11HA_CONF, else /etc/p11ha/p11ha.conf.
@@ -102,6 +114,22 @@ public struct Config: Sendable {
                 case "log-level":
                     guard let level = LogLevel(name: value) else { throw fail("log-level must be debug, info, warning or error") }
                     config.logLevel = level
+                case "operation-timeout":
+                    if value == "off" {
+                        config.operationTimeout = nil
+                    } else {
+                        guard let d = parseDuration(value), d > .zero else { throw fail("operation-timeout must be a duration like 250ms, 5s or 1m, or off") }
+                        config.operationTimeout = d
+                    }
+                case "recovery-interval":
+                    guard let d = parseDuration(value), d > .zero else { throw fail("recovery-interval must be a duration like 500ms, 2s or 1m") }
+                    config.recoveryInterval = d
+                case "replay-buffer":
+                    guard let n = parseSize(value) else { throw fail("replay-buffer must be a size like 65536, 64k or 1m") }
+                    config.replayBuffer = n
+                case "lock-dir":
+                    guard value.hasPrefix("/") else { throw fail("lock-dir must be an absolute path") }
+                    config.lockDirectory = value
                 case "generated-keys":
                     guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate or refuse") }
                     config.generatedKeys = policy
@@ -112,13 +140,24 @@ public struct Config: Sendable {
                 case "label":
                     guard value.utf8.count <= 32 else { throw fail("label is longer than 32 bytes") }
                     config.groups[index].label = value
-                case "member":
-                    do {
-                        let uri = try TokenURI(parsing: value)
-                        config.groups[index].members.append(
-                            MemberConfig(displayURI: uri.displayText, uri: uri, line: lineNumber))
+                case "member", "standby":
+                    // `URI` or `URI via ADDRESS` (a token served by p11-kit server at ADDRESS).
+                    let parts = splitting(value, on: " via ")
+                    guard parts.count <= 2 else { throw fail("\(key): more than one 'via'") }
+                    do throws(TokenURI.ParseError) {
+                        let uri = try TokenURI(parsing: parts[0].trimmed, remote: parts.count == 2)
+                        var member = MemberConfig(displayURI: uri.displayText, uri: uri, line: lineNumber)
+                        member.standby = key == "standby"
+                        if parts.count == 2 {
+                            let address = parts[1].trimmed
+                            guard address.hasPrefix("unix:path=") || address.hasPrefix("tcp:") else {
+                                throw TokenURI.ParseError(message: "via: '\(address)' is not a p11-kit address (unix:path=... or tcp:...)")
+                            }
+                            member.via = address
+                        }
+                        config.groups[index].members.append(member)
                     } catch {
-                        throw fail("member: \(error.message)")
+                        throw fail("\(key): \(error.message)")
                     }
                 default: throw fail("unknown key '\(key)' in [group \(config.groups[index].name)]")
                 }
@@ -126,8 +165,8 @@ public struct Config: Sendable {
         }
         lineNumber = 0
         if config.groups.isEmpty { throw fail("no [group NAME] section") }
-        for group in config.groups where group.members.isEmpty {
-            throw ConfigError(file: path, line: group.line, message: "group '\(group.name)' has no member")
+        for group in config.groups where !group.members.contains(where: { !$0.standby }) {
+            throw ConfigError(file: path, line: group.line, message: "group '\(group.name)' has no member (standby members alone do not make a group)")
         }
         let labels = config.groups.map(\.label)
         if Set(labels).count != labels.count { throw fail("two groups have the same label") }
@@ -144,7 +183,8 @@ public struct TokenURI: Sendable {
     public let pinValue: String?
     public let pinSource: String?
 
-    public init(parsing text: String) throws(ParseError) {
+    /// `remote`: the token is reached through p11-kit's client module, so no module needs to be named.
+    public init(parsing text: String, remote: Bool = false) throws(ParseError) {
         guard let uri = p11_kit_uri_new() else { throw ParseError(message: "out of memory") }
         defer { p11_kit_uri_free(uri) }
         let rc = p11_kit_uri_parse(text, P11_KIT_URI_FOR_ANY, uri)
@@ -152,7 +192,9 @@ public struct TokenURI: Sendable {
             throw ParseError(message: "'\(Self.redacted(text))' is not a PKCS#11 URI (\(String(cString: p11_kit_uri_message(rc))))")
         }
         self.text = text
-        if let path = p11_kit_uri_get_module_path(uri) {
+        if remote {
+            modulePath = Self.remoteClientModule
+        } else if let path = p11_kit_uri_get_module_path(uri) {
             modulePath = String(cString: path)
         } else if let name = p11_kit_uri_get_module_name(uri) {
             modulePath = Self.resolveModuleName(String(cString: name))
@@ -162,6 +204,9 @@ public struct TokenURI: Sendable {
         pinValue = p11_kit_uri_get_pin_value(uri).map { String(cString: $0) }
         pinSource = p11_kit_uri_get_pin_source(uri).map { String(cString: $0) }
     }
+
+    /// p11-kit's client for tokens served by `p11-kit server`.
+    public static let remoteClientModule = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
     /// The URI as it can be shown in logs: any pin-value replaced.
     public var displayText: String { Self.redacted(text) }
@@ -197,6 +242,44 @@ public struct TokenURI: Sendable {
             && p11_kit_uri_match_slot_info(uri, &slot) == 1
             && p11_kit_uri_match_token_info(uri, &token) == 1
     }
+}
+
+/// `text` cut at each occurrence of `separator`.
+func splitting(_ text: String, on separator: String) -> [String] {
+    let bytes = Array(text.utf8)
+    let sep = Array(separator.utf8)
+    var parts: [String] = []
+    var start = 0
+    var i = 0
+    while i + sep.count <= bytes.count {
+        if Array(bytes[i..<i + sep.count]) == sep {
+            parts.append(String(decoding: bytes[start..<i], as: UTF8.self))
+            i += sep.count
+            start = i
+        } else {
+            i += 1
+        }
+    }
+    parts.append(String(decoding: bytes[start...], as: UTF8.self))
+    return parts
+}
+
+/// `250ms`, `2s`, `1m`, or a bare number of seconds.
+func parseDuration(_ text: String) -> Duration? {
+    for (suffix, scale) in [("ms", 1), ("s", 1000), ("m", 60_000)] where text.hasSuffix(suffix) {
+        guard let n = Int(text.dropLast(suffix.count)), n >= 0 else { return nil }
+        return .milliseconds(n * scale)
+    }
+    return Int(text).map { .seconds($0) }
+}
+
+/// `65536`, `64k`, `1m`.
+func parseSize(_ text: String) -> Int? {
+    let lower = text.lowercased()
+    for (suffix, scale) in [("k", 1 << 10), ("m", 1 << 20)] where lower.hasSuffix(suffix) {
+        return Int(lower.dropLast()).map { $0 * scale }
+    }
+    return Int(lower)
 }
 
 func stripComment(_ line: Substring) -> Substring {

@@ -5,24 +5,45 @@ public struct P11Error: Error, Equatable, Sendable, CustomStringConvertible {
     public let rv: CK_RV
     /// For CKR_BUFFER_TOO_SMALL: the length the caller's buffer needs.
     public let neededLength: Int?
+    /// Whether a member answered this (or failed to answer in time), rather than p11ha's own checks.
+    public let fromMember: Bool
+    /// The member did not answer before the operation's deadline.
+    public let timedOut: Bool
 
     public init(_ rv: CK_RV, neededLength: Int? = nil) {
-        self.rv = rv
-        self.neededLength = neededLength
+        self.init(rv, neededLength: neededLength, fromMember: false, timedOut: false)
     }
 
-    /// True when the code says the member (device, link, module) failed rather than the request.
-    /// Failover decisions are made here and nowhere else.
-    public var isMemberFault: Bool { Self.memberFaults.contains(rv) }
+    private init(_ rv: CK_RV, neededLength: Int?, fromMember: Bool, timedOut: Bool) {
+        self.rv = rv
+        self.neededLength = neededLength
+        self.fromMember = fromMember
+        self.timedOut = timedOut
+    }
+
+    /// What a member's module returned.
+    public static func member(_ rv: CK_RV, neededLength: Int? = nil) -> P11Error {
+        P11Error(rv, neededLength: neededLength, fromMember: true, timedOut: false)
+    }
+
+    /// A member call past its deadline: reported to the application, if no peer can finish, as CKR_DEVICE_ERROR.
+    public static let deadlineExceeded = P11Error(CK_RV(CKR_DEVICE_ERROR), neededLength: nil, fromMember: true, timedOut: true)
+
+    /// True when a member (device, link, module) failed rather than the request: the one place that decides
+    /// failover. Errors of p11ha's own checks are never member faults, whatever their code; a member's
+    /// CKR_SESSION_HANDLE_INVALID is, since p11ha only ever passes a member its own valid session handles.
+    public var isMemberFault: Bool { fromMember && Self.memberFaults.contains(rv) }
 
     static let memberFaults: Set<CK_RV> = [
         CK_RV(CKR_DEVICE_ERROR), CK_RV(CKR_DEVICE_REMOVED), CK_RV(CKR_DEVICE_MEMORY),
         CK_RV(CKR_TOKEN_NOT_PRESENT), CK_RV(CKR_TOKEN_NOT_RECOGNIZED),
-        CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED), CK_RV(CKR_GENERAL_ERROR), CK_RV(CKR_HOST_MEMORY),
-        CK_RV(CKR_FUNCTION_FAILED),
+        CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED), CK_RV(CKR_GENERAL_ERROR),
+        CK_RV(CKR_SESSION_CLOSED), CK_RV(CKR_SESSION_HANDLE_INVALID),
     ]
 
-    public var description: String { "\(ckrName(rv)) (0x\(String(rv, radix: 16)))" }
+    public var description: String {
+        timedOut ? "no answer before the deadline" : "\(ckrName(rv)) (0x\(String(rv, radix: 16)))"
+    }
 
     public static let generalError = P11Error(CK_RV(CKR_GENERAL_ERROR))
     public static let argumentsBad = P11Error(CK_RV(CKR_ARGUMENTS_BAD))

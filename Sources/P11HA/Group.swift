@@ -20,50 +20,65 @@ public final class Group: @unchecked Sendable {
         var readWriteSessions = 0
     }
 
-    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member]) {
+    /// Serializes journal updates and resynchronizations among this host's processes.
+    let hostLock: HostLock
+
+    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String) {
         self.slotID = slotID
         self.config = config
         self.members = members
         self.mechanisms = Self.commonMechanisms(members)
+        let serials = members.map { (try? $0.tokenInfo()).map { fieldString($0.serialNumber) } ?? $0.name }
+        self.hostLock = HostLock(path: "\(lockDirectory)/p11ha-\(stableSerial(serials.joined(separator: "|"))).lock")
     }
 
     public var name: String { config.name }
     public var label: String { config.label }
 
-    /// The member with the fewest operations in flight among those in service that `holds` (nil: any),
-    /// ties broken round-robin.
-    func pick(holding copies: [CK_OBJECT_HANDLE?]? = nil) throws(P11Error) -> Member {
+    /// The member with the fewest operations in flight among the active members in service that hold a copy
+    /// (`copies` nil: any), ties broken round-robin; standby members only when no active one can serve.
+    func pick(holding copies: [CK_OBJECT_HANDLE?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
         let start = roundRobin.add(1, ordering: .relaxed).oldValue
         let n = members.count
         var best: Member?
         var bestLoad = Int.max
+        var bestIsStandby = true
         for step in 0..<n {
             let member = members[(start &+ step) % n]
-            guard member.isInService else { continue }
+            guard member.isInService, !excluded.contains(member.index) else { continue }
             if let copies, copies[member.index] == nil { continue }
             let load = member.inFlight.load(ordering: .relaxed)
-            if load < bestLoad {
+            let standby = member.isStandby
+            if (bestIsStandby && !standby) || (standby == bestIsStandby && load < bestLoad) {
                 best = member
                 bestLoad = load
+                bestIsStandby = standby
             }
         }
         guard let best else {
-            // Held only by members out of service: the member's fault, not the caller's.
+            // Held only by members out of service: a member fault for the application, which may retry.
             throw P11Error.deviceError
         }
         return best
     }
 
-    /// Where generated keys are made until replication carries them to every member.
-    func generationMember() throws(P11Error) -> Member {
-        guard let member = members.first(where: \.isInService) else { throw P11Error.deviceError }
+    /// The first active member in service (standby ones last) that holds a copy: where reads that must agree
+    /// with each other (a length query and its read) and key generation go.
+    func first(holding copies: [CK_OBJECT_HANDLE?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
+        let candidates = members.filter { member in
+            member.isInService && !excluded.contains(member.index) && (copies == nil || copies![member.index] != nil)
+        }
+        guard let member = candidates.first(where: { !$0.isStandby }) ?? candidates.first else { throw P11Error.deviceError }
         return member
     }
 
-    /// p11ha's replication key is infrastructure, not the application's: searches through the group skip it.
-    func isReplicationKey(_ object: CK_OBJECT_HANDLE) -> Bool {
+    /// p11ha's replication key and journal are infrastructure, not the application's: searches through the
+    /// group skip them.
+    func isInfrastructure(_ object: CK_OBJECT_HANDLE) -> Bool {
         guard let identity = objects.withLock({ $0[object]?.identity }) else { return false }
-        return identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY).value && identity.values[4] == ReplicationKey.id
+        let isKey = identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY).value && identity.values[4] == ReplicationKey.id
+        let isJournal = identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_DATA).value && identity.values[5] == Array(Journal.label.utf8)
+        return isKey || isJournal
     }
 
     public var membersInService: [Member] { members.filter(\.isInService) }
@@ -162,6 +177,34 @@ struct ObjectTable {
         if records[handle]!.copies.allSatisfy({ $0 == nil }) { remove(handle) }
     }
 
+    /// Sets (or clears) the copy of an object on one member, as found again after the member returned.
+    mutating func setCopy(_ handle: CK_OBJECT_HANDLE, member: Int, copy: CK_OBJECT_HANDLE?) {
+        guard records[handle] != nil else { return }
+        if let old = records[handle]!.copies[member], byCopy[CopyKey(member: member, handle: old)] == handle {
+            byCopy[CopyKey(member: member, handle: old)] = nil
+        }
+        records[handle]!.copies[member] = copy
+        if let copy { byCopy[CopyKey(member: member, handle: copy)] = handle }
+    }
+
+    /// Forgets (or replaces) an object's identity after its attributes changed.
+    mutating func replaceIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity?) {
+        guard let old = records[handle]?.identity else {
+            if let identity { setIdentity(handle, identity) }
+            return
+        }
+        byIdentity[old]?.removeAll { $0 == handle }
+        if byIdentity[old]?.isEmpty == true { byIdentity[old] = nil }
+        records[handle]!.identity = nil
+        if let identity { setIdentity(handle, identity) }
+    }
+
+    mutating func setIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity) {
+        guard records[handle] != nil, records[handle]!.identity == nil else { return }
+        records[handle]!.identity = identity
+        byIdentity[identity, default: []].append(handle)
+    }
+
     mutating func removeObjects(ownedBy session: CK_SESSION_HANDLE) {
         for (handle, record) in records where record.owner == session { remove(handle) }
     }
@@ -170,6 +213,11 @@ struct ObjectTable {
 /// What makes copies of an object on different members one object: the attributes every copy shares and
 /// that an application uses to find it.
 struct ObjectIdentity: Hashable {
+    /// The search template that finds this object on a member.
+    var template: [Attribute] {
+        zip(Self.attributeTypes, values).compactMap { type, value in value.map { Attribute(type, $0) } }
+    }
+
     static let attributeTypes: [CK_ATTRIBUTE_TYPE] = [
         CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_TOKEN), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE),
         CK_ATTRIBUTE_TYPE(CKA_CERTIFICATE_TYPE), CK_ATTRIBUTE_TYPE(CKA_ID), CK_ATTRIBUTE_TYPE(CKA_LABEL),

@@ -5,18 +5,40 @@ import Synchronization
 
 public enum Health: UInt8, Sendable {
     case inService = 0
+    /// Stopped answering (or answered with a device fault): probed in the background.
     case failed = 1
-    /// Missed writes: must be brought up to date before it serves again.
+    /// Missed a write: must be brought up to date before it serves again.
     case stale = 2
+    /// Answering again; being logged in and brought up to date.
+    case recovering = 3
 
-    public var name: String { ["in-service", "failed", "stale"][Int(rawValue)] }
+    public var name: String { ["in-service", "failed", "stale", "recovering"][Int(rawValue)] }
+}
+
+/// When a member last failed and recovered, and why it failed: for operators.
+public struct MemberHistory: Sendable {
+    public var lastFailure: Int64? = nil
+    public var lastFailureReason: String? = nil
+    public var lastRecovery: Int64? = nil
+    public var failures = 0
+}
+
+/// Seconds since the epoch, for operators' records.
+func wallClock() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec)
 }
 
 public final class Member: @unchecked Sendable {
     public let index: Int
     public let config: MemberConfig
     let module: LoadedModule
-    public let slotID: CK_SLOT_ID
+    private let slot: Atomic<UInt>
+    /// Where the token is now: a remote member's slot can change when its server restarts.
+    public var slotID: CK_SLOT_ID { CK_SLOT_ID(slot.load(ordering: .acquiring)) }
+    /// Counts failures: an operation started before the latest one must be replayed, not continued.
+    public let epoch = Atomic<Int>(0)
     /// Operations in progress on this member (from init to their last call): the scheduler's load measure.
     public let inFlight = Atomic<Int>(0)
     /// Operations this member has been given since initialization.
@@ -25,28 +47,53 @@ public final class Member: @unchecked Sendable {
     /// The member's own PIN from its URI (pin-value or pin-source), if any.
     let ownPIN: Secret?
 
-    public var name: String { config.displayURI }
+    public let name: String
+    public var isStandby: Bool { config.standby }
+    public let history = Mutex(MemberHistory())
     public var hasOwnPIN: Bool { ownPIN != nil }
     public var health: Health { Health(rawValue: healthValue.load(ordering: .acquiring)) ?? .failed }
     public var isInService: Bool { health == .inService }
 
-    init(index: Int, config: MemberConfig, module: LoadedModule, slotID: CK_SLOT_ID, ownPIN: Secret?) {
+    init(index: Int, name: String, config: MemberConfig, module: LoadedModule, slotID: CK_SLOT_ID, ownPIN: Secret?) {
         self.index = index
+        self.name = name
         self.config = config
         self.module = module
-        self.slotID = slotID
+        self.slot = Atomic(UInt(slotID))
         self.ownPIN = ownPIN
     }
 
-    /// Takes the member out of service (or marks it stale), logging why. Returns whether it was in service.
+    /// Takes the member out of service (failed, or stale when it missed a write), logging why.
+    /// Returns whether it was in service.
     @discardableResult
     public func leaveService(_ health: Health, reason: String) -> Bool {
-        let old = healthValue.exchange(health.rawValue, ordering: .acquiringAndReleasing)
-        if old == Health.inService.rawValue {
-            Log.event(.warning, "member-failed", "member=\(name) state=\(health.name) reason=\"\(reason)\"")
-            return true
+        var old = Health.inService.rawValue
+        while true {
+            // A stale member stays stale: it missed a write whatever happens next.
+            let next = old == Health.stale.rawValue ? old : health.rawValue
+            let (exchanged, current) = healthValue.compareExchange(expected: old, desired: next, ordering: .acquiringAndReleasing)
+            if exchanged { break }
+            old = current
         }
-        return false
+        guard old == Health.inService.rawValue || old == Health.recovering.rawValue else { return false }
+        epoch.add(1, ordering: .acquiringAndReleasing)
+        history.withLock {
+            $0.lastFailure = wallClock()
+            $0.lastFailureReason = reason
+            $0.failures += 1
+        }
+        Log.event(.warning, "member-failed", "member=\(name) state=\(health.name) reason=\"\(reason)\"")
+        return old == Health.inService.rawValue
+    }
+
+    /// Finds the token again after its module was restarted (a remote member's slot may have changed).
+    func relocate() throws(ModuleError) {
+        slot.store(UInt(try Member.locate(config.uri, in: module)), ordering: .releasing)
+    }
+
+    /// Sets the health without the failure bookkeeping (recovery's own steps).
+    func setHealth(_ health: Health) {
+        healthValue.store(health.rawValue, ordering: .releasing)
     }
 
     var f: CK_FUNCTION_LIST { module.f }
@@ -55,7 +102,7 @@ public final class Member: @unchecked Sendable {
     @inline(__always)
     func call(_ body: () -> CK_RV) throws(P11Error) {
         let rv = body()
-        if rv != CKR_OK { throw P11Error(rv) }
+        if rv != CKR_OK { throw P11Error.member(rv) }
     }
 
     /// Finds the one slot of `module` whose token `uri` selects.
@@ -214,12 +261,12 @@ public final class Member: @unchecked Sendable {
     public func readAttributes(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
                                _ types: [CK_ATTRIBUTE_TYPE]) throws(P11Error) -> [[UInt8]?] {
         let sizes = attributeValues(session, object, types.map { AttributeQuery($0, capacity: nil) })
-        if sizes.rv != CKR_OK && !Self.partialAnswers.contains(sizes.rv) { throw P11Error(sizes.rv) }
+        if sizes.rv != CKR_OK && !Self.partialAnswers.contains(sizes.rv) { throw P11Error.member(sizes.rv) }
         let queries = zip(types, sizes.answers).map { type, answer in
             AttributeQuery(type, capacity: answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? 0 : Int(answer.length))
         }
         let values = attributeValues(session, object, queries)
-        if values.rv != CKR_OK && !Self.partialAnswers.contains(values.rv) { throw P11Error(values.rv) }
+        if values.rv != CKR_OK && !Self.partialAnswers.contains(values.rv) { throw P11Error.member(values.rv) }
         return zip(sizes.answers, values.answers).map { size, answer in
             size.length == CK_UNAVAILABLE_INFORMATION_VALUE ? nil : (answer.value ?? [])
         }
@@ -421,7 +468,7 @@ public final class Member: @unchecked Sendable {
             count = rv == CKR_OK ? min(Int(length), capacity) : 0
         }
         guard rv == CKR_OK else {
-            throw P11Error(rv, neededLength: rv == CKR_BUFFER_TOO_SMALL ? Int(length) : nil)
+            throw P11Error.member(rv, neededLength: rv == CKR_BUFFER_TOO_SMALL ? Int(length) : nil)
         }
         return .data(result)
     }

@@ -26,10 +26,13 @@ public enum ModuleRegistry {
     /// Loads and initializes the module at `path`. Modules are never dlclosed: a module unloaded while
     /// its atexit handlers or threads are still registered (SoftHSM's OpenSSL) crashes the process.
     /// `afterFork`: this process is a child that inherited the module from its parent.
-    public static func acquire(path: String, afterFork: Bool) throws(ModuleError) -> LoadedModule {
+    /// `address`: a p11-kit server address: `path` is then p11-kit's client module, whose C_GetFunctionList
+    /// binds a new function list to the address in P11_KIT_SERVER_ADDRESS at the moment of the call.
+    public static func acquire(path: String, address: String? = nil, afterFork: Bool) throws(ModuleError) -> LoadedModule {
         try modules.withLock { (table) throws(ModuleError) -> LoadedModule in
             let module: LoadedModule
-            if let existing = table[path] {
+            let key = address.map { "\(path) via \($0)" } ?? path
+            if let existing = table[key] {
                 module = existing
             } else {
                 guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
@@ -41,12 +44,17 @@ public enum ModuleRegistry {
                 typealias GetFunctionList = @convention(c) (UnsafeMutablePointer<UnsafeMutablePointer<CK_FUNCTION_LIST>?>?) -> CK_RV
                 let getFunctionList = unsafeBitCast(symbol, to: GetFunctionList.self)
                 var list: UnsafeMutablePointer<CK_FUNCTION_LIST>? = nil
+                let previous = getenv("P11_KIT_SERVER_ADDRESS").map { String(cString: $0) }
+                if let address { setenv("P11_KIT_SERVER_ADDRESS", address, 1) }
                 let rv = getFunctionList(&list)
+                if address != nil {
+                    if let previous { setenv("P11_KIT_SERVER_ADDRESS", previous, 1) } else { unsetenv("P11_KIT_SERVER_ADDRESS") }
+                }
                 guard rv == CKR_OK, let list else {
                     throw ModuleError(message: "\(path): C_GetFunctionList returned \(ckrName(rv))")
                 }
                 module = LoadedModule(path: path, functions: list)
-                table[path] = module
+                table[key] = module
             }
             if module.users == 0 {
                 var rv = initialize(module)
@@ -74,6 +82,17 @@ public enum ModuleRegistry {
                 _ = module.f.C_Finalize!(nil)
                 module.initializedByUs = false
             }
+        }
+    }
+
+    /// Starts a module afresh after its member came back (a restarted device, a reconnected server):
+    /// C_Finalize and C_Initialize for a module of one member (`exclusive`), C_Initialize alone otherwise.
+    public static func restart(_ module: LoadedModule, exclusive: Bool) -> Bool {
+        modules.withLock { _ in
+            if exclusive { _ = module.f.C_Finalize!(nil) }
+            let rv = initialize(module)
+            if rv == CKR_OK { module.initializedByUs = true }
+            return rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
         }
     }
 

@@ -76,41 +76,38 @@ extension Member {
 }
 
 extension Runtime {
-    /// The replication key on each of `members`, through this session; a clear error when one lacks it.
-    func replicationKeys(_ session: VirtualSession, _ members: [Member]) throws(P11Error) -> [Int: CK_OBJECT_HANDLE] {
-        var keys: [Int: CK_OBJECT_HANDLE] = [:]
-        for member in members {
-            guard let key = try member.replicationKey(try session.memberSession(member)) else {
-                Log.event(.error, "replication-key-missing",
-                          "group=\(session.group.name) member=\(member.name) hint=\"run: p11hactl domain create --group \(session.group.name)\"")
-                throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
-            }
-            keys[member.index] = key
-        }
-        return keys
+    private func missingReplicationKey(_ group: Group, _ member: Member) -> P11Error {
+        Log.event(.error, "replication-key-missing",
+                  "group=\(group.name) member=\(member.name) hint=\"run: p11hactl domain create --group \(group.name)\"")
+        return P11Error(CK_RV(CKR_FUNCTION_FAILED))
     }
 
     /// Makes a generated key (or private key) exist on every member in service: generated on `source`,
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
-    /// `extra` runs on each other member after the unwrap (the public half of a pair) and may add a handle.
     func replicateGenerated(_ session: VirtualSession, source: Member, key: CK_OBJECT_HANDLE,
-                            keys: [Int: CK_OBJECT_HANDLE], others: [Member]) throws(P11Error) -> [(Int, CK_OBJECT_HANDLE)] {
+                            plan: ReplicationPlan) throws(P11Error) -> [(Int, CK_OBJECT_HANDLE)] {
         let sourceSession = try session.memberSession(source)
-        var blob = try source.wrapForReplication(sourceSession, replicationKey: keys[source.index]!, key: key)
+        var blob = try source.wrapForReplication(sourceSession, replicationKey: plan.keys[source.index]!, key: key)
         defer { for i in blob.indices { blob[i] = 0 } }
         let template = try source.replicaTemplate(sourceSession, key)
-        return try everyMember(of: session.group, others) { (member) throws(P11Error) in
+        return try everyMember(of: session.group, plan.others) { (member) throws(P11Error) in
             try member.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
-                                 unwrappingKey: keys[member.index]!, wrapped: blob, template)
+                                 unwrappingKey: plan.keys[member.index]!, wrapped: blob, template)
         } undo: { member, copy in
             if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
         }
     }
 
-    /// The members a generated key must reach, and their replication keys; or nil when it stays where it is made.
-    func replicationPlan(_ session: VirtualSession, isToken: Bool) throws(P11Error) -> (source: Member, others: [Member], keys: [Int: CK_OBJECT_HANDLE])? {
+    struct ReplicationPlan {
+        let others: [Member]
+        let keys: [Int: CK_OBJECT_HANDLE]
+    }
+
+    /// The members a key generated on `source` must reach, with their replication keys; nil when it stays on
+    /// `source` (a group of one, or a session key without a replication key). A member fault of `source`
+    /// propagates; one of another member takes that member out (stale: it misses this write).
+    func replicationPlan(_ session: VirtualSession, source: Member, isToken: Bool) throws(P11Error) -> ReplicationPlan? {
         let group = session.group
-        let source = try group.generationMember()
         let others = group.membersInService.filter { $0 !== source }
         if others.isEmpty { return nil }
         if config.generatedKeys == .refuse {
@@ -118,12 +115,26 @@ extension Runtime {
                       "group=\(group.name) reason=\"generated-keys = refuse; import the key instead (C_CreateObject or C_UnwrapKey)\"")
             throw P11Error(CK_RV(CKR_FUNCTION_REJECTED))
         }
-        do {
-            return (source, others, try replicationKeys(session, [source] + others))
-        } catch where !isToken && error.rv == CKR_FUNCTION_FAILED {
-            // A session key without a replication key stays on one member (it dies with its session anyway).
-            return nil
+        var keys: [Int: CK_OBJECT_HANDLE] = [:]
+        guard let sourceKey = try source.replicationKey(try session.memberSession(source)) else {
+            if !isToken { return nil }  // a session key dies with its session: it may stay on one member
+            throw missingReplicationKey(group, source)
         }
+        keys[source.index] = sourceKey
+        var reachable: [Member] = []
+        for member in others {
+            do throws(P11Error) {
+                guard let key = try member.replicationKey(try session.memberSession(member)) else {
+                    if !isToken { return nil }
+                    throw missingReplicationKey(group, member)
+                }
+                keys[member.index] = key
+                reachable.append(member)
+            } catch where error.isMemberFault {
+                if member.leaveService(.stale, reason: "missed a write: \(error)") { recovery.wake() }
+            }
+        }
+        return ReplicationPlan(others: reachable, keys: keys)
     }
 }
 

@@ -1,25 +1,15 @@
-// Cryptographic operations: each runs on one member chosen by the scheduler; init, updates and final stay there.
+// Cryptographic operations: each runs on one member chosen by the scheduler; init, updates and final stay there,
+// unless that member fails: then the operation is replayed on a peer (Failover.swift).
 import CInterop
 
 extension Runtime {
     public func operationInit(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism,
                               key: CK_OBJECT_HANDLE?) throws(P11Error) {
         let session = try session(handle)
-        let group = session.group
         if session.state.withLock({ $0.operations[kind.rawValue] != nil }) { throw P11Error.operationActive }
-        let copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
-        let member = try group.pick(holding: copies)
-        member.inFlight.add(1, ordering: .relaxed)
-        do {
-            try member.operationInit(kind, try session.memberSession(member), mechanism, key: copies?[member.index] ?? 0)
-        } catch {
-            member.inFlight.subtract(1, ordering: .relaxed)
-            throw error
-        }
-        member.served.add(1, ordering: .relaxed)
-        session.state.withLock {
-            $0.operations[kind.rawValue] = VirtualSession.Operation(member: member.index, mechanism: mechanism, key: key ?? 0)
-        }
+        let index = try startOperation(kind, session, mechanism, key: key)
+        let epoch = session.group.members[index].epoch.load(ordering: .acquiring)
+        session.setOperation(kind, VirtualSession.Operation(member: index, epoch: epoch, mechanism: mechanism, key: key))
     }
 
     /// C_Encrypt, C_Decrypt, C_Digest, C_Sign, C_SignRecover, C_VerifyRecover.
@@ -34,22 +24,34 @@ extension Runtime {
 
     /// C_EncryptUpdate and C_DecryptUpdate.
     public func cipherUpdate(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
-        try continuing(kind, handle) { (member, s) throws(P11Error) in try member.cipherUpdate(kind, s, input, capacity: capacity) }
+        try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in
+            try member.cipherUpdate(kind, s, input, capacity: capacity)
+        } consumed: { output in
+            if case .data = output { return true }
+            return false
+        }
     }
 
     /// C_DigestUpdate, C_SignUpdate, C_VerifyUpdate.
     public func update(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8]) throws(P11Error) {
-        try continuing(kind, handle) { (member, s) throws(P11Error) in try member.update(kind, s, input) }
+        try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in try member.update(kind, s, input) } consumed: { _ in true }
     }
 
+    /// C_DigestKey: the key's value enters the digest inside one member, so it cannot be replayed elsewhere.
     public func digestKey(_ handle: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) throws(P11Error) {
         let session = try session(handle)
         let copies = try copies(of: key, in: session.group, invalid: .keyHandleInvalid)
-        try continuing(.digest, handle) { (member, s) throws(P11Error) in
-            // The digest runs on one member: the key must have a copy there.
+        session.state.withLock { state in
+            if var op = state.operations[OperationKind.digest.rawValue] {
+                op.replayable = false
+                op.parts = []
+                state.operations[OperationKind.digest.rawValue] = op
+            }
+        }
+        try continuing(.digest, handle, part: nil) { (member, s) throws(P11Error) in
             guard let copy = copies[member.index] else { throw P11Error.keyHandleInvalid }
             try member.digestKey(s, copy)
-        }
+        } consumed: { _ in false }
     }
 
     public func verify(_ handle: CK_SESSION_HANDLE, _ data: [UInt8], signature: [UInt8]) throws(P11Error) {
@@ -69,50 +71,70 @@ extension Runtime {
     /// Random bytes from any member in service.
     public func generateRandom(_ handle: CK_SESSION_HANDLE, count: Int) throws(P11Error) -> [UInt8] {
         let session = try session(handle)
-        let member = try session.group.pick()
-        member.served.add(1, ordering: .relaxed)
-        return try member.generateRandom(try session.memberSession(member), count: count)
+        return try onOneMember(session.group) { (member) throws(P11Error) in
+            member.served.add(1, ordering: .relaxed)
+            return try member.generateRandom(try session.memberSession(member), count: count)
+        }
     }
 
     /// Mixes the seed into every member's generator.
     public func seedRandom(_ handle: CK_SESSION_HANDLE, _ seed: [UInt8]) throws(P11Error) {
         let session = try session(handle)
-        _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+        _ = try everyMember(of: session.group, session.group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             try member.seedRandom(try session.memberSession(member), seed)
         }
     }
 
     /// A call that may end the operation: it stays active after a length query or CKR_BUFFER_TOO_SMALL
-    /// (PKCS#11 5.2), and ends on anything else, success or error.
+    /// (PKCS#11 5.2), and ends on anything else, success or error. A member fault replays it on a peer.
     @discardableResult
     private func finishing(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
                            _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> Output) throws(P11Error) -> Output {
         let session = try session(handle)
-        let op = try session.operation(kind)
-        let member = session.group.members[op.member]
-        do {
-            let output = try body(member, try session.memberSession(member))
-            if case .data = output { session.endOperation(kind) }
-            return output
-        } catch {
-            if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
-            throw error
+        var op = try session.operation(kind)
+        while true {
+            let member = session.group.members[op.member]
+            if !member.isInService || member.epoch.load(ordering: .acquiring) != op.epoch {
+                op = try failover(kind, session, op, after: nil)
+                continue
+            }
+            do {
+                let output = try body(member, try session.memberSession(member))
+                if case .data = output { session.endOperation(kind) }
+                return output
+            } catch where error.isMemberFault {
+                op = try failover(kind, session, op, after: error)
+            } catch {
+                if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
+                throw error
+            }
         }
     }
 
     /// An update: the operation goes on after success, and ends on an error (PKCS#11 5.2), except
-    /// CKR_BUFFER_TOO_SMALL.
+    /// CKR_BUFFER_TOO_SMALL. What the member consumed is kept for a replay.
     @discardableResult
-    private func continuing<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
-                               _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> T) throws(P11Error) -> T {
+    private func continuing<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, part: [UInt8]?,
+                               _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> T,
+                               consumed: (T) -> Bool) throws(P11Error) -> T {
         let session = try session(handle)
-        let op = try session.operation(kind)
-        let member = session.group.members[op.member]
-        do {
-            return try body(member, try session.memberSession(member))
-        } catch {
-            if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
-            throw error
+        var op = try session.operation(kind)
+        while true {
+            let member = session.group.members[op.member]
+            if !member.isInService || member.epoch.load(ordering: .acquiring) != op.epoch {
+                op = try failover(kind, session, op, after: nil)
+                continue
+            }
+            do {
+                let result = try body(member, try session.memberSession(member))
+                if let part, consumed(result) { session.recordPart(kind, part, limit: config.replayBuffer) }
+                return result
+            } catch where error.isMemberFault {
+                op = try failover(kind, session, op, after: error)
+            } catch {
+                if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
+                throw error
+            }
         }
     }
 }

@@ -7,19 +7,20 @@ extension Runtime {
     public func generateKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
-        guard let plan = try replicationPlan(session, isToken: isToken) else {
-            let member = try session.group.generationMember()
-            let key = try member.generateKey(try session.memberSession(member), mechanism, template)
-            return record([(member.index, key)], in: session, isToken: isToken)
-        }
-        let sourceSession = try session.memberSession(plan.source)
-        let key = try plan.source.generateKey(sourceSession, mechanism, wrappableTemplate(template))
-        do {
-            let copies = try replicateGenerated(session, source: plan.source, key: key, keys: plan.keys, others: plan.others)
-            return record([(plan.source.index, key)] + copies, in: session, isToken: isToken)
-        } catch {
-            try? plan.source.destroyObject(sourceSession, key)
-            throw error
+        return try onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+            let sourceSession = try session.memberSession(source)
+            guard let plan = try replicationPlan(session, source: source, isToken: isToken) else {
+                let key = try source.generateKey(sourceSession, mechanism, template)
+                return record([(source.index, key)], in: session, isToken: isToken)
+            }
+            let key = try source.generateKey(sourceSession, mechanism, wrappableTemplate(template))
+            do throws(P11Error) {
+                let copies = try replicateGenerated(session, source: source, key: key, plan: plan)
+                return record([(source.index, key)] + copies, in: session, isToken: isToken)
+            } catch {
+                try? source.destroyObject(sourceSession, key)
+                throw error
+            }
         }
     }
 
@@ -31,43 +32,44 @@ extension Runtime {
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
         let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
         let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
-        guard let plan = try replicationPlan(session, isToken: publicIsToken || privateIsToken) else {
-            let member = try session.group.generationMember()
-            let (pub, priv) = try member.generateKeyPair(try session.memberSession(member), mechanism,
-                                                         publicTemplate: publicTemplate, privateTemplate: privateTemplate)
-            return (record([(member.index, pub)], in: session, isToken: publicIsToken),
-                    record([(member.index, priv)], in: session, isToken: privateIsToken))
-        }
-        let sourceSession = try session.memberSession(plan.source)
-        let (pub, priv) = try plan.source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
-                                                          privateTemplate: wrappableTemplate(privateTemplate))
-        var privateCopies: [(Int, CK_OBJECT_HANDLE)] = []
-        do {
-            privateCopies = try replicateGenerated(session, source: plan.source, key: priv, keys: plan.keys, others: plan.others)
-            let publicTemplate = try plan.source.replicaTemplate(sourceSession, pub)
-            let holders = privateCopies.map { session.group.members[$0.0] }
-            let publicCopies = try everyMember(of: session.group, holders) { (member) throws(P11Error) in
-                try member.createObject(try session.memberSession(member), publicTemplate)
-            } undo: { member, copy in
-                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+        return try onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+            let sourceSession = try session.memberSession(source)
+            guard let plan = try replicationPlan(session, source: source, isToken: publicIsToken || privateIsToken) else {
+                let (pub, priv) = try source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+                                                             privateTemplate: privateTemplate)
+                return (record([(source.index, pub)], in: session, isToken: publicIsToken),
+                        record([(source.index, priv)], in: session, isToken: privateIsToken))
             }
-            // A member that failed the public half holds a private key the group no longer counts on it.
-            let withPublic = Set(publicCopies.map(\.0))
-            for (index, copy) in privateCopies where !withPublic.contains(index) {
-                let member = session.group.members[index]
-                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+            let (pub, priv) = try source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+                                                         privateTemplate: wrappableTemplate(privateTemplate))
+            var privateCopies: [(Int, CK_OBJECT_HANDLE)] = []
+            do throws(P11Error) {
+                privateCopies = try replicateGenerated(session, source: source, key: priv, plan: plan)
+                let publicTemplate = try source.replicaTemplate(sourceSession, pub)
+                let holders = privateCopies.map { session.group.members[$0.0] }
+                let publicCopies = try everyMember(of: session.group, holders) { (member) throws(P11Error) in
+                    try member.createObject(try session.memberSession(member), publicTemplate)
+                } undo: { member, copy in
+                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                }
+                // A member that failed the public half holds a private key the group no longer counts on it.
+                let withPublic = Set(publicCopies.map(\.0))
+                for (index, copy) in privateCopies where !withPublic.contains(index) {
+                    let member = session.group.members[index]
+                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                }
+                privateCopies = privateCopies.filter { withPublic.contains($0.0) }
+                return (record([(source.index, pub)] + publicCopies, in: session, isToken: publicIsToken),
+                        record([(source.index, priv)] + privateCopies, in: session, isToken: privateIsToken))
+            } catch {
+                for (index, copy) in privateCopies {
+                    let member = session.group.members[index]
+                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                }
+                try? source.destroyObject(sourceSession, pub)
+                try? source.destroyObject(sourceSession, priv)
+                throw error
             }
-            privateCopies = privateCopies.filter { withPublic.contains($0.0) }
-            return (record([(plan.source.index, pub)] + publicCopies, in: session, isToken: publicIsToken),
-                    record([(plan.source.index, priv)] + privateCopies, in: session, isToken: privateIsToken))
-        } catch {
-            for (index, copy) in privateCopies {
-                let member = session.group.members[index]
-                if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
-            }
-            try? plan.source.destroyObject(sourceSession, pub)
-            try? plan.source.destroyObject(sourceSession, priv)
-            throw error
         }
     }
 
@@ -79,10 +81,11 @@ extension Runtime {
         let wrapping = try copies(of: wrappingKey, in: group, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
         let wrapped = try copies(of: key, in: group, invalid: .keyHandleInvalid)
         let both = zip(wrapping, wrapped).map { $0 != nil && $1 != nil ? $0 : nil }
-        let member = try group.pick(holding: both)
-        member.served.add(1, ordering: .relaxed)
-        return try member.wrapKey(try session.memberSession(member), mechanism, wrappingKey: wrapping[member.index]!,
-                                  key: wrapped[member.index]!, capacity: capacity)
+        return try onOneMember(group, holding: both) { (member) throws(P11Error) in
+            member.served.add(1, ordering: .relaxed)
+            return try member.wrapKey(try session.memberSession(member), mechanism, wrappingKey: wrapping[member.index]!,
+                                      key: wrapped[member.index]!, capacity: capacity)
+        }
     }
 
     /// Unwrapping is deterministic: it is replayed on every member that holds the unwrapping key.

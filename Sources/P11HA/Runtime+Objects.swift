@@ -32,33 +32,44 @@ extension Runtime {
         let destroyed = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
             try member.destroyObject(s, copy)
         }
-        group.objects.withLock { table in
-            for (index, _) in destroyed { table.removeCopy(object, member: index) }
+        let isToken = group.objects.withLock { table in
+            defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
+            return table[object]?.owner == nil
         }
+        if isToken { journalWrite(session, on: destroyed.map(\.0)) }
     }
 
     public func objectSize(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
         let session = try session(handle)
-        let (member, copy) = try primaryCopy(of: object, in: session.group)
-        return try member.objectSize(try session.memberSession(member), copy)
+        return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in try member.objectSize(s, copy) }
     }
 
     /// Attribute values as the member holding the first copy answers them, with its own return value.
     public func attributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
                                 _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let session = try session(handle)
-        let (member, copy) = try primaryCopy(of: object, in: session.group)
-        let result = member.attributeValues(try session.memberSession(member), copy, queries)
-        if P11Error(result.rv).isMemberFault { throw P11Error(result.rv) }
-        return result
+        return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            let result = member.attributeValues(s, copy, queries)
+            if P11Error.member(result.rv).isMemberFault { throw P11Error.member(result.rv) }
+            return result
+        }
     }
 
     public func setAttributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) {
         let session = try session(handle)
-        let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
-        _ = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+        let group = session.group
+        let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
+        let isToken = group.objects.withLock { $0[object]?.owner == nil }
+        // The identity before the change, so that a member that misses it can apply it on its return.
+        let before = isToken ? try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            ObjectIdentity(values: try member.readAttributes(s, copy, ObjectIdentity.attributeTypes))
+        } : nil
+        let changed = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
             try member.setAttributeValues(s, copy, template)
         }
+        guard let before else { return }
+        group.objects.withLock { $0.replaceIdentity(object, nil) }
+        journalWrite(session, on: changed.map(\.0), change: (before.template, template))
     }
 
     // MARK: search
@@ -70,7 +81,7 @@ extension Runtime {
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [CK_OBJECT_HANDLE] = []
         var seen = Set<CK_OBJECT_HANDLE>()
-        let found = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+        let found = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
             return (s, try member.findObjects(s, template))
         }
@@ -87,7 +98,7 @@ extension Runtime {
                             ?? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
                     }
                 }
-                if let object, !group.isReplicationKey(object), seen.insert(object).inserted { results.append(object) }
+                if let object, !group.isInfrastructure(object), seen.insert(object).inserted { results.append(object) }
             }
         }
         session.state.withLock { $0.search = VirtualSession.Search(results: results) }
@@ -121,14 +132,14 @@ extension Runtime {
         return record.copies
     }
 
-    /// The first member in service with a copy: attribute reads come from one member so that a two-call
-    /// size query and its read agree.
-    func primaryCopy(of object: CK_OBJECT_HANDLE, in group: Group) throws(P11Error) -> (Member, CK_OBJECT_HANDLE) {
-        let copies = try copies(of: object, in: group, invalid: .objectHandleInvalid)
-        for member in group.members where member.isInService {
-            if let copy = copies[member.index] { return (member, copy) }
+    /// Runs a read on the first member in service with a copy (so that a two-call length query and its read
+    /// agree), moving to the next one on a member fault.
+    func onPrimaryCopy<T>(of object: CK_OBJECT_HANDLE, in session: VirtualSession,
+                          _ read: (Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) throws(P11Error) -> T) throws(P11Error) -> T {
+        let copies = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
+        return try onOneMember(session.group, holding: copies, choice: .first) { (member) throws(P11Error) in
+            try read(member, try session.memberSession(member), copies[member.index]!)
         }
-        throw P11Error.deviceError
     }
 
     /// Runs a write on every member in service that holds a copy of an object, with that member's copy.
@@ -141,9 +152,10 @@ extension Runtime {
         }
     }
 
-    /// Records newly made copies (by member index) as one virtual object.
+    /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
     func record(_ made: [(Int, CK_OBJECT_HANDLE)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
         let group = session.group
+        if isToken { journalWrite(session, on: made.map(\.0)) }
         var copies = [CK_OBJECT_HANDLE?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         return group.objects.withLock {
@@ -152,8 +164,9 @@ extension Runtime {
     }
 
     func isTokenObject(_ object: CK_OBJECT_HANDLE, in session: VirtualSession) throws(P11Error) -> Bool {
-        let (member, copy) = try primaryCopy(of: object, in: session.group)
-        let values = try member.readAttributes(try session.memberSession(member), copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
+        let values = try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            try member.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
+        }
         return values[0]?.first.map { $0 != 0 } ?? false
     }
 }

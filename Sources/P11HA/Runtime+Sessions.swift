@@ -10,7 +10,7 @@ extension Runtime {
             throw P11Error(CK_RV(CKR_SESSION_READ_WRITE_SO_EXISTS))
         }
         var memberSessions = [CK_SESSION_HANDLE?](repeating: nil, count: group.members.count)
-        let opened = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+        let opened = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             try member.openSession(readWrite: readWrite)
         } undo: { member, handle in
             member.closeSession(handle)
@@ -75,6 +75,7 @@ extension Runtime {
         let group = session.group
         if userType == CK_USER_TYPE(CKU_CONTEXT_SPECIFIC) {
             // Re-authentication for a key with CKA_ALWAYS_AUTHENTICATE: on the member running the operation.
+            // Not replayable elsewhere: the authentication belongs to that member's operation.
             let running = session.state.withLock { $0.operations.compactMap { $0 }.first }
             guard let running else { throw P11Error.operationNotInitialized }
             let member = group.members[running.member]
@@ -87,7 +88,7 @@ extension Runtime {
         if let current = group.login.withLock({ $0.userType }) {
             throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
         }
-        _ = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+        _ = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             do throws(P11Error) {
                 try member.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
             } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
@@ -129,13 +130,14 @@ extension Runtime {
         }
     }
 
-    /// Runs `write` on each of `targets` in turn: the one way p11ha changes state on several members.
+    /// Runs `write` on each of `targets` in turn: the one way p11ha acts on several members.
     /// - A caller's error on the first member returns at once, with nothing changed anywhere.
     /// - A caller's error on a later member (the members disagree) undoes the write where it succeeded,
     ///   and returns that error: the group never holds an object some members refused.
-    /// - A member fault takes that member out of service, marked stale; the others go on. The write
-    ///   succeeds when it holds on every member still in service.
-    func everyMember<T>(of group: Group, _ targets: [Member],
+    /// - A member fault takes that member out of service (`onFault`: stale when it missed a write to the
+    ///   token, failed otherwise); the others go on. The write succeeds when it holds on every member
+    ///   still in service.
+    func everyMember<T>(of group: Group, _ targets: [Member], onFault: Health = .stale,
                         _ write: (Member) throws(P11Error) -> T,
                         undo: (Member, T) -> Void = { _, _ in }) throws(P11Error) -> [(Int, T)] {
         var done: [(Int, T)] = []
@@ -144,7 +146,11 @@ extension Runtime {
             do {
                 done.append((member.index, try write(member)))
             } catch where error.isMemberFault {
-                member.leaveService(.stale, reason: "write failed: \(error)")
+                if onFault == .stale {
+                    if member.leaveService(.stale, reason: "missed a write: \(error)") { recovery.wake() }
+                } else {
+                    fail(member, error)
+                }
                 fault = error
             } catch {
                 for (index, value) in done { undo(group.members[index], value) }

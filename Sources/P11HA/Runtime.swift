@@ -63,6 +63,13 @@ public enum Library {
     }
 }
 
+/// A member's name in logs and reports: its token's label, with the remote address when it has one.
+private func memberName(_ config: MemberConfig, module: LoadedModule, slot: CK_SLOT_ID, in group: GroupConfig) -> String {
+    var info = CK_TOKEN_INFO()
+    let label = module.f.C_GetTokenInfo!(slot, &info) == CKR_OK ? fieldString(info.label) : config.displayURI
+    return config.via.map { "\(label)@\($0)" } ?? label
+}
+
 /// The groups and sessions of one C_Initialize.
 public final class Runtime: @unchecked Sendable {
     public let config: Config
@@ -70,11 +77,14 @@ public final class Runtime: @unchecked Sendable {
     let sessions = Mutex<[CK_SESSION_HANDLE: VirtualSession]>([:])
     private let nextSession = Atomic<UInt>(1)
     private let modules: [LoadedModule]
+    let recovery: RecoveryWorker
 
     private init(config: Config, groups: [Group], modules: [LoadedModule]) {
         self.config = config
         self.groups = groups
         self.modules = modules
+        self.recovery = RecoveryWorker(interval: config.recoveryInterval)
+        recovery.attach(self)
     }
 
     public struct StartError: Error, CustomStringConvertible {
@@ -98,7 +108,8 @@ public final class Runtime: @unchecked Sendable {
                 let module: LoadedModule
                 let slot: CK_SLOT_ID
                 do {
-                    module = try ModuleRegistry.acquire(path: memberConfig.uri.modulePath, afterFork: afterFork)
+                    module = try ModuleRegistry.acquire(path: memberConfig.uri.modulePath, address: memberConfig.via,
+                                                        afterFork: afterFork)
                 } catch {
                     throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
                 }
@@ -122,9 +133,11 @@ public final class Runtime: @unchecked Sendable {
                     }
                     ownPIN = pin
                 }
-                members.append(Member(index: index, config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN))
+                members.append(Member(index: index, name: memberName(memberConfig, module: module, slot: slot, in: groupConfig),
+                                      config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN))
             }
-            groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members))
+            groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
+                                lockDirectory: config.lockDirectory))
         }
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
@@ -134,6 +147,7 @@ public final class Runtime: @unchecked Sendable {
 
     /// Closes every session and releases the modules.
     public func shutdown() {
+        recovery.stop()
         let all = sessions.withLock { table in
             defer { table.removeAll() }
             return Array(table.values)
@@ -162,16 +176,18 @@ public final class Runtime: @unchecked Sendable {
 
     func closeMemberSessions(_ session: VirtualSession) {
         session.endAllOperations()
-        let handles = session.state.withLock { state in
+        let (handles, retired) = session.state.withLock { state in
             defer {
                 state.closed = true
                 state.memberSessions = state.memberSessions.map { _ in nil }
+                state.retired = []
             }
-            return state.memberSessions
+            return (state.memberSessions, state.retired)
         }
         for (index, handle) in handles.enumerated() {
             if let handle { session.group.members[index].closeSession(handle) }
         }
+        for (index, handle) in retired { session.group.members[index].closeSession(handle) }
     }
 
     /// Per-member figures for operators and tests.

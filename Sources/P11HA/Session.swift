@@ -10,10 +10,17 @@ public final class VirtualSession: @unchecked Sendable {
 
     /// An operation in progress: which member runs it, and how to start it again elsewhere.
     struct Operation {
-        let member: Int
+        var member: Int
+        /// The member's failure count when the operation started there: if it has failed since, replay.
+        var epoch: Int
         let mechanism: Mechanism
-        /// The virtual key handle (0 for digest).
-        let key: CK_OBJECT_HANDLE
+        /// The virtual key handle (nil for digest).
+        let key: CK_OBJECT_HANDLE?
+        /// The updates so far, to replay on a peer if the member fails mid-operation.
+        var parts: [[UInt8]] = []
+        var bufferedBytes = 0
+        /// False once the updates outgrew the replay buffer: a member fault then ends the operation.
+        var replayable = true
     }
 
     struct Search {
@@ -27,6 +34,9 @@ public final class VirtualSession: @unchecked Sendable {
         var operations = [Operation?](repeating: nil, count: OperationKind.allCases.count)
         var search: Search?
         var closed = false
+        /// Member sessions replaced after their member returned: closed with this session, never earlier,
+        /// since a call may still be using one.
+        var retired: [(member: Int, session: CK_SESSION_HANDLE)] = []
     }
 
     init(handle: CK_SESSION_HANDLE, group: Group, readWrite: Bool, memberSessions: [CK_SESSION_HANDLE?]) {
@@ -45,6 +55,25 @@ public final class VirtualSession: @unchecked Sendable {
     func operation(_ kind: OperationKind) throws(P11Error) -> Operation {
         guard let op = state.withLock({ $0.operations[kind.rawValue] }) else { throw P11Error.operationNotInitialized }
         return op
+    }
+
+    func setOperation(_ kind: OperationKind, _ op: Operation?) {
+        state.withLock { $0.operations[kind.rawValue] = op }
+    }
+
+    /// Keeps an update for replay, within `limit` bytes for the whole operation.
+    func recordPart(_ kind: OperationKind, _ part: [UInt8], limit: Int) {
+        state.withLock { state in
+            guard var op = state.operations[kind.rawValue], op.replayable else { return }
+            if op.bufferedBytes + part.count > limit {
+                op.replayable = false
+                op.parts = []
+            } else {
+                op.parts.append(part)
+                op.bufferedBytes += part.count
+            }
+            state.operations[kind.rawValue] = op
+        }
     }
 
     /// Ends the operation of `kind`, releasing its member's load.

@@ -38,6 +38,9 @@ struct SyncIdentity: Hashable, CustomStringConvertible {
     static let types: [CK_ATTRIBUTE_TYPE] = [CKA_CLASS, CKA_KEY_TYPE, CKA_CERTIFICATE_TYPE, CKA_ID, CKA_LABEL]
     let values: [[UInt8]?]
 
+    /// p11ha's own journal object: each member keeps its own, never copied.
+    var isJournal: Bool { objectClass == CKO_DATA && values[4] == Array(Journal.label.utf8) }
+
     var objectClass: CK_OBJECT_CLASS { values[0].flatMap { Attribute(0, $0).ulongValue } ?? CK_OBJECT_CLASS.max }
 
     var description: String {
@@ -127,11 +130,12 @@ extension Runtime {
         return report
     }
 
-    private func inventory(_ member: Member, _ session: CK_SESSION_HANDLE,
+    func inventory(_ member: Member, _ session: CK_SESSION_HANDLE,
                            replicationKey: CK_OBJECT_HANDLE?) throws(P11Error) -> [Inventoried] {
         var result: [Inventoried] = []
         for handle in try member.findObjects(session, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
             let identity = SyncIdentity(values: try member.readAttributes(session, handle, SyncIdentity.types))
+            if identity.isJournal { continue }
             let facts = try member.readAttributes(session, handle, [CKA_EXTRACTABLE, CKA_MODULUS, CKA_EC_POINT, CKA_VALUE])
             let extractable = facts[0] == [1]
             var material = facts[1] ?? facts[2]
@@ -147,7 +151,7 @@ extension Runtime {
         return result
     }
 
-    private func copy(_ object: CK_OBJECT_HANDLE, from source: Member, _ sourceSession: CK_SESSION_HANDLE,
+    func copy(_ object: CK_OBJECT_HANDLE, from source: Member, _ sourceSession: CK_SESSION_HANDLE,
                       to target: Member, _ targetSession: CK_SESSION_HANDLE, wrapped: Bool,
                       replicationKeys: [Int: CK_OBJECT_HANDLE]) throws(P11Error) {
         if wrapped {

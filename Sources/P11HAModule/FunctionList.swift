@@ -122,3 +122,13 @@ public func p11ha_member_counters(_ slot: CK_SLOT_ID, _ served: UnsafeMutablePoi
         try fillList(figures.map { CK_ULONG($0.served) }, served, count)
     }
 }
+
+/// p11ha's extension: each member's health, in member order (0 in service, 1 failed, 2 stale, 3 recovering).
+/// Two-call convention on `count`.
+@_cdecl("p11ha_member_states")
+public func p11ha_member_states(_ slot: CK_SLOT_ID, _ states: UnsafeMutablePointer<CK_ULONG>?, _ count: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
+    entry { () throws(P11Error) in
+        let figures = try runtime().figures(slot: slot)
+        try fillList(figures.map { CK_ULONG($0.health.rawValue) }, states, count)
+    }
+}

@@ -1,0 +1,84 @@
+// Failover: a member's fault takes it out of service and the work goes to a peer, replayed where it was an
+// operation in progress. The caller's errors pass through untouched.
+import CInterop
+
+extension Runtime {
+    /// Takes a member that faulted out of service; the recovery worker will probe it.
+    func fail(_ member: Member, _ error: P11Error) {
+        let reason = error.timedOut ? "no answer within the operation-timeout" : "\(error)"
+        if member.leaveService(.failed, reason: reason) { recovery.wake() }
+    }
+
+    enum Choice { case scheduler, first }
+
+    /// Runs `body` on one member that holds `copies` (nil: any), moving to a peer on each member fault.
+    func onOneMember<T>(_ group: Group, holding copies: [CK_OBJECT_HANDLE?]? = nil, choice: Choice = .scheduler,
+                        _ body: (Member) throws(P11Error) -> T) throws(P11Error) -> T {
+        var excluded = Set<Int>()
+        while true {
+            let member = choice == .first ? try group.first(holding: copies, excluding: excluded)
+                                           : try group.pick(holding: copies, excluding: excluded)
+            do {
+                return try body(member)
+            } catch where error.isMemberFault {
+                fail(member, error)
+                excluded.insert(member.index)
+            }
+        }
+    }
+
+    /// Starts an operation on a member chosen by the scheduler and replays `parts` (its updates so far) there,
+    /// moving on at each member fault. Returns the member's index; its load counts the operation.
+    func startOperation(_ kind: OperationKind, _ session: VirtualSession, _ mechanism: Mechanism,
+                        key: CK_OBJECT_HANDLE?, replaying parts: [[UInt8]] = []) throws(P11Error) -> Int {
+        let group = session.group
+        let copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
+        var excluded = Set<Int>()
+        while true {
+            let member = try group.pick(holding: copies, excluding: excluded)
+            member.inFlight.add(1, ordering: .relaxed)
+            do {
+                let memberSession = try session.memberSession(member)
+                try member.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? 0)
+                for part in parts {
+                    if kind == .encrypt || kind == .decrypt {
+                        // The application already has these parts' output: the replay's is discarded.
+                        _ = try member.cipherUpdate(kind, memberSession, part, capacity: part.count + 1024)
+                    } else {
+                        try member.update(kind, memberSession, part)
+                    }
+                }
+                member.served.add(1, ordering: .relaxed)
+                return member.index
+            } catch where error.isMemberFault {
+                member.inFlight.subtract(1, ordering: .relaxed)
+                fail(member, error)
+                excluded.insert(member.index)
+            } catch {
+                member.inFlight.subtract(1, ordering: .relaxed)
+                throw error
+            }
+        }
+    }
+
+    /// The operation's member failed (or had already left service): start it again on a peer with its
+    /// updates so far. Past the replay buffer, or with no peer, the operation ends with a member fault.
+    func failover(_ kind: OperationKind, _ session: VirtualSession, _ op: VirtualSession.Operation,
+                  after error: P11Error?) throws(P11Error) -> VirtualSession.Operation {
+        let failed = session.group.members[op.member]
+        if let error { fail(failed, error) }
+        failed.inFlight.subtract(1, ordering: .relaxed)
+        session.setOperation(kind, nil)
+        guard op.replayable else {
+            Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")
+            throw P11Error.deviceError
+        }
+        let index = try startOperation(kind, session, op.mechanism, key: op.key, replaying: op.parts)
+        var moved = op
+        moved.member = index
+        moved.epoch = session.group.members[index].epoch.load(ordering: .acquiring)
+        session.setOperation(kind, moved)
+        Log.event(.info, "operation-replayed", "group=\(session.group.name) from=\(failed.name) to=\(session.group.members[index].name) parts=\(op.parts.count)")
+        return moved
+    }
+}

@@ -1,0 +1,186 @@
+// The journal on each member: the group's write generation and its recent attribute changes, kept on the
+// members themselves so that whichever process sees a member return knows what it missed.
+import CInterop
+import Glibc
+
+public struct Journal: Equatable, Sendable {
+    /// Counts the writes to token objects the member has received; members at the highest count are up to date.
+    public var generation: UInt64 = 0
+    /// Recent attribute changes (renames above all), to apply to a returning member's copies before comparing.
+    public var changes: [Change] = []
+
+    public struct Change: Equatable, Sendable {
+        public let generation: UInt64
+        /// The object's identity before the change.
+        public let identity: [Attribute]
+        public let template: [Attribute]
+    }
+
+    static let label = "p11ha journal"
+    static let application = "p11ha"
+    static let keptChanges = 128
+
+    static var searchTemplate: [Attribute] {
+        [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))]
+    }
+
+    func encoded() -> [UInt8] {
+        var text = "p11ha-journal 1 \(generation)\n"
+        for change in changes {
+            text += "\(change.generation) \(hexEncode(encode(change.identity))) \(hexEncode(encode(change.template)))\n"
+        }
+        return Array(text.utf8)
+    }
+
+    init() {}
+
+    init?(decoding bytes: [UInt8]) {
+        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+        guard let head = lines.first?.split(separator: " "), head.count == 3, head[0] == "p11ha-journal", head[1] == "1",
+              let generation = UInt64(head[2]) else { return nil }
+        self.generation = generation
+        for line in lines.dropFirst() {
+            let fields = line.split(separator: " ")
+            guard fields.count == 3, let g = UInt64(fields[0]), let identity = hexDecode(fields[1]).flatMap(decode),
+                  let template = hexDecode(fields[2]).flatMap(decode) else { return nil }
+            changes.append(Change(generation: g, identity: identity, template: template))
+        }
+    }
+}
+
+private func encode(_ attributes: [Attribute]) -> [UInt8] {
+    var out: [UInt8] = []
+    for a in attributes {
+        out += withUnsafeBytes(of: UInt64(a.type).bigEndian) { Array($0) }
+        out += withUnsafeBytes(of: UInt32(a.value.count).bigEndian) { Array($0) }
+        out += a.value
+    }
+    return out
+}
+
+private func decode(_ bytes: [UInt8]) -> [Attribute]? {
+    var result: [Attribute] = []
+    var i = 0
+    while i < bytes.count {
+        guard i + 12 <= bytes.count else { return nil }
+        let type = bytes[i..<i + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let length = Int(bytes[i + 8..<i + 12].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        i += 12
+        guard i + length <= bytes.count else { return nil }
+        result.append(Attribute(CK_ATTRIBUTE_TYPE(type), Array(bytes[i..<i + length])))
+        i += length
+    }
+    return result
+}
+
+func hexEncode(_ bytes: [UInt8]) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count * 2)
+    for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+    return String(decoding: out.isEmpty ? Array("-".utf8) : out, as: UTF8.self)
+}
+
+func hexDecode(_ text: Substring) -> [UInt8]? {
+    if text == "-" { return [] }
+    let chars = Array(text.utf8)
+    guard chars.count % 2 == 0 else { return nil }
+    func value(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 48...57: c - 48
+        case 97...102: c - 87
+        default: nil
+        }
+    }
+    var out: [UInt8] = []
+    var i = 0
+    while i < chars.count {
+        guard let hi = value(chars[i]), let lo = value(chars[i + 1]) else { return nil }
+        out.append(hi << 4 | lo)
+        i += 2
+    }
+    return out
+}
+
+extension Member {
+    /// Every journal object on the member with its content (normally one; two for a moment while it is replaced).
+    private func journals(_ session: CK_SESSION_HANDLE) throws(P11Error) -> [(CK_OBJECT_HANDLE, Journal)] {
+        var result: [(CK_OBJECT_HANDLE, Journal)] = []
+        for handle in try findObjects(session, Journal.searchTemplate) {
+            let bytes = try readAttributes(session, handle, [CKA_VALUE])[0] ?? []
+            result.append((handle, Journal(decoding: bytes) ?? Journal()))
+        }
+        return result
+    }
+
+    /// The member's journal; an empty one (generation 0) when it has none yet.
+    func readJournal(_ session: CK_SESSION_HANDLE) throws(P11Error) -> Journal {
+        try journals(session).map(\.1).max { $0.generation < $1.generation } ?? Journal()
+    }
+
+    /// Replaces the journal: the new one is created before the old one goes (SoftHSM refuses to change a data
+    /// object's CKA_VALUE), so a member always has one; an interruption leaves two, and the newer counts.
+    func writeJournal(_ session: CK_SESSION_HANDLE, _ journal: Journal) throws(P11Error) {
+        let old = try journals(session)
+        _ = try createObject(session, Journal.searchTemplate + [
+            Attribute(CKA_APPLICATION, Array(Journal.application.utf8)), Attribute(CKA_TOKEN, bool: true),
+            Attribute(CKA_PRIVATE, bool: true), Attribute(CKA_VALUE, journal.encoded()),
+        ])
+        for (handle, _) in old { try? destroyObject(session, handle) }
+    }
+}
+
+/// An exclusive lock shared by the processes of this host that use a group (nginx workers): held while a
+/// journal is updated or a member is brought up to date.
+struct HostLock {
+    let path: String
+
+    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o666)
+        if fd >= 0 {
+            fchmod(fd, 0o666)
+            flock(fd, LOCK_EX)
+        }
+        defer {
+            if fd >= 0 {
+                flock(fd, LOCK_UN)
+                close(fd)
+            }
+        }
+        return try body()
+    }
+}
+
+extension Runtime {
+    /// Records a write to token objects that succeeded on `members`: each gets the next generation (and the
+    /// change, for attribute changes). A member that cannot record it is marked stale.
+    func journalWrite(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
+        let group = session.group
+        group.hostLock.withLock {
+            var journals: [Int: Journal] = [:]
+            for index in members {
+                let member = group.members[index]
+                guard let s = try? session.memberSession(member) else { continue }
+                do throws(P11Error) { journals[index] = try member.readJournal(s) } catch { markStale(member, error) }
+            }
+            let next = (journals.values.map(\.generation).max() ?? 0) + 1
+            for (index, var journal) in journals {
+                let member = group.members[index]
+                journal.generation = next
+                if let change {
+                    journal.changes.append(Journal.Change(generation: next, identity: change.identity, template: change.template))
+                    journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
+                }
+                do throws(P11Error) { try member.writeJournal(try session.memberSession(member), journal) } catch { markStale(member, error) }
+            }
+            // A member that came into service while the write was under way did not get it.
+            for member in group.membersInService where !members.contains(member.index) {
+                if member.leaveService(.stale, reason: "missed a write made while it was returning") { recovery.wake() }
+            }
+        }
+    }
+
+    private func markStale(_ member: Member, _ error: P11Error) {
+        if member.leaveService(.stale, reason: "journal not updated: \(error)") { recovery.wake() }
+    }
+}

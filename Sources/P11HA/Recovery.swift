@@ -1,0 +1,221 @@
+// Recovery: a background worker probes members out of service; one that answers is logged in, brought up to
+// date from an up-to-date peer (its journal says what it missed), given back its sessions, and only then
+// returned to service.
+import CInterop
+import Glibc
+import Synchronization
+
+final class RecoveryWorker: @unchecked Sendable {
+    private let signal = Signal()
+    private let started = Atomic<Bool>(false)
+    private let stopped = Atomic<Bool>(false)
+    /// Held for a whole pass, so that shutdown never finalizes a module under a recovery.
+    let pass = Mutex(())
+    let interval: Duration
+    private weak var runtime: Runtime?
+
+    init(interval: Duration) { self.interval = interval }
+
+    func attach(_ runtime: Runtime) { self.runtime = runtime }
+
+    /// Asks for a pass now (starting the worker the first time a member fails).
+    func wake() {
+        if stopped.load(ordering: .acquiring) { return }
+        if !started.exchange(true, ordering: .acquiringAndReleasing) {
+            spawnThread { [self] in loop() }
+        }
+        signal.raise()
+    }
+
+    func stop() {
+        stopped.store(true, ordering: .releasing)
+        signal.raise()
+        pass.withLock { _ in }
+    }
+
+    private func loop() {
+        while !stopped.load(ordering: .acquiring) {
+            var pending = false
+            pass.withLock { _ in
+                guard !stopped.load(ordering: .acquiring), let runtime else { return }
+                pending = runtime.recoverMembers()
+            }
+            // A short pause after a wake-up lets a burst of failures settle; then probe every interval.
+            signal.wait(timeout: pending ? interval : nil)
+        }
+    }
+}
+
+extension Runtime {
+    /// One pass over every member out of service; returns whether any is still out.
+    func recoverMembers() -> Bool {
+        var pending = false
+        for group in groups {
+            for member in group.members where !member.isInService {
+                recover(member, in: group)
+                if !member.isInService { pending = true }
+            }
+        }
+        return pending
+    }
+
+    private func recover(_ member: Member, in group: Group) {
+        guard let restarted = probe(member) else { return }
+        let wasStale = member.health == .stale
+        member.setHealth(.recovering)
+        let outcome: String
+        do throws(P11Error) {
+            outcome = try group.hostLock.withLock { () throws(P11Error) -> String in try resynchronize(member, in: group) }
+        } catch {
+            member.setHealth(wasStale ? .stale : .failed)
+            Log.event(.warning, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
+            return
+        }
+        reattach(member, in: group, restarted: restarted)
+        member.history.withLock { $0.lastRecovery = wallClock() }
+        member.setHealth(.inService)
+        Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome)")
+    }
+
+    /// Whether the member answers again (restarting its module when it has to); nil while it does not.
+    /// Returns whether the module was restarted (its sessions and handles are then new).
+    private func probe(_ member: Member) -> Bool? {
+        do throws(P11Error) {
+            _ = try member.tokenInfo()
+            return false
+        } catch {
+            // A restarted member (CKR_CRYPTOKI_NOT_INITIALIZED) or a dead link: start its module afresh.
+            guard error.rv == CKR_CRYPTOKI_NOT_INITIALIZED || member.config.via != nil else { return nil }
+            guard ModuleRegistry.restart(member.module, exclusive: member.config.via != nil) else { return nil }
+            do {
+                try member.relocate()
+                _ = try member.tokenInfo()
+                return true
+            } catch {
+                return nil
+            }
+        }
+    }
+
+    /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
+    private func resynchronize(_ member: Member, in group: Group) throws(P11Error) -> String {
+        let peers = group.members.filter { $0.isInService && $0 !== member }
+        let session = try member.openSession(readWrite: true)
+        defer { member.closeSession(session) }
+        try logIn(member, session, group)
+        let journal = try member.readJournal(session)
+        guard !peers.isEmpty else { return "resynced=no reason=\"no member in service to compare with\"" }
+        // The up-to-date peer: the highest generation, active members first.
+        var best: (Member, CK_SESSION_HANDLE, Journal)? = nil
+        var opened: [(Member, CK_SESSION_HANDLE)] = []
+        defer { for (peer, s) in opened { peer.closeSession(s) } }
+        for peer in peers.sorted(by: { !$0.isStandby && $1.isStandby }) {
+            do throws(P11Error) {
+                let s = try peer.openSession(readWrite: false)
+                opened.append((peer, s))
+                try logIn(peer, s, group)
+                let j = try peer.readJournal(s)
+                if best == nil || j.generation > best!.2.generation { best = (peer, s, j) }
+            } catch where error.isMemberFault {
+                fail(peer, error)
+            }
+        }
+        guard let (source, sourceSession, sourceJournal) = best else { return "resynced=no reason=\"no peer answered\"" }
+        if journal.generation > sourceJournal.generation {
+            // It holds writes the others missed (made by another process while they were away): they catch up from it.
+            for peer in peers where peer.isInService {
+                if peer.leaveService(.stale, reason: "behind \(member.name) (generation \(journal.generation))") { recovery.wake() }
+            }
+            return "resynced=no reason=\"ahead of its peers\" generation=\(journal.generation)"
+        }
+        if journal.generation == sourceJournal.generation {
+            return "resynced=no reason=\"missed no write\" generation=\(journal.generation)"
+        }
+        var changed = 0
+        for change in sourceJournal.changes where change.generation > journal.generation {
+            for object in try member.findObjects(session, change.identity) {
+                if (try? member.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
+            }
+        }
+        let keyHere = try member.replicationKey(session)
+        let keyThere = try source.replicationKey(sourceSession)
+        let mine = try inventory(member, session, replicationKey: keyHere)
+        let theirs = try inventory(source, sourceSession, replicationKey: keyThere)
+        var copied = 0, destroyed = 0, uncopyable = 0
+        let theirMaterial = Dictionary(theirs.map { ($0.identity, $0.material) }, uniquingKeysWith: { a, _ in a })
+        for object in mine where theirMaterial[object.identity] == nil
+            || (theirMaterial[object.identity]! != nil && object.material != nil && theirMaterial[object.identity]! != object.material) {
+            // Destroyed while it was away (or a different key under the same name): it must not come back.
+            try member.destroyObject(session, object.handle)
+            destroyed += 1
+        }
+        let kept = Set(mine.filter { o in theirMaterial[o.identity].map { $0 == nil || o.material == nil || $0 == o.material } ?? false }.map(\.identity))
+        for object in theirs where !kept.contains(object.identity) {
+            let isKey = object.identity.objectClass == CKO_SECRET_KEY || object.identity.objectClass == CKO_PRIVATE_KEY
+            if isKey && (!object.extractable || keyHere == nil || keyThere == nil) {
+                uncopyable += 1
+                Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\"\(object.identity)\" reason=\"not extractable, or no replication key\"")
+                continue
+            }
+            let replicationKeys = [member.index: keyHere ?? 0, source.index: keyThere ?? 0]
+            try copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
+            copied += 1
+        }
+        try member.writeJournal(session, sourceJournal)
+        Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
+        return "resynced=yes generation=\(sourceJournal.generation)"
+    }
+
+    /// Logs a member in with its own PIN or the application's (kept since C_Login).
+    private func logIn(_ member: Member, _ session: CK_SESSION_HANDLE, _ group: Group) throws(P11Error) {
+        let pin = member.ownPIN ?? group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) ? $0.pin?.copy() : nil }
+        guard let pin else {
+            // Without a login the member's private objects and journal cannot be compared: wait for one.
+            throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN))
+        }
+        do throws(P11Error) {
+            try member.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+        } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
+    }
+
+    /// Gives every virtual session of the group a session on the returning member, and finds each object's
+    /// copy there again (handles change when a module restarts; objects may have been copied or destroyed).
+    private func reattach(_ member: Member, in group: Group, restarted: Bool) {
+        let virtualSessions = sessions.withLock { $0.values.filter { $0.group === group } }
+        for session in virtualSessions {
+            let fresh = try? member.openSession(readWrite: session.readWrite)
+            session.state.withLock { state in
+                // A restarted module's old handles mean nothing any more; others are closed with the session.
+                if let old = state.memberSessions[member.index], !restarted { state.retired.append((member.index, old)) }
+                state.memberSessions[member.index] = fresh
+            }
+        }
+        guard let probe = try? member.openSession(readWrite: false) else { return }
+        defer { member.closeSession(probe) }
+        let records = group.objects.withLock { $0.records }
+        for (handle, record) in records {
+            if record.owner != nil {
+                // Session objects died with the member's sessions.
+                group.objects.withLock { $0.setCopy(handle, member: member.index, copy: nil) }
+                continue
+            }
+            var identity = record.identity
+            if identity == nil {
+                for holder in group.members where holder.isInService && holder !== member {
+                    guard let copy = record.copies[holder.index], let s = try? holder.openSession(readWrite: false) else { continue }
+                    defer { holder.closeSession(s) }
+                    if let values = try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes) {
+                        identity = ObjectIdentity(values: values)
+                        break
+                    }
+                }
+            }
+            guard let identity else { continue }
+            let found = try? member.findObjects(probe, identity.template)
+            group.objects.withLock {
+                $0.setIdentity(handle, identity)
+                $0.setCopy(handle, member: member.index, copy: found?.first)
+            }
+        }
+    }
+}

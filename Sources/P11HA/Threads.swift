@@ -1,0 +1,88 @@
+// The few thread primitives p11ha needs without Foundation: a thread of its own and a wakeable wait.
+import Glibc
+import Synchronization
+
+/// Starts a detached thread running `body` with every signal blocked (a dead remote member's SIGPIPE,
+/// for one, must not reach the application through p11ha's threads).
+func spawnThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    var attributes = pthread_attr_t()
+    pthread_attr_init(&attributes)
+    pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+    var all = sigset_t()
+    var previous = sigset_t()
+    sigfillset(&all)
+    pthread_sigmask(SIG_SETMASK, &all, &previous)
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, &attributes, { raw in
+        let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
+        box.body()
+        return nil
+    }, context)
+    pthread_sigmask(SIG_SETMASK, &previous, nil)
+    pthread_attr_destroy(&attributes)
+    if rc != 0 { Unmanaged<AnyObject>.fromOpaque(context).release() }
+}
+
+/// A flag one thread waits on, with a deadline, and another raises.
+final class Signal: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var raised = false
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        condition.deallocate()
+    }
+
+    func raise() {
+        pthread_mutex_lock(mutex)
+        raised = true
+        pthread_cond_signal(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// Waits until raised or until `timeout` has passed (nil: forever); returns whether it was raised, and lowers it.
+    @discardableResult
+    func wait(timeout: Duration?) -> Bool {
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        if let timeout {
+            let (seconds, attoseconds) = timeout.components
+            let nanos = Int(deadline.tv_nsec) + Int(attoseconds / 1_000_000_000)
+            deadline.tv_sec += Int(seconds) + nanos / 1_000_000_000
+            deadline.tv_nsec = nanos % 1_000_000_000
+        }
+        pthread_mutex_lock(mutex)
+        while !raised {
+            if timeout == nil {
+                pthread_cond_wait(condition, mutex)
+            } else if pthread_cond_timedwait(condition, mutex, &deadline) == ETIMEDOUT {
+                break
+            }
+        }
+        let result = raised
+        raised = false
+        pthread_mutex_unlock(mutex)
+        return result
+    }
+}
+
+/// Monotonic time in nanoseconds.
+func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
