@@ -22,7 +22,10 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CInterop", path: "CInterop", pkgConfig: "p11-kit-1"),
         .target(name: "P11HA", dependencies: ["CInterop"], swiftSettings: leanRuntime),
-        .target(name: "P11HAModule", dependencies: ["P11HA", "CInterop"], swiftSettings: leanRuntime),
+        // -z nodelete: p11ha's threads (deadlines, recovery) may outlive C_Finalize, blocked in a member that
+        // never answers; an application's dlclose must not unmap the code they will return to.
+        .target(name: "P11HAModule", dependencies: ["P11HA", "CInterop"], swiftSettings: leanRuntime,
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-z", "-Xlinker", "nodelete"])]),
         .executableTarget(
             name: "p11hactl",
             dependencies: ["P11HA", .product(name: "ArgumentParser", package: "swift-argument-parser")]),

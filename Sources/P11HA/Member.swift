@@ -46,6 +46,9 @@ public final class Member: @unchecked Sendable {
     private let healthValue = Atomic<UInt8>(Health.inService.rawValue)
     /// The member's own PIN from its URI (pin-value or pin-source), if any.
     let ownPIN: Secret?
+    /// The operation-timeout: nil runs calls on the caller's thread, with no deadline.
+    let deadline: Duration?
+    let executor = Executor()
 
     public let name: String
     public var isStandby: Bool { config.standby }
@@ -54,7 +57,9 @@ public final class Member: @unchecked Sendable {
     public var health: Health { Health(rawValue: healthValue.load(ordering: .acquiring)) ?? .failed }
     public var isInService: Bool { health == .inService }
 
-    init(index: Int, name: String, config: MemberConfig, module: LoadedModule, slotID: CK_SLOT_ID, ownPIN: Secret?) {
+    init(index: Int, name: String, config: MemberConfig, module: LoadedModule, slotID: CK_SLOT_ID, ownPIN: Secret?,
+         deadline: Duration?) {
+        self.deadline = deadline
         self.index = index
         self.name = name
         self.config = config
@@ -98,7 +103,18 @@ public final class Member: @unchecked Sendable {
 
     var f: CK_FUNCTION_LIST { module.f }
 
-    /// Every call into the module goes through here: the single place for deadlines and signal masking.
+    /// Runs one member method (the calls it makes into the module, and the memory they use) on the member's
+    /// executor within the operation-timeout; past it, the caller gets a member fault and the work goes on
+    /// without it. Every public method of Member goes through here.
+    func guarded<T>(_ work: @escaping () throws(P11Error) -> T) throws(P11Error) -> T {
+        guard let timeout = deadline else { return try work() }
+        guard let result = executor.run(timeout: timeout, { () -> Result<T, P11Error> in
+            Result { () throws(P11Error) -> T in try work() }
+        }) else { throw P11Error.deadlineExceeded }
+        return try result.get()
+    }
+
+    /// Every call into the module goes through here (inside `guarded`).
     @inline(__always)
     func call(_ body: () -> CK_RV) throws(P11Error) {
         let rv = body()
@@ -136,67 +152,83 @@ public final class Member: @unchecked Sendable {
     // MARK: slot, token, mechanisms
 
     public func tokenInfo() throws(P11Error) -> CK_TOKEN_INFO {
-        var info = CK_TOKEN_INFO()
-        try call { f.C_GetTokenInfo!(slotID, &info) }
-        return info
+        try guarded { [self] () throws(P11Error) in
+            var info = CK_TOKEN_INFO()
+            try call { f.C_GetTokenInfo!(slotID, &info) }
+            return info
+        }
     }
 
     public func mechanismList() throws(P11Error) -> [CK_MECHANISM_TYPE] {
-        var count: CK_ULONG = 0
-        try call { f.C_GetMechanismList!(slotID, nil, &count) }
-        var list = [CK_MECHANISM_TYPE](repeating: 0, count: Int(count))
-        try call { f.C_GetMechanismList!(slotID, &list, &count) }
-        return Array(list.prefix(Int(count)))
+        try guarded { [self] () throws(P11Error) in
+            var count: CK_ULONG = 0
+            try call { f.C_GetMechanismList!(slotID, nil, &count) }
+            var list = [CK_MECHANISM_TYPE](repeating: 0, count: Int(count))
+            try call { f.C_GetMechanismList!(slotID, &list, &count) }
+            return Array(list.prefix(Int(count)))
+        }
     }
 
     public func mechanismInfo(_ type: CK_MECHANISM_TYPE) throws(P11Error) -> CK_MECHANISM_INFO {
-        var info = CK_MECHANISM_INFO()
-        try call { f.C_GetMechanismInfo!(slotID, type, &info) }
-        return info
+        try guarded { [self] () throws(P11Error) in
+            var info = CK_MECHANISM_INFO()
+            try call { f.C_GetMechanismInfo!(slotID, type, &info) }
+            return info
+        }
     }
 
     // MARK: sessions and login
 
     public func openSession(readWrite: Bool) throws(P11Error) -> CK_SESSION_HANDLE {
-        var flags = CK_FLAGS(CKF_SERIAL_SESSION)
-        if readWrite { flags |= CK_FLAGS(CKF_RW_SESSION) }
-        var handle: CK_SESSION_HANDLE = 0
-        try call { f.C_OpenSession!(slotID, flags, nil, nil, &handle) }
-        return handle
+        try guarded { [self] () throws(P11Error) in
+            var flags = CK_FLAGS(CKF_SERIAL_SESSION)
+            if readWrite { flags |= CK_FLAGS(CKF_RW_SESSION) }
+            var handle: CK_SESSION_HANDLE = 0
+            try call { f.C_OpenSession!(slotID, flags, nil, nil, &handle) }
+            return handle
+        }
     }
 
     public func closeSession(_ session: CK_SESSION_HANDLE) {
-        _ = f.C_CloseSession!(session)
+        _ = try? guarded { [self] () throws(P11Error) in _ = f.C_CloseSession!(session) }
     }
 
     public func login(_ session: CK_SESSION_HANDLE, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
-        if let pin {
-            try pin.withBytes { (bytes) throws(P11Error) in
-                let base = UnsafeMutablePointer(mutating: bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-                try call { f.C_Login!(session, userType, base, CK_ULONG(bytes.count)) }
+        try guarded { [self] () throws(P11Error) in
+            if let pin {
+                try pin.withBytes { (bytes) throws(P11Error) in
+                    let base = UnsafeMutablePointer(mutating: bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+                    try call { f.C_Login!(session, userType, base, CK_ULONG(bytes.count)) }
+                }
+            } else {
+                try call { f.C_Login!(session, userType, nil, 0) }
             }
-        } else {
-            try call { f.C_Login!(session, userType, nil, 0) }
         }
     }
 
     public func logout(_ session: CK_SESSION_HANDLE) throws(P11Error) {
-        try call { f.C_Logout!(session) }
+        try guarded { [self] () throws(P11Error) in
+            try call { f.C_Logout!(session) }
+        }
     }
 
     public func initPIN(_ session: CK_SESSION_HANDLE, pin: Secret) throws(P11Error) {
-        try pin.withBytes { (bytes) throws(P11Error) in
-            let base = UnsafeMutablePointer(mutating: bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-            try call { f.C_InitPIN!(session, base, CK_ULONG(bytes.count)) }
+        try guarded { [self] () throws(P11Error) in
+            try pin.withBytes { (bytes) throws(P11Error) in
+                let base = UnsafeMutablePointer(mutating: bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+                try call { f.C_InitPIN!(session, base, CK_ULONG(bytes.count)) }
+            }
         }
     }
 
     public func setPIN(_ session: CK_SESSION_HANDLE, old: Secret, new: Secret) throws(P11Error) {
-        try old.withBytes { (o) throws(P11Error) in
-            try new.withBytes { (n) throws(P11Error) in
-                let op = UnsafeMutablePointer(mutating: o.baseAddress?.assumingMemoryBound(to: UInt8.self))
-                let np = UnsafeMutablePointer(mutating: n.baseAddress?.assumingMemoryBound(to: UInt8.self))
-                try call { f.C_SetPIN!(session, op, CK_ULONG(o.count), np, CK_ULONG(n.count)) }
+        try guarded { [self] () throws(P11Error) in
+            try old.withBytes { (o) throws(P11Error) in
+                try new.withBytes { (n) throws(P11Error) in
+                    let op = UnsafeMutablePointer(mutating: o.baseAddress?.assumingMemoryBound(to: UInt8.self))
+                    let np = UnsafeMutablePointer(mutating: n.baseAddress?.assumingMemoryBound(to: UInt8.self))
+                    try call { f.C_SetPIN!(session, op, CK_ULONG(o.count), np, CK_ULONG(n.count)) }
+                }
             }
         }
     }
@@ -204,32 +236,45 @@ public final class Member: @unchecked Sendable {
     // MARK: objects
 
     public func createObject(_ session: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
-        var handle: CK_OBJECT_HANDLE = 0
-        try call { withCTemplate(template) { f.C_CreateObject!(session, $0, $1, &handle) } }
-        return handle
+        try guarded { [self] () throws(P11Error) in
+            var handle: CK_OBJECT_HANDLE = 0
+            try call { withCTemplate(template) { f.C_CreateObject!(session, $0, $1, &handle) } }
+            return handle
+        }
     }
 
     public func copyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
-        var handle: CK_OBJECT_HANDLE = 0
-        try call { withCTemplate(template) { f.C_CopyObject!(session, object, $0, $1, &handle) } }
-        return handle
+        try guarded { [self] () throws(P11Error) in
+            var handle: CK_OBJECT_HANDLE = 0
+            try call { withCTemplate(template) { f.C_CopyObject!(session, object, $0, $1, &handle) } }
+            return handle
+        }
     }
 
     public func destroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) {
-        try call { f.C_DestroyObject!(session, object) }
+        try guarded { [self] () throws(P11Error) in
+            try call { f.C_DestroyObject!(session, object) }
+        }
     }
 
     public func objectSize(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
-        var size: CK_ULONG = 0
-        try call { f.C_GetObjectSize!(session, object, &size) }
-        return size
+        try guarded { [self] () throws(P11Error) in
+            var size: CK_ULONG = 0
+            try call { f.C_GetObjectSize!(session, object, &size) }
+            return size
+        }
     }
 
     /// C_GetAttributeValue with the member's own answer per attribute. The return value is the member's,
     /// including CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID and CKR_BUFFER_TOO_SMALL, which
     /// still fill the other attributes.
     public func attributeValues(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
-                                _ queries: [AttributeQuery]) -> (rv: CK_RV, answers: [AttributeAnswer]) {
+                                _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
+        try guarded { [self] () throws(P11Error) in rawAttributeValues(session, object, queries) }
+    }
+
+    private func rawAttributeValues(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
+                                    _ queries: [AttributeQuery]) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let total = queries.reduce(0) { $0 + ($1.capacity ?? 0) }
         let storage = UnsafeMutableRawPointer.allocate(byteCount: max(total, 1), alignment: 16)
         defer {
@@ -260,12 +305,12 @@ public final class Member: @unchecked Sendable {
     /// The values of attributes that are not sensitive (identity, class), or nil for each one refused.
     public func readAttributes(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
                                _ types: [CK_ATTRIBUTE_TYPE]) throws(P11Error) -> [[UInt8]?] {
-        let sizes = attributeValues(session, object, types.map { AttributeQuery($0, capacity: nil) })
+        let sizes = try attributeValues(session, object, types.map { AttributeQuery($0, capacity: nil) })
         if sizes.rv != CKR_OK && !Self.partialAnswers.contains(sizes.rv) { throw P11Error.member(sizes.rv) }
         let queries = zip(types, sizes.answers).map { type, answer in
             AttributeQuery(type, capacity: answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? 0 : Int(answer.length))
         }
-        let values = attributeValues(session, object, queries)
+        let values = try attributeValues(session, object, queries)
         if values.rv != CKR_OK && !Self.partialAnswers.contains(values.rv) { throw P11Error.member(values.rv) }
         return zip(sizes.answers, values.answers).map { size, answer in
             size.length == CK_UNAVAILABLE_INFORMATION_VALUE ? nil : (answer.value ?? [])
@@ -277,104 +322,124 @@ public final class Member: @unchecked Sendable {
     ]
 
     public func setAttributeValues(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) {
-        try call { withCTemplate(template) { f.C_SetAttributeValue!(session, object, $0, $1) } }
+        try guarded { [self] () throws(P11Error) in
+            try call { withCTemplate(template) { f.C_SetAttributeValue!(session, object, $0, $1) } }
+        }
     }
 
     /// A whole search: init, every match, final.
     public func findObjects(_ session: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) -> [CK_OBJECT_HANDLE] {
-        try call { withCTemplate(template) { f.C_FindObjectsInit!(session, $0, $1) } }
-        var found: [CK_OBJECT_HANDLE] = []
-        var batch = [CK_OBJECT_HANDLE](repeating: 0, count: 64)
-        while true {
-            var count: CK_ULONG = 0
-            do {
-                try call { f.C_FindObjects!(session, &batch, CK_ULONG(batch.count), &count) }
-            } catch {
-                _ = f.C_FindObjectsFinal!(session)
-                throw error
+        try guarded { [self] () throws(P11Error) in
+            try call { withCTemplate(template) { f.C_FindObjectsInit!(session, $0, $1) } }
+            var found: [CK_OBJECT_HANDLE] = []
+            var batch = [CK_OBJECT_HANDLE](repeating: 0, count: 64)
+            while true {
+                var count: CK_ULONG = 0
+                do throws(P11Error) {
+                    try call { f.C_FindObjects!(session, &batch, CK_ULONG(batch.count), &count) }
+                } catch {
+                    _ = f.C_FindObjectsFinal!(session)
+                    throw error
+                }
+                found.append(contentsOf: batch.prefix(Int(count)))
+                if Int(count) < batch.count { break }
             }
-            found.append(contentsOf: batch.prefix(Int(count)))
-            if Int(count) < batch.count { break }
+            try call { f.C_FindObjectsFinal!(session) }
+            return found
         }
-        try call { f.C_FindObjectsFinal!(session) }
-        return found
     }
 
     // MARK: keys
 
     public func generateKey(_ session: CK_SESSION_HANDLE, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
-        var handle: CK_OBJECT_HANDLE = 0
-        try call { withCMechanism(mechanism) { m in withCTemplate(template) { f.C_GenerateKey!(session, m, $0, $1, &handle) } } }
-        return handle
+        try guarded { [self] () throws(P11Error) in
+            var handle: CK_OBJECT_HANDLE = 0
+            try call { withCMechanism(mechanism) { m in withCTemplate(template) { f.C_GenerateKey!(session, m, $0, $1, &handle) } } }
+            return handle
+        }
     }
 
     public func generateKeyPair(_ session: CK_SESSION_HANDLE, _ mechanism: Mechanism, publicTemplate: [Attribute],
                                 privateTemplate: [Attribute]) throws(P11Error) -> (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
-        var pub: CK_OBJECT_HANDLE = 0
-        var priv: CK_OBJECT_HANDLE = 0
-        try call {
-            withCMechanism(mechanism) { m in
-                withCTemplate(publicTemplate) { pt, pc in
-                    withCTemplate(privateTemplate) { f.C_GenerateKeyPair!(session, m, pt, pc, $0, $1, &pub, &priv) }
+        try guarded { [self] () throws(P11Error) in
+            var pub: CK_OBJECT_HANDLE = 0
+            var priv: CK_OBJECT_HANDLE = 0
+            try call {
+                withCMechanism(mechanism) { m in
+                    withCTemplate(publicTemplate) { pt, pc in
+                        withCTemplate(privateTemplate) { f.C_GenerateKeyPair!(session, m, pt, pc, $0, $1, &pub, &priv) }
+                    }
                 }
             }
+            return (pub, priv)
         }
-        return (pub, priv)
     }
 
     public func wrapKey(_ session: CK_SESSION_HANDLE, _ mechanism: Mechanism, wrappingKey: CK_OBJECT_HANDLE,
                         key: CK_OBJECT_HANDLE, capacity: Int?) throws(P11Error) -> Output {
-        try output(capacity) { out, len in
-            withCMechanism(mechanism) { f.C_WrapKey!(session, $0, wrappingKey, key, out, len) }
+        try guarded { [self] () throws(P11Error) in
+            try output(capacity) { out, len in
+                withCMechanism(mechanism) { f.C_WrapKey!(session, $0, wrappingKey, key, out, len) }
+            }
         }
     }
 
     public func unwrapKey(_ session: CK_SESSION_HANDLE, _ mechanism: Mechanism, unwrappingKey: CK_OBJECT_HANDLE,
                           wrapped: [UInt8], _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
-        var handle: CK_OBJECT_HANDLE = 0
-        var wrapped = wrapped
-        try call {
-            withCMechanism(mechanism) { m in
-                withCTemplate(template) { t, c in
-                    f.C_UnwrapKey!(session, m, unwrappingKey, &wrapped, CK_ULONG(wrapped.count), t, c, &handle)
+        try guarded { [self] () throws(P11Error) in
+            var handle: CK_OBJECT_HANDLE = 0
+            var wrapped = wrapped
+            try call {
+                withCMechanism(mechanism) { m in
+                    withCTemplate(template) { t, c in
+                        f.C_UnwrapKey!(session, m, unwrappingKey, &wrapped, CK_ULONG(wrapped.count), t, c, &handle)
+                    }
                 }
             }
+            return handle
         }
-        return handle
     }
 
     public func deriveKey(_ session: CK_SESSION_HANDLE, _ mechanism: Mechanism, baseKey: CK_OBJECT_HANDLE,
                           _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
-        var handle: CK_OBJECT_HANDLE = 0
-        try call { withCMechanism(mechanism) { m in withCTemplate(template) { f.C_DeriveKey!(session, m, baseKey, $0, $1, &handle) } } }
-        return handle
+        try guarded { [self] () throws(P11Error) in
+            var handle: CK_OBJECT_HANDLE = 0
+            try call { withCMechanism(mechanism) { m in withCTemplate(template) { f.C_DeriveKey!(session, m, baseKey, $0, $1, &handle) } } }
+            return handle
+        }
     }
 
     public func generateRandom(_ session: CK_SESSION_HANDLE, count: Int) throws(P11Error) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        try call { f.C_GenerateRandom!(session, &bytes, CK_ULONG(count)) }
-        return bytes
+        try guarded { [self] () throws(P11Error) in
+            var bytes = [UInt8](repeating: 0, count: count)
+            try call { f.C_GenerateRandom!(session, &bytes, CK_ULONG(count)) }
+            return bytes
+        }
     }
 
     public func seedRandom(_ session: CK_SESSION_HANDLE, _ seed: [UInt8]) throws(P11Error) {
-        var seed = seed
-        try call { f.C_SeedRandom!(session, &seed, CK_ULONG(seed.count)) }
+        try guarded { [self] () throws(P11Error) in
+            var seed = seed
+            try call { f.C_SeedRandom!(session, &seed, CK_ULONG(seed.count)) }
+        }
     }
 
     // MARK: cryptographic operations
 
     public func operationInit(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ mechanism: Mechanism,
                               key: CK_OBJECT_HANDLE) throws(P11Error) {
-        try call {
-            withCMechanism(mechanism) { m in
-                switch kind {
-                case .encrypt: f.C_EncryptInit!(session, m, key)
-                case .decrypt: f.C_DecryptInit!(session, m, key)
-                case .digest: f.C_DigestInit!(session, m)
-                case .sign: f.C_SignInit!(session, m, key)
-                case .verify: f.C_VerifyInit!(session, m, key)
-                case .signRecover: f.C_SignRecoverInit!(session, m, key)
-                case .verifyRecover: f.C_VerifyRecoverInit!(session, m, key)
+        try guarded { [self] () throws(P11Error) in
+            try call {
+                withCMechanism(mechanism) { m in
+                    switch kind {
+                    case .encrypt: f.C_EncryptInit!(session, m, key)
+                    case .decrypt: f.C_DecryptInit!(session, m, key)
+                    case .digest: f.C_DigestInit!(session, m)
+                    case .sign: f.C_SignInit!(session, m, key)
+                    case .verify: f.C_VerifyInit!(session, m, key)
+                    case .signRecover: f.C_SignRecoverInit!(session, m, key)
+                    case .verifyRecover: f.C_VerifyRecoverInit!(session, m, key)
+                    }
                 }
             }
         }
@@ -382,19 +447,21 @@ public final class Member: @unchecked Sendable {
 
     /// The single-part call of an operation that produces output (all kinds but verify).
     public func singlePart(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
-        var input = input
-        let inLen = CK_ULONG(input.count)
-        return try output(capacity) { out, len in
-            input.withUnsafeMutableBufferPointer { inp in
-                let i = inp.baseAddress
-                return switch kind {
-                case .encrypt: f.C_Encrypt!(session, i, inLen, out, len)
-                case .decrypt: f.C_Decrypt!(session, i, inLen, out, len)
-                case .digest: f.C_Digest!(session, i, inLen, out, len)
-                case .sign: f.C_Sign!(session, i, inLen, out, len)
-                case .signRecover: f.C_SignRecover!(session, i, inLen, out, len)
-                case .verifyRecover: f.C_VerifyRecover!(session, i, inLen, out, len)
-                case .verify: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        try guarded { [self] () throws(P11Error) in
+            var input = input
+            let inLen = CK_ULONG(input.count)
+            return try output(capacity) { out, len in
+                input.withUnsafeMutableBufferPointer { inp in
+                    let i = inp.baseAddress
+                    return switch kind {
+                    case .encrypt: f.C_Encrypt!(session, i, inLen, out, len)
+                    case .decrypt: f.C_Decrypt!(session, i, inLen, out, len)
+                    case .digest: f.C_Digest!(session, i, inLen, out, len)
+                    case .sign: f.C_Sign!(session, i, inLen, out, len)
+                    case .signRecover: f.C_SignRecover!(session, i, inLen, out, len)
+                    case .verifyRecover: f.C_VerifyRecover!(session, i, inLen, out, len)
+                    case .verify: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+                    }
                 }
             }
         }
@@ -402,56 +469,68 @@ public final class Member: @unchecked Sendable {
 
     /// A multi-part update of an operation without output (digest, sign, verify).
     public func update(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ input: [UInt8]) throws(P11Error) {
-        var input = input
-        let inLen = CK_ULONG(input.count)
-        try call {
-            switch kind {
-            case .digest: f.C_DigestUpdate!(session, &input, inLen)
-            case .sign: f.C_SignUpdate!(session, &input, inLen)
-            case .verify: f.C_VerifyUpdate!(session, &input, inLen)
-            default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        try guarded { [self] () throws(P11Error) in
+            var input = input
+            let inLen = CK_ULONG(input.count)
+            try call {
+                switch kind {
+                case .digest: f.C_DigestUpdate!(session, &input, inLen)
+                case .sign: f.C_SignUpdate!(session, &input, inLen)
+                case .verify: f.C_VerifyUpdate!(session, &input, inLen)
+                default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+                }
             }
         }
     }
 
     /// A multi-part update of encryption or decryption, which may produce output.
     public func cipherUpdate(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
-        var input = input
-        let inLen = CK_ULONG(input.count)
-        return try output(capacity) { out, len in
-            switch kind {
-            case .encrypt: f.C_EncryptUpdate!(session, &input, inLen, out, len)
-            case .decrypt: f.C_DecryptUpdate!(session, &input, inLen, out, len)
-            default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        try guarded { [self] () throws(P11Error) in
+            var input = input
+            let inLen = CK_ULONG(input.count)
+            return try output(capacity) { out, len in
+                switch kind {
+                case .encrypt: f.C_EncryptUpdate!(session, &input, inLen, out, len)
+                case .decrypt: f.C_DecryptUpdate!(session, &input, inLen, out, len)
+                default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+                }
             }
         }
     }
 
     public func final(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, capacity: Int?) throws(P11Error) -> Output {
-        try output(capacity) { out, len in
-            switch kind {
-            case .encrypt: f.C_EncryptFinal!(session, out, len)
-            case .decrypt: f.C_DecryptFinal!(session, out, len)
-            case .digest: f.C_DigestFinal!(session, out, len)
-            case .sign: f.C_SignFinal!(session, out, len)
-            default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        try guarded { [self] () throws(P11Error) in
+            try output(capacity) { out, len in
+                switch kind {
+                case .encrypt: f.C_EncryptFinal!(session, out, len)
+                case .decrypt: f.C_DecryptFinal!(session, out, len)
+                case .digest: f.C_DigestFinal!(session, out, len)
+                case .sign: f.C_SignFinal!(session, out, len)
+                default: CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+                }
             }
         }
     }
 
     public func digestKey(_ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) throws(P11Error) {
-        try call { f.C_DigestKey!(session, key) }
+        try guarded { [self] () throws(P11Error) in
+            try call { f.C_DigestKey!(session, key) }
+        }
     }
 
     public func verify(_ session: CK_SESSION_HANDLE, _ data: [UInt8], signature: [UInt8]) throws(P11Error) {
-        var data = data
-        var signature = signature
-        try call { f.C_Verify!(session, &data, CK_ULONG(data.count), &signature, CK_ULONG(signature.count)) }
+        try guarded { [self] () throws(P11Error) in
+            var data = data
+            var signature = signature
+            try call { f.C_Verify!(session, &data, CK_ULONG(data.count), &signature, CK_ULONG(signature.count)) }
+        }
     }
 
     public func verifyFinal(_ session: CK_SESSION_HANDLE, signature: [UInt8]) throws(P11Error) {
-        var signature = signature
-        try call { f.C_VerifyFinal!(session, &signature, CK_ULONG(signature.count)) }
+        try guarded { [self] () throws(P11Error) in
+            var signature = signature
+            try call { f.C_VerifyFinal!(session, &signature, CK_ULONG(signature.count)) }
+        }
     }
 
     /// PKCS#11's two-call convention: no buffer asks for the length; a short buffer gets CKR_BUFFER_TOO_SMALL

@@ -49,7 +49,7 @@ extension Runtime {
                                 _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let session = try session(handle)
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            let result = member.attributeValues(s, copy, queries)
+            let result = try member.attributeValues(s, copy, queries)
             if P11Error.member(result.rv).isMemberFault { throw P11Error.member(result.rv) }
             return result
         }

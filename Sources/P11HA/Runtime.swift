@@ -134,7 +134,8 @@ public final class Runtime: @unchecked Sendable {
                     ownPIN = pin
                 }
                 members.append(Member(index: index, name: memberName(memberConfig, module: module, slot: slot, in: groupConfig),
-                                      config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN))
+                                      config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN,
+                                      deadline: config.operationTimeout))
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
                                 lockDirectory: config.lockDirectory))
@@ -157,6 +158,7 @@ public final class Runtime: @unchecked Sendable {
             group.login.withLock { $0 = Group.LoginState() }
         }
         for module in modules { ModuleRegistry.release(module) }
+        for group in groups { for member in group.members { member.executor.close() } }
     }
 
     public func group(_ slot: CK_SLOT_ID) throws(P11Error) -> Group {
