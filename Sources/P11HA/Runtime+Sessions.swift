@@ -101,6 +101,25 @@ extension Runtime {
             $0.userType = userType
             $0.pin = pin?.copy()
         }
+        if userType == CK_USER_TYPE(CKU_USER) { checkGenerations(group, session) }
+    }
+
+    /// After a login (when journals become readable): a member whose journal is behind the others' missed
+    /// writes, perhaps made by another process while it was away. It leaves service to be brought up to date.
+    func checkGenerations(_ group: Group, _ session: VirtualSession) {
+        var generations: [(Member, UInt64)] = []
+        for member in group.membersInService {
+            guard let s = try? session.memberSession(member) else { continue }
+            do throws(P11Error) {
+                generations.append((member, try member.readJournal(s).generation))
+            } catch where error.isMemberFault {
+                fail(member, error)
+            } catch {}
+        }
+        guard let newest = generations.map(\.1).max() else { return }
+        for (member, generation) in generations where generation < newest {
+            if member.leaveService(.stale, reason: "journal generation \(generation) behind \(newest)") { recovery.wake() }
+        }
     }
 
     public func logout(_ handle: CK_SESSION_HANDLE) throws(P11Error) {

@@ -17,6 +17,16 @@ let scenarios: [String: (Module) -> Void] = [
     "replication": replicationScenario,
     "no-replication-key": noReplicationKeyScenario,
     "refused-generation": refusedGenerationScenario,
+    "failover": failoverScenario,
+    "multipart-failover": multipartFailoverScenario,
+    "replay-limit": replayLimitScenario,
+    "caller-errors": callerErrorScenario,
+    "deadline": deadlineScenario,
+    "all-down": allDownScenario,
+    "standby": standbyScenario,
+    "writes-while-down": writesWhileDownScenario,
+    "resync-check": resyncCheckScenario,
+    "fork-failover": forkFailoverScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
