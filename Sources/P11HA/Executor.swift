@@ -100,8 +100,9 @@ private final class Ticket<T>: @unchecked Sendable {
     }
 
     func wait(timeout: Duration) -> T? {
-        // Cryptographic calls take microseconds to milliseconds: spin through most of them.
-        _ = done.wait(spinNanos: 2_000_000, timeout: timeout)
+        // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
+        // afford the wake-up. A longer spin starves other processes on a loaded machine.
+        _ = done.wait(spinNanos: 200_000, timeout: timeout)
         return ready.load(ordering: .acquiring) ? result : nil
     }
 }
