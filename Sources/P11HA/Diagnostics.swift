@@ -52,3 +52,56 @@ public func mechanismName(_ type: CK_MECHANISM_TYPE) -> String {
     ]
     return names[type] ?? "0x\(String(type, radix: 16))"
 }
+
+/// What `p11hactl status` reports of one member, probed now.
+public struct MemberSurvey: Sendable {
+    public let name: String
+    public let uri: String
+    public let standby: Bool
+    public let reachable: Bool
+    public let problem: String?
+    public let replicationKey: Bool
+    /// Token objects p11ha manages (without its own); private ones only counted when logged in.
+    public let objectCount: Int?
+    /// The journal's generation (needs a login); nil when unknown.
+    public let generation: UInt64?
+    /// The identities of the member's token objects, to tell whether members agree.
+    let identities: Set<String>
+}
+
+extension Runtime {
+    /// Probes every member of a group: reachable, replication key, objects, journal (with a PIN).
+    public func survey(_ group: Group, userPIN: Secret?) -> [MemberSurvey] {
+        group.members.map { member in
+            do throws(P11Error) {
+                let session = try member.openSession(readWrite: false)
+                defer { member.closeSession(session) }
+                var loggedIn = false
+                if let pin = member.ownPIN ?? userPIN {
+                    do throws(P11Error) {
+                        try member.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+                        loggedIn = true
+                    } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
+                        loggedIn = true
+                    }
+                }
+                let key = try member.replicationKey(session)
+                let objects = try inventory(member, session, replicationKey: key)
+                let generation = loggedIn ? try member.readJournal(session).generation : nil
+                if loggedIn { try? member.logout(session) }
+                return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
+                                    problem: nil, replicationKey: key != nil, objectCount: objects.count, generation: generation,
+                                    identities: Set(objects.map { "\($0.identity)" }))
+            } catch {
+                return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: false,
+                                    problem: "\(error)", replicationKey: false, objectCount: nil, generation: nil, identities: [])
+            }
+        }
+    }
+
+    /// Whether every reachable member holds the same objects.
+    public func membersAgree(_ surveys: [MemberSurvey]) -> Bool {
+        let sets = surveys.filter(\.reachable).map(\.identities)
+        return sets.allSatisfy { $0 == sets.first }
+    }
+}

@@ -22,14 +22,19 @@ public final class Group: @unchecked Sendable {
 
     /// Serializes journal updates and resynchronizations among this host's processes.
     let hostLock: HostLock
+    /// Where processes record their members' failures and recoveries for operators.
+    public let statusFile: StatusFile
 
     init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String) {
         self.slotID = slotID
         self.config = config
         self.members = members
-        self.mechanisms = Self.commonMechanisms(members)
+        self.mechanisms = Self.commonMechanisms(members.filter(\.isInService))
         let serials = members.map { (try? $0.tokenInfo()).map { fieldString($0.serialNumber) } ?? $0.name }
-        self.hostLock = HostLock(path: "\(lockDirectory)/p11ha-\(stableSerial(serials.joined(separator: "|"))).lock")
+        let base = "\(lockDirectory)/p11ha-\(stableSerial(serials.joined(separator: "|")))"
+        self.hostLock = HostLock(path: base + ".lock")
+        self.statusFile = StatusFile(path: base + ".status")
+        for member in members { member.onHealthChange = { [unowned self] in self.publish($0) } }
     }
 
     public var name: String { config.name }

@@ -49,6 +49,8 @@ public final class Member: @unchecked Sendable {
     /// The operation-timeout: nil runs calls on the caller's thread, with no deadline.
     let deadline: Duration?
     let executor = Executor()
+    /// Set by the group: publishes failures and recoveries for operators.
+    nonisolated(unsafe) var onHealthChange: ((Member) -> Void)?
 
     public let name: String
     public var isStandby: Bool { config.standby }
@@ -88,6 +90,7 @@ public final class Member: @unchecked Sendable {
             $0.failures += 1
         }
         Log.event(.warning, "member-failed", "member=\(name) state=\(health.name) reason=\"\(reason)\"")
+        onHealthChange?(self)
         return old == Health.inService.rawValue
     }
 

@@ -74,6 +74,7 @@ extension Runtime {
         reattach(member, in: group, restarted: restarted)
         member.history.withLock { $0.lastRecovery = wallClock() }
         member.setHealth(.inService)
+        group.publish(member)
         Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome)")
     }
 

@@ -66,7 +66,7 @@ public enum Library {
 /// A member's name in logs and reports: its token's label, with the remote address when it has one.
 private func memberName(_ config: MemberConfig, module: LoadedModule, slot: CK_SLOT_ID, in group: GroupConfig) -> String {
     var info = CK_TOKEN_INFO()
-    let label = module.f.C_GetTokenInfo!(slot, &info) == CKR_OK ? fieldString(info.label) : config.displayURI
+    let label = slot != CK_SLOT_ID.max && module.f.C_GetTokenInfo!(slot, &info) == CKR_OK ? fieldString(info.label) : config.displayURI
     return config.via.map { "\(label)@\($0)" } ?? label
 }
 
@@ -114,13 +114,20 @@ public final class Runtime: @unchecked Sendable {
                     throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
                 }
                 modules.append(module)
+                var unreachable: String? = nil
                 do {
                     slot = try Member.locate(memberConfig.uri, in: module)
                 } catch {
-                    throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
+                    // A remote member whose server is down is a failed member, not a configuration error:
+                    // the group starts without it and takes it in when it answers.
+                    guard memberConfig.via != nil else {
+                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
+                    }
+                    slot = CK_SLOT_ID.max
+                    unreachable = "\(error)"
                 }
-                let key = "\(module.path)#\(slot)"
-                if let other = seen[key] {
+                let key = "\(module.path)#\(memberConfig.via ?? "")#\(slot)"
+                if unreachable == nil, let other = seen[key] {
                     throw fail(memberConfig.line, "member \(memberConfig.displayURI) is the same token as line \(other)")
                 }
                 seen[key] = memberConfig.line
@@ -133,9 +140,11 @@ public final class Runtime: @unchecked Sendable {
                     }
                     ownPIN = pin
                 }
-                members.append(Member(index: index, name: memberName(memberConfig, module: module, slot: slot, in: groupConfig),
-                                      config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN,
-                                      deadline: config.operationTimeout))
+                let member = Member(index: index, name: memberName(memberConfig, module: module, slot: slot, in: groupConfig),
+                                    config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN,
+                                    deadline: config.operationTimeout)
+                if let unreachable { member.leaveService(.failed, reason: "unreachable at start: \(unreachable)") }
+                members.append(member)
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
                                 lockDirectory: config.lockDirectory))
@@ -143,7 +152,9 @@ public final class Runtime: @unchecked Sendable {
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
         }
-        return Runtime(config: config, groups: groups, modules: modules)
+        let runtime = Runtime(config: config, groups: groups, modules: modules)
+        if groups.contains(where: { $0.members.contains { !$0.isInService } }) { runtime.recovery.wake() }
+        return runtime
     }
 
     /// Closes every session and releases the modules.

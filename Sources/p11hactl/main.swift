@@ -9,7 +9,7 @@ struct P11HACtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "p11hactl",
         abstract: "Operate p11ha high-availability groups of PKCS#11 tokens.",
-        subcommands: [Check.self, Domain.self, Sync.self])
+        subcommands: [Status.self, Check.self, Domain.self, Sync.self])
 }
 
 struct ConfigOption: ParsableArguments {
@@ -74,6 +74,91 @@ struct Check: ParsableCommand {
             }
         }
         if failed { throw ExitCode(1) }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show each group's members: reachable, objects, agreement, replication key, last failure and recovery.",
+        discussion: """
+            Members are probed now, from this process. Their last failure and recovery come from the status file \
+            the module's processes keep in lock-dir. Without a user PIN, private objects are not counted and the \
+            journal generation is not shown. Exit status: 0 when every member is reachable, holds the replication \
+            key and all agree; 1 otherwise (a degraded group); 2 for a configuration error.
+            """)
+
+    @OptionGroup var options: ConfigOption
+    @Option(name: .long, help: "Only this group.")
+    var group: String?
+    @Flag(name: .long, help: "Print JSON (one object with a 'groups' array).")
+    var json = false
+    @Option(name: .customLong("pin-source"), help: "Read the user PIN from file:PATH to count private objects and read journals.")
+    var pinSource: String?
+
+    struct MemberJSON: Codable {
+        let name: String, uri: String, standby: Bool, reachable: Bool
+        let problem: String?, replicationKey: Bool, objects: Int?, generation: UInt64?
+        let health: String?, lastFailure: Int64?, lastFailureReason: String?, lastRecovery: Int64?
+    }
+    struct GroupJSON: Codable {
+        let name: String, label: String, slot: UInt, membersAgree: Bool, healthy: Bool, members: [MemberJSON]
+    }
+    struct Report: Codable { let groups: [GroupJSON] }
+
+    func run() throws {
+        let runtime: Runtime
+        do {
+            runtime = try startRuntime(options)
+        } catch let exit as ExitCode {
+            throw exit == .failure ? ExitCode(2) : exit
+        }
+        defer { runtime.shutdown() }
+        let pin = try pinSource.map { try readPIN(source: $0, prompt: "") }
+        var groups: [GroupJSON] = []
+        for g in runtime.groups where group == nil || g.name == group {
+            let surveys = runtime.survey(g, userPIN: pin)
+            let records = Dictionary(g.statusFile.read().map { ($0.member, $0) }, uniquingKeysWith: { a, _ in a })
+            let agree = runtime.membersAgree(surveys)
+            let healthy = agree && surveys.allSatisfy { $0.reachable && $0.replicationKey }
+            groups.append(GroupJSON(name: g.name, label: g.label, slot: g.slotID, membersAgree: agree, healthy: healthy,
+                                    members: surveys.map { s in
+                let r = records[s.name]
+                return MemberJSON(name: s.name, uri: s.uri, standby: s.standby, reachable: s.reachable, problem: s.problem,
+                                  replicationKey: s.replicationKey, objects: s.objectCount, generation: s.generation,
+                                  health: r?.health, lastFailure: r?.lastFailure, lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery)
+            }))
+        }
+        if group != nil && groups.isEmpty {
+            printError("p11hactl: no group '\(group!)' in the configuration")
+            throw ExitCode(2)
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(Report(groups: groups)), as: UTF8.self))
+        } else {
+            for g in groups {
+                print("group \(g.name) (token \"\(g.label)\", slot \(g.slot)): \(g.healthy ? "healthy" : "DEGRADED"), members \(g.membersAgree ? "agree" : "DISAGREE")")
+                for m in g.members {
+                    var line = "  \(m.name)\(m.standby ? " (standby)" : ""): \(m.reachable ? "reachable" : "UNREACHABLE (\(m.problem ?? "?"))")"
+                    if m.reachable {
+                        line += ", \(m.objects.map(String.init) ?? "?") objects, replication key \(m.replicationKey ? "present" : "MISSING")"
+                        if let generation = m.generation { line += ", journal generation \(generation)" }
+                    }
+                    print(line)
+                    if let failed = m.lastFailure {
+                        print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
+                    }
+                    if let recovered = m.lastRecovery { print("    last recovered \(timestamp(recovered))") }
+                }
+            }
+        }
+        if !groups.allSatisfy(\.healthy) { throw ExitCode(1) }
+    }
+
+    func timestamp(_ seconds: Int64) -> String {
+        let formatter = ISO8601DateFormatter()
+        return formatter.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
     }
 }
 

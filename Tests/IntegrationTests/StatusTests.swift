@@ -1,0 +1,67 @@
+// p11hactl status: what an operator sees, as text and as JSON a script parses back.
+import Foundation
+import Testing
+
+@Suite struct OperatorStatus {
+    struct Report: Decodable {
+        struct Group: Decodable {
+            let name: String
+            let healthy: Bool
+            let membersAgree: Bool
+            let members: [Member]
+        }
+        struct Member: Decodable {
+            let name: String
+            let reachable: Bool
+            let replicationKey: Bool
+            let objects: Int?
+            let generation: UInt64?
+            let lastFailure: Int64?
+            let lastFailureReason: String?
+            let lastRecovery: Int64?
+        }
+        let groups: [Group]
+    }
+
+    @Test("status --json shows a healthy group, and members' last failure and recovery after a failover")
+    func afterFailover() throws {
+        let members = try Members()
+        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
+        let scenarioRun = try faultScenario("all-down", members)
+        try #require(scenarioRun.status == 0, "\(scenarioRun.stdout)")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--json", "--pin-source", pin],
+                                    environment: members.faultEnvironment)
+        #expect(result.status == 0, "\(result.output)")
+        let report = try JSONDecoder().decode(Report.self, from: Data(result.stdout.utf8))
+        let group = try #require(report.groups.first)
+        #expect(group.name == members.group && group.healthy && group.membersAgree)
+        #expect(group.members.map(\.name) == members.tokenLabels)
+        for member in group.members {
+            #expect(member.reachable && member.replicationKey && member.generation != nil, "\(member)")
+            #expect(member.lastFailure != nil && member.lastRecovery != nil, "\(member.name) failed and recovered: \(member)")
+        }
+        #expect(!result.output.contains(members.userPIN))
+        let text = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status"], environment: members.faultEnvironment)
+        #expect(text.status == 0 && text.stdout.contains("healthy, members agree") && text.stdout.contains("last recovered"), "\(text.output)")
+    }
+
+    @Test("status exits 1 and names the member when one is unreachable or members disagree")
+    func degraded() throws {
+        let members = try Members()
+        let control = try members.throughFaultModule()
+        try inject("fail 0x30 C_OpenSession", into: control, member: "member-b")
+        let down = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status"], environment: members.faultEnvironment)
+        #expect(down.status == 1 && down.stdout.contains("member-b: UNREACHABLE") && down.stdout.contains("DEGRADED"), "\(down.output)")
+        try inject("ok", into: control, member: "member-b")
+        let direct = try PKCS11Tool(module: Paths.softhsmModule, token: "member-a", members: members)
+        let made = try direct(["--keygen", "--key-type", "AES:16", "--label", "only-on-a", "--extractable"], login: true)
+        try #require(made.status == 0, "\(made.output)")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        let split = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--json", "--pin-source", pin],
+                                   environment: members.faultEnvironment)
+        #expect(split.status == 1, "\(split.output)")
+        let report = try JSONDecoder().decode(Report.self, from: Data(split.stdout.utf8))
+        #expect(report.groups.first?.membersAgree == false)
+    }
+}
