@@ -80,14 +80,25 @@ extension Runtime {
                 try carryReplicationKey(from: source.member, sessions[source.member.index]!, key: source.key,
                                         to: target, sessions[target.index]!)
             }
-            progress("\(target.name): received the replication key (wrapped under an ECDH-agreed key)")
+            progress("\(target.name): received the replication key (wrapped under a transport key the two members agreed)")
+        }
+    }
+
+    /// Carries the replication key from `source` to `target`, agreeing a transport key by ECDH; where a member
+    /// cannot take ECDH parameters (p11-kit 0.24's remote protocol does not carry them), by RSA key transport.
+    func carryReplicationKey(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
+                             to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
+        do {
+            try carryByECDH(from: source, sourceSession, key: key, to: target, targetSession)
+        } catch where [CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID].contains(error.rv) {
+            try carryByRSA(from: source, sourceSession, key: key, to: target, targetSession)
         }
     }
 
     /// ECDH between a fresh key pair on each member gives both the same AES key; the source wraps the
     /// replication key under its copy (which it marks trusted, as the replication key demands), the target
     /// unwraps under its own. Only public points and the wrapped key pass through p11ha.
-    func carryReplicationKey(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
+    private func carryByECDH(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
                              to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
         let (sourcePrivate, sourcePoint) = try ephemeralECPair(source, sourceSession)
         let (targetPrivate, targetPoint) = try ephemeralECPair(target, targetSession)
@@ -109,6 +120,36 @@ extension Runtime {
         for (member, session, object) in [(source, sourceSession, wrapping), (target, targetSession, unwrapping)] {
             try? member.destroyObject(session, object)
         }
+    }
+
+    /// The target makes an RSA key pair; its public key is created on the source, trusted, and wraps the
+    /// replication key (CKM_RSA_PKCS, which needs no mechanism parameter); the target unwraps with its private
+    /// key. Only the public key and the wrapped key pass through p11ha.
+    private func carryByRSA(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
+                            to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
+        let ephemeral = [Attribute(CKA_TOKEN, bool: false), Attribute(CKA_PRIVATE, bool: false)]
+        let (pub, priv) = try target.generateKeyPair(targetSession, Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN),
+                                                     publicTemplate: ephemeral + [Attribute(CKA_MODULUS_BITS, ulong: 2048),
+                                                                                  Attribute(CKA_PUBLIC_EXPONENT, [1, 0, 1])],
+                                                     privateTemplate: ephemeral + [Attribute(CKA_UNWRAP, bool: true)])
+        defer {
+            try? target.destroyObject(targetSession, pub)
+            try? target.destroyObject(targetSession, priv)
+        }
+        let values = try target.readAttributes(targetSession, pub, [CKA_MODULUS, CKA_PUBLIC_EXPONENT])
+        guard let modulus = values[0], let exponent = values[1] else { throw P11Error.generalError }
+        let transport = try source.createObject(sourceSession, ephemeral + [
+            Attribute(CKA_CLASS, ulong: CKO_PUBLIC_KEY), Attribute(CKA_KEY_TYPE, ulong: CKK_RSA),
+            Attribute(CKA_MODULUS, modulus), Attribute(CKA_PUBLIC_EXPONENT, exponent),
+            Attribute(CKA_WRAP, bool: true), Attribute(CKA_TRUSTED, bool: true),
+        ])
+        defer { try? source.destroyObject(sourceSession, transport) }
+        let rsa = Mechanism(CKM_RSA_PKCS)
+        guard case .length(let n) = try source.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: nil),
+              let blob = try source.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: n).bytes else {
+            throw P11Error.generalError
+        }
+        _ = try target.unwrapKey(targetSession, rsa, unwrappingKey: priv, wrapped: blob, replicationKeyTemplate)
     }
 
     private func ephemeralECPair(_ member: Member, _ session: CK_SESSION_HANDLE) throws(P11Error) -> (CK_OBJECT_HANDLE, [UInt8]) {
