@@ -34,6 +34,7 @@ public struct Config: Sendable {
     public var log: LogDestination = .syslog
     public var logLevel: LogLevel = .info
     public var generatedKeys: GeneratedKeys = .replicate
+    public var logFacility: Int32 = LOG_USER
     /// How long a member may take to answer one call before it is failed over (nil: no deadline).
     public var operationTimeout: Duration? = .seconds(5)
     /// How often failed members are probed.
@@ -114,6 +115,11 @@ public struct Config: Sendable {
                 case "log-level":
                     guard let level = LogLevel(name: value) else { throw fail("log-level must be debug, info, warning or error") }
                     config.logLevel = level
+                case "log-facility":
+                    guard let facility = Log.facilities[value] else {
+                        throw fail("log-facility must be one of \(Log.facilities.keys.sorted().joined(separator: ", "))")
+                    }
+                    config.logFacility = facility
                 case "operation-timeout":
                     if value == "off" {
                         config.operationTimeout = nil

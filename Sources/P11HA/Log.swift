@@ -44,9 +44,16 @@ public enum Log {
         var fd: Int32 = 2
     }
 
+    /// syslog facilities by name, for `log-facility`.
+    public static let facilities: [String: Int32] = [
+        "user": LOG_USER, "daemon": LOG_DAEMON, "auth": LOG_AUTH, "authpriv": LOG_AUTHPRIV,
+        "local0": LOG_LOCAL0, "local1": LOG_LOCAL1, "local2": LOG_LOCAL2, "local3": LOG_LOCAL3,
+        "local4": LOG_LOCAL4, "local5": LOG_LOCAL5, "local6": LOG_LOCAL6, "local7": LOG_LOCAL7,
+    ]
+
     private static let sink = Mutex(Sink())
 
-    public static func configure(_ destination: LogDestination, level: LogLevel) {
+    public static func configure(_ destination: LogDestination, level: LogLevel, facility: Int32 = LOG_USER) {
         sink.withLock { sink in
             if case .file = sink.destination, sink.fd > 2 { close(sink.fd) }
             sink.destination = destination
@@ -54,7 +61,7 @@ public enum Log {
             sink.fd = 2
             switch destination {
             case .stderr: break
-            case .syslog: openlog("p11ha", LOG_PID, LOG_USER)
+            case .syslog: openlog("p11ha", LOG_PID, facility)
             case .file(let path):
                 let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
                 if fd >= 0 { sink.fd = fd } else { sink.destination = .stderr }

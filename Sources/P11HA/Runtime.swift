@@ -94,7 +94,7 @@ public final class Runtime: @unchecked Sendable {
     /// Loads every member's module and finds its token; any member that cannot be reached fails the start,
     /// naming the configuration line.
     public static func start(_ config: Config, afterFork: Bool = false) throws(StartError) -> Runtime {
-        Log.configure(config.log, level: config.logLevel)
+        Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
         var modules: [LoadedModule] = []
         var groups: [Group] = []
         func fail(_ line: Int, _ message: String) -> StartError {
