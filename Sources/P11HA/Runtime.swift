@@ -35,10 +35,21 @@ public enum Library {
                 Log.event(.error, "config-error", "\(error)")
                 throw P11Error.generalError
             }
+            // Members start on a thread of p11ha's own: what their modules leave in thread-local state (SoftHSM's
+            // OpenSSL error queue) must not reach the application's thread, where nginx would fail a handshake.
+            final class Outcome: @unchecked Sendable { var value: Result<Runtime, any Error>? }
+            let outcome = Outcome()
+            let done = Signal()
+            let startConfig = config
+            spawnThread {
+                outcome.value = Result { try Runtime.start(startConfig, afterFork: afterFork) }
+                done.raise()
+            }
+            done.wait(timeout: nil)
             let runtime: Runtime
-            do {
-                runtime = try Runtime.start(config, afterFork: afterFork)
-            } catch {
+            switch outcome.value! {
+            case .success(let started): runtime = started
+            case .failure(let error):
                 Log.event(.error, "config-error", "\(error)")
                 throw P11Error.generalError
             }

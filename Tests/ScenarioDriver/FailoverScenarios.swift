@@ -412,3 +412,57 @@ func forkFailoverScenario(_ m: Module) {
     check(status == 0, "the child failed over (exit status \(status))")
     ok(m.f.C_Finalize!(nil), "C_Finalize")
 }
+
+/// Figures for failover (a benchmark, run by scripts/bench-failover, not a test): added latency when the member
+/// of an operation fails fast, time to get past a frozen member, time for a member to return with objects to copy.
+func failoverFiguresScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let key = ecPair(m, session, label: "bench-\(getpid())", token: true)
+    func timedSigns(_ count: Int) -> [Double] {
+        (0..<count).map { _ in
+            let start = monotonicSeconds()
+            expect(signAndVerify(m, session, key, "bench"), CKR_OK, "sign")
+            return (monotonicSeconds() - start) * 1e6
+        }
+    }
+    func percentile(_ values: [Double], _ p: Double) -> Double {
+        let sorted = values.sorted()
+        return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+    }
+    let baseline = timedSigns(2000)
+    print("FIGURE sign+verify, all members healthy: p50=\(Int(percentile(baseline, 0.5))) us p99=\(Int(percentile(baseline, 0.99))) us")
+    // Two of three members fail every C_Sign; recovery (every few ms here) keeps putting them back, so
+    // about two calls in three first meet a failing member.
+    inject("fail 0x30 C_Sign", memberLabels[0])
+    inject("fail 0x30 C_Sign", memberLabels[1])
+    let failing = timedSigns(2000)
+    inject("ok", memberLabels[0])
+    inject("ok", memberLabels[1])
+    print("FIGURE sign+verify, two members failing fast: p50=\(Int(percentile(failing, 0.5))) us p99=\(Int(percentile(failing, 0.99))) us")
+    waitInService(m, s)
+    inject("hang C_Sign", memberLabels[0])
+    inject("hang C_Sign", memberLabels[1])
+    let frozen = timedSigns(20)
+    inject("ok", memberLabels[0])
+    inject("ok", memberLabels[1])
+    print("FIGURE sign+verify past frozen members (operation-timeout \(env("P11HA_BENCH_TIMEOUT") ?? "?")): max=\(Int(frozen.max()! / 1000)) ms p50=\(Int(percentile(frozen, 0.5))) us")
+    waitInService(m, s)
+    for count in [10, 100, 500] {
+        // member-c answers nothing; the next write (or sign) it gets takes it out of service.
+        inject("fail 0x30", memberLabels[2])
+        for _ in 0..<50 where memberStates(m, s)[2] == 0 { _ = signAndVerify(m, session, key, "mark down") }
+        guard memberStates(m, s)[2] != 0 else { fatal("member-c did not leave service") }
+        for i in 0..<count {
+            let t = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_DATA)).add(CKA_TOKEN, bool: true)
+                .add(CKA_LABEL, string: "resync-\(count)-\(i)").add(CKA_VALUE, [UInt8(i & 255)])
+            var h: CK_OBJECT_HANDLE = 0
+            ok(m.f.C_CreateObject!(session, &t.attributes, t.count, &h), "C_CreateObject")
+        }
+        let start = monotonicSeconds()
+        inject("ok", memberLabels[2])
+        waitInService(m, s, seconds: 120)
+        print("FIGURE member back in service with \(count) objects to copy: \(Int((monotonicSeconds() - start) * 1000)) ms")
+    }
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+}

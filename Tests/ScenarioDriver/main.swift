@@ -27,6 +27,7 @@ let scenarios: [String: (Module) -> Void] = [
     "writes-while-down": writesWhileDownScenario,
     "resync-check": resyncCheckScenario,
     "fork-failover": forkFailoverScenario,
+    "failover-figures": failoverFiguresScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
