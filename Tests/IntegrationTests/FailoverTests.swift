@@ -4,13 +4,7 @@ import Testing
 
 /// Runs one p11ha-scenario scenario against members routed through the fault module.
 func faultScenario(_ name: String, _ members: Members) throws -> ProcessResult {
-    var environment = members.faultEnvironment
-    environment["P11HA_TEST_TOKEN"] = members.group
-    environment["P11HA_TEST_PIN"] = members.userPIN
-    environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
-    environment["SOFTHSM_MODULE"] = Paths.softhsmModule
-    return try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", [name, Paths.debugModule],
-                          environment: environment, timeout: 180)
+    try scenario(name, members, base: members.faultEnvironment, timeout: 180)
 }
 
 let fastRecovery = ["recovery-interval = 100ms", "operation-timeout = 2s"]

@@ -76,12 +76,7 @@ func createDomain(_ members: Members) throws {
         var environment = members.environment
         environment["PKCS11SPY"] = Paths.softhsmModule
         environment["PKCS11SPY_OUTPUT"] = spyLog
-        environment["P11HA_TEST_TOKEN"] = members.group
-        environment["P11HA_TEST_PIN"] = members.userPIN
-        environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
-        environment["SOFTHSM_MODULE"] = Paths.softhsmModule
-        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", ["replication", Paths.debugModule],
-                                    environment: environment)
+        let result = try scenario("replication", members, base: environment)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         let calls = try String(contentsOfFile: spyLog, encoding: .utf8).components(separatedBy: "\n\n")
         let wraps = calls.filter { $0.contains(": C_WrapKey\n") }

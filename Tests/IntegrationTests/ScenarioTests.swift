@@ -2,15 +2,18 @@
 import Foundation
 import Testing
 
-/// Runs one scenario of p11ha-scenario against the group of `members` and returns its output.
-func scenario(_ name: String, _ members: Members, module: String = Paths.debugModule) throws -> ProcessResult {
-    var environment = members.environment
+/// Runs one scenario of p11ha-scenario against the group of `members` and returns its output. `base` is the
+/// environment to start from (the members' own by default).
+func scenario(_ name: String, _ members: Members, module: String = Paths.debugModule,
+              base: [String: String]? = nil, timeout: Double = 120) throws -> ProcessResult {
+    var environment = base ?? members.environment
     environment["P11HA_TEST_TOKEN"] = members.group
     environment["P11HA_TEST_PIN"] = members.userPIN
     environment["P11HA_TEST_SO_PIN"] = members.soPIN
     environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
     environment["SOFTHSM_MODULE"] = Paths.softhsmModule
-    return try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", [name, module], environment: environment)
+    return try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", [name, module], environment: environment,
+                          timeout: timeout)
 }
 
 @Suite struct TheModuleThroughItsCABI {
