@@ -36,9 +36,62 @@ struct NginxTests {
     }
 }
 
+extension NginxTests {
+    @Test("nginx keeps serving, with zero failed requests, while a member's process is killed and later restarted")
+    func survivesMemberFailure() throws {
+        let members = try Members(count: 3, group: "ha-nginx-fo")
+        // Keys are generated through the members' module (p11-kit 0.24's remote protocol cannot carry them).
+        let generated = try PKCS11Tool(module: Paths.debugModule, token: members.group, members: members)(
+            ["--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "nginx-key"], login: true)
+        try #require(generated.status == 0, "generating nginx-key failed:\n\(generated.output)")
+        let site = try NginxSite(members: members, keyLabel: "nginx-key")
+        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        // The workers (nobody, when the test runs as root) must reach the servers' sockets.
+        let openSockets = { for label in members.tokenLabels { chmod(servers.socketPath(label), 0o666) } }
+        openSockets()
+
+        let nginx = try site.start()
+        defer { nginx.stop() }
+        try nginx.waitUntilAccepting(seconds: 30)
+        // Requests go on, batch after batch, from before the kill until well after the restart.
+        let started = Date()
+        let requests = DispatchGroup()
+        let outcome = Outcomes()
+        requests.enter()
+        DispatchQueue.global().async {
+            while Date().timeIntervalSince(started) < 7 {
+                outcome.add(Result { try site.requestBatches(clients: 3, requestsEach: 50) }.map { batches in
+                    ProcessResult(status: batches.map(\.status).max() ?? 0, stdout: batches.map(\.stdout).joined(),
+                                  stderr: batches.map(\.stderr).joined())
+                })
+            }
+            requests.leave()
+        }
+        usleep(1_000_000)
+        try servers.kill("member-b")
+        usleep(2_000_000)
+        try servers.restart("member-b")
+        openSockets()
+        requests.wait()
+        _ = nginx.stop()
+
+        let results = try outcome.all.map { try $0.get() }
+        let expected = results.count * 150
+        let statuses = results.flatMap { $0.stdout.split(separator: "\n").filter { $0.hasPrefix("status=") } }
+        let failed = statuses.filter { $0 != "status=200" }.count + (expected - statuses.count)
+        #expect(expected >= 600, "the request stream spanned the failure: \(expected) requests")
+        #expect(failed == 0, "\(failed) of \(expected) requests failed:\n\(results.map(\.stderr).joined())\n\(site.logs)")
+        #expect(Set(site.accessLog.map(\.pid)).count > 1, "more than one worker served")
+        let log = (try? String(contentsOfFile: servers.log, encoding: .utf8)) ?? ""
+        #expect(log.contains("member-failed") && log.contains("member-b"), "member-b's death was seen:\n\(log)")
+        #expect(log.contains("member-recovered"), "member-b came back while nginx served:\n\(log)")
+    }
+}
+
 /// An nginx site in a Members directory: the engine's openssl.cnf, the PIN file, a certificate made through the
 /// engine, and Examples/nginx/nginx.conf filled in.
-private struct NginxSite {
+private struct NginxSite: @unchecked Sendable {
     let members: Members
     let dir: String
     let port: Int
