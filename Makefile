@@ -15,6 +15,8 @@ BINDIR ?= $(PREFIX)/bin
 # (p11-kit module file, MODULE_PATH, --module), it is no library to link against, so it needs no soname or ldconfig.
 MODULEDIR ?= $(PREFIX)/lib/p11ha
 DOCDIR ?= $(PREFIX)/share/doc/p11ha
+# p11bench, which p11hactl bench runs (found at ../libexec/p11ha/ beside p11hactl).
+LIBEXECDIR ?= $(PREFIX)/libexec/p11ha
 # Where packaged p11-kit module files go (pkg-config --variable=p11_module_configs p11-kit-1); an administrator's
 # own registrations go to /etc/pkcs11/modules instead. Not under PREFIX: p11-kit looks only in its configured places.
 P11KIT_MODULES ?= /usr/share/p11-kit/modules
@@ -50,8 +52,13 @@ $(stamp): $(sources)
 	    echo "make: $(built)/libp11ha.so still needs the Swift toolchain's libraries (see above)" >&2; exit 1; fi
 	touch $@
 
-install: $(stamp)
-	$(INSTALL) -d $(DESTDIR)$(MODULEDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(P11KIT_MODULES) $(DESTDIR)$(DOCDIR)
+$(SCRATCH)/p11bench: Benchmarks/p11bench.c
+	mkdir -p $(SCRATCH)
+	$(CC) -O2 -Wall -Wextra $$(pkg-config --cflags p11-kit-1) -o $@ $< -ldl -lpthread
+
+install: $(stamp) $(SCRATCH)/p11bench
+	$(INSTALL) -d $(DESTDIR)$(MODULEDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(P11KIT_MODULES) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBEXECDIR)
+	$(INSTALL) -m 0755 $(SCRATCH)/p11bench $(DESTDIR)$(LIBEXECDIR)/p11bench
 	$(INSTALL) -s -m 0644 $(built)/libp11ha.so $(DESTDIR)$(installed_module)
 	$(INSTALL) -s -m 0755 $(built)/p11hactl $(DESTDIR)$(BINDIR)/p11hactl
 	printf '%s\n' \
@@ -64,9 +71,9 @@ install: $(stamp)
 	$(INSTALL) -m 0644 Examples/p11ha.conf $(DESTDIR)$(DOCDIR)/p11ha.conf.example
 
 uninstall:
-	rm -f $(DESTDIR)$(installed_module) $(DESTDIR)$(BINDIR)/p11hactl \
+	rm -f $(DESTDIR)$(installed_module) $(DESTDIR)$(BINDIR)/p11hactl $(DESTDIR)$(LIBEXECDIR)/p11bench \
 	    $(DESTDIR)$(P11KIT_MODULES)/p11ha.module $(DESTDIR)$(DOCDIR)/p11ha.conf.example
-	-rmdir $(DESTDIR)$(MODULEDIR) $(DESTDIR)$(DOCDIR) 2>/dev/null
+	-rmdir $(DESTDIR)$(MODULEDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBEXECDIR) 2>/dev/null
 
 clean:
 	rm -rf $(SCRATCH)

@@ -4,7 +4,7 @@
  *
  *   cc -Wall -Wextra -O2 $(pkg-config --cflags p11-kit-1) \
  *      -o p11bench p11bench.c -ldl -lpthread
- *   p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]
+ *   p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]   (or the PIN in P11BENCH_PIN)
  *            [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random]
  *
  * For each operation and each thread count it runs the operation for S seconds
@@ -169,6 +169,9 @@ static void parse_options(int argc, char **argv)
         default: usage();
         }
     }
+    /* The PIN may come from the environment (P11BENCH_PIN), out of other users' sight in ps. */
+    if (!options.pin)
+        options.pin = getenv("P11BENCH_PIN");
     if (optind != argc || !options.module || !options.token || !options.pin
         || options.seconds <= 0)
         usage();

@@ -188,6 +188,8 @@ public struct TokenURI: Sendable {
     public let modulePath: String
     public let pinValue: String?
     public let pinSource: String?
+    /// The token label the URI names, if it names one.
+    public let tokenLabel: String?
 
     /// `remote`: the token is reached through p11-kit's client module, so no module needs to be named.
     public init(parsing text: String, remote: Bool = false) throws(ParseError) {
@@ -208,6 +210,8 @@ public struct TokenURI: Sendable {
             throw ParseError(message: "'\(Self.redacted(text))' names no module (add ?module-path=... or ?module-name=...)")
         }
         pinValue = p11_kit_uri_get_pin_value(uri).map { String(cString: $0) }
+        let token = p11_kit_uri_get_token_info(uri)!.pointee
+        tokenLabel = fieldString(token.label).isEmpty ? nil : fieldString(token.label)
         pinSource = p11_kit_uri_get_pin_source(uri).map { String(cString: $0) }
     }
 

@@ -9,7 +9,7 @@ struct P11HACtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "p11hactl",
         abstract: "Operate p11ha high-availability groups of PKCS#11 tokens.",
-        subcommands: [Status.self, Check.self, Domain.self, Sync.self])
+        subcommands: [Status.self, Check.self, Domain.self, Sync.self, Bench.self])
 }
 
 struct ConfigOption: ParsableArguments {
@@ -313,6 +313,90 @@ struct Sync: ParsableCommand {
         let verb = dryRun ? "would copy" : "copied"
         print("group \(group.name): \(report.objectCount) objects, \(verb) \(report.copies.count), \(report.uncopyable.count) cannot be copied, \(report.conflicts.count) conflicts")
         if !report.uncopyable.isEmpty || !report.conflicts.isEmpty { throw ExitCode(1) }
+    }
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure a group against its first member used directly (ops/s, p50/p99, ratio).",
+        discussion: """
+            Runs the p11bench program (installed beside p11hactl) twice in one run: on the group through \
+            libp11ha.so, and on the group's first member through its own module. Keys are session keys made \
+            for the run. The PIN goes to p11bench through its environment, never its command line.
+            """)
+
+    @OptionGroup var options: ConfigOption
+    @Option(name: .long, help: "The group (default: the first).")
+    var group: String?
+    @Option(name: .long, help: "libp11ha.so (default: the one installed beside p11hactl).")
+    var module: String?
+    @Option(name: .customLong("pin-source"), help: "Read the user PIN from file:PATH (default: prompt).")
+    var pinSource: String?
+    @Option(name: .long, help: "Seconds per measurement.")
+    var seconds: Double = 3
+    @Option(name: .long, help: "The thread count compared with 1 thread (default: the number of CPUs).")
+    var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    @Option(name: .long, help: "Any of ecdsa,rsa,aes-gcm,sha256,random.")
+    var ops = "ecdsa,rsa,aes-gcm,sha256,random"
+    @Option(name: .customLong("p11bench"), help: "The p11bench program (default: installed beside p11hactl).")
+    var benchProgram: String?
+
+    func run() throws {
+        let config = try options.load()
+        guard let groupConfig = config.groups.first(where: { group == nil || $0.name == group }),
+              let first = groupConfig.members.first(where: { !$0.standby && $0.via == nil }) else {
+            printError("p11hactl: no such group, or no local member to compare with")
+            throw ExitCode(1)
+        }
+        let here = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let candidates = [here.appendingPathComponent("../libexec/p11ha/p11bench").path, here.appendingPathComponent("p11bench").path,
+                          here.appendingPathComponent("../p11bench").path]
+        guard let bench = benchProgram ?? candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            printError("p11hactl: p11bench not found (looked in \(candidates.joined(separator: ", ")))")
+            throw ExitCode(1)
+        }
+        let p11ha = module ?? [here.appendingPathComponent("../lib/p11ha/libp11ha.so").path, here.appendingPathComponent("libp11ha.so").path]
+            .first { FileManager.default.fileExists(atPath: $0) } ?? "libp11ha.so"
+        let pin = try readPIN(source: pinSource, prompt: "User PIN for group \(groupConfig.name): ")
+        let token = first.uri.tokenLabel ?? ""
+        let runs = [("p11ha", p11ha, groupConfig.label), ("direct", first.uri.modulePath, token)]
+        var results: [String: [String: [String: String]]] = [:]
+        for (name, path, label) in runs {
+            var environment = ProcessInfo.processInfo.environment
+            environment["P11BENCH_PIN"] = pin.withBytes { String(decoding: $0, as: UTF8.self) }
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: bench)
+            process.arguments = ["--module", path, "--token", label, "--threads", "1,\(threads)", "--seconds", String(seconds), "--ops", ops]
+            process.environment = environment
+            let out = Pipe()
+            process.standardOutput = out
+            try process.run()
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            guard process.terminationStatus == 0 else {
+                printError("p11hactl: p11bench on \(name) (\(path), token \(label)) failed")
+                throw ExitCode(1)
+            }
+            for line in String(decoding: data, as: UTF8.self).split(separator: "\n") where line.hasPrefix("RESULT ") {
+                var fields: [String: String] = [:]
+                for pair in line.dropFirst(7).split(separator: " ") {
+                    let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+                    if kv.count == 2 { fields[kv[0]] = kv[1] }
+                }
+                results[name, default: [:]]["\(fields["op"] ?? "?") \(fields["threads"] ?? "?")"] = fields
+            }
+        }
+        print("group \(groupConfig.name) through \(p11ha) vs \(token) through \(first.uri.modulePath)")
+        print("op".padding(toLength: 24, withPad: " ", startingAt: 0) + "threads   direct ops/s   p11ha ops/s   p11ha/direct   direct p50/p99 us   p11ha p50/p99 us")
+        for key in (results["direct"] ?? [:]).keys.sorted() {
+            guard let d = results["direct"]?[key], let h = results["p11ha"]?[key],
+                  let dOps = Double(d["ops_per_s"] ?? ""), let hOps = Double(h["ops_per_s"] ?? "") else { continue }
+            let parts = key.split(separator: " ")
+            print(String(parts[0]).padding(toLength: 24, withPad: " ", startingAt: 0)
+                  + String(parts[1]).padding(toLength: 10, withPad: " ", startingAt: 0)
+                  + String(format: "%12.1f  %12.1f  %13.2f   %8@/%-8@  %8@/%-8@", dOps, hOps, hOps / dOps,
+                           d["p50_us"] ?? "?", d["p99_us"] ?? "?", h["p50_us"] ?? "?", h["p99_us"] ?? "?"))
+        }
     }
 }
 

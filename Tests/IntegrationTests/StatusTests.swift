@@ -65,3 +65,22 @@ import Testing
         #expect(report.groups.first?.membersAgree == false)
     }
 }
+
+@Suite struct OperatorBench {
+    @Test("p11hactl bench measures the group against its first member and prints the ratio")
+    func bench() throws {
+        let members = try Members()
+        let program = members.dir + "/p11bench"
+        let built = try runProcess("sh", ["-c", "cc -O2 $(pkg-config --cflags p11-kit-1) -o \(program) \(Paths.packageRoot)/Benchmarks/p11bench.c -ldl -lpthread"])
+        try #require(built.status == 0, "\(built.output)")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl",
+                                    ["bench", "--pin-source", pin, "--p11bench", program, "--module", Paths.debugModule,
+                                     "--seconds", "0.3", "--threads", "2", "--ops", "ecdsa,random"],
+                                    environment: members.environment)
+        #expect(result.status == 0, "\(result.output)")
+        let rows = result.stdout.split(separator: "\n").filter { $0.hasPrefix("ecdsa-p256-sign") || $0.hasPrefix("random-32") }
+        #expect(rows.count == 4, "one row per op and thread count:\n\(result.stdout)")
+        #expect(!result.output.contains(members.userPIN))
+    }
+}
