@@ -24,6 +24,9 @@ final class Executor: @unchecked Sendable {
         return ticket.wait(timeout: timeout)
     }
 
+    /// Calls under way (a call past its deadline stays under way until the module returns).
+    var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
+
     /// Lets idle workers end (busy ones end when their call returns).
     func close() {
         closed.store(true, ordering: .releasing)

@@ -4,7 +4,8 @@ import CInterop
 import Glibc
 
 public struct Journal: Equatable, Sendable {
-    /// Counts the writes to token objects the member has received; members at the highest count are up to date.
+    /// Counts the writes to token objects the member has received (a resynchronized member takes its source's
+    /// count); members at the highest count are up to date.
     public var generation: UInt64 = 0
     /// Recent attribute changes (renames above all), to apply to a returning member's copies before comparing.
     public var changes: [Change] = []
@@ -163,12 +164,13 @@ extension Runtime {
                 guard let s = try? session.memberSession(member) else { continue }
                 do throws(P11Error) { journals[index] = try member.readJournal(s) } catch { markStale(member, error) }
             }
-            let next = (journals.values.map(\.generation).max() ?? 0) + 1
+            // Each member counts the writes it received: one that is behind (it missed writes, or lacks objects it
+            // could not be given) stays behind by as much, and is never taken for an up-to-date member.
             for (index, var journal) in journals {
                 let member = group.members[index]
-                journal.generation = next
+                journal.generation += 1
                 if let change {
-                    journal.changes.append(Journal.Change(generation: next, identity: change.identity, template: change.template))
+                    journal.changes.append(Journal.Change(generation: journal.generation, identity: change.identity, template: change.template))
                     journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
                 }
                 do throws(P11Error) { try member.writeJournal(try session.memberSession(member), journal) } catch { markStale(member, error) }

@@ -37,6 +37,19 @@ public enum LogDestination: Sendable, Equatable {
 }
 
 /// The process-wide log. Until a configuration is read, errors go to stderr.
+/// UTC time with milliseconds, as in 2026-11-29T06:28:18.123Z.
+func timestamp() -> String {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    var seconds = now.tv_sec
+    var parts = tm()
+    gmtime_r(&seconds, &parts)
+    func two(_ n: Int32) -> String { n < 10 ? "0\(n)" : "\(n)" }
+    let millis = Int(now.tv_nsec) / 1_000_000
+    let ms = millis < 10 ? "00\(millis)" : millis < 100 ? "0\(millis)" : "\(millis)"
+    return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)).\(ms)Z"
+}
+
 public enum Log {
     struct Sink {
         var destination: LogDestination = .stderr
@@ -78,7 +91,7 @@ public enum Log {
                 text.withCString { withVaList([$0]) { vsyslog(level.syslogPriority, "%s", $0) } }
                 return
             }
-            let line = "p11ha[\(getpid())] \(level.name): \(text)\n"
+            let line = "\(timestamp()) p11ha[\(getpid())] \(level.name): \(text)\n"
             var bytes = Array(line.utf8)
             bytes.withUnsafeMutableBytes { raw in
                 var offset = 0

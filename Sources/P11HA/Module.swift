@@ -66,6 +66,8 @@ public enum ModuleRegistry {
                 switch rv {
                 case CKR_OK: module.initializedByUs = true
                 case CKR_CRYPTOKI_ALREADY_INITIALIZED: module.initializedByUs = false  // the application's own
+                // A remote member's link may be down right now: its member starts failed and recovery retries.
+                case _ where address != nil: module.initializedByUs = false
                 default: throw ModuleError(message: "\(path): C_Initialize returned \(ckrName(rv))")
                 }
             }

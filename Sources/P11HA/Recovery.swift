@@ -64,14 +64,27 @@ extension Runtime {
         let wasStale = member.health == .stale
         member.setHealth(.recovering)
         let outcome: String
+        // One session, logged in, stays open until the member is back: the member's login lasts as long as the
+        // application has a session there, and the sessions reattach opens must find it logged in.
+        let session: CK_SESSION_HANDLE
         do throws(P11Error) {
-            outcome = try group.hostLock.withLock { () throws(P11Error) -> String in try resynchronize(member, in: group) }
+            session = try member.openSession(readWrite: true)
+            try logIn(member, session, group)
+        } catch {
+            member.setHealth(wasStale ? .stale : .failed)
+            let level: LogLevel = error.rv == CKR_USER_NOT_LOGGED_IN ? .info : .warning
+            Log.event(level, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
+            return
+        }
+        defer { member.closeSession(session) }
+        do throws(P11Error) {
+            outcome = try group.hostLock.withLock { () throws(P11Error) -> String in try resynchronize(member, session, in: group) }
+            try reattach(member, in: group, restarted: restarted)
         } catch {
             member.setHealth(wasStale ? .stale : .failed)
             Log.event(.warning, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
             return
         }
-        reattach(member, in: group, restarted: restarted)
         member.history.withLock { $0.lastRecovery = wallClock() }
         member.setHealth(.inService)
         group.publish(member)
@@ -87,6 +100,8 @@ extension Runtime {
         } catch {
             // A restarted member (CKR_CRYPTOKI_NOT_INITIALIZED) or a dead link: start its module afresh.
             guard error.rv == CKR_CRYPTOKI_NOT_INITIALIZED || member.config.via != nil else { return nil }
+            // Never under a call still inside the module (one past its deadline): p11-kit's client aborts.
+            guard member.executor.busy == 0 else { return nil }
             guard ModuleRegistry.restart(member.module, exclusive: member.config.via != nil) else { return nil }
             do {
                 try member.relocate()
@@ -99,11 +114,8 @@ extension Runtime {
     }
 
     /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
-    private func resynchronize(_ member: Member, in group: Group) throws(P11Error) -> String {
+    private func resynchronize(_ member: Member, _ session: CK_SESSION_HANDLE, in group: Group) throws(P11Error) -> String {
         let peers = group.members.filter { $0.isInService && $0 !== member }
-        let session = try member.openSession(readWrite: true)
-        defer { member.closeSession(session) }
-        try logIn(member, session, group)
         let journal = try member.readJournal(session)
         guard !peers.isEmpty else { return "resynced=no reason=\"no member in service to compare with\"" }
         // The up-to-date peer: the highest generation, active members first.
@@ -162,9 +174,12 @@ extension Runtime {
             try copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
             copied += 1
         }
-        try member.writeJournal(session, sourceJournal)
+        // Only a complete copy takes the source's generation: one that lacks objects stays behind, so that it is
+        // never the source another member is made identical to (which would destroy what it lacks there).
+        if uncopyable == 0 { try member.writeJournal(session, sourceJournal) }
         Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
-        return "resynced=yes generation=\(sourceJournal.generation)"
+        return uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
+                               : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)"
     }
 
     /// Logs a member in with its own PIN or the application's (kept since C_Login).
@@ -181,10 +196,10 @@ extension Runtime {
 
     /// Gives every virtual session of the group a session on the returning member, and finds each object's
     /// copy there again (handles change when a module restarts; objects may have been copied or destroyed).
-    private func reattach(_ member: Member, in group: Group, restarted: Bool) {
+    private func reattach(_ member: Member, in group: Group, restarted: Bool) throws(P11Error) {
         let virtualSessions = sessions.withLock { $0.values.filter { $0.group === group } }
         for session in virtualSessions {
-            let fresh = try? member.openSession(readWrite: session.readWrite)
+            let fresh = try member.openSession(readWrite: session.readWrite)
             session.state.withLock { state in
                 // A restarted module's old handles mean nothing any more; others are closed with the session.
                 if let old = state.memberSessions[member.index], !restarted { state.retired.append((member.index, old)) }

@@ -86,37 +86,34 @@ extension Runtime {
     }
 
     /// A call that may end the operation: it stays active after a length query or CKR_BUFFER_TOO_SMALL
-    /// (PKCS#11 5.2), and ends on anything else, success or error. A member fault replays it on a peer.
+    /// (PKCS#11 5.2), and ends on anything else, success or error.
     @discardableResult
     private func finishing(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
                            _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> Output) throws(P11Error) -> Output {
-        let session = try session(handle)
-        var op = try session.operation(kind)
-        while true {
-            let member = session.group.members[op.member]
-            if !member.isInService || member.epoch.load(ordering: .acquiring) != op.epoch {
-                op = try failover(kind, session, op, after: nil)
-                continue
-            }
-            do {
-                let output = try body(member, try session.memberSession(member))
-                if case .data = output { session.endOperation(kind) }
-                return output
-            } catch where error.isMemberFault {
-                op = try failover(kind, session, op, after: error)
-            } catch {
-                if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
-                throw error
-            }
+        try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
+            let output = try body(member, memberSession)
+            if case .data = output { session.endOperation(kind) }
+            return output
         }
     }
 
-    /// An update: the operation goes on after success, and ends on an error (PKCS#11 5.2), except
-    /// CKR_BUFFER_TOO_SMALL. What the member consumed is kept for a replay.
+    /// An update: the operation goes on after success. What the member consumed is kept for a replay.
     @discardableResult
     private func continuing<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, part: [UInt8]?,
                                _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> T,
                                consumed: (T) -> Bool) throws(P11Error) -> T {
+        try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
+            let result = try body(member, memberSession)
+            if let part, consumed(result) { session.recordPart(kind, part, limit: config.replayBuffer) }
+            return result
+        }
+    }
+
+    /// Runs a call of the operation in progress on its member. A member fault (or a member that failed since
+    /// the operation started there) replays the operation on a peer and tries again; any other error ends the
+    /// operation (PKCS#11 5.2), except CKR_BUFFER_TOO_SMALL.
+    private func onOperationMember<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
+                                      _ body: (VirtualSession, Member, CK_SESSION_HANDLE) throws(P11Error) -> T) throws(P11Error) -> T {
         let session = try session(handle)
         var op = try session.operation(kind)
         while true {
@@ -126,9 +123,7 @@ extension Runtime {
                 continue
             }
             do {
-                let result = try body(member, try session.memberSession(member))
-                if let part, consumed(result) { session.recordPart(kind, part, limit: config.replayBuffer) }
-                return result
+                return try body(session, member, try session.memberSession(member))
             } catch where error.isMemberFault {
                 op = try failover(kind, session, op, after: error)
             } catch {

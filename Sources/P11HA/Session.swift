@@ -47,8 +47,9 @@ public final class VirtualSession: @unchecked Sendable {
     }
 
     /// This session's handle on `member`.
+    /// A missing one (it could not be opened when the member returned) is that member's fault: the work moves on.
     func memberSession(_ member: Member) throws(P11Error) -> CK_SESSION_HANDLE {
-        guard let session = state.withLock({ $0.memberSessions[member.index] }) else { throw P11Error.deviceError }
+        guard let session = state.withLock({ $0.memberSessions[member.index] }) else { throw P11Error.member(CK_RV(CKR_DEVICE_ERROR)) }
         return session
     }
 
