@@ -1,0 +1,157 @@
+// Process faults: members served by `p11-kit server` processes that are killed, frozen and restarted during work.
+import Foundation
+import Testing
+
+@Suite("A member process that dies or freezes is invisible to the application", .serialized)
+struct ProcessFaults {
+    @Test("a member whose server is killed mid-work is failed over; the application sees no error; the restarted member rejoins")
+    func killedMember() throws {
+        let members = try Members()
+        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let servers = try MemberServers(members, extraGlobal: ["recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let signLoop = try buildCExample("sign_loop", into: members.dir)
+
+        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
+                                         environment: members.environment, name: "sign_loop")
+        Thread.sleep(forTimeInterval: 2)
+        try servers.kill("member-b")
+        Thread.sleep(forTimeInterval: 3)
+        let beforeReturn = reportLines(workload.output).last.flatMap(servedCounts(inLine:))
+        try servers.restart("member-b")
+        let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
+
+        #expect(result.status == 0, "sign_loop saw errors (status \(result.status)):\n\(shortOutput(result))")
+        #expect(result.stdout.contains(", 0 errors"), "\(result.stdout)")
+        let failed = logLines(servers.log, event: "member-failed", token: "member-b")
+        let recovered = logLines(servers.log, event: "member-recovered", token: "member-b")
+        #expect(!failed.isEmpty, "no member-failed for member-b in p11ha.log:\n\(logExcerpt(servers))")
+        #expect(!recovered.isEmpty, "no member-recovered for member-b in p11ha.log:\n\(logExcerpt(servers))")
+        // Back in service means serving again: member-b's count grows after its return.
+        let atEnd = reportLines(result.stdout).last.flatMap(servedCounts(inLine:))
+        if let beforeReturn, let atEnd, beforeReturn.count == 3, atEnd.count == 3 {
+            #expect(atEnd[1] > beforeReturn[1], "member-b served nothing after it returned:\n\(result.stdout)")
+        } else {
+            Issue.record("no served= counts in sign_loop's output:\n\(shortOutput(result))")
+        }
+    }
+
+    @Test("a frozen member (SIGSTOP) is failed over within the operation-timeout")
+    func frozenMember() throws {
+        let members = try Members()
+        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let signLoop = try buildCExample("sign_loop", into: members.dir)
+
+        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
+                                         environment: members.environment, name: "sign_loop")
+        Thread.sleep(forTimeInterval: 2)
+        let stopped = try servers.freeze("member-b")
+        Thread.sleep(forTimeInterval: 3)
+        servers.thaw("member-b")
+        let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
+
+        #expect(!stopped.isEmpty, "member-b's server had no per-connection child to stop")
+        #expect(result.status == 0, "sign_loop saw errors (status \(result.status)):\n\(shortOutput(result))")
+        #expect(result.stdout.contains(", 0 errors"), "\(result.stdout)")
+        // A 500 ms deadline leaves no second of the run without a signature.
+        let ops = reportLines(result.stdout).compactMap(opsCount(inLine:))
+        #expect(ops.count >= 7, "too few report lines:\n\(result.stdout)")
+        #expect(zip(ops, ops.dropFirst()).allSatisfy { $0 < $1 } && ops.first ?? 0 > 0,
+                "a second went by without a signature:\n\(result.stdout)")
+        #expect(!logLines(servers.log, event: "member-failed", token: "member-b").isEmpty,
+                "no member-failed for member-b in p11ha.log:\n\(logExcerpt(servers))")
+        #expect(!logLines(servers.log, event: "member-recovered", token: "member-b").isEmpty,
+                "no member-recovered for member-b after SIGCONT:\n\(logExcerpt(servers))")
+    }
+
+    @Test("an application that starts while a member's server is down works with the other members")
+    func startWhileMemberDown() throws {
+        let members = try Members()
+        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let digest = members.dir + "/digest"
+        try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
+
+        try servers.kill("member-b")
+        let signed = try throughGroup(members, ["--sign", "--id", "01", "--mechanism", "ECDSA", "--input-file", digest,
+                                                "--output-file", members.dir + "/signature"], timeout: 30)
+        #expect(signed.status == 0, "signing in a process started while member-b was down failed:\n\(signed.output)\n\(logExcerpt(servers))")
+    }
+
+    @Test("all members down: calls fail fast with a member fault and work again when one returns")
+    func allMembersDown() throws {
+        let members = try Members()
+        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let digest = members.dir + "/digest"
+        try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
+        let sign = ["--sign", "--id", "01", "--mechanism", "ECDSA", "--input-file", digest,
+                    "--output-file", members.dir + "/signature"]
+
+        for label in members.tokenLabels {
+            try servers.kill(label)
+        }
+        let listed = try runProcess("pkcs11-tool", ["--module", Paths.debugModule, "-L"], environment: members.environment,
+                                    timeout: 30)
+        #expect(listed.status == 0 && listed.stdout.contains(members.group),
+                "with every member down, the group's slot is no longer listed:\n\(listed.output)\n\(logExcerpt(servers))")
+        let started = Date()
+        let refused = try throughGroup(members, sign, timeout: 30)
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(refused.status != 0, "signing with every member down succeeded:\n\(refused.output)")
+        #expect(elapsed < 10, "signing with every member down took \(elapsed) s to fail")
+
+        for label in members.tokenLabels {
+            try servers.restart(label)
+        }
+        let signed = try throughGroup(members, sign, timeout: 30)
+        #expect(signed.status == 0, "signing after the members returned failed:\n\(signed.output)\n\(logExcerpt(servers))")
+    }
+
+    @Test("all members down: a running application gets member faults, never a hang, and its sessions and handles work again when the members return")
+    func allMembersDownInProcess() throws {
+        let members = try Members()
+        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let signLoop = try buildCExample("sign_loop", into: members.dir)
+
+        // One thread, one session, one pair of key handles found once at the start, for 9 s.
+        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "9", "1"],
+                                         environment: members.environment, name: "sign_loop")
+        Thread.sleep(forTimeInterval: 2)
+        for label in members.tokenLabels {
+            try servers.kill(label)
+        }
+        Thread.sleep(forTimeInterval: 2)
+        let duringOutage = reportLines(workload.output).last
+        for label in members.tokenLabels {
+            try servers.restart(label)
+        }
+        // sign_loop reports once a second from its own thread: a call that hangs shows as a late exit.
+        let result = try #require(workload.wait(seconds: 20), "sign_loop did not finish within 20 s of its 9:\n\(workload.output)")
+
+        let failures = result.stderr.split(separator: "\n").filter { $0.contains(" failed: CK_RV ") }
+        #expect(!failures.isEmpty, "no call failed while every member was down:\n\(shortOutput(result))")
+        let memberFaults: Set<String> = ["0x00000030", "0x00000031", "0x00000032", "0x000000e0", "0x00000005"]
+        let otherErrors = failures.filter { line in !memberFaults.contains(where: { line.hasSuffix($0) }) }
+        #expect(otherErrors.isEmpty, "errors other than a member fault (a lost session or handle?):\n\(otherErrors.joined(separator: "\n"))")
+        let opsAfter = reportLines(result.stdout).last.flatMap(opsCount(inLine:)) ?? 0
+        let opsDuring = duringOutage.flatMap(opsCount(inLine:)) ?? 0
+        #expect(opsAfter > opsDuring, "the session signed nothing after the members returned:\n\(shortOutput(result))\n\(logExcerpt(servers))")
+    }
+}
