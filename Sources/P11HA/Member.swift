@@ -135,17 +135,25 @@ public final class Member: @unchecked Sendable {
         if rv == CKR_OK && count > 0 { rv = f.C_GetSlotList!(CK_BBOOL(CK_TRUE), &slots, &count) }
         guard rv == CKR_OK else { throw ModuleError(message: "C_GetSlotList returned \(ckrName(rv))") }
         var matches: [(CK_SLOT_ID, String)] = []
+        var silent = 0
         for slot in slots.prefix(Int(count)) {
             var slotInfo = CK_SLOT_INFO()
             var tokenInfo = CK_TOKEN_INFO()
-            guard f.C_GetSlotInfo!(slot, &slotInfo) == CKR_OK, f.C_GetTokenInfo!(slot, &tokenInfo) == CKR_OK else { continue }
+            guard f.C_GetSlotInfo!(slot, &slotInfo) == CKR_OK, f.C_GetTokenInfo!(slot, &tokenInfo) == CKR_OK else {
+                silent += 1
+                continue
+            }
             if uri.matches(module: &info, slot: &slotInfo, token: &tokenInfo) {
                 matches.append((slot, fieldString(tokenInfo.label)))
             }
         }
         switch matches.count {
         case 1: return matches[0].0
-        case 0: throw ModuleError(message: "no token of \(module.path) matches \(uri.displayText)")
+        case 0:
+            var error = ModuleError(message: "no token of \(module.path) matches \(uri.displayText)"
+                                    + (silent > 0 ? " (\(silent) slots did not answer)" : ""))
+            error.unreachable = silent > 0
+            throw error
         default:
             let labels = matches.map { "'\($0.1)'" }.joined(separator: ", ")
             throw ModuleError(message: "\(matches.count) tokens of \(module.path) match \(uri.displayText) (\(labels)); name one")

@@ -114,5 +114,7 @@ public enum ModuleRegistry {
 
 public struct ModuleError: Error, CustomStringConvertible, Sendable {
     public let message: String
+    /// The token could not be told because a slot did not answer (a member down), not because none matches.
+    public var unreachable = false
     public var description: String { message }
 }

@@ -94,22 +94,34 @@ extension Runtime {
     /// Whether the member answers again (restarting its module when it has to); nil while it does not.
     /// Returns whether the module was restarted (its sessions and handles are then new).
     private func probe(_ member: Member) -> Bool? {
+        if member.slotID == CK_SLOT_ID.max {
+            // It did not answer at start: find its slot first.
+            guard (try? member.relocate()) != nil else {
+                if member.config.via == nil { return nil }
+                return probeRestarting(member)
+            }
+        }
         do throws(P11Error) {
             _ = try member.tokenInfo()
             return false
         } catch {
             // A restarted member (CKR_CRYPTOKI_NOT_INITIALIZED) or a dead link: start its module afresh.
             guard error.rv == CKR_CRYPTOKI_NOT_INITIALIZED || member.config.via != nil else { return nil }
-            // Never under a call still inside the module (one past its deadline): p11-kit's client aborts.
-            guard member.executor.busy == 0 else { return nil }
-            guard ModuleRegistry.restart(member.module, exclusive: member.config.via != nil) else { return nil }
-            do {
-                try member.relocate()
-                _ = try member.tokenInfo()
-                return true
-            } catch {
-                return nil
-            }
+            return probeRestarting(member)
+        }
+    }
+
+    /// Restarts the member's module, finds its token again and asks it; true when it answers.
+    private func probeRestarting(_ member: Member) -> Bool? {
+        // Never under a call still inside the module (one past its deadline): p11-kit's client aborts.
+        guard member.executor.busy == 0 else { return nil }
+        guard ModuleRegistry.restart(member.module, exclusive: member.config.via != nil) else { return nil }
+        do {
+            try member.relocate()
+            _ = try member.tokenInfo()
+            return true
+        } catch {
+            return nil
         }
     }
 

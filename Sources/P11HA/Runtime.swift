@@ -129,9 +129,9 @@ public final class Runtime: @unchecked Sendable {
                 do {
                     slot = try Member.locate(memberConfig.uri, in: module)
                 } catch {
-                    // A remote member whose server is down is a failed member, not a configuration error:
-                    // the group starts without it and takes it in when it answers.
-                    guard memberConfig.via != nil else {
+                    // A remote member whose server is down, or a slot that does not answer, is a failed member,
+                    // not a configuration error: the group starts without it and takes it in when it answers.
+                    guard memberConfig.via != nil || error.unreachable else {
                         throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
                     }
                     slot = CK_SLOT_ID.max

@@ -143,7 +143,7 @@ final class Started: @unchecked Sendable {
     /// Guarded by `lock`.
     private var status: Int32?
 
-    fileprivate init(_ executable: String, _ arguments: [String], environment: [String: String],
+    init(_ executable: String, _ arguments: [String], environment: [String: String],
                      output: String, errors: String) throws {
         // A child that dies holding the other end of a pipe must not kill the test process with SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
@@ -282,9 +282,10 @@ func buildCExample(_ name: String, into dir: String) throws -> String {
 }
 
 /// pkcs11-tool through p11ha (the group's one token), logged in.
-func throughGroup(_ members: Members, _ arguments: [String], timeout: Double = 60) throws -> ProcessResult {
+func throughGroup(_ members: Members, _ arguments: [String], timeout: Double = 60,
+                  environment: [String: String]? = nil) throws -> ProcessResult {
     try runProcess("pkcs11-tool", ["--module", Paths.debugModule, "--login", "--pin", members.userPIN] + arguments,
-                   environment: members.environment, timeout: timeout)
+                   environment: environment ?? members.environment, timeout: timeout)
 }
 
 /// Generates an EC P-256 key pair through the group, as an application does.
