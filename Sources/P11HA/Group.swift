@@ -88,9 +88,11 @@ public final class Group: @unchecked Sendable {
 
     public var membersInService: [Member] { members.filter(\.isInService) }
 
+    /// A member that cannot tell its mechanisms now (it failed while the group started) counts for nothing,
+    /// rather than for an empty list that would leave the group with no mechanism at all.
     private static func commonMechanisms(_ members: [Member]) -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] {
-        intersect(members.map { member in
-            let list = (try? member.mechanismList()) ?? []
+        intersect(members.compactMap { member in
+            guard let list = try? member.mechanismList() else { return nil }
             return list.compactMap { type in (try? member.mechanismInfo(type)).map { (type, $0) } }
         })
     }
