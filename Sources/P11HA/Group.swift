@@ -30,8 +30,10 @@ public final class Group: @unchecked Sendable {
         self.config = config
         self.members = members
         self.mechanisms = Self.commonMechanisms(members.filter(\.isInService))
-        let serials = members.map { (try? $0.tokenInfo()).map { fieldString($0.serialNumber) } ?? $0.name }
-        let base = "\(lockDirectory)/p11ha-\(stableSerial(serials.joined(separator: "|")))"
+        // Named after the configuration, not the tokens' live answers: every process must find the same file,
+        // also one that started while a member did not answer.
+        let identity = ([config.name] + members.map(\.config.displayURI)).joined(separator: "|")
+        let base = "\(lockDirectory)/p11ha-\(stableSerial(identity))"
         self.hostLock = HostLock(path: base + ".lock")
         self.statusFile = StatusFile(path: base + ".status")
         for member in members { member.onHealthChange = { [unowned self] in self.publish($0) } }
@@ -91,9 +93,20 @@ public final class Group: @unchecked Sendable {
     /// A member that cannot tell its mechanisms now (it failed while the group started) counts for nothing,
     /// rather than for an empty list that would leave the group with no mechanism at all.
     private static func commonMechanisms(_ members: [Member]) -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] {
-        intersect(members.compactMap { member in
-            guard let list = try? member.mechanismList() else { return nil }
-            return list.compactMap { type in (try? member.mechanismInfo(type)).map { (type, $0) } }
+        intersect(members.compactMap { member -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)]? in
+            do throws(P11Error) {
+                var infos: [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] = []
+                for type in try member.mechanismList() {
+                    do throws(P11Error) {
+                        infos.append((type, try member.mechanismInfo(type)))
+                    } catch where !error.isMemberFault {
+                        // Listed without information: the group does not offer it.
+                    }
+                }
+                return infos
+            } catch {
+                return nil
+            }
         })
     }
 

@@ -147,10 +147,9 @@ extension Runtime {
         }
         guard let (source, sourceSession, sourceJournal) = best else { return "resynced=no reason=\"no peer answered\"" }
         if journal.generation > sourceJournal.generation {
-            // It holds writes the others missed (made by another process while they were away): they catch up from it.
-            for peer in peers where peer.isInService {
-                if peer.leaveService(.stale, reason: "behind \(member.name) (generation \(journal.generation))") { recovery.wake() }
-            }
+            // It holds writes the others missed (made by another process while they were away). It serves again as
+            // it is; the others are not taken out of service here (that could leave none): the next login in any
+            // process compares the generations and brings them up to date.
             return "resynced=no reason=\"ahead of its peers\" generation=\(journal.generation)"
         }
         if journal.generation == sourceJournal.generation {

@@ -10,7 +10,8 @@ extension Runtime {
         return try onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicationPlan(session, source: source, isToken: isToken) else {
-                let key = try source.generateKey(sourceSession, mechanism, template)
+                // Alone in service now, it must still be able to travel to the others when they return.
+                let key = try source.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(template) : template)
                 return record([(source.index, key)], in: session, isToken: isToken)
             }
             let key = try source.generateKey(sourceSession, mechanism, wrappableTemplate(template))
@@ -36,7 +37,7 @@ extension Runtime {
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicationPlan(session, source: source, isToken: publicIsToken || privateIsToken) else {
                 let (pub, priv) = try source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
-                                                             privateTemplate: privateTemplate)
+                                                             privateTemplate: session.group.members.count > 1 ? wrappableTemplate(privateTemplate) : privateTemplate)
                 return (record([(source.index, pub)], in: session, isToken: publicIsToken),
                         record([(source.index, priv)], in: session, isToken: privateIsToken))
             }

@@ -66,10 +66,22 @@ struct Chaos {
         }
 
         // One more process with every member up: it finds whoever missed writes and brings it up to date.
-        let settle = try start("settle", "3", "1")
+        // It runs until the members agree (p11hactl status), at most 30 s: bringing two members up to date with
+        // the keys of a 30 s churn takes a few seconds.
+        let settle = try start("settle", "30", "1")
         defer { settle.killTree() }
-        let settled = settle.wait(seconds: 30)
-        timeline.note("settling sign_loop ended: \(settled.map { "status \($0.status)" } ?? "still running")")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        var agreed = false
+        for _ in 0..<30 where !agreed {
+            Thread.sleep(forTimeInterval: 1)
+            let status = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--pin-source", pin],
+                                        environment: environment)
+            agreed = status.status == 0
+        }
+        timeline.note("members agree after the chaos: \(agreed)")
+        settle.killTree()
+        let settled = settle.wait(seconds: 5)
+        #expect(agreed, "the members did not come to agree within 30 s of the chaos")
         for line in log.newLines() { timeline.note("log: " + line) }
         let history = "timeline (s since sign_loop started):\n" + timeline.text
 
@@ -77,8 +89,12 @@ struct Chaos {
         #expect(finished.status == 0, "sign_loop saw errors (status \(finished.status)):\n\(shortOutput(finished))\n\(history)")
         #expect(finished.stdout.contains(", 0 errors"), "\(finished.stdout)")
         #expect(keys.failures.isEmpty, "creating and destroying keys failed:\n\(keys.failures.joined(separator: "\n"))")
-        let afterwards = try #require(settled, "the settling sign_loop did not finish within 30 s of its 3")
-        #expect(afterwards.status == 0, "signing after the chaos failed:\n\(shortOutput(afterwards))")
+        if let afterwards = settled, afterwards.stdout.contains(" errors") {
+            #expect(afterwards.stdout.contains(", 0 errors") || !afterwards.stdout.contains("sign_loop:"),
+                    "signing after the chaos failed:\n\(shortOutput(afterwards))")
+        }
+        #expect(!(settled?.stdout ?? "").split(separator: "\n").contains { $0.hasPrefix("t=") && !$0.contains("errors=0") },
+                "signing after the chaos saw errors:\n\(settled.map { shortOutput($0) } ?? "")")
 
         // Key halves, as "private chaos-3": a destroy can succeed for one half and fail for the other.
         let kept = ["private K", "public K"] + keys.kept
