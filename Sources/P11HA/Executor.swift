@@ -27,7 +27,7 @@ final class Executor: @unchecked Sendable {
     /// Calls under way (a call past its deadline stays under way until the module returns).
     var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
 
-    /// Lets idle workers end (busy ones end when their call returns).
+    /// Stops idle workers (busy ones stop when their call returns); they park rather than end (see parkForever).
     func close() {
         closed.store(true, ordering: .releasing)
         for worker in idle.withLock({ list in defer { list.removeAll() }; return list }) { worker.stop() }
@@ -130,10 +130,10 @@ private final class Worker: @unchecked Sendable {
             pthread_setspecific(Self.key, UnsafeRawPointer(bitPattern: 1))
             while true {
                 _ = wake.wait(spinNanos: 50_000, timeout: nil)
-                if stopping { return }
+                if stopping { parkForever() }
                 job?()
                 job = nil
-                if !owner.finished(self) { return }
+                if !owner.finished(self) { parkForever() }
             }
         }
     }

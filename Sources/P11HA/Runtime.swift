@@ -44,6 +44,7 @@ public enum Library {
             spawnThread {
                 outcome.value = Result { try Runtime.start(startConfig, afterFork: afterFork) }
                 done.raise()
+                parkForever()
             }
             done.wait(timeout: nil)
             let runtime: Runtime

@@ -25,6 +25,14 @@ func spawnThread(_ body: @escaping @Sendable () -> Void) {
     if rc != 0 { Unmanaged<AnyObject>.fromOpaque(context).release() }
 }
 
+/// Ends a thread's work without ending the thread. A thread of p11ha's that called into a member holds that
+/// module's thread-local state (SoftHSM's OpenSSL keeps some): if the thread ended while the process exits,
+/// its destructors would race OpenSSL's own cleanup at exit and crash. Parked threads just vanish at exit.
+func parkForever() -> Never {
+    let never = Signal()
+    while true { never.wait(timeout: nil) }
+}
+
 /// A flag one thread waits on, with a deadline, and another raises.
 final class Signal: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
