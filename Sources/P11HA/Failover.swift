@@ -1,6 +1,7 @@
 // Failover: a member's fault takes it out of service and the work goes to a peer, replayed where it was an
 // operation in progress. The caller's errors pass through untouched.
 import CInterop
+import Glibc
 
 extension Runtime {
     /// Takes a member that faulted out of service; the recovery worker will probe it.
@@ -11,13 +12,36 @@ extension Runtime {
 
     enum Choice { case scheduler, first }
 
+    /// Chooses a member; when none is in service but one answers and is being brought up to date (stale or
+    /// recovering), waits for it, up to the operation-timeout (2 s without one), rather than fail a call that a
+    /// moment later would succeed. With every member down, it fails at once.
+    func awaitingRecovery(_ group: Group, _ choose: () throws(P11Error) -> Member) throws(P11Error) -> Member {
+        do {
+            return try choose()
+        } catch {
+            let returning: (Member) -> Bool = { $0.health == .stale || $0.health == .recovering }
+            guard group.members.contains(where: returning) else { throw error }
+            recovery.wake()
+            let limit = config.operationTimeout ?? .seconds(2)
+            let deadline = monotonicNanos() + UInt64(limit.components.seconds) * 1_000_000_000
+                + UInt64(limit.components.attoseconds / 1_000_000_000)
+            while monotonicNanos() < deadline, group.members.contains(where: returning),
+                  !group.members.contains(where: \.isInService) {
+                usleep(2_000)
+            }
+            return try choose()
+        }
+    }
+
     /// Runs `body` on one member that holds `copies` (nil: any), moving to a peer on each member fault.
     func onOneMember<T>(_ group: Group, holding copies: [CK_OBJECT_HANDLE?]? = nil, choice: Choice = .scheduler,
                         _ body: (Member) throws(P11Error) -> T) throws(P11Error) -> T {
         var excluded = Set<Int>()
         while true {
-            let member = choice == .first ? try group.first(holding: copies, excluding: excluded)
-                                           : try group.pick(holding: copies, excluding: excluded)
+            let member = try awaitingRecovery(group) { () throws(P11Error) in
+                choice == .first ? try group.first(holding: copies, excluding: excluded)
+                                 : try group.pick(holding: copies, excluding: excluded)
+            }
             do {
                 return try body(member)
             } catch where error.isMemberFault {
@@ -35,7 +59,7 @@ extension Runtime {
         let copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
         var excluded = Set<Int>()
         while true {
-            let member = try group.pick(holding: copies, excluding: excluded)
+            let member = try awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
             member.inFlight.add(1, ordering: .relaxed)
             do {
                 let memberSession = try session.memberSession(member)
