@@ -147,6 +147,10 @@ extension Runtime {
         _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
             try member.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
         }
+        // The PIN kept to log returning members in must be the new one.
+        session.group.login.withLock { login in
+            if login.userType == CK_USER_TYPE(CKU_USER) { login.pin = new.copy() }
+        }
     }
 
     /// Runs `write` on each of `targets` in turn: the one way p11ha acts on several members.

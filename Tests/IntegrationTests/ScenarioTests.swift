@@ -42,6 +42,13 @@ func scenario(_ name: String, _ members: Members, module: String = Paths.debugMo
         #expect(serial(first) != serial(other))
     }
 
+    @Test("C_SetPIN and C_InitPIN change the PIN on every member")
+    func pins() throws {
+        let members = try Members()
+        let result = try scenario("pins", members)
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    }
+
     @Test("bad pointers, handles and lengths get the specification's codes, never a crash")
     func badInput() throws {
         let members = try Members()

@@ -225,3 +225,41 @@ func spreadScenario(_ m: Module) {
     check(served.reduce(0, +) >= 300, "every operation was counted: \(served)")
     ok(m.f.C_Finalize!(nil), "C_Finalize")
 }
+
+/// C_SetPIN and C_InitPIN act on every member.
+func pinScenario(_ m: Module) {
+    let s = initialized(m)
+    var session: CK_SESSION_HANDLE = 0
+    ok(m.f.C_OpenSession!(s, CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION), nil, nil, &session), "C_OpenSession")
+    var pin = Array(userPIN.utf8)
+    var changed = Array("changed-\(userPIN)".utf8)
+    var so = Array(soPIN.utf8)
+    ok(m.f.C_Login!(session, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count)), "C_Login")
+    expect(m.f.C_SetPIN!(session, &pin, CK_ULONG(pin.count), &changed, CK_ULONG(changed.count)), CKR_OK, "C_SetPIN through the group")
+    ok(m.f.C_Logout!(session), "C_Logout")
+    expect(m.f.C_Login!(session, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count)), CKR_PIN_INCORRECT, "the old PIN no longer works")
+    expect(m.f.C_Login!(session, CK_USER_TYPE(CKU_USER), &changed, CK_ULONG(changed.count)), CKR_OK, "the new PIN works")
+    ok(m.f.C_Logout!(session), "C_Logout")
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+
+    // Every member, opened directly, has the new PIN; then the SO sets the original back on every member.
+    let direct = Module(path: env("SOFTHSM_MODULE") ?? "")
+    ok(direct.f.C_Initialize!(nil), "C_Initialize SoftHSM directly")
+    for label in (env("P11HA_TEST_MEMBERS") ?? "").split(separator: ",").map(String.init) {
+        guard let memberSlot = slot(labelled: label, in: direct) else { fatal("no member \(label)") }
+        var ms: CK_SESSION_HANDLE = 0
+        ok(direct.f.C_OpenSession!(memberSlot, CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION), nil, nil, &ms), "C_OpenSession")
+        expect(direct.f.C_Login!(ms, CK_USER_TYPE(CKU_USER), &changed, CK_ULONG(changed.count)), CKR_OK, "\(label) took the new PIN")
+        _ = direct.f.C_Logout!(ms)
+        _ = direct.f.C_CloseSession!(ms)
+    }
+    ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM")
+
+    let s2 = initialized(m)
+    ok(m.f.C_OpenSession!(s2, CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION), nil, nil, &session), "C_OpenSession")
+    ok(m.f.C_Login!(session, CK_USER_TYPE(CKU_SO), &so, CK_ULONG(so.count)), "SO C_Login")
+    expect(m.f.C_InitPIN!(session, &pin, CK_ULONG(pin.count)), CKR_OK, "C_InitPIN through the group")
+    ok(m.f.C_Logout!(session), "C_Logout")
+    expect(m.f.C_Login!(session, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count)), CKR_OK, "the PIN the SO set works on every member")
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+}

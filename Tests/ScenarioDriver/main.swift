@@ -14,6 +14,7 @@ let scenarios: [String: (Module) -> Void] = [
     "crypto": cryptoScenario,
     "bad-input": badInputScenario,
     "spread": spreadScenario,
+    "pins": pinScenario,
     "replication": replicationScenario,
     "no-replication-key": noReplicationKeyScenario,
     "refused-generation": refusedGenerationScenario,
