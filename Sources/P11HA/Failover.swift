@@ -56,7 +56,8 @@ extension Runtime {
     func startOperation(_ kind: OperationKind, _ session: VirtualSession, _ mechanism: Mechanism,
                         key: CK_OBJECT_HANDLE?, replaying parts: [[UInt8]] = []) throws(P11Error) -> Int {
         let group = session.group
-        let copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
+        var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
+        var refreshed = Set<Int>()
         var excluded = Set<Int>()
         while true {
             let member = try awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
@@ -78,6 +79,15 @@ extension Runtime {
                 member.inFlight.subtract(1, ordering: .relaxed)
                 fail(member, error)
                 excluded.insert(member.index)
+            } catch where error.fromMember && (error.rv == CKR_KEY_HANDLE_INVALID || error.rv == CKR_OBJECT_HANDLE_INVALID)
+                        && key != nil && !refreshed.contains(member.index) {
+                // Our handle of the key's copy there went stale (the member's module restarted): find it again.
+                member.inFlight.subtract(1, ordering: .relaxed)
+                refreshed.insert(member.index)
+                if refreshCopy(of: key!, on: member, in: session) == nil { excluded.insert(member.index) }
+                copies = try self.copies(of: key!, in: group, invalid: .keyHandleInvalid)
+                // Gone from every member (destroyed behind p11ha's back): the caller's handle is invalid now.
+                if copies!.allSatisfy({ $0 == nil }) { throw P11Error.keyHandleInvalid }
             } catch {
                 member.inFlight.subtract(1, ordering: .relaxed)
                 throw error

@@ -163,6 +163,30 @@ extension Runtime {
         }
     }
 
+    /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
+    /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
+    func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> CK_OBJECT_HANDLE? {
+        let group = session.group
+        guard let record = group.objects.withLock({ $0[object] }) else { return nil }
+        var identity = record.identity
+        if identity == nil {
+            for holder in group.members where holder.isInService && holder !== member {
+                guard let copy = record.copies[holder.index], let s = try? session.memberSession(holder),
+                      let values = try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes) else { continue }
+                identity = ObjectIdentity(values: values)
+                break
+            }
+        }
+        let found = identity.flatMap { identity in
+            (try? session.memberSession(member)).flatMap { try? member.findObjects($0, identity.template).first }
+        }
+        group.objects.withLock {
+            if let identity { $0.setIdentity(object, identity) }
+            $0.setCopy(object, member: member.index, copy: found)
+        }
+        return found
+    }
+
     func isTokenObject(_ object: CK_OBJECT_HANDLE, in session: VirtualSession) throws(P11Error) -> Bool {
         let values = try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
             try member.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
