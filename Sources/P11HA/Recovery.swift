@@ -227,16 +227,10 @@ extension Runtime {
                 group.objects.withLock { $0.setCopy(handle, member: member.index, copy: nil) }
                 continue
             }
-            var identity = record.identity
-            if identity == nil {
-                for holder in group.members where holder.isInService && holder !== member {
-                    guard let copy = record.copies[holder.index], let s = try? holder.openSession(readWrite: false) else { continue }
-                    defer { holder.closeSession(s) }
-                    if let values = try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes) {
-                        identity = ObjectIdentity(values: values)
-                        break
-                    }
-                }
+            let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
+                guard let s = try? holder.openSession(readWrite: false) else { return nil }
+                defer { holder.closeSession(s) }
+                return try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes)
             }
             guard let identity else { continue }
             let found = try? member.findObjects(probe, identity.template)

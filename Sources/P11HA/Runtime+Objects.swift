@@ -163,19 +163,24 @@ extension Runtime {
         }
     }
 
+    /// An object's identity: the one recorded, else read (through `read`) from its copy on a member in service
+    /// other than `member`.
+    func knownIdentity(of record: ObjectTable.Record, in group: Group, except member: Member,
+                       read: (Member, CK_OBJECT_HANDLE) -> [[UInt8]?]?) -> ObjectIdentity? {
+        if let identity = record.identity { return identity }
+        for holder in group.members where holder.isInService && holder !== member {
+            if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(values: values) }
+        }
+        return nil
+    }
+
     /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
     /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
     func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> CK_OBJECT_HANDLE? {
         let group = session.group
         guard let record = group.objects.withLock({ $0[object] }) else { return nil }
-        var identity = record.identity
-        if identity == nil {
-            for holder in group.members where holder.isInService && holder !== member {
-                guard let copy = record.copies[holder.index], let s = try? session.memberSession(holder),
-                      let values = try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes) else { continue }
-                identity = ObjectIdentity(values: values)
-                break
-            }
+        let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
+            (try? session.memberSession(holder)).flatMap { try? holder.readAttributes($0, copy, ObjectIdentity.attributeTypes) }
         }
         let found = identity.flatMap { identity in
             (try? session.memberSession(member)).flatMap { try? member.findObjects($0, identity.template).first }

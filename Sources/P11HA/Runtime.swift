@@ -203,7 +203,6 @@ public final class Runtime: @unchecked Sendable {
         session.endAllOperations()
         let (handles, retired) = session.state.withLock { state in
             defer {
-                state.closed = true
                 state.memberSessions = state.memberSessions.map { _ in nil }
                 state.retired = []
             }

@@ -33,7 +33,6 @@ public final class VirtualSession: @unchecked Sendable {
         var memberSessions: [CK_SESSION_HANDLE?]
         var operations = [Operation?](repeating: nil, count: OperationKind.allCases.count)
         var search: Search?
-        var closed = false
         /// Member sessions replaced after their member returned: closed with this session, never earlier,
         /// since a call may still be using one.
         var retired: [(member: Int, session: CK_SESSION_HANDLE)] = []
