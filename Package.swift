@@ -26,9 +26,11 @@ let package = Package(
         // never answers; an application's dlclose must not unmap the code they will return to.
         .target(name: "P11HAModule", dependencies: ["P11HA", "CInterop"], swiftSettings: leanRuntime,
                 linkerSettings: [.unsafeFlags(["-Xlinker", "-z", "-Xlinker", "nodelete"])]),
+        // Operators' work (domain, sync, diagnostics): in p11hactl only, never in libp11ha.so.
+        .target(name: "P11HAAdmin", dependencies: ["P11HA", "CInterop"]),
         .executableTarget(
             name: "p11hactl",
-            dependencies: ["P11HA", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["P11HA", "P11HAAdmin", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         // Drives the real C ABI of libp11ha.so from a separate process, one scenario per run.
         .executableTarget(name: "p11ha-scenario", dependencies: ["CInterop"], path: "Tests/ScenarioDriver"),
         .testTarget(name: "P11HATests", dependencies: ["P11HA"]),

@@ -29,7 +29,7 @@ public final class Group: @unchecked Sendable {
         self.slotID = slotID
         self.config = config
         self.members = members
-        self.mechanisms = Self.commonMechanisms(members.filter(\.isInService))
+        self.mechanisms = Self.commonMechanisms(members.filter { $0.isInService && $0.connected.load(ordering: .acquiring) })
         // Named after the configuration, not the tokens' live answers: every process must find the same file,
         // also one that started while a member did not answer.
         let identity = ([config.name] + members.map(\.config.displayURI)).joined(separator: "|")
@@ -44,7 +44,7 @@ public final class Group: @unchecked Sendable {
 
     /// The member with the fewest operations in flight among the active members in service that hold a copy
     /// (`copies` nil: any), ties broken round-robin; standby members only when no active one can serve.
-    func pick(holding copies: [CK_OBJECT_HANDLE?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
+    func pick(holding copies: [MemberObject?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
         let start = roundRobin.add(1, ordering: .relaxed).oldValue
         let n = members.count
         var best: Member?
@@ -71,7 +71,7 @@ public final class Group: @unchecked Sendable {
 
     /// The first active member in service (standby ones last) that holds a copy: where reads that must agree
     /// with each other (a length query and its read) and key generation go.
-    func first(holding copies: [CK_OBJECT_HANDLE?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
+    func first(holding copies: [MemberObject?]? = nil, excluding excluded: Set<Int> = []) throws(P11Error) -> Member {
         let candidates = members.filter { member in
             member.isInService && !excluded.contains(member.index) && (copies == nil || copies![member.index] != nil)
         }
@@ -83,9 +83,7 @@ public final class Group: @unchecked Sendable {
     /// group skip them.
     func isInfrastructure(_ object: CK_OBJECT_HANDLE) -> Bool {
         guard let identity = objects.withLock({ $0[object]?.identity }) else { return false }
-        let isKey = identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY).value && identity.values[4] == ReplicationKey.id
-        let isJournal = identity.values[0] == Attribute(CKA_CLASS, ulong: CKO_DATA).value && identity.values[5] == Array(Journal.label.utf8)
-        return isKey || isJournal
+        return identity.isReplicationKey || identity.isJournal
     }
 
     public var membersInService: [Member] { members.filter(\.isInService) }
@@ -96,9 +94,9 @@ public final class Group: @unchecked Sendable {
         intersect(members.compactMap { member -> [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)]? in
             do throws(P11Error) {
                 var infos: [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)] = []
-                for type in try member.mechanismList() {
+                for type in try member.token.mechanismList() {
                     do throws(P11Error) {
-                        infos.append((type, try member.mechanismInfo(type)))
+                        infos.append((type, try member.token.mechanismInfo(type)))
                     } catch where !error.isMemberFault {
                         // Listed without information: the group does not offer it.
                     }
@@ -131,7 +129,7 @@ public final class Group: @unchecked Sendable {
 /// Virtual object handles and, for each, the handle of its copy on each member.
 struct ObjectTable {
     struct Record {
-        var copies: [CK_OBJECT_HANDLE?]
+        var copies: [MemberObject?]
         var identity: ObjectIdentity?
         /// For a session object: the virtual session that owns it.
         var owner: CK_SESSION_HANDLE?
@@ -139,7 +137,7 @@ struct ObjectTable {
 
     struct CopyKey: Hashable {
         let member: Int
-        let handle: CK_OBJECT_HANDLE
+        let handle: MemberObject
     }
 
     private(set) var records: [CK_OBJECT_HANDLE: Record] = [:]
@@ -150,7 +148,7 @@ struct ObjectTable {
 
     subscript(handle: CK_OBJECT_HANDLE) -> Record? { records[handle] }
 
-    func handle(member: Int, copy: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE? {
+    func handle(member: Int, copy: MemberObject) -> CK_OBJECT_HANDLE? {
         byCopy[CopyKey(member: member, handle: copy)]
     }
 
@@ -165,13 +163,13 @@ struct ObjectTable {
     }
 
     /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
-    mutating func attach(member: Int, copy: CK_OBJECT_HANDLE, identity: ObjectIdentity, memberCount: Int) -> CK_OBJECT_HANDLE {
+    mutating func attach(member: Int, copy: MemberObject, identity: ObjectIdentity, memberCount: Int) -> CK_OBJECT_HANDLE {
         for handle in byIdentity[identity] ?? [] where records[handle]?.copies[member] == nil {
             records[handle]!.copies[member] = copy
             byCopy[CopyKey(member: member, handle: copy)] = handle
             return handle
         }
-        var copies = [CK_OBJECT_HANDLE?](repeating: nil, count: memberCount)
+        var copies = [MemberObject?](repeating: nil, count: memberCount)
         copies[member] = copy
         return insert(Record(copies: copies, identity: identity, owner: nil))
     }
@@ -198,7 +196,7 @@ struct ObjectTable {
     }
 
     /// Sets (or clears) the copy of an object on one member, as found again after the member returned.
-    mutating func setCopy(_ handle: CK_OBJECT_HANDLE, member: Int, copy: CK_OBJECT_HANDLE?) {
+    mutating func setCopy(_ handle: CK_OBJECT_HANDLE, member: Int, copy: MemberObject?) {
         guard records[handle] != nil else { return }
         if let old = records[handle]!.copies[member], byCopy[CopyKey(member: member, handle: old)] == handle {
             byCopy[CopyKey(member: member, handle: old)] = nil
@@ -228,21 +226,4 @@ struct ObjectTable {
     mutating func removeObjects(ownedBy session: CK_SESSION_HANDLE) {
         for (handle, record) in records where record.owner == session { remove(handle) }
     }
-}
-
-/// What makes copies of an object on different members one object: the attributes every copy shares and
-/// that an application uses to find it.
-struct ObjectIdentity: Hashable {
-    /// The search template that finds this object on a member.
-    var template: [Attribute] {
-        zip(Self.attributeTypes, values).compactMap { type, value in value.map { Attribute(type, $0) } }
-    }
-
-    static let attributeTypes: [CK_ATTRIBUTE_TYPE] = [
-        CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_TOKEN), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE),
-        CK_ATTRIBUTE_TYPE(CKA_CERTIFICATE_TYPE), CK_ATTRIBUTE_TYPE(CKA_ID), CK_ATTRIBUTE_TYPE(CKA_LABEL),
-        // Public values tell apart keys that share a label and ID (and keep conflicting copies apart).
-        CK_ATTRIBUTE_TYPE(CKA_MODULUS), CK_ATTRIBUTE_TYPE(CKA_EC_POINT),
-    ]
-    let values: [[UInt8]?]
 }

@@ -103,31 +103,31 @@ func hexDecode(_ text: Substring) -> [UInt8]? {
     return out
 }
 
-extension Member {
+extension Journal {
     /// Every journal object on the member with its content (normally one; two for a moment while it is replaced).
-    private func journals(_ session: CK_SESSION_HANDLE) throws(P11Error) -> [(CK_OBJECT_HANDLE, Journal)] {
-        var result: [(CK_OBJECT_HANDLE, Journal)] = []
-        for handle in try findObjects(session, Journal.searchTemplate) {
-            let bytes = try readAttributes(session, handle, [CKA_VALUE])[0] ?? []
+    private static func all(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> [(MemberObject, Journal)] {
+        var result: [(MemberObject, Journal)] = []
+        for handle in try token.findObjects(session, searchTemplate) {
+            let bytes = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
             result.append((handle, Journal(decoding: bytes) ?? Journal()))
         }
         return result
     }
 
     /// The member's journal; an empty one (generation 0) when it has none yet.
-    func readJournal(_ session: CK_SESSION_HANDLE) throws(P11Error) -> Journal {
-        try journals(session).map(\.1).max { $0.generation < $1.generation } ?? Journal()
+    package static func read(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> Journal {
+        try all(on: token, session).map(\.1).max { $0.generation < $1.generation } ?? Journal()
     }
 
     /// Replaces the journal: the new one is created before the old one goes (SoftHSM refuses to change a data
     /// object's CKA_VALUE), so a member always has one; an interruption leaves two, and the newer counts.
-    func writeJournal(_ session: CK_SESSION_HANDLE, _ journal: Journal) throws(P11Error) {
-        let old = try journals(session)
-        _ = try createObject(session, Journal.searchTemplate + [
-            Attribute(CKA_APPLICATION, Array(Journal.application.utf8)), Attribute(CKA_TOKEN, bool: true),
+    static func write(on token: any TokenBackend, _ session: MemberSession, _ journal: Journal) throws(P11Error) {
+        let old = try all(on: token, session)
+        _ = try token.createObject(session, searchTemplate + [
+            Attribute(CKA_APPLICATION, Array(application.utf8)), Attribute(CKA_TOKEN, bool: true),
             Attribute(CKA_PRIVATE, bool: true), Attribute(CKA_VALUE, journal.encoded()),
         ])
-        for (handle, _) in old { try? destroyObject(session, handle) }
+        for (handle, _) in old { try? token.destroyObject(session, handle) }
     }
 }
 
@@ -162,7 +162,7 @@ extension Runtime {
             for index in members {
                 let member = group.members[index]
                 guard let s = try? session.memberSession(member) else { continue }
-                do throws(P11Error) { journals[index] = try member.readJournal(s) } catch { markStale(member, error) }
+                do throws(P11Error) { journals[index] = try Journal.read(on: member.token, s) } catch { markStale(member, error) }
             }
             // Each member counts the writes it received: one that is behind (it missed writes, or lacks objects it
             // could not be given) stays behind by as much, and is never taken for an up-to-date member.
@@ -173,16 +173,16 @@ extension Runtime {
                     journal.changes.append(Journal.Change(generation: journal.generation, identity: change.identity, template: change.template))
                     journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
                 }
-                do throws(P11Error) { try member.writeJournal(try session.memberSession(member), journal) } catch { markStale(member, error) }
+                do throws(P11Error) { try Journal.write(on: member.token, try session.memberSession(member), journal) } catch { markStale(member, error) }
             }
             // A member that came into service while the write was under way did not get it.
             for member in group.membersInService where !members.contains(member.index) {
-                if member.leaveService(.stale, reason: "missed a write made while it was returning") { recovery.wake() }
+                fanOut.markStale(member, reason: "missed a write made while it was returning")
             }
         }
     }
 
     private func markStale(_ member: Member, _ error: P11Error) {
-        if member.leaveService(.stale, reason: "journal not updated: \(error)") { recovery.wake() }
+        fanOut.markStale(member, reason: "journal not updated: \(error)")
     }
 }

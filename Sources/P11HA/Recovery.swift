@@ -62,48 +62,46 @@ extension Runtime {
 
     private func recover(_ member: Member, in group: Group) {
         guard let restarted = probe(member) else { return }
-        let wasStale = member.health == .stale
-        member.setHealth(.recovering)
+        let before = fanOut.beginRecovery(member)
         let outcome: String
         // One session, logged in, stays open until the member is back: the member's login lasts as long as the
         // application has a session there, and the sessions reattach opens must find it logged in.
-        let session: CK_SESSION_HANDLE
+        let session: MemberSession
         do throws(P11Error) {
-            session = try member.openSession(readWrite: true)
+            session = try member.token.openSession(readWrite: true)
             try logIn(member, session, group)
         } catch {
-            member.setHealth(wasStale ? .stale : .failed)
+            fanOut.abandonRecovery(member, before: before)
             let level: LogLevel = error.rv == CKR_USER_NOT_LOGGED_IN ? .info : .warning
             Log.event(level, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
             return
         }
-        defer { member.closeSession(session) }
+        defer { member.token.closeSession(session) }
         do throws(P11Error) {
             outcome = try group.hostLock.withLock { () throws(P11Error) -> String in try resynchronize(member, session, in: group) }
             try reattach(member, in: group, restarted: restarted)
         } catch {
-            member.setHealth(wasStale ? .stale : .failed)
+            fanOut.abandonRecovery(member, before: before)
             Log.event(.warning, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
             return
         }
-        member.history.withLock { $0.lastRecovery = wallClock() }
-        member.setHealth(.inService)
-        group.publish(member)
+        fanOut.returnToService(member, in: group)
         Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome)")
     }
 
     /// Whether the member answers again (restarting its module when it has to); nil while it does not.
     /// Returns whether the module was restarted (its sessions and handles are then new).
     private func probe(_ member: Member) -> Bool? {
-        if member.slotID == CK_SLOT_ID.max {
-            // It did not answer at start: find its slot first.
-            guard (try? member.relocate()) != nil else {
+        if !member.connected.load(ordering: .acquiring) {
+            // It did not answer at start: find its token first.
+            guard (try? member.token.reconnect(restartingModule: false)) != nil else {
                 if member.config.via == nil { return nil }
                 return probeRestarting(member)
             }
+            member.connected.store(true, ordering: .releasing)
         }
         do throws(P11Error) {
-            _ = try member.tokenInfo()
+            _ = try member.token.tokenInfo()
             return false
         } catch {
             // A restarted member (CKR_CRYPTOKI_NOT_INITIALIZED) or a dead link: start its module afresh.
@@ -115,11 +113,11 @@ extension Runtime {
     /// Restarts the member's module, finds its token again and asks it; true when it answers.
     private func probeRestarting(_ member: Member) -> Bool? {
         // Never under a call still inside the module (one past its deadline): p11-kit's client aborts.
-        guard member.executor.busy == 0 else { return nil }
-        guard ModuleRegistry.restart(member.module, exclusive: member.config.via != nil) else { return nil }
-        do {
-            try member.relocate()
-            _ = try member.tokenInfo()
+        guard member.token.callsUnderWay == 0 else { return nil }
+        do throws(P11Error) {
+            try member.token.reconnect(restartingModule: true)
+            member.connected.store(true, ordering: .releasing)
+            _ = try member.token.tokenInfo()
             return true
         } catch {
             return nil
@@ -127,23 +125,23 @@ extension Runtime {
     }
 
     /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
-    private func resynchronize(_ member: Member, _ session: CK_SESSION_HANDLE, in group: Group) throws(P11Error) -> String {
+    private func resynchronize(_ member: Member, _ session: MemberSession, in group: Group) throws(P11Error) -> String {
         let peers = group.members.filter { $0.isInService && $0 !== member }
-        let journal = try member.readJournal(session)
+        let journal = try Journal.read(on: member.token, session)
         guard !peers.isEmpty else { return "resynced=no reason=\"no member in service to compare with\"" }
         // The up-to-date peer: the highest generation, active members first.
-        var best: (Member, CK_SESSION_HANDLE, Journal)? = nil
-        var opened: [(Member, CK_SESSION_HANDLE)] = []
-        defer { for (peer, s) in opened { peer.closeSession(s) } }
+        var best: (Member, MemberSession, Journal)? = nil
+        var opened: [(Member, MemberSession)] = []
+        defer { for (peer, s) in opened { peer.token.closeSession(s) } }
         for peer in peers.sorted(by: { !$0.isStandby && $1.isStandby }) {
             do throws(P11Error) {
-                let s = try peer.openSession(readWrite: false)
+                let s = try peer.token.openSession(readWrite: false)
                 opened.append((peer, s))
                 try logIn(peer, s, group)
-                let j = try peer.readJournal(s)
+                let j = try Journal.read(on: peer.token, s)
                 if best == nil || j.generation > best!.2.generation { best = (peer, s, j) }
             } catch where error.isMemberFault {
-                fail(peer, error)
+                fanOut.fail(peer, error)
             }
         }
         guard let (source, sourceSession, sourceJournal) = best else { return "resynced=no reason=\"no peer answered\"" }
@@ -158,12 +156,12 @@ extension Runtime {
         }
         var changed = 0
         for change in sourceJournal.changes where change.generation > journal.generation {
-            for object in try member.findObjects(session, change.identity) {
-                if (try? member.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
+            for object in try member.token.findObjects(session, change.identity) {
+                if (try? member.token.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
             }
         }
-        let keyHere = try member.replicationKey(session)
-        let keyThere = try source.replicationKey(sourceSession)
+        let keyHere = try ReplicationKey.find(on: member.token, session)
+        let keyThere = try ReplicationKey.find(on: source.token, sourceSession)
         let mine = try inventory(member, session, replicationKey: keyHere)
         let theirs = try inventory(source, sourceSession, replicationKey: keyThere)
         var copied = 0, destroyed = 0, uncopyable = 0
@@ -171,38 +169,40 @@ extension Runtime {
         for object in mine where theirMaterial[object.identity] == nil
             || (theirMaterial[object.identity]! != nil && object.material != nil && theirMaterial[object.identity]! != object.material) {
             // Destroyed while it was away (or a different key under the same name): it must not come back.
-            try member.destroyObject(session, object.handle)
+            try member.token.destroyObject(session, object.handle)
             destroyed += 1
         }
         let kept = Set(mine.filter { o in theirMaterial[o.identity].map { $0 == nil || o.material == nil || $0 == o.material } ?? false }.map(\.identity))
         for object in theirs where !kept.contains(object.identity) {
-            let isKey = object.identity.objectClass == CKO_SECRET_KEY || object.identity.objectClass == CKO_PRIVATE_KEY
+            let isKey = object.identity.classValue == CKO_SECRET_KEY || object.identity.classValue == CKO_PRIVATE_KEY
             if isKey && (!object.extractable || keyHere == nil || keyThere == nil) {
                 uncopyable += 1
                 Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\"\(object.identity)\" reason=\"not extractable, or no replication key\"")
                 continue
             }
-            let replicationKeys = [member.index: keyHere ?? 0, source.index: keyThere ?? 0]
+            var replicationKeys: [Int: MemberObject] = [:]
+            replicationKeys[member.index] = keyHere
+            replicationKeys[source.index] = keyThere
             try copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
             copied += 1
         }
         // Only a complete copy takes the source's generation: one that lacks objects stays behind, so that it is
         // never the source another member is made identical to (which would destroy what it lacks there).
-        if uncopyable == 0 { try member.writeJournal(session, sourceJournal) }
+        if uncopyable == 0 { try Journal.write(on: member.token, session, sourceJournal) }
         Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
         return uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
                                : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)"
     }
 
     /// Logs a member in with its own PIN or the application's (kept since C_Login).
-    private func logIn(_ member: Member, _ session: CK_SESSION_HANDLE, _ group: Group) throws(P11Error) {
+    private func logIn(_ member: Member, _ session: MemberSession, _ group: Group) throws(P11Error) {
         let pin = member.ownPIN ?? group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) ? $0.pin?.copy() : nil }
         guard let pin else {
             // Without a login the member's private objects and journal cannot be compared: wait for one.
             throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN))
         }
         do throws(P11Error) {
-            try member.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+            try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
         } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
     }
 
@@ -211,15 +211,15 @@ extension Runtime {
     private func reattach(_ member: Member, in group: Group, restarted: Bool) throws(P11Error) {
         let virtualSessions = sessions.withLock { $0.values.filter { $0.group === group } }
         for session in virtualSessions {
-            let fresh = try member.openSession(readWrite: session.readWrite)
+            let fresh = try member.token.openSession(readWrite: session.readWrite)
             session.state.withLock { state in
                 // A restarted module's old handles mean nothing any more; others are closed with the session.
                 if let old = state.memberSessions[member.index], !restarted { state.retired.append((member.index, old)) }
                 state.memberSessions[member.index] = fresh
             }
         }
-        guard let probe = try? member.openSession(readWrite: false) else { return }
-        defer { member.closeSession(probe) }
+        guard let probe = try? member.token.openSession(readWrite: false) else { return }
+        defer { member.token.closeSession(probe) }
         let records = group.objects.withLock { $0.records }
         for (handle, record) in records {
             if record.owner != nil {
@@ -228,12 +228,12 @@ extension Runtime {
                 continue
             }
             let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
-                guard let s = try? holder.openSession(readWrite: false) else { return nil }
-                defer { holder.closeSession(s) }
-                return try? holder.readAttributes(s, copy, ObjectIdentity.attributeTypes)
+                guard let s = try? holder.token.openSession(readWrite: false) else { return nil }
+                defer { holder.token.closeSession(s) }
+                return try? holder.token.readAttributes(s, copy, ObjectIdentity.attributeTypes)
             }
             guard let identity else { continue }
-            let found = try? member.findObjects(probe, identity.template)
+            let found = try? member.token.findObjects(probe, identity.template)
             group.objects.withLock {
                 $0.setIdentity(handle, identity)
                 $0.setCopy(handle, member: member.index, copy: found?.first)

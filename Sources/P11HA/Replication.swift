@@ -43,32 +43,33 @@ enum ReplicaAttributes {
     }
 }
 
-extension Member {
-    /// The replication key's handle on this member, if it holds one.
-    func replicationKey(_ session: CK_SESSION_HANDLE) throws(P11Error) -> CK_OBJECT_HANDLE? {
-        try findObjects(session, ReplicationKey.searchTemplate).first
+extension ReplicationKey {
+    /// The replication key's handle on a member, if it holds one.
+    package static func find(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> MemberObject? {
+        try token.findObjects(session, searchTemplate).first
     }
 
     /// Wraps `key` under the replication key: the only form in which key material leaves a member.
-    func wrapForReplication(_ session: CK_SESSION_HANDLE, replicationKey: CK_OBJECT_HANDLE,
-                            key: CK_OBJECT_HANDLE) throws(P11Error) -> [UInt8] {
-        guard case .length(let n) = try wrapKey(session, ReplicationKey.wrapMechanism, wrappingKey: replicationKey,
-                                                key: key, capacity: nil),
-              let blob = try wrapKey(session, ReplicationKey.wrapMechanism, wrappingKey: replicationKey, key: key,
-                                     capacity: n).bytes else { throw P11Error.generalError }
+    package static func wrap(on token: any TokenBackend, _ session: MemberSession, replicationKey: MemberObject,
+                     key: MemberObject) throws(P11Error) -> [UInt8] {
+        guard case .length(let n) = try token.wrapKey(session, wrapMechanism, wrappingKey: replicationKey, key: key, capacity: nil),
+              let blob = try token.wrapKey(session, wrapMechanism, wrappingKey: replicationKey, key: key, capacity: n).bytes
+        else { throw P11Error.generalError }
         return blob
     }
+}
 
+extension ReplicaAttributes {
     /// The template that re-creates `object` elsewhere: its class, key type and the attributes of its class
     /// that it has (values of public keys included; nothing sensitive can be read).
-    func replicaTemplate(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> [Attribute] {
-        let head = try readAttributes(session, object, [CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE)])
+    static func template(on token: any TokenBackend, _ session: MemberSession, _ object: MemberObject) throws(P11Error) -> [Attribute] {
+        let head = try token.readAttributes(session, object, [CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE)])
         guard let classBytes = head[0] else { throw P11Error.generalError }
         let objectClass = Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), classBytes)
         var template = [objectClass]
         if let keyType = head[1] { template.append(Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), keyType)) }
-        let types = ReplicaAttributes.types(forClass: objectClass.ulongValue ?? 0)
-        for (type, value) in zip(types, try readAttributes(session, object, types)) {
+        let types = types(forClass: objectClass.ulongValue ?? 0)
+        for (type, value) in zip(types, try token.readAttributes(session, object, types)) {
             if let value, !value.isEmpty { template.append(Attribute(type, value)) }
         }
         return template
@@ -84,23 +85,23 @@ extension Runtime {
 
     /// Makes a generated key (or private key) exist on every member in service: generated on `source`,
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
-    func replicateGenerated(_ session: VirtualSession, source: Member, key: CK_OBJECT_HANDLE,
-                            plan: ReplicationPlan) throws(P11Error) -> [(Int, CK_OBJECT_HANDLE)] {
+    func replicateGenerated(_ session: VirtualSession, source: Member, key: MemberObject,
+                            plan: ReplicationPlan) throws(P11Error) -> [(Int, MemberObject)] {
         let sourceSession = try session.memberSession(source)
-        var blob = try source.wrapForReplication(sourceSession, replicationKey: plan.keys[source.index]!, key: key)
+        var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
         defer { for i in blob.indices { blob[i] = 0 } }
-        let template = try source.replicaTemplate(sourceSession, key)
-        return try everyMember(of: session.group, plan.others) { (member) throws(P11Error) in
-            try member.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
+        let template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
+        return try fanOut.everyMember(of: session.group, plan.others) { (member) throws(P11Error) in
+            try member.token.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
                                  unwrappingKey: plan.keys[member.index]!, wrapped: blob, template)
         } undo: { member, copy in
-            if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+            if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
         }
     }
 
     struct ReplicationPlan {
         let others: [Member]
-        let keys: [Int: CK_OBJECT_HANDLE]
+        let keys: [Int: MemberObject]
     }
 
     /// The members a key generated on `source` must reach, with their replication keys; nil when it stays on
@@ -115,8 +116,8 @@ extension Runtime {
                       "group=\(group.name) reason=\"generated-keys = refuse; import the key instead (C_CreateObject or C_UnwrapKey)\"")
             throw P11Error(CK_RV(CKR_FUNCTION_REJECTED))
         }
-        var keys: [Int: CK_OBJECT_HANDLE] = [:]
-        guard let sourceKey = try source.replicationKey(try session.memberSession(source)) else {
+        var keys: [Int: MemberObject] = [:]
+        guard let sourceKey = try ReplicationKey.find(on: source.token, try session.memberSession(source)) else {
             if !isToken { return nil }  // a session key dies with its session: it may stay on one member
             throw missingReplicationKey(group, source)
         }
@@ -124,14 +125,14 @@ extension Runtime {
         var reachable: [Member] = []
         for member in others {
             do throws(P11Error) {
-                guard let key = try member.replicationKey(try session.memberSession(member)) else {
+                guard let key = try ReplicationKey.find(on: member.token, try session.memberSession(member)) else {
                     if !isToken { return nil }
                     throw missingReplicationKey(group, member)
                 }
                 keys[member.index] = key
                 reachable.append(member)
             } catch where error.isMemberFault {
-                if member.leaveService(.stale, reason: "missed a write: \(error)") { recovery.wake() }
+                fanOut.markStale(member, reason: "missed a write: \(error)")
             }
         }
         return ReplicationPlan(others: reachable, keys: keys)

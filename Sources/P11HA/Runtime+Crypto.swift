@@ -14,18 +14,18 @@ extension Runtime {
 
     /// C_Encrypt, C_Decrypt, C_Digest, C_Sign, C_SignRecover, C_VerifyRecover.
     public func singlePart(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
-        try finishing(kind, handle) { (member, s) throws(P11Error) in try member.singlePart(kind, s, input, capacity: capacity) }
+        try finishing(kind, handle) { (member, s) throws(P11Error) in try member.token.singlePart(kind, s, input, capacity: capacity) }
     }
 
     /// C_EncryptFinal, C_DecryptFinal, C_DigestFinal, C_SignFinal.
     public func final(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, capacity: Int?) throws(P11Error) -> Output {
-        try finishing(kind, handle) { (member, s) throws(P11Error) in try member.final(kind, s, capacity: capacity) }
+        try finishing(kind, handle) { (member, s) throws(P11Error) in try member.token.final(kind, s, capacity: capacity) }
     }
 
     /// C_EncryptUpdate and C_DecryptUpdate.
     public func cipherUpdate(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
         try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in
-            try member.cipherUpdate(kind, s, input, capacity: capacity)
+            try member.token.cipherUpdate(kind, s, input, capacity: capacity)
         } consumed: { output in
             if case .data = output { return true }
             return false
@@ -34,7 +34,7 @@ extension Runtime {
 
     /// C_DigestUpdate, C_SignUpdate, C_VerifyUpdate.
     public func update(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8]) throws(P11Error) {
-        try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in try member.update(kind, s, input) } consumed: { _ in true }
+        try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in try member.token.update(kind, s, input) } consumed: { _ in true }
     }
 
     /// C_DigestKey: the key's value enters the digest inside one member, so it cannot be replayed elsewhere.
@@ -50,20 +50,20 @@ extension Runtime {
         }
         try continuing(.digest, handle, part: nil) { (member, s) throws(P11Error) in
             guard let copy = copies[member.index] else { throw P11Error.keyHandleInvalid }
-            try member.digestKey(s, copy)
+            try member.token.digestKey(s, copy)
         } consumed: { _ in false }
     }
 
     public func verify(_ handle: CK_SESSION_HANDLE, _ data: [UInt8], signature: [UInt8]) throws(P11Error) {
         try finishing(.verify, handle) { (member, s) throws(P11Error) -> Output in
-            try member.verify(s, data, signature: signature)
+            try member.token.verify(s, data, signature: signature)
             return .data([])
         }
     }
 
     public func verifyFinal(_ handle: CK_SESSION_HANDLE, signature: [UInt8]) throws(P11Error) {
         try finishing(.verify, handle) { (member, s) throws(P11Error) -> Output in
-            try member.verifyFinal(s, signature: signature)
+            try member.token.verifyFinal(s, signature: signature)
             return .data([])
         }
     }
@@ -71,17 +71,17 @@ extension Runtime {
     /// Random bytes from any member in service.
     public func generateRandom(_ handle: CK_SESSION_HANDLE, count: Int) throws(P11Error) -> [UInt8] {
         let session = try session(handle)
-        return try onOneMember(session.group) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(session.group) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
-            return try member.generateRandom(try session.memberSession(member), count: count)
+            return try member.token.generateRandom(try session.memberSession(member), count: count)
         }
     }
 
     /// Mixes the seed into every member's generator.
     public func seedRandom(_ handle: CK_SESSION_HANDLE, _ seed: [UInt8]) throws(P11Error) {
         let session = try session(handle)
-        _ = try everyMember(of: session.group, session.group.membersInService, onFault: .failed) { (member) throws(P11Error) in
-            try member.seedRandom(try session.memberSession(member), seed)
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+            try member.token.seedRandom(try session.memberSession(member), seed)
         }
     }
 
@@ -89,7 +89,7 @@ extension Runtime {
     /// (PKCS#11 5.2), and ends on anything else, success or error.
     @discardableResult
     private func finishing(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
-                           _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> Output) throws(P11Error) -> Output {
+                           _ body: (Member, MemberSession) throws(P11Error) -> Output) throws(P11Error) -> Output {
         try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
             let output = try body(member, memberSession)
             if case .data = output { session.endOperation(kind) }
@@ -100,7 +100,7 @@ extension Runtime {
     /// An update: the operation goes on after success. What the member consumed is kept for a replay.
     @discardableResult
     private func continuing<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, part: [UInt8]?,
-                               _ body: (Member, CK_SESSION_HANDLE) throws(P11Error) -> T,
+                               _ body: (Member, MemberSession) throws(P11Error) -> T,
                                consumed: (T) -> Bool) throws(P11Error) -> T {
         try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
             let result = try body(member, memberSession)
@@ -113,7 +113,7 @@ extension Runtime {
     /// the operation started there) replays the operation on a peer and tries again; any other error ends the
     /// operation (PKCS#11 5.2), except CKR_BUFFER_TOO_SMALL.
     private func onOperationMember<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
-                                      _ body: (VirtualSession, Member, CK_SESSION_HANDLE) throws(P11Error) -> T) throws(P11Error) -> T {
+                                      _ body: (VirtualSession, Member, MemberSession) throws(P11Error) -> T) throws(P11Error) -> T {
         let session = try session(handle)
         var op = try session.operation(kind)
         while true {

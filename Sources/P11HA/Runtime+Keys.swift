@@ -7,19 +7,19 @@ extension Runtime {
     public func generateKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
-        return try onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicationPlan(session, source: source, isToken: isToken) else {
                 // Alone in service now, it must still be able to travel to the others when they return.
-                let key = try source.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(template) : template)
+                let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(template) : template)
                 return record([(source.index, key)], in: session, isToken: isToken)
             }
-            let key = try source.generateKey(sourceSession, mechanism, wrappableTemplate(template))
+            let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(template))
             do throws(P11Error) {
                 let copies = try replicateGenerated(session, source: source, key: key, plan: plan)
                 return record([(source.index, key)] + copies, in: session, isToken: isToken)
             } catch {
-                try? source.destroyObject(sourceSession, key)
+                try? source.token.destroyObject(sourceSession, key)
                 throw error
             }
         }
@@ -33,31 +33,31 @@ extension Runtime {
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
         let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
         let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
-        return try onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicationPlan(session, source: source, isToken: publicIsToken || privateIsToken) else {
-                let (pub, priv) = try source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+                let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
                                                              privateTemplate: session.group.members.count > 1 ? wrappableTemplate(privateTemplate) : privateTemplate)
                 return (record([(source.index, pub)], in: session, isToken: publicIsToken),
                         record([(source.index, priv)], in: session, isToken: privateIsToken))
             }
-            let (pub, priv) = try source.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+            let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
                                                          privateTemplate: wrappableTemplate(privateTemplate))
-            var privateCopies: [(Int, CK_OBJECT_HANDLE)] = []
+            var privateCopies: [(Int, MemberObject)] = []
             do throws(P11Error) {
                 privateCopies = try replicateGenerated(session, source: source, key: priv, plan: plan)
-                let publicTemplate = try source.replicaTemplate(sourceSession, pub)
+                let publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
                 let holders = privateCopies.map { session.group.members[$0.0] }
-                let publicCopies = try everyMember(of: session.group, holders) { (member) throws(P11Error) in
-                    try member.createObject(try session.memberSession(member), publicTemplate)
+                let publicCopies = try fanOut.everyMember(of: session.group, holders) { (member) throws(P11Error) in
+                    try member.token.createObject(try session.memberSession(member), publicTemplate)
                 } undo: { member, copy in
-                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 // A member that failed the public half holds a private key the group no longer counts on it.
                 let withPublic = Set(publicCopies.map(\.0))
                 for (index, copy) in privateCopies where !withPublic.contains(index) {
                     let member = session.group.members[index]
-                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 privateCopies = privateCopies.filter { withPublic.contains($0.0) }
                 return (record([(source.index, pub)] + publicCopies, in: session, isToken: publicIsToken),
@@ -65,10 +65,10 @@ extension Runtime {
             } catch {
                 for (index, copy) in privateCopies {
                     let member = session.group.members[index]
-                    if let s = try? session.memberSession(member) { try? member.destroyObject(s, copy) }
+                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
-                try? source.destroyObject(sourceSession, pub)
-                try? source.destroyObject(sourceSession, priv)
+                try? source.token.destroyObject(sourceSession, pub)
+                try? source.token.destroyObject(sourceSession, priv)
                 throw error
             }
         }
@@ -82,9 +82,9 @@ extension Runtime {
         let wrapping = try copies(of: wrappingKey, in: group, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
         let wrapped = try copies(of: key, in: group, invalid: .keyHandleInvalid)
         let both = zip(wrapping, wrapped).map { $0 != nil && $1 != nil ? $0 : nil }
-        return try onOneMember(group, holding: both) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(group, holding: both) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
-            return try member.wrapKey(try session.memberSession(member), mechanism, wrappingKey: wrapping[member.index]!,
+            return try member.token.wrapKey(try session.memberSession(member), mechanism, wrappingKey: wrapping[member.index]!,
                                       key: wrapped[member.index]!, capacity: capacity)
         }
     }
@@ -94,8 +94,8 @@ extension Runtime {
                           wrapped: [UInt8], _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let source = try copies(of: unwrappingKey, in: session.group, invalid: P11Error(CK_RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID)))
-        let made = try everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
-            try member.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
+        let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
+            try member.token.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
         }
         return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
     }
@@ -105,8 +105,8 @@ extension Runtime {
                           _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let source = try copies(of: baseKey, in: session.group, invalid: .keyHandleInvalid)
-        let made = try everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
-            try member.deriveKey(s, mechanism, baseKey: key, template)
+        let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
+            try member.token.deriveKey(s, mechanism, baseKey: key, template)
         }
         return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
     }

@@ -5,10 +5,10 @@ extension Runtime {
     public func createObject(_ handle: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let group = session.group
-        let copies = try everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
-            try member.createObject(try session.memberSession(member), template)
+        let copies = try fanOut.everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+            try member.token.createObject(try session.memberSession(member), template)
         } undo: { member, object in
-            if let s = try? session.memberSession(member) { try? member.destroyObject(s, object) }
+            if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, object) }
         }
         return record(copies, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
     }
@@ -17,8 +17,8 @@ extension Runtime {
     public func copyObject(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
         let session = try session(handle)
         let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
-        let copies = try everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
-            try member.copyObject(s, original, template)
+        let copies = try fanOut.everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
+            try member.token.copyObject(s, original, template)
         }
         // A copy is a token object if asked for, else it inherits the original's CKA_TOKEN.
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? (try? isTokenObject(object, in: session)) ?? false
@@ -29,8 +29,8 @@ extension Runtime {
         let session = try session(handle)
         let group = session.group
         let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
-        let destroyed = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
-            try member.destroyObject(s, copy)
+        let destroyed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+            try member.token.destroyObject(s, copy)
         }
         let isToken = group.objects.withLock { table in
             defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
@@ -41,7 +41,7 @@ extension Runtime {
 
     public func objectSize(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
         let session = try session(handle)
-        return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in try member.objectSize(s, copy) }
+        return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in try member.token.objectSize(s, copy) }
     }
 
     /// Attribute values as the member holding the first copy answers them, with its own return value.
@@ -49,7 +49,7 @@ extension Runtime {
                                 _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let session = try session(handle)
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            let result = try member.attributeValues(s, copy, queries)
+            let result = try member.token.attributeValues(s, copy, queries)
             if P11Error.member(result.rv).isMemberFault { throw P11Error.member(result.rv) }
             return result
         }
@@ -62,10 +62,10 @@ extension Runtime {
         let isToken = group.objects.withLock { $0[object]?.owner == nil }
         // The identity before the change, so that a member that misses it can apply it on its return.
         let before = isToken ? try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            ObjectIdentity(values: try member.readAttributes(s, copy, ObjectIdentity.attributeTypes))
+            ObjectIdentity(reading: try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes))
         } : nil
-        let changed = try everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
-            try member.setAttributeValues(s, copy, template)
+        let changed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+            try member.token.setAttributeValues(s, copy, template)
         }
         guard let before else { return }
         group.objects.withLock { $0.replaceIdentity(object, nil) }
@@ -81,17 +81,17 @@ extension Runtime {
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [CK_OBJECT_HANDLE] = []
         var seen = Set<CK_OBJECT_HANDLE>()
-        let found = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+        let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
-            return (s, try member.findObjects(s, template))
+            return (s, try member.token.findObjects(s, template))
         }
         for (index, (memberSession, handles)) in found {
             let member = group.members[index]
             for copy in handles {
                 var object = group.objects.withLock { $0.handle(member: index, copy: copy) }
                 if object == nil {
-                    guard let values = try? member.readAttributes(memberSession, copy, ObjectIdentity.attributeTypes) else { continue }
-                    let identity = ObjectIdentity(values: values)
+                    guard let values = try? member.token.readAttributes(memberSession, copy, ObjectIdentity.attributeTypes) else { continue }
+                    let identity = ObjectIdentity(reading: values)
                     object = group.objects.withLock { table in
                         // Another thread may have mapped it meanwhile.
                         table.handle(member: index, copy: copy)
@@ -127,7 +127,7 @@ extension Runtime {
     // MARK: helpers shared with key management and cryptography
 
     /// The per-member copies of a virtual object; `invalid` is the caller's error for an unknown handle.
-    func copies(of object: CK_OBJECT_HANDLE, in group: Group, invalid: P11Error) throws(P11Error) -> [CK_OBJECT_HANDLE?] {
+    func copies(of object: CK_OBJECT_HANDLE, in group: Group, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
         guard let record = group.objects.withLock({ $0[object] }) else { throw invalid }
         return record.copies
     }
@@ -135,28 +135,18 @@ extension Runtime {
     /// Runs a read on the first member in service with a copy (so that a two-call length query and its read
     /// agree), moving to the next one on a member fault.
     func onPrimaryCopy<T>(of object: CK_OBJECT_HANDLE, in session: VirtualSession,
-                          _ read: (Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) throws(P11Error) -> T) throws(P11Error) -> T {
+                          _ read: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> T {
         let copies = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
-        return try onOneMember(session.group, holding: copies, choice: .first) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, holding: copies, choice: .first) { (member) throws(P11Error) in
             try read(member, try session.memberSession(member), copies[member.index]!)
         }
     }
 
-    /// Runs a write on every member in service that holds a copy of an object, with that member's copy.
-    func everyHolder<T>(_ copies: [CK_OBJECT_HANDLE?], in session: VirtualSession,
-                        _ write: (Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) throws(P11Error) -> T) throws(P11Error) -> [(Int, T)] {
-        let group = session.group
-        let holders = group.membersInService.filter { copies[$0.index] != nil }
-        return try everyMember(of: group, holders) { (member) throws(P11Error) in
-            try write(member, try session.memberSession(member), copies[member.index]!)
-        }
-    }
-
     /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
-    func record(_ made: [(Int, CK_OBJECT_HANDLE)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
+    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
         let group = session.group
         if isToken { journalWrite(session, on: made.map(\.0)) }
-        var copies = [CK_OBJECT_HANDLE?](repeating: nil, count: group.members.count)
+        var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         return group.objects.withLock {
             $0.insert(ObjectTable.Record(copies: copies, identity: nil, owner: isToken ? nil : session.handle))
@@ -166,24 +156,24 @@ extension Runtime {
     /// An object's identity: the one recorded, else read (through `read`) from its copy on a member in service
     /// other than `member`.
     func knownIdentity(of record: ObjectTable.Record, in group: Group, except member: Member,
-                       read: (Member, CK_OBJECT_HANDLE) -> [[UInt8]?]?) -> ObjectIdentity? {
+                       read: (Member, MemberObject) -> [[UInt8]?]?) -> ObjectIdentity? {
         if let identity = record.identity { return identity }
         for holder in group.members where holder.isInService && holder !== member {
-            if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(values: values) }
+            if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(reading: values) }
         }
         return nil
     }
 
     /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
     /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
-    func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> CK_OBJECT_HANDLE? {
+    func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> MemberObject? {
         let group = session.group
         guard let record = group.objects.withLock({ $0[object] }) else { return nil }
         let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
-            (try? session.memberSession(holder)).flatMap { try? holder.readAttributes($0, copy, ObjectIdentity.attributeTypes) }
+            (try? session.memberSession(holder)).flatMap { try? holder.token.readAttributes($0, copy, ObjectIdentity.attributeTypes) }
         }
         let found = identity.flatMap { identity in
-            (try? session.memberSession(member)).flatMap { try? member.findObjects($0, identity.template).first }
+            (try? session.memberSession(member)).flatMap { try? member.token.findObjects($0, identity.template).first }
         }
         group.objects.withLock {
             if let identity { $0.setIdentity(object, identity) }
@@ -194,7 +184,7 @@ extension Runtime {
 
     func isTokenObject(_ object: CK_OBJECT_HANDLE, in session: VirtualSession) throws(P11Error) -> Bool {
         let values = try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            try member.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
+            try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
         }
         return values[0]?.first.map { $0 != 0 } ?? false
     }

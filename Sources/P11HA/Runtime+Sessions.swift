@@ -9,11 +9,11 @@ extension Runtime {
         if !readWrite, group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_SO) }) {
             throw P11Error(CK_RV(CKR_SESSION_READ_WRITE_SO_EXISTS))
         }
-        var memberSessions = [CK_SESSION_HANDLE?](repeating: nil, count: group.members.count)
-        let opened = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
-            try member.openSession(readWrite: readWrite)
+        var memberSessions = [MemberSession?](repeating: nil, count: group.members.count)
+        let opened = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+            try member.token.openSession(readWrite: readWrite)
         } undo: { member, handle in
-            member.closeSession(handle)
+            member.token.closeSession(handle)
         }
         for (index, handle) in opened { memberSessions[index] = handle }
         let session = VirtualSession(handle: newSessionHandle(), group: group, readWrite: readWrite,
@@ -79,7 +79,7 @@ extension Runtime {
             let running = session.state.withLock { $0.operations.compactMap { $0 }.first }
             guard let running else { throw P11Error.operationNotInitialized }
             let member = group.members[running.member]
-            try member.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
+            try member.token.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
             return
         }
         guard userType == CK_USER_TYPE(CKU_USER) || userType == CK_USER_TYPE(CKU_SO) else {
@@ -88,14 +88,14 @@ extension Runtime {
         if let current = group.login.withLock({ $0.userType }) {
             throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
         }
-        _ = try everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+        _ = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             do throws(P11Error) {
-                try member.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
+                try member.token.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
             } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
                 // Already logged in at the member (it shares login state with another user of the module).
             }
         } undo: { member, _ in
-            if let memberSession = try? session.memberSession(member) { try? member.logout(memberSession) }
+            if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
         }
         group.login.withLock {
             $0.userType = userType
@@ -111,14 +111,14 @@ extension Runtime {
         for member in group.membersInService {
             guard let s = try? session.memberSession(member) else { continue }
             do throws(P11Error) {
-                generations.append((member, try member.readJournal(s).generation))
+                generations.append((member, try Journal.read(on: member.token, s).generation))
             } catch where error.isMemberFault {
-                fail(member, error)
+                fanOut.fail(member, error)
             } catch {}
         }
         guard let newest = generations.map(\.1).max() else { return }
         for (member, generation) in generations where generation < newest {
-            if member.leaveService(.stale, reason: "journal generation \(generation) behind \(newest)") { recovery.wake() }
+            fanOut.markStale(member, reason: "journal generation \(generation) behind \(newest)")
         }
     }
 
@@ -127,7 +127,7 @@ extension Runtime {
         let group = session.group
         guard group.login.withLock({ $0.userType }) != nil else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
         for member in group.membersInService {
-            if let memberSession = try? session.memberSession(member) { try? member.logout(memberSession) }
+            if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
         }
         group.login.withLock {
             $0.userType = nil
@@ -137,50 +137,19 @@ extension Runtime {
 
     public func initPIN(_ handle: CK_SESSION_HANDLE, pin: Secret) throws(P11Error) {
         let session = try session(handle)
-        _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
-            try member.initPIN(try session.memberSession(member), pin: pin)
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+            try member.token.initPIN(try session.memberSession(member), pin: pin)
         }
     }
 
     public func setPIN(_ handle: CK_SESSION_HANDLE, old: Secret, new: Secret) throws(P11Error) {
         let session = try session(handle)
-        _ = try everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
-            try member.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+            try member.token.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
         }
         // The PIN kept to log returning members in must be the new one.
         session.group.login.withLock { login in
             if login.userType == CK_USER_TYPE(CKU_USER) { login.pin = new.copy() }
         }
-    }
-
-    /// Runs `write` on each of `targets` in turn: the one way p11ha acts on several members.
-    /// - A caller's error on the first member returns at once, with nothing changed anywhere.
-    /// - A caller's error on a later member (the members disagree) undoes the write where it succeeded,
-    ///   and returns that error: the group never holds an object some members refused.
-    /// - A member fault takes that member out of service (`onFault`: stale when it missed a write to the
-    ///   token, failed otherwise); the others go on. The write succeeds when it holds on every member
-    ///   still in service.
-    func everyMember<T>(of group: Group, _ targets: [Member], onFault: Health = .stale,
-                        _ write: (Member) throws(P11Error) -> T,
-                        undo: (Member, T) -> Void = { _, _ in }) throws(P11Error) -> [(Int, T)] {
-        var done: [(Int, T)] = []
-        var fault: P11Error?
-        for member in targets {
-            do {
-                done.append((member.index, try write(member)))
-            } catch where error.isMemberFault {
-                if onFault == .stale {
-                    if member.leaveService(.stale, reason: "missed a write: \(error)") { recovery.wake() }
-                } else {
-                    fail(member, error)
-                }
-                fault = error
-            } catch {
-                for (index, value) in done { undo(group.members[index], value) }
-                throw error
-            }
-        }
-        if done.isEmpty { throw fault ?? P11Error.deviceError }
-        return done
     }
 }

@@ -26,7 +26,7 @@ extension Runtime {
         setField(&info.model, "HA group")
         setField(&info.serialNumber, stableSerial(group.name))
         setField(&info.utcTime, "")
-        let memberInfos = group.members.filter(\.isInService).compactMap { try? $0.tokenInfo() }
+        let memberInfos = group.members.filter(\.isInService).compactMap { try? $0.token.tokenInfo() }
         let allOf = CK_FLAGS(CKF_RNG | CKF_USER_PIN_INITIALIZED)
         let anyOf = CK_FLAGS(CKF_LOGIN_REQUIRED | CKF_WRITE_PROTECTED | CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_FINAL_TRY
             | CKF_USER_PIN_LOCKED | CKF_USER_PIN_TO_BE_CHANGED | CKF_SO_PIN_COUNT_LOW | CKF_SO_PIN_FINAL_TRY

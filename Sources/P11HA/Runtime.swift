@@ -76,11 +76,13 @@ public enum Library {
 }
 
 /// A member's name in logs and reports: its token's label, with the remote address when it has one.
-private func memberName(_ config: MemberConfig, module: LoadedModule, slot: CK_SLOT_ID, in group: GroupConfig) -> String {
-    var info = CK_TOKEN_INFO()
-    let label = slot != CK_SLOT_ID.max && module.f.C_GetTokenInfo!(slot, &info) == CKR_OK ? fieldString(info.label) : config.displayURI
+private func memberName(_ config: MemberConfig, token: any TokenBackend, connected: Bool) -> String {
+    let label = connected ? ((try? token.tokenInfo()).map { fieldString($0.label) } ?? config.displayURI) : config.displayURI
     return config.via.map { "\(label)@\($0)" } ?? label
 }
+
+/// Makes the backend of a configured member: its module, under the operation-timeout when there is one.
+public typealias BackendFactory = (_ member: MemberConfig, _ group: GroupConfig, _ afterFork: Bool) -> any TokenBackend
 
 /// The groups and sessions of one C_Initialize.
 public final class Runtime: @unchecked Sendable {
@@ -88,14 +90,15 @@ public final class Runtime: @unchecked Sendable {
     public let groups: [Group]
     let sessions = Mutex<[CK_SESSION_HANDLE: VirtualSession]>([:])
     private let nextSession = Atomic<UInt>(1)
-    private let modules: [LoadedModule]
     let recovery: RecoveryWorker
+    /// Runs work on members; the one place their health changes.
+    let fanOut: FanOut
 
-    private init(config: Config, groups: [Group], modules: [LoadedModule]) {
+    private init(config: Config, groups: [Group]) {
         self.config = config
         self.groups = groups
-        self.modules = modules
         self.recovery = RecoveryWorker(interval: config.recoveryInterval)
+        self.fanOut = FanOut(recovery: recovery, operationTimeout: config.operationTimeout)
         recovery.attach(self)
     }
 
@@ -103,46 +106,46 @@ public final class Runtime: @unchecked Sendable {
         public let description: String
     }
 
-    /// Loads every member's module and finds its token; any member that cannot be reached fails the start,
-    /// naming the configuration line.
-    public static func start(_ config: Config, afterFork: Bool = false) throws(StartError) -> Runtime {
+    /// The backends of real members: each member's module, under the operation-timeout when there is one.
+    public static func moduleBackends(_ config: Config) -> BackendFactory {
+        { member, _, afterFork in
+            let module = ModuleBackend(uri: member.uri, via: member.via, afterFork: afterFork)
+            guard let timeout = config.operationTimeout else { return module }
+            return DeadlineBackend(module, timeout: timeout)
+        }
+    }
+
+    /// Connects every member's token; a member whose configuration cannot work fails the start, naming its
+    /// line; one that does not answer now starts failed, and recovery takes it in when it answers.
+    public static func start(_ config: Config, afterFork: Bool = false,
+                             backends: BackendFactory? = nil) throws(StartError) -> Runtime {
         Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
-        var modules: [LoadedModule] = []
+        let makeBackend = backends ?? moduleBackends(config)
         var groups: [Group] = []
+        var connected: [any TokenBackend] = []
         func fail(_ line: Int, _ message: String) -> StartError {
-            for module in modules { ModuleRegistry.release(module) }
+            for token in connected { token.disconnect() }
             return StartError(description: "\(config.path):\(line): \(message)")
         }
         var seen: [String: Int] = [:]
+        var unreachableAtStart: [(Member, String)] = []
         for (groupIndex, groupConfig) in config.groups.enumerated() {
             var members: [Member] = []
             for (index, memberConfig) in groupConfig.members.enumerated() {
-                let module: LoadedModule
-                let slot: CK_SLOT_ID
-                do {
-                    module = try ModuleRegistry.acquire(path: memberConfig.uri.modulePath, address: memberConfig.via,
-                                                        afterFork: afterFork)
-                } catch {
-                    throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
-                }
-                modules.append(module)
+                let token = makeBackend(memberConfig, groupConfig, afterFork)
                 var unreachable: String? = nil
-                do {
-                    slot = try Member.locate(memberConfig.uri, in: module)
+                do throws(ConnectFailure) {
+                    try token.connect()
                 } catch {
-                    // A remote member whose server is down, or a slot that does not answer, is a failed member,
-                    // not a configuration error: the group starts without it and takes it in when it answers.
-                    guard memberConfig.via != nil || error.unreachable else {
-                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(error)")
+                    switch error {
+                    case .configuration(let message):
+                        token.disconnect()
+                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
+                    case .unreachable(let message):
+                        unreachable = message
                     }
-                    slot = CK_SLOT_ID.max
-                    unreachable = "\(error)"
                 }
-                let key = "\(module.path)#\(memberConfig.via ?? "")#\(slot)"
-                if unreachable == nil, let other = seen[key] {
-                    throw fail(memberConfig.line, "member \(memberConfig.displayURI) is the same token as line \(other)")
-                }
-                seen[key] = memberConfig.line
+                connected.append(token)
                 var ownPIN: Secret? = nil
                 if let value = memberConfig.uri.pinValue {
                     ownPIN = Secret(value)
@@ -152,10 +155,17 @@ public final class Runtime: @unchecked Sendable {
                     }
                     ownPIN = pin
                 }
-                let member = Member(index: index, name: memberName(memberConfig, module: module, slot: slot, in: groupConfig),
-                                    config: memberConfig, module: module, slotID: slot, ownPIN: ownPIN,
-                                    deadline: config.operationTimeout)
-                if let unreachable { member.leaveService(.failed, reason: "unreachable at start: \(unreachable)") }
+                let name = memberName(memberConfig, token: token, connected: unreachable == nil)
+                // Two lines naming one token would count every write twice: tokens are told apart by serial.
+                if unreachable == nil, let serial = (try? token.tokenInfo()).map({ "\(memberConfig.uri.modulePath)#\(memberConfig.via ?? "")#\(fieldString($0.serialNumber))#\(fieldString($0.label))" }) {
+                    if let other = seen[serial] {
+                        throw fail(memberConfig.line, "member \(memberConfig.displayURI) is the same token as line \(other)")
+                    }
+                    seen[serial] = memberConfig.line
+                }
+                let member = Member(index: index, name: name, config: memberConfig, token: token,
+                                    connected: unreachable == nil, ownPIN: ownPIN)
+                if let unreachable { unreachableAtStart.append((member, unreachable)) }
                 members.append(member)
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
@@ -164,8 +174,9 @@ public final class Runtime: @unchecked Sendable {
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
         }
-        let runtime = Runtime(config: config, groups: groups, modules: modules)
-        if groups.contains(where: { $0.members.contains { !$0.isInService } }) { runtime.recovery.wake() }
+        let runtime = Runtime(config: config, groups: groups)
+        for (member, reason) in unreachableAtStart { runtime.fanOut.startFailed(member, reason: "unreachable at start: \(reason)") }
+        if !unreachableAtStart.isEmpty { runtime.recovery.wake() }
         return runtime
     }
 
@@ -180,8 +191,7 @@ public final class Runtime: @unchecked Sendable {
         for group in groups {
             group.login.withLock { $0 = Group.LoginState() }
         }
-        for module in modules { ModuleRegistry.release(module) }
-        for group in groups { for member in group.members { member.executor.close() } }
+        for group in groups { for member in group.members { member.token.disconnect() } }
     }
 
     public func group(_ slot: CK_SLOT_ID) throws(P11Error) -> Group {
@@ -209,9 +219,9 @@ public final class Runtime: @unchecked Sendable {
             return (state.memberSessions, state.retired)
         }
         for (index, handle) in handles.enumerated() {
-            if let handle { session.group.members[index].closeSession(handle) }
+            if let handle { session.group.members[index].token.closeSession(handle) }
         }
-        for (index, handle) in retired { session.group.members[index].closeSession(handle) }
+        for (index, handle) in retired { session.group.members[index].token.closeSession(handle) }
     }
 
     /// Per-member figures for operators and tests.

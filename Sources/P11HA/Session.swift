@@ -30,15 +30,15 @@ public final class VirtualSession: @unchecked Sendable {
 
     struct State {
         /// This session's session on each member, by member index; nil where none is open.
-        var memberSessions: [CK_SESSION_HANDLE?]
+        var memberSessions: [MemberSession?]
         var operations = [Operation?](repeating: nil, count: OperationKind.allCases.count)
         var search: Search?
         /// Member sessions replaced after their member returned: closed with this session, never earlier,
         /// since a call may still be using one.
-        var retired: [(member: Int, session: CK_SESSION_HANDLE)] = []
+        var retired: [(member: Int, session: MemberSession)] = []
     }
 
-    init(handle: CK_SESSION_HANDLE, group: Group, readWrite: Bool, memberSessions: [CK_SESSION_HANDLE?]) {
+    init(handle: CK_SESSION_HANDLE, group: Group, readWrite: Bool, memberSessions: [MemberSession?]) {
         self.handle = handle
         self.group = group
         self.readWrite = readWrite
@@ -47,7 +47,7 @@ public final class VirtualSession: @unchecked Sendable {
 
     /// This session's handle on `member`.
     /// A missing one (it could not be opened when the member returned) is that member's fault: the work moves on.
-    func memberSession(_ member: Member) throws(P11Error) -> CK_SESSION_HANDLE {
+    func memberSession(_ member: Member) throws(P11Error) -> MemberSession {
         guard let session = state.withLock({ $0.memberSessions[member.index] }) else { throw P11Error.member(CK_RV(CKR_DEVICE_ERROR)) }
         return session
     }

@@ -3,6 +3,7 @@ import ArgumentParser
 import CInterop
 import Foundation
 import P11HA
+import P11HAAdmin
 
 @main
 struct P11HACtl: ParsableCommand {

@@ -1,56 +1,8 @@
-// Failover: a member's fault takes it out of service and the work goes to a peer, replayed where it was an
-// operation in progress. The caller's errors pass through untouched.
+// Operations in progress across failures: an operation is started on a member chosen by the scheduler, and
+// started again on a peer with its updates so far when its member fails.
 import CInterop
-import Glibc
 
 extension Runtime {
-    /// Takes a member that faulted out of service; the recovery worker will probe it.
-    func fail(_ member: Member, _ error: P11Error) {
-        let reason = error.timedOut ? "no answer within the operation-timeout" : "\(error)"
-        if member.leaveService(.failed, reason: reason) { recovery.wake() }
-    }
-
-    enum Choice { case scheduler, first }
-
-    /// Chooses a member; when none is in service but one answers and is being brought up to date (stale or
-    /// recovering), waits for it, up to the operation-timeout (2 s without one), rather than fail a call that a
-    /// moment later would succeed. With every member down, it fails at once.
-    func awaitingRecovery(_ group: Group, _ choose: () throws(P11Error) -> Member) throws(P11Error) -> Member {
-        do {
-            return try choose()
-        } catch {
-            let returning: (Member) -> Bool = { $0.health == .stale || $0.health == .recovering }
-            guard group.members.contains(where: returning) else { throw error }
-            recovery.wake()
-            let limit = config.operationTimeout ?? .seconds(2)
-            let deadline = monotonicNanos() + UInt64(limit.components.seconds) * 1_000_000_000
-                + UInt64(limit.components.attoseconds / 1_000_000_000)
-            while monotonicNanos() < deadline, group.members.contains(where: returning),
-                  !group.members.contains(where: \.isInService) {
-                usleep(2_000)
-            }
-            return try choose()
-        }
-    }
-
-    /// Runs `body` on one member that holds `copies` (nil: any), moving to a peer on each member fault.
-    func onOneMember<T>(_ group: Group, holding copies: [CK_OBJECT_HANDLE?]? = nil, choice: Choice = .scheduler,
-                        _ body: (Member) throws(P11Error) -> T) throws(P11Error) -> T {
-        var excluded = Set<Int>()
-        while true {
-            let member = try awaitingRecovery(group) { () throws(P11Error) in
-                choice == .first ? try group.first(holding: copies, excluding: excluded)
-                                 : try group.pick(holding: copies, excluding: excluded)
-            }
-            do {
-                return try body(member)
-            } catch where error.isMemberFault {
-                fail(member, error)
-                excluded.insert(member.index)
-            }
-        }
-    }
-
     /// Starts an operation on a member chosen by the scheduler and replays `parts` (its updates so far) there,
     /// moving on at each member fault. Returns the member's index; its load counts the operation.
     func startOperation(_ kind: OperationKind, _ session: VirtualSession, _ mechanism: Mechanism,
@@ -60,24 +12,24 @@ extension Runtime {
         var refreshed = Set<Int>()
         var excluded = Set<Int>()
         while true {
-            let member = try awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
+            let member = try fanOut.awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
             member.inFlight.add(1, ordering: .relaxed)
             do {
                 let memberSession = try session.memberSession(member)
-                try member.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? 0)
+                try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
                 for part in parts {
                     if kind == .encrypt || kind == .decrypt {
                         // The application already has these parts' output: the replay's is discarded.
-                        _ = try member.cipherUpdate(kind, memberSession, part, capacity: part.count + 1024)
+                        _ = try member.token.cipherUpdate(kind, memberSession, part, capacity: part.count + 1024)
                     } else {
-                        try member.update(kind, memberSession, part)
+                        try member.token.update(kind, memberSession, part)
                     }
                 }
                 member.served.add(1, ordering: .relaxed)
                 return member.index
             } catch where error.isMemberFault {
                 member.inFlight.subtract(1, ordering: .relaxed)
-                fail(member, error)
+                fanOut.fail(member, error)
                 excluded.insert(member.index)
             } catch where error.fromMember && (error.rv == CKR_KEY_HANDLE_INVALID || error.rv == CKR_OBJECT_HANDLE_INVALID)
                         && key != nil && !refreshed.contains(member.index) {
@@ -100,7 +52,7 @@ extension Runtime {
     func failover(_ kind: OperationKind, _ session: VirtualSession, _ op: VirtualSession.Operation,
                   after error: P11Error?) throws(P11Error) -> VirtualSession.Operation {
         let failed = session.group.members[op.member]
-        if let error { fail(failed, error) }
+        if let error { fanOut.fail(failed, error) }
         failed.inFlight.subtract(1, ordering: .relaxed)
         session.setOperation(kind, nil)
         guard op.replayable else {

@@ -2,6 +2,7 @@
 // clear: it is generated on one member and carried to each other one wrapped under a key that the two members
 // agree by ECDH, each from a key pair of its own.
 import CInterop
+import P11HA
 
 public struct DomainError: Error, CustomStringConvertible, Sendable {
     public let description: String
@@ -20,12 +21,12 @@ extension Runtime {
     public func domainCheck(_ group: Group) -> [DomainMemberState] {
         group.members.map { member in
             do {
-                let session = try member.openSession(readWrite: false)
-                defer { member.closeSession(session) }
-                guard let key = try member.replicationKey(session) else {
+                let session = try member.token.openSession(readWrite: false)
+                defer { member.token.closeSession(session) }
+                guard let key = try ReplicationKey.find(on: member.token, session) else {
                     return DomainMemberState(member: member.name, fingerprint: nil, problem: "no replication key")
                 }
-                return DomainMemberState(member: member.name, fingerprint: try member.replicationFingerprint(session, key), problem: nil)
+                return DomainMemberState(member: member.name, fingerprint: try ReplicationKey.fingerprint(on: member.token, session, key), problem: nil)
             } catch {
                 return DomainMemberState(member: member.name, fingerprint: nil, problem: "\(error)")
             }
@@ -35,41 +36,41 @@ extension Runtime {
     /// Makes sure every member of `group` holds the replication key: generates it on the first member if no
     /// member has one, then carries it to each member that lacks it. Refuses when members hold different keys.
     public func domainCreate(_ group: Group, soPIN: Secret, progress: (String) -> Void) throws(DomainError) {
-        var sessions: [Int: CK_SESSION_HANDLE] = [:]
+        var sessions: [Int: MemberSession] = [:]
         defer {
             for (index, session) in sessions {
-                try? group.members[index].logout(session)
-                group.members[index].closeSession(session)
+                try? group.members[index].token.logout(session)
+                group.members[index].token.closeSession(session)
             }
         }
         func step<T>(_ what: String, _ member: Member, _ body: () throws(P11Error) -> T) throws(DomainError) -> T {
             do { return try body() } catch { throw DomainError(description: "\(member.name): \(what): \(error)") }
         }
-        var holders: [(Member, CK_OBJECT_HANDLE, [UInt8])] = []
+        var holders: [(Member, MemberObject, [UInt8])] = []
         for member in group.members {
-            let session = try step("open a session", member) { () throws(P11Error) in try member.openSession(readWrite: true) }
+            let session = try step("open a session", member) { () throws(P11Error) in try member.token.openSession(readWrite: true) }
             sessions[member.index] = session
             try step("SO login", member) { () throws(P11Error) in
                 do throws(P11Error) {
-                    try member.login(session, userType: CK_USER_TYPE(CKU_SO), pin: soPIN)
+                    try member.token.login(session, userType: CK_USER_TYPE(CKU_SO), pin: soPIN)
                 } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
             }
-            if let key = try step("look for the replication key", member, { () throws(P11Error) in try member.replicationKey(session) }) {
-                let print = try step("fingerprint", member) { () throws(P11Error) in try member.replicationFingerprint(session, key) }
+            if let key = try step("look for the replication key", member, { () throws(P11Error) in try ReplicationKey.find(on: member.token, session) }) {
+                let print = try step("fingerprint", member) { () throws(P11Error) in try ReplicationKey.fingerprint(on: member.token, session, key) }
                 holders.append((member, key, print))
             }
         }
         if let first = holders.first, let other = holders.first(where: { $0.2 != first.2 }) {
             throw DomainError(description: "\(first.0.name) and \(other.0.name) hold different replication keys; remove the wrong one by hand")
         }
-        let source: (member: Member, key: CK_OBJECT_HANDLE)
+        let source: (member: Member, key: MemberObject)
         if let holder = holders.first {
             source = (holder.0, holder.1)
             progress("\(holder.0.name): holds the replication key")
         } else {
             let member = group.members[0]
             let key = try step("generate the replication key", member) { () throws(P11Error) in
-                try member.generateKey(sessions[0]!, Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_GEN)),
+                try member.token.generateKey(sessions[0]!, Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_GEN)),
                                        replicationKeyTemplate + [Attribute(CK_ATTRIBUTE_TYPE(CKA_VALUE_LEN), ulong: 32)])
             }
             source = (member, key)
@@ -86,8 +87,8 @@ extension Runtime {
 
     /// Carries the replication key from `source` to `target`, agreeing a transport key by ECDH; where a member
     /// cannot take ECDH parameters (p11-kit 0.24's remote protocol does not carry them), by RSA key transport.
-    func carryReplicationKey(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
-                             to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
+    func carryReplicationKey(from source: Member, _ sourceSession: MemberSession, key: MemberObject,
+                             to target: Member, _ targetSession: MemberSession) throws(P11Error) {
         do {
             try carryByECDH(from: source, sourceSession, key: key, to: target, targetSession)
         } catch where [CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID].contains(error.rv) {
@@ -98,8 +99,8 @@ extension Runtime {
     /// ECDH between a fresh key pair on each member gives both the same AES key; the source wraps the
     /// replication key under its copy (which it marks trusted, as the replication key demands), the target
     /// unwraps under its own. Only public points and the wrapped key pass through p11ha.
-    private func carryByECDH(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
-                             to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
+    private func carryByECDH(from source: Member, _ sourceSession: MemberSession, key: MemberObject,
+                             to target: Member, _ targetSession: MemberSession) throws(P11Error) {
         let (sourcePrivate, sourcePoint) = try ephemeralECPair(source, sourceSession)
         let (targetPrivate, targetPoint) = try ephemeralECPair(target, targetSession)
         let agreed: [Attribute] = [
@@ -110,56 +111,56 @@ extension Runtime {
             Attribute(CK_ATTRIBUTE_TYPE(CKA_SENSITIVE), bool: true), Attribute(CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), bool: false),
         ]
         let ecdh = { (point: [UInt8]) in Mechanism(CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE), .ecdh(kdf: CK_ULONG(CKD_NULL), sharedData: [], publicData: point)) }
-        let wrapping = try source.deriveKey(sourceSession, ecdh(targetPoint), baseKey: sourcePrivate,
+        let wrapping = try source.token.deriveKey(sourceSession, ecdh(targetPoint), baseKey: sourcePrivate,
                                             agreed + [Attribute(CK_ATTRIBUTE_TYPE(CKA_WRAP), bool: true), Attribute(CK_ATTRIBUTE_TYPE(CKA_TRUSTED), bool: true)])
-        let unwrapping = try target.deriveKey(targetSession, ecdh(sourcePoint), baseKey: targetPrivate,
+        let unwrapping = try target.token.deriveKey(targetSession, ecdh(sourcePoint), baseKey: targetPrivate,
                                               agreed + [Attribute(CK_ATTRIBUTE_TYPE(CKA_UNWRAP), bool: true)])
-        let blob = try source.wrapForReplication(sourceSession, replicationKey: wrapping, key: key)
-        _ = try target.unwrapKey(targetSession, ReplicationKey.wrapMechanism, unwrappingKey: unwrapping, wrapped: blob,
+        let blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: wrapping, key: key)
+        _ = try target.token.unwrapKey(targetSession, ReplicationKey.wrapMechanism, unwrappingKey: unwrapping, wrapped: blob,
                                  replicationKeyTemplate)
         for (member, session, object) in [(source, sourceSession, wrapping), (target, targetSession, unwrapping)] {
-            try? member.destroyObject(session, object)
+            try? member.token.destroyObject(session, object)
         }
     }
 
     /// The target makes an RSA key pair; its public key is created on the source, trusted, and wraps the
     /// replication key (CKM_RSA_PKCS, which needs no mechanism parameter); the target unwraps with its private
     /// key. Only the public key and the wrapped key pass through p11ha.
-    private func carryByRSA(from source: Member, _ sourceSession: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE,
-                            to target: Member, _ targetSession: CK_SESSION_HANDLE) throws(P11Error) {
+    private func carryByRSA(from source: Member, _ sourceSession: MemberSession, key: MemberObject,
+                            to target: Member, _ targetSession: MemberSession) throws(P11Error) {
         let ephemeral = [Attribute(CKA_TOKEN, bool: false), Attribute(CKA_PRIVATE, bool: false)]
-        let (pub, priv) = try target.generateKeyPair(targetSession, Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN),
+        let (pub, priv) = try target.token.generateKeyPair(targetSession, Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN),
                                                      publicTemplate: ephemeral + [Attribute(CKA_MODULUS_BITS, ulong: 2048),
                                                                                   Attribute(CKA_PUBLIC_EXPONENT, [1, 0, 1])],
                                                      privateTemplate: ephemeral + [Attribute(CKA_UNWRAP, bool: true)])
         defer {
-            try? target.destroyObject(targetSession, pub)
-            try? target.destroyObject(targetSession, priv)
+            try? target.token.destroyObject(targetSession, pub)
+            try? target.token.destroyObject(targetSession, priv)
         }
-        let values = try target.readAttributes(targetSession, pub, [CKA_MODULUS, CKA_PUBLIC_EXPONENT])
+        let values = try target.token.readAttributes(targetSession, pub, [CKA_MODULUS, CKA_PUBLIC_EXPONENT])
         guard let modulus = values[0], let exponent = values[1] else { throw P11Error.generalError }
-        let transport = try source.createObject(sourceSession, ephemeral + [
+        let transport = try source.token.createObject(sourceSession, ephemeral + [
             Attribute(CKA_CLASS, ulong: CKO_PUBLIC_KEY), Attribute(CKA_KEY_TYPE, ulong: CKK_RSA),
             Attribute(CKA_MODULUS, modulus), Attribute(CKA_PUBLIC_EXPONENT, exponent),
             Attribute(CKA_WRAP, bool: true), Attribute(CKA_TRUSTED, bool: true),
         ])
-        defer { try? source.destroyObject(sourceSession, transport) }
+        defer { try? source.token.destroyObject(sourceSession, transport) }
         let rsa = Mechanism(CKM_RSA_PKCS)
-        guard case .length(let n) = try source.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: nil),
-              let blob = try source.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: n).bytes else {
+        guard case .length(let n) = try source.token.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: nil),
+              let blob = try source.token.wrapKey(sourceSession, rsa, wrappingKey: transport, key: key, capacity: n).bytes else {
             throw P11Error.generalError
         }
-        _ = try target.unwrapKey(targetSession, rsa, unwrappingKey: priv, wrapped: blob, replicationKeyTemplate)
+        _ = try target.token.unwrapKey(targetSession, rsa, unwrappingKey: priv, wrapped: blob, replicationKeyTemplate)
     }
 
-    private func ephemeralECPair(_ member: Member, _ session: CK_SESSION_HANDLE) throws(P11Error) -> (CK_OBJECT_HANDLE, [UInt8]) {
+    private func ephemeralECPair(_ member: Member, _ session: MemberSession) throws(P11Error) -> (MemberObject, [UInt8]) {
         let p256: [UInt8] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]
         let ephemeral = [Attribute(CK_ATTRIBUTE_TYPE(CKA_TOKEN), bool: false), Attribute(CK_ATTRIBUTE_TYPE(CKA_PRIVATE), bool: false)]
-        let (pub, priv) = try member.generateKeyPair(session, Mechanism(CK_MECHANISM_TYPE(CKM_EC_KEY_PAIR_GEN)),
+        let (pub, priv) = try member.token.generateKeyPair(session, Mechanism(CK_MECHANISM_TYPE(CKM_EC_KEY_PAIR_GEN)),
                                                      publicTemplate: ephemeral + [Attribute(CK_ATTRIBUTE_TYPE(CKA_EC_PARAMS), p256)],
                                                      privateTemplate: ephemeral + [Attribute(CK_ATTRIBUTE_TYPE(CKA_DERIVE), bool: true)])
-        guard let point = try member.readAttributes(session, pub, [CK_ATTRIBUTE_TYPE(CKA_EC_POINT)])[0] else { throw P11Error.generalError }
-        try? member.destroyObject(session, pub)
+        guard let point = try member.token.readAttributes(session, pub, [CK_ATTRIBUTE_TYPE(CKA_EC_POINT)])[0] else { throw P11Error.generalError }
+        try? member.token.destroyObject(session, pub)
         return (priv, rawECPoint(point))
     }
 }
@@ -187,19 +188,19 @@ func rawECPoint(_ der: [UInt8]) -> [UInt8] {
     return der
 }
 
-extension Member {
+extension ReplicationKey {
     /// The replication key wraps a public test key (RFC 3394, deterministic): equal results, equal keys.
-    func replicationFingerprint(_ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) throws(P11Error) -> [UInt8] {
-        let probe = try createObject(session, [
+    static func fingerprint(on token: any TokenBackend, _ session: MemberSession, _ key: MemberObject) throws(P11Error) -> [UInt8] {
+        let probe = try token.createObject(session, [
             Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), ulong: CK_ULONG(CKO_SECRET_KEY)),
             Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), ulong: CK_ULONG(CKK_AES)),
             Attribute(CK_ATTRIBUTE_TYPE(CKA_TOKEN), bool: false), Attribute(CK_ATTRIBUTE_TYPE(CKA_PRIVATE), bool: false),
             Attribute(CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), bool: true), Attribute(CK_ATTRIBUTE_TYPE(CKA_SENSITIVE), bool: false),
             Attribute(CK_ATTRIBUTE_TYPE(CKA_VALUE), Array("p11ha domain check: public probe".utf8)),
         ])
-        defer { try? destroyObject(session, probe) }
+        defer { try? token.destroyObject(session, probe) }
         let wrap = Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_WRAP))
-        guard let blob = try wrapKey(session, wrap, wrappingKey: key, key: probe, capacity: 64).bytes else { throw P11Error.generalError }
+        guard let blob = try token.wrapKey(session, wrap, wrappingKey: key, key: probe, capacity: 64).bytes else { throw P11Error.generalError }
         return blob
     }
 }

@@ -1,5 +1,6 @@
 // What an operator's tool needs to know about each member: which token it reached, its mechanisms, its login.
 import CInterop
+import P11HA
 
 public struct MemberReport: Sendable {
     public let uri: String
@@ -18,14 +19,14 @@ extension Runtime {
     /// Reaches every member of a group: its token, mechanisms and, where its URI gives a PIN, a login.
     public func memberReports(_ group: Group) -> [MemberReport] {
         group.members.map { member in
-            let info = try? member.tokenInfo()
+            let info = try? member.token.tokenInfo()
             var login: Result<Void, P11Error>? = nil
             if let pin = member.ownPIN {
                 login = Result { () throws(P11Error) in
-                    let session = try member.openSession(readWrite: false)
-                    defer { member.closeSession(session) }
-                    try member.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
-                    try? member.logout(session)
+                    let session = try member.token.openSession(readWrite: false)
+                    defer { member.token.closeSession(session) }
+                    try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+                    try? member.token.logout(session)
                 }
             }
             return MemberReport(uri: member.name, line: member.config.line,
@@ -33,7 +34,7 @@ extension Runtime {
                                 serial: info.map { fieldString($0.serialNumber) } ?? "?",
                                 model: info.map { fieldString($0.model) } ?? "?",
                                 manufacturer: info.map { fieldString($0.manufacturerID) } ?? "?",
-                                mechanisms: Set((try? member.mechanismList()) ?? []),
+                                mechanisms: Set((try? member.token.mechanismList()) ?? []),
                                 health: member.health, login: login)
         }
     }
@@ -74,21 +75,21 @@ extension Runtime {
     public func survey(_ group: Group, userPIN: Secret?) -> [MemberSurvey] {
         group.members.map { member in
             do throws(P11Error) {
-                let session = try member.openSession(readWrite: false)
-                defer { member.closeSession(session) }
+                let session = try member.token.openSession(readWrite: false)
+                defer { member.token.closeSession(session) }
                 var loggedIn = false
                 if let pin = member.ownPIN ?? userPIN {
                     do throws(P11Error) {
-                        try member.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+                        try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
                         loggedIn = true
                     } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
                         loggedIn = true
                     }
                 }
-                let key = try member.replicationKey(session)
+                let key = try ReplicationKey.find(on: member.token, session)
                 let objects = try inventory(member, session, replicationKey: key)
-                let generation = loggedIn ? try member.readJournal(session).generation : nil
-                if loggedIn { try? member.logout(session) }
+                let generation = loggedIn ? try Journal.read(on: member.token, session).generation : nil
+                if loggedIn { try? member.token.logout(session) }
                 return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
                                     problem: nil, replicationKey: key != nil, objectCount: objects.count, generation: generation,
                                     identities: Set(objects.map { "\($0.identity)" }))

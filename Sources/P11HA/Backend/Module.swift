@@ -1,0 +1,129 @@
+// A loaded PKCS#11 module (one dlopen handle and function list per path, per address for remote members),
+// shared by every member that uses it, and its initialization counted across them.
+import CInterop
+import Glibc
+import Synchronization
+
+/// Several members are often slots of one module instance (one SoftHSM config): the module is
+/// initialized once, and finalized once by whoever initialized it.
+public final class LoadedModule: @unchecked Sendable {
+    public let path: String
+    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST>
+    fileprivate struct Users {
+        var count = 0
+        /// Whether p11ha's C_Initialize started it (and so must finalize it).
+        var initializedByUs = false
+    }
+    /// Never held while the module is called: a module that never answers must not freeze its peers.
+    fileprivate let users = Mutex(Users())
+    /// A C_Initialize or C_Finalize of this module is under way (perhaps stuck past its deadline): another
+    /// one must not start beside it.
+    fileprivate let changing = Atomic<Bool>(false)
+
+    fileprivate init(path: String, functions: UnsafeMutablePointer<CK_FUNCTION_LIST>) {
+        self.path = path
+        self.functions = functions
+    }
+}
+
+public enum ModuleRegistry {
+    /// Held only to look a module up or load it (dlopen and C_GetFunctionList), never across its C_Initialize.
+    private static let modules = Mutex<[String: LoadedModule]>([:])
+
+    /// The module at `path` (for `address`, a p11-kit server address: `path` is then p11-kit's client module,
+    /// whose C_GetFunctionList binds a new function list to P11_KIT_SERVER_ADDRESS at the moment of the call).
+    /// Modules are never dlclosed: a module unloaded while its atexit handlers or threads are still
+    /// registered (SoftHSM's OpenSSL) crashes the process.
+    static func load(path: String, address: String?) throws(ConnectFailure) -> LoadedModule {
+        try modules.withLock { (table) throws(ConnectFailure) -> LoadedModule in
+            let key = address.map { "\(path) via \($0)" } ?? path
+            if let existing = table[key] { return existing }
+            guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+                throw .configuration("cannot load module \(path): \(String(cString: dlerror()))")
+            }
+            guard let symbol = dlsym(handle, "C_GetFunctionList") else {
+                throw .configuration("\(path) exports no C_GetFunctionList")
+            }
+            typealias GetFunctionList = @convention(c) (UnsafeMutablePointer<UnsafeMutablePointer<CK_FUNCTION_LIST>?>?) -> CK_RV
+            let getFunctionList = unsafeBitCast(symbol, to: GetFunctionList.self)
+            var list: UnsafeMutablePointer<CK_FUNCTION_LIST>? = nil
+            let previous = getenv("P11_KIT_SERVER_ADDRESS").map { String(cString: $0) }
+            if let address { setenv("P11_KIT_SERVER_ADDRESS", address, 1) }
+            let rv = getFunctionList(&list)
+            if address != nil {
+                if let previous { setenv("P11_KIT_SERVER_ADDRESS", previous, 1) } else { unsetenv("P11_KIT_SERVER_ADDRESS") }
+            }
+            guard rv == CKR_OK, let list else {
+                throw .configuration("\(path): C_GetFunctionList returned \(ckrName(rv))")
+            }
+            let module = LoadedModule(path: path, functions: list)
+            table[key] = module
+            return module
+        }
+    }
+
+    /// Counts one more user of the module, initializing it for the first. `remote`: a link that may be down
+    /// right now (its member starts failed and recovery retries). `afterFork`: this process is a child that
+    /// inherited the module from its parent.
+    static func acquire(_ module: LoadedModule, remote: Bool, afterFork: Bool) throws(ConnectFailure) {
+        guard module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
+            throw .unreachable("\(module.path): a start or stop of the module is still under way")
+        }
+        defer { module.changing.store(false, ordering: .releasing) }
+        let (first, ours) = module.users.withLock { ($0.count == 0, $0.initializedByUs) }
+        if first {
+            var rv = initialize(module)
+            if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED && afterFork && ours {
+                // The module kept its parent's state across fork: restart it for this process.
+                _ = module.functions.pointee.C_Finalize!(nil)
+                rv = initialize(module)
+            }
+            switch rv {
+            case CKR_OK: module.users.withLock { $0.initializedByUs = true }
+            case CKR_CRYPTOKI_ALREADY_INITIALIZED: module.users.withLock { $0.initializedByUs = false }  // the application's own
+            case _ where remote: module.users.withLock { $0.initializedByUs = false }
+            default: throw .configuration("\(module.path): C_Initialize returned \(ckrName(rv))")
+            }
+        }
+        module.users.withLock { $0.count += 1 }
+    }
+
+    /// Drops one user of the module; the last one finalizes it if p11ha initialized it.
+    static func release(_ module: LoadedModule) {
+        let finalize = module.users.withLock { users -> Bool in
+            users.count = max(0, users.count - 1)
+            defer { if users.count == 0 { users.initializedByUs = false } }
+            return users.count == 0 && users.initializedByUs
+        }
+        guard finalize, module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        defer { module.changing.store(false, ordering: .releasing) }
+        _ = module.functions.pointee.C_Finalize!(nil)
+    }
+
+    /// Starts a module afresh after its member came back (a restarted device, a reconnected server):
+    /// C_Finalize and C_Initialize for a module of one member (`exclusive`), C_Initialize alone otherwise.
+    static func restart(_ module: LoadedModule, exclusive: Bool) -> Bool {
+        guard module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return false }
+        defer { module.changing.store(false, ordering: .releasing) }
+        if exclusive { _ = module.functions.pointee.C_Finalize!(nil) }
+        let rv = initialize(module)
+        if rv == CKR_OK { module.users.withLock { $0.initializedByUs = true } }
+        return rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
+    }
+
+    /// In a child after fork: the parent's users of every module are not ours, nor its starts under way.
+    public static func forgetUsersAfterFork() {
+        modules.withLock { table in
+            for module in table.values {
+                module.users.withLock { $0.count = 0 }
+                module.changing.store(false, ordering: .releasing)
+            }
+        }
+    }
+
+    private static func initialize(_ module: LoadedModule) -> CK_RV {
+        var args = CK_C_INITIALIZE_ARGS()
+        args.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
+        return withUnsafeMutablePointer(to: &args) { module.functions.pointee.C_Initialize!(UnsafeMutableRawPointer($0)) }
+    }
+}
