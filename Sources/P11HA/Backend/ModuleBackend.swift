@@ -14,6 +14,8 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     private let loaded = AtomicLazyReference<LoadedModule>()
     /// The token's slot; `unlocated` until found (a remote member's slot can change when its server restarts).
     private let slotValue = Atomic<UInt>(ModuleBackend.unlocated)
+    /// Whether this member counts as a user of its module (its start succeeded): only then does it release it.
+    private let acquired = Atomic<Bool>(false)
     private static let unlocated = UInt.max
 
     public init(uri: TokenURI, via: String?, afterFork: Bool) {
@@ -31,6 +33,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     public func connect() throws(ConnectFailure) {
         let module = try load()
         try ModuleRegistry.acquire(module, remote: via != nil, afterFork: afterFork)
+        acquired.store(true, ordering: .releasing)
         do throws(ConnectFailure) {
             slotValue.store(UInt(try locate(in: module)), ordering: .releasing)
         } catch {
@@ -42,17 +45,15 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     }
 
     public func reconnect(restartingModule: Bool) throws(P11Error) {
-        let module: LoadedModule
         do throws(ConnectFailure) {
-            if let existing = loaded.load() {
-                module = existing
-                if restartingModule {
-                    guard ModuleRegistry.restart(module, exclusive: via != nil) else { throw ConnectFailure.unreachable("restart") }
-                }
-            } else {
-                // The first connect never got the module started (its C_Initialize did not answer in time).
-                module = try load()
+            let module = try load()
+            if !acquired.load(ordering: .acquiring) {
+                // The first connect never got the module started (its C_Initialize did not answer in time, or
+                // is still inside it: then acquire refuses at once).
                 try ModuleRegistry.acquire(module, remote: via != nil, afterFork: afterFork)
+                acquired.store(true, ordering: .releasing)
+            } else if restartingModule {
+                guard ModuleRegistry.restart(module, exclusive: via != nil) else { throw ConnectFailure.unreachable("restart") }
             }
             slotValue.store(UInt(try locate(in: module)), ordering: .releasing)
         } catch {
@@ -61,7 +62,9 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     }
 
     public func disconnect() {
-        if let module = loaded.load() { ModuleRegistry.release(module) }
+        if let module = loaded.load(), acquired.exchange(false, ordering: .acquiringAndReleasing) {
+            ModuleRegistry.release(module)
+        }
     }
 
     public var callsUnderWay: Int { 0 }

@@ -16,9 +16,9 @@ extension Runtime {
             member.token.closeSession(handle)
         }
         for (index, handle) in opened { memberSessions[index] = handle }
-        let session = VirtualSession(handle: newSessionHandle(), group: group, readWrite: readWrite,
+        let session = VirtualSession(handle: sessions.newHandle(), group: group, readWrite: readWrite,
                                      memberSessions: memberSessions)
-        sessions.withLock { $0[session.handle] = session }
+        sessions.insert(session)
         group.login.withLock {
             $0.sessions += 1
             if readWrite { $0.readWriteSessions += 1 }
@@ -27,7 +27,7 @@ extension Runtime {
     }
 
     public func closeSession(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
-        guard let session = sessions.withLock({ $0.removeValue(forKey: handle) }) else { throw P11Error.sessionHandleInvalid }
+        let session = try sessions.remove(handle)
         closeMemberSessions(session)
         let group = session.group
         group.objects.withLock { $0.removeObjects(ownedBy: handle) }
@@ -44,7 +44,7 @@ extension Runtime {
 
     public func closeAllSessions(_ slot: CK_SLOT_ID) throws(P11Error) {
         let group = try group(slot)
-        let handles = sessions.withLock { $0.values.filter { $0.group === group }.map(\.handle) }
+        let handles = sessions.all(in: group).map(\.handle)
         for handle in handles { try? closeSession(handle) }
     }
 

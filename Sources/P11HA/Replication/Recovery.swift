@@ -209,7 +209,7 @@ extension Runtime {
     /// Gives every virtual session of the group a session on the returning member, and finds each object's
     /// copy there again (handles change when a module restarts; objects may have been copied or destroyed).
     private func reattach(_ member: Member, in group: Group, restarted: Bool) throws(P11Error) {
-        let virtualSessions = sessions.withLock { $0.values.filter { $0.group === group } }
+        let virtualSessions = sessions.all(in: group)
         for session in virtualSessions {
             let fresh = try member.token.openSession(readWrite: session.readWrite)
             session.state.withLock { state in

@@ -88,8 +88,7 @@ public typealias BackendFactory = (_ member: MemberConfig, _ group: GroupConfig,
 public final class Runtime: @unchecked Sendable {
     public let config: Config
     public let groups: [Group]
-    let sessions = Mutex<[CK_SESSION_HANDLE: VirtualSession]>([:])
-    private let nextSession = Atomic<UInt>(1)
+    let sessions = SessionTable()
     let recovery: RecoveryWorker
     /// Runs work on members; the one place their health changes.
     let fanOut: FanOut
@@ -183,10 +182,7 @@ public final class Runtime: @unchecked Sendable {
     /// Closes every session and releases the modules.
     public func shutdown() {
         recovery.stop()
-        let all = sessions.withLock { table in
-            defer { table.removeAll() }
-            return Array(table.values)
-        }
+        let all = sessions.removeAll()
         for session in all { closeMemberSessions(session) }
         for group in groups {
             group.login.withLock { $0 = Group.LoginState() }
@@ -201,12 +197,7 @@ public final class Runtime: @unchecked Sendable {
 
     @inline(__always)
     func session(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
-        guard let session = sessions.withLock({ $0[handle] }) else { throw P11Error.sessionHandleInvalid }
-        return session
-    }
-
-    func newSessionHandle() -> CK_SESSION_HANDLE {
-        CK_SESSION_HANDLE(nextSession.add(1, ordering: .relaxed).oldValue)
+        try sessions.resolve(handle)
     }
 
     func closeMemberSessions(_ session: VirtualSession) {
@@ -218,10 +209,12 @@ public final class Runtime: @unchecked Sendable {
             }
             return (state.memberSessions, state.retired)
         }
-        for (index, handle) in handles.enumerated() {
-            if let handle { session.group.members[index].token.closeSession(handle) }
+        // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
+        // operation-timeout for nothing; its sessions end with its module.
+        let closing = handles.enumerated().compactMap { index, handle in handle.map { (index, $0) } } + retired.map { ($0.member, $0.session) }
+        for (index, handle) in closing where session.group.members[index].token.callsUnderWay == 0 {
+            session.group.members[index].token.closeSession(handle)
         }
-        for (index, handle) in retired { session.group.members[index].token.closeSession(handle) }
     }
 
     /// Per-member figures for operators and tests.

@@ -1,0 +1,143 @@
+// The handle map: p11ha's own session and object handles, and what each stands for on the members. Each table
+// resolves a handle in one critical section and records a change in another; no member is called under its lock.
+import CInterop
+import Synchronization
+
+/// The virtual sessions of one initialization, by handle.
+final class SessionTable: Sendable {
+    private let table = Mutex<[CK_SESSION_HANDLE: VirtualSession]>([:])
+    private let nextHandle = Atomic<UInt>(1)
+
+    /// A handle no session had in this initialization.
+    func newHandle() -> CK_SESSION_HANDLE {
+        CK_SESSION_HANDLE(nextHandle.add(1, ordering: .relaxed).oldValue)
+    }
+
+    @inline(__always)
+    func resolve(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
+        guard let session = table.withLock({ $0[handle] }) else { throw P11Error.sessionHandleInvalid }
+        return session
+    }
+
+    func insert(_ session: VirtualSession) {
+        table.withLock { $0[session.handle] = session }
+    }
+
+    func remove(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
+        guard let session = table.withLock({ $0.removeValue(forKey: handle) }) else { throw P11Error.sessionHandleInvalid }
+        return session
+    }
+
+    func all(in group: Group) -> [VirtualSession] {
+        table.withLock { $0.values.filter { $0.group === group } }
+    }
+
+    func removeAll() -> [VirtualSession] {
+        table.withLock { table in
+            defer { table.removeAll() }
+            return Array(table.values)
+        }
+    }
+}
+
+/// Virtual object handles and, for each, the handle of its copy on each member.
+struct ObjectTable {
+    struct Record {
+        var copies: [MemberObject?]
+        var identity: ObjectIdentity?
+        /// For a session object: the virtual session that owns it.
+        var owner: CK_SESSION_HANDLE?
+    }
+
+    struct CopyKey: Hashable {
+        let member: Int
+        let handle: MemberObject
+    }
+
+    private(set) var records: [CK_OBJECT_HANDLE: Record] = [:]
+    private var byCopy: [CopyKey: CK_OBJECT_HANDLE] = [:]
+    private var byIdentity: [ObjectIdentity: [CK_OBJECT_HANDLE]] = [:]
+
+    static let nextHandle = Atomic<UInt>(1)
+
+    subscript(handle: CK_OBJECT_HANDLE) -> Record? { records[handle] }
+
+    func handle(member: Int, copy: MemberObject) -> CK_OBJECT_HANDLE? {
+        byCopy[CopyKey(member: member, handle: copy)]
+    }
+
+    mutating func insert(_ record: Record) -> CK_OBJECT_HANDLE {
+        let handle = CK_OBJECT_HANDLE(Self.nextHandle.add(1, ordering: .relaxed).oldValue)
+        records[handle] = record
+        for (member, copy) in record.copies.enumerated() {
+            if let copy { byCopy[CopyKey(member: member, handle: copy)] = handle }
+        }
+        if let identity = record.identity { byIdentity[identity, default: []].append(handle) }
+        return handle
+    }
+
+    /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
+    mutating func attach(member: Int, copy: MemberObject, identity: ObjectIdentity, memberCount: Int) -> CK_OBJECT_HANDLE {
+        for handle in byIdentity[identity] ?? [] where records[handle]?.copies[member] == nil {
+            records[handle]!.copies[member] = copy
+            byCopy[CopyKey(member: member, handle: copy)] = handle
+            return handle
+        }
+        var copies = [MemberObject?](repeating: nil, count: memberCount)
+        copies[member] = copy
+        return insert(Record(copies: copies, identity: identity, owner: nil))
+    }
+
+    @discardableResult
+    mutating func remove(_ handle: CK_OBJECT_HANDLE) -> Record? {
+        guard let record = records.removeValue(forKey: handle) else { return nil }
+        for (member, copy) in record.copies.enumerated() {
+            if let copy { byCopy[CopyKey(member: member, handle: copy)] = nil }
+        }
+        if let identity = record.identity {
+            byIdentity[identity]?.removeAll { $0 == handle }
+            if byIdentity[identity]?.isEmpty == true { byIdentity[identity] = nil }
+        }
+        return record
+    }
+
+    /// Forgets the copy on one member (destroyed there); the object goes when no copy is left.
+    mutating func removeCopy(_ handle: CK_OBJECT_HANDLE, member: Int) {
+        guard let copy = records[handle]?.copies[member] else { return }
+        records[handle]!.copies[member] = nil
+        byCopy[CopyKey(member: member, handle: copy)] = nil
+        if records[handle]!.copies.allSatisfy({ $0 == nil }) { remove(handle) }
+    }
+
+    /// Sets (or clears) the copy of an object on one member, as found again after the member returned.
+    mutating func setCopy(_ handle: CK_OBJECT_HANDLE, member: Int, copy: MemberObject?) {
+        guard records[handle] != nil else { return }
+        if let old = records[handle]!.copies[member], byCopy[CopyKey(member: member, handle: old)] == handle {
+            byCopy[CopyKey(member: member, handle: old)] = nil
+        }
+        records[handle]!.copies[member] = copy
+        if let copy { byCopy[CopyKey(member: member, handle: copy)] = handle }
+    }
+
+    /// Forgets (or replaces) an object's identity after its attributes changed.
+    mutating func replaceIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity?) {
+        guard let old = records[handle]?.identity else {
+            if let identity { setIdentity(handle, identity) }
+            return
+        }
+        byIdentity[old]?.removeAll { $0 == handle }
+        if byIdentity[old]?.isEmpty == true { byIdentity[old] = nil }
+        records[handle]!.identity = nil
+        if let identity { setIdentity(handle, identity) }
+    }
+
+    mutating func setIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity) {
+        guard records[handle] != nil, records[handle]!.identity == nil else { return }
+        records[handle]!.identity = identity
+        byIdentity[identity, default: []].append(handle)
+    }
+
+    mutating func removeObjects(ownedBy session: CK_SESSION_HANDLE) {
+        for (handle, record) in records where record.owner == session { remove(handle) }
+    }
+}
