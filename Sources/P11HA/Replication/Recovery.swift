@@ -12,15 +12,21 @@ final class RecoveryWorker: @unchecked Sendable {
     /// Held for a whole pass, so that shutdown never finalizes a module under a recovery.
     let pass = Mutex(())
     let interval: Duration
+    /// False in tests that drive recovery themselves (`Runtime.recoverMembers`), one step at a time, so that a
+    /// seeded run replays exactly.
+    let background: Bool
     private weak var runtime: Runtime?
 
-    init(interval: Duration) { self.interval = interval }
+    init(interval: Duration, background: Bool = true) {
+        self.interval = interval
+        self.background = background
+    }
 
     func attach(_ runtime: Runtime) { self.runtime = runtime }
 
     /// Asks for a pass now (starting the worker the first time a member fails).
     func wake() {
-        if stopped.load(ordering: .acquiring) { return }
+        if stopped.load(ordering: .acquiring) || !background { return }
         if !started.exchange(true, ordering: .acquiringAndReleasing) {
             spawnThread { [self] in loop() }
         }

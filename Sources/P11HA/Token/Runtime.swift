@@ -93,10 +93,10 @@ public final class Runtime: @unchecked Sendable {
     /// Runs work on members; the one place their health changes.
     let fanOut: FanOut
 
-    private init(config: Config, groups: [Group]) {
+    private init(config: Config, groups: [Group], backgroundRecovery: Bool) {
         self.config = config
         self.groups = groups
-        self.recovery = RecoveryWorker(interval: config.recoveryInterval)
+        self.recovery = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
         self.fanOut = FanOut(recovery: recovery, operationTimeout: config.operationTimeout)
         recovery.attach(self)
     }
@@ -117,7 +117,7 @@ public final class Runtime: @unchecked Sendable {
     /// Connects every member's token; a member whose configuration cannot work fails the start, naming its
     /// line; one that does not answer now starts failed, and recovery takes it in when it answers.
     public static func start(_ config: Config, afterFork: Bool = false,
-                             backends: BackendFactory? = nil) throws(StartError) -> Runtime {
+                             backends: BackendFactory? = nil, backgroundRecovery: Bool = true) throws(StartError) -> Runtime {
         Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
         let makeBackend = backends ?? moduleBackends(config)
         var groups: [Group] = []
@@ -173,7 +173,7 @@ public final class Runtime: @unchecked Sendable {
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
         }
-        let runtime = Runtime(config: config, groups: groups)
+        let runtime = Runtime(config: config, groups: groups, backgroundRecovery: backgroundRecovery)
         for (member, reason) in unreachableAtStart { runtime.fanOut.startFailed(member, reason: "unreachable at start: \(reason)") }
         if !unreachableAtStart.isEmpty { runtime.recovery.wake() }
         return runtime
