@@ -1,6 +1,5 @@
-// Cryptographic operations on a fake connection: init, single-part, multi-part, verify; PKCS#11's two-call
-// length convention and its rule that an error ends an operation (but CKR_BUFFER_TOO_SMALL and a length query
-// do not).
+// Cryptographic operations on a fake connection, with PKCS#11's two-call length convention and its rule that
+// an error ends an operation (CKR_BUFFER_TOO_SMALL and a length query do not).
 import CInterop
 import P11HA
 

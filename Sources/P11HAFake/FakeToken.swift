@@ -112,8 +112,10 @@ public final class FakeToken: TokenBackend {
         }
     }
 
+    /// Lets go even of a dead token (after any scripted hang or latency): a process can always finalize.
     public func disconnect() {
-        _ = try? gate(.disconnect, needsModule: false) { connection, _ in
+        _ = try? gate(.disconnect, needsModule: false) { _, _ in }
+        state.withLock { connection in
             connection.restart()
             connection.connected = false
         }
