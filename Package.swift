@@ -33,7 +33,9 @@ let package = Package(
             dependencies: ["P11HA", "P11HAAdmin", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         // Drives the real C ABI of libp11ha.so from a separate process, one scenario per run.
         .executableTarget(name: "p11ha-scenario", dependencies: ["CInterop"], path: "Tests/ScenarioDriver"),
-        .testTarget(name: "P11HATests", dependencies: ["P11HA"]),
+        // An in-process fake token for the core's fast tests and simulations; not part of libp11ha.so.
+        .target(name: "P11HAFake", dependencies: ["P11HA", "CInterop"]),
+        .testTarget(name: "P11HATests", dependencies: ["P11HA", "P11HAFake"]),
         .testTarget(name: "IntegrationTests", dependencies: ["p11ha-scenario"]),
     ]
 )

@@ -11,9 +11,13 @@ public final class Secret: @unchecked Sendable {
         count = bytes.count
     }
 
-    public convenience init(_ text: String) {
-        var text = text
-        self.init(copying: text.withUTF8 { UnsafeRawBufferPointer($0) })
+    public init(_ text: String) {
+        // Copied byte by byte: withUTF8's pointer must not outlive its closure (a small string's bytes live in a
+        // temporary there).
+        let utf8 = text.utf8
+        storage = .allocate(byteCount: max(utf8.count, 1), alignment: 1)
+        for (i, byte) in utf8.enumerated() { storage[i] = byte }
+        count = utf8.count
     }
 
     public let count: Int

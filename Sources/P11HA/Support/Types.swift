@@ -45,6 +45,10 @@ public struct AttributeQuery: Sendable, Equatable {
 public struct AttributeAnswer: Sendable, Equatable {
     public var length: CK_ULONG
     public var value: [UInt8]?
+    public init(length: CK_ULONG, value: [UInt8]?) {
+        self.length = length
+        self.value = value
+    }
 }
 
 /// A mechanism with its parameter deep-copied, so an operation can be started again later on another member.
