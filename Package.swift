@@ -35,7 +35,7 @@ let package = Package(
         .executableTarget(name: "p11ha-scenario", dependencies: ["CInterop"], path: "Tests/ScenarioDriver"),
         // An in-process fake token for the core's fast tests and simulations; not part of libp11ha.so.
         .target(name: "P11HAFake", dependencies: ["P11HA", "CInterop"]),
-        .testTarget(name: "P11HATests", dependencies: ["P11HA", "P11HAFake"]),
+        .testTarget(name: "P11HATests", dependencies: ["P11HA", "P11HAAdmin", "P11HAFake"]),
         .testTarget(name: "IntegrationTests", dependencies: ["p11ha-scenario"]),
     ]
 )

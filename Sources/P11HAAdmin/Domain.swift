@@ -181,7 +181,7 @@ let replicationKeyTemplate: [Attribute] = [
 ]
 
 /// CKA_EC_POINT is a DER OCTET STRING around the point; ECDH takes the point itself.
-func rawECPoint(_ der: [UInt8]) -> [UInt8] {
+package func rawECPoint(_ der: [UInt8]) -> [UInt8] {
     guard der.count > 2, der[0] == 0x04 else { return der }
     if der[1] < 0x80, Int(der[1]) == der.count - 2 { return Array(der.dropFirst(2)) }
     if der[1] == 0x81, der.count > 3, Int(der[2]) == der.count - 3 { return Array(der.dropFirst(3)) }

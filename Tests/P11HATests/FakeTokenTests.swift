@@ -3,6 +3,7 @@
 import CInterop
 import Glibc
 @testable import P11HA
+import P11HAAdmin
 import P11HAFake
 import Synchronization
 import Testing

@@ -1,0 +1,185 @@
+// The group core's decisions on fake members, in-process: failover, replay, undo, classification, recovery,
+// deadlines and start-up; each test reads as what a user of the group can count on.
+import CInterop
+import Glibc
+@testable import P11HA
+import P11HAFake
+import Testing
+
+@Suite struct TheCoreOnFakeMembers {
+    @Test("a member's fault on a single call moves the call to a peer, and only that member leaves service")
+    func singleCallFailover() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        for index in 0..<2 { fake.stores[index].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.singlePart]) }
+        for round in 0..<6 {
+            try fake.runtime.operationInit(.sign, session, hmac, key: key)
+            let signature = try fake.runtime.singlePart(.sign, session, Array("round \(round)".utf8), capacity: 64)
+            #expect(signature.bytes?.count == 32)
+        }
+        #expect(fake.health(0) == .failed && fake.health(1) == .failed, "each faulting member was chosen once and left")
+        #expect(fake.health(2) == .inService)
+    }
+
+    @Test("the caller's errors come back unchanged and no member leaves service")
+    func callersErrors() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        for _ in 0..<6 {
+            try fake.runtime.operationInit(.verify, session, hmac, key: key)
+            #expect(throws: P11Error.member(CK_RV(CKR_SIGNATURE_INVALID))) {
+                try fake.runtime.verify(session, [1, 2, 3], signature: [UInt8](repeating: 0, count: 32))
+            }
+        }
+        #expect(throws: P11Error.objectHandleInvalid) { try fake.runtime.destroyObject(session, 999_999) }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
+    @Test("an operation in progress continues on a peer when its member crashes, with the same result")
+    func operationReplay() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        try fake.runtime.update(.sign, session, Array("first part, ".utf8))
+        let running = try fake.runtime.session(session).operation(.sign).member
+        fake.stores[running].faults.crash()
+        try fake.runtime.update(.sign, session, Array("second part".utf8))
+        let replayed = try fake.runtime.final(.sign, session, capacity: 64).bytes
+        #expect(fake.health(running) == .failed)
+
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        let direct = try fake.runtime.singlePart(.sign, session, Array("first part, second part".utf8), capacity: 64).bytes
+        #expect(replayed != nil && replayed == direct)
+    }
+
+    @Test("a write that a later member refuses is undone where it succeeded, and the caller gets that member's code")
+    func partialWriteUndone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_TEMPLATE_INCONSISTENT)), on: [.createObject], times: 1)
+        #expect(throws: P11Error.member(CK_RV(CKR_TEMPLATE_INCONSISTENT))) {
+            try fake.runtime.createObject(session, dataObject("refused"))
+        }
+        for store in 0..<3 { #expect(fake.objects(labelled: "refused", on: store) == 0, "member \(store)") }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
+    @Test("a member that misses a write leaves service stale, and recovery copies what it missed before it serves again")
+    func staleMemberResynchronized() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        fake.stores[1].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1)
+        _ = try fake.runtime.createObject(session, dataObject("missed"))
+        #expect(fake.health(1) == .stale)
+        #expect(fake.objects(labelled: "missed", on: 1) == 0)
+        fake.recover()
+        #expect(fake.health(1) == .inService)
+        for store in 0..<3 { #expect(fake.objects(labelled: "missed", on: store) == 1, "member \(store)") }
+    }
+
+    @Test("an object destroyed while a member was away is destroyed there when it returns, never brought back")
+    func destroyWhileAway() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("doomed"))
+        fake.stores[2].faults.crash()
+        try fake.runtime.destroyObject(session, object)
+        #expect(fake.health(2) != .inService)
+        fake.stores[2].faults.revive()
+        fake.recover()
+        #expect(fake.health(2) == .inService)
+        for store in 0..<3 { #expect(fake.objects(labelled: "doomed", on: store) == 0, "member \(store)") }
+    }
+
+    @Test("a key generated through the group is carried, wrapped, to every member and signs alike there")
+    func generatedKeyReplicated() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let template = [Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array("gen".utf8)),
+                        Attribute(CKA_SIGN, bool: true), Attribute(CKA_VALUE_LEN, ulong: 32)]
+        let key = try fake.runtime.generateKey(session, Mechanism(CK_MECHANISM_TYPE(CKM_GENERIC_SECRET_KEY_GEN)), template)
+        for store in 0..<3 { #expect(fake.objects(labelled: "gen", on: store) == 1, "member \(store)") }
+        var signatures = Set<[UInt8]>()
+        for member in 0..<3 {
+            // Only `member` can sign: the others fail their start of the operation.
+            for other in 0..<3 where other != member { fake.stores[other].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.operationInit]) }
+            let served = fake.members[member].served.load(ordering: .relaxed)
+            try fake.runtime.operationInit(.sign, session, hmac, key: key)
+            signatures.insert(try fake.runtime.singlePart(.sign, session, [7, 7, 7], capacity: 64).bytes ?? [])
+            #expect(fake.members[member].served.load(ordering: .relaxed) == served + 1)
+            for store in fake.stores { store.faults.clearFaults() }
+            fake.recover()
+            #expect(fake.members.allSatisfy { $0.isInService })
+        }
+        #expect(signatures.count == 1, "the copies on every member are one key")
+    }
+
+    @Test("a member that hangs is failed over after the operation-timeout; the call returns")
+    func hangingMember() throws {
+        let fake = try FakeGroup(operationTimeout: "200ms")
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        fake.stores[0].faults.inject(.hang, on: [.operationInit, .singlePart])
+        defer { fake.stores[0].faults.clearFaults() }
+        for _ in 0..<4 {
+            try fake.runtime.operationInit(.sign, session, hmac, key: key)
+            #expect(try fake.runtime.singlePart(.sign, session, [1], capacity: 64).bytes?.count == 32)
+        }
+        #expect(fake.health(0) == .failed)
+        #expect(fake.members[0].token.callsUnderWay >= 1, "the hung call still holds its worker, not the caller")
+    }
+
+    @Test("C_Initialize with a member that never answers starts the group without it; C_Finalize returns")
+    func startWithSilentMember() throws {
+        let fake = try FakeGroup(operationTimeout: "200ms") { stores in
+            stores[2].faults.inject(.hang, on: [.connect])
+        }
+        #expect(fake.health(2) == .failed)
+        let session = try fake.userSession()
+        _ = try fake.runtime.createObject(session, dataObject("while-silent"))
+        #expect(fake.objects(labelled: "while-silent", on: 0) == 1)
+        fake.runtime.shutdown()
+    }
+
+    @Test("every member down: calls fail at once with a member fault; the session works again when one returns")
+    func allDown() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        for store in fake.stores { store.faults.crash() }
+        #expect(throws: P11Error.self) { try fake.runtime.generateRandom(session, count: 8) }
+        #expect(fake.members.allSatisfy { !$0.isInService })
+        fake.stores[1].faults.revive()
+        fake.recover()
+        #expect(fake.health(1) == .inService)
+        #expect(try fake.runtime.generateRandom(session, count: 8).count == 8)
+    }
+}
+
+@Suite struct ErrorClassification {
+    @Test("member faults are device-class codes from a member or a missed deadline; p11ha's own codes never are")
+    func faults() {
+        #expect(P11Error.member(CK_RV(CKR_DEVICE_ERROR)).isMemberFault)
+        #expect(P11Error.member(CK_RV(CKR_TOKEN_NOT_PRESENT)).isMemberFault)
+        #expect(P11Error.deadlineExceeded.isMemberFault)
+        #expect(!P11Error(CK_RV(CKR_DEVICE_ERROR)).isMemberFault, "p11ha's own answer is not a member's fault")
+        #expect(!P11Error.member(CK_RV(CKR_SIGNATURE_INVALID)).isMemberFault)
+        #expect(!P11Error.member(CK_RV(CKR_ARGUMENTS_BAD)).isMemberFault)
+        #expect(!P11Error.member(CK_RV(CKR_BUFFER_TOO_SMALL), neededLength: 64).isMemberFault)
+    }
+}
+
+@Suite struct TheJournalFormat {
+    @Test("a journal survives encoding, changes included; damaged bytes are refused")
+    func roundTrip() {
+        var journal = Journal()
+        journal.generation = 42
+        journal.changes = [Journal.Change(generation: 41, identity: dataObject("old"), template: [Attribute(CKA_LABEL, Array("new".utf8))])]
+        #expect(Journal(decoding: journal.encoded()) == journal)
+        #expect(Journal(decoding: Array("p11ha-journal 1 x\n".utf8)) == nil)
+        #expect(Journal(decoding: Array("p11ha-journal 1 3\n2 zz -\n".utf8)) == nil)
+        #expect(Journal(decoding: []) == nil)
+    }
+}

@@ -1,0 +1,125 @@
+// Test support: a group of in-process fake members driven through the core, as the C ABI face drives it.
+import CInterop
+import Glibc
+@testable import P11HA
+import P11HAFake
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// A group of `count` fake tokens (each a `FakeTokenStore`, reached through one connection of this "process"),
+/// started by `Runtime.start` as C_Initialize would, with a replication key on every member.
+final class FakeGroup {
+    let stores: [FakeTokenStore]
+    let runtime: Runtime
+    let directory: String
+    static let userPIN = "1234"
+
+    /// - operationTimeout: nil runs member calls on the caller's thread (no deadline, no worker threads).
+    /// - backgroundRecovery: false leaves recovery to the test (`recover()`): with no deadline either, the run
+    ///   is single-threaded and a seed replays exactly.
+    init(members count: Int = 3, seed: UInt64 = 1, operationTimeout: String? = nil, backgroundRecovery: Bool = false,
+         replicationKey: Bool = true, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
+        var template = Array("/tmp/p11ha-unit.XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
+        directory = String(cString: made)
+        let stores = (0..<count).map { index in
+            FakeTokenStore(label: "member-\(index)", serial: "SERIAL\(index)", seed: seed &* 31 &+ UInt64(index))
+        }
+        self.stores = stores
+        if replicationKey { try Self.setUpReplicationKey(on: stores) }
+        prepare(stores)
+        let text = """
+            [p11ha]
+            log = \(directory)/p11ha.log
+            lock-dir = \(directory)
+            operation-timeout = \(operationTimeout ?? "off")
+            recovery-interval = 20ms
+            [group fake]
+            label = fake
+            \(stores.map { "member = pkcs11:token=\($0.label)?module-path=/fake/\($0.label)" }.joined(separator: "\n"))
+            """
+        let config = try Config.parse(text, path: directory + "/p11ha.conf")
+        let timeout = config.operationTimeout
+        runtime = try Runtime.start(config, backends: { member, _, _ in
+            let store = stores.first { $0.label == member.uri.tokenLabel }!
+            let token = store.connection()
+            return timeout.map { DeadlineBackend(token, timeout: $0) } ?? token
+        }, backgroundRecovery: backgroundRecovery)
+    }
+
+    deinit {
+        runtime.shutdown()
+        for store in stores { store.faults.clearFaults() }
+        _ = system("rm -rf '\(directory)'")
+    }
+
+    var group: Group { runtime.groups[0] }
+    var members: [Member] { group.members }
+    func health(_ index: Int) -> Health { members[index].health }
+
+    /// One recovery pass, as the background worker would make it.
+    func recover() { _ = runtime.recoverMembers() }
+
+    /// A read-write session, logged in as the user.
+    func userSession() throws -> CK_SESSION_HANDLE {
+        let session = try runtime.openSession(0, flags: CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION))
+        do {
+            try runtime.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(Self.userPIN))
+        } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
+        return session
+    }
+
+    /// Every token object of `store` with this label (read from the store itself, not through p11ha).
+    func objects(labelled label: String, on store: Int) -> Int {
+        stores[store].tokenObjects(matching: [Attribute(CKA_LABEL, Array(label.utf8))]).count
+    }
+
+    /// The same AES key, trusted, under p11ha's replication key identity, on every store (what `p11hactl domain
+    /// create` leaves behind).
+    static func setUpReplicationKey(on stores: [FakeTokenStore]) throws {
+        let value = (0..<32).map { UInt8($0 &* 7 &+ 3) }
+        for store in stores {
+            let token = store.connection()
+            try token.connect()
+            defer { token.disconnect() }
+            let session = try token.openSession(readWrite: true)
+            try token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(userPIN))
+            _ = try token.createObject(session, ReplicationKey.searchTemplate + [
+                Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: false), Attribute(CKA_TRUSTED, bool: true),
+                Attribute(CKA_SENSITIVE, bool: true), Attribute(CKA_EXTRACTABLE, bool: true),
+                Attribute(CKA_WRAP_WITH_TRUSTED, bool: true), Attribute(CKA_WRAP, bool: true), Attribute(CKA_UNWRAP, bool: true),
+                Attribute(CKA_LABEL, Array(ReplicationKey.label.utf8)), Attribute(CKA_VALUE, value),
+            ])
+            token.closeSession(session)
+        }
+    }
+}
+
+/// A token data object's template.
+func dataObject(_ label: String, value: [UInt8] = [1, 2, 3]) -> [Attribute] {
+    [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: true),
+     Attribute(CKA_LABEL, Array(label.utf8)), Attribute(CKA_VALUE, value)]
+}
+
+/// An HMAC key imported by value (replayed on every member), usable to sign.
+func hmacKey(_ label: String) -> [Attribute] {
+    [Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY), Attribute(CKA_KEY_TYPE, ulong: CKK_GENERIC_SECRET),
+     Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: true), Attribute(CKA_SIGN, bool: true),
+     Attribute(CKA_VERIFY, bool: true), Attribute(CKA_LABEL, Array(label.utf8)),
+     Attribute(CKA_VALUE, Array("a key of thirty-two bytes, fixed".utf8))]
+}
+
+let hmac = Mechanism(CK_MECHANISM_TYPE(CKM_SHA256_HMAC))
+
+/// Polls `condition` every few milliseconds for up to `seconds`; whether it came true.
+func eventually(seconds: Double = 5, _ condition: () -> Bool) -> Bool {
+    let deadline = monotonicNanos() + UInt64(seconds * 1e9)
+    while monotonicNanos() < deadline {
+        if condition() { return true }
+        usleep(5_000)
+    }
+    return condition()
+}
