@@ -69,7 +69,7 @@ extension Runtime {
     private func recover(_ member: Member, in group: Group) {
         guard let restarted = probe(member) else { return }
         let before = fanOut.beginRecovery(member)
-        let outcome: String
+        let outcome: Resync
         // One session, logged in, stays open until the member is back: the member's login lasts as long as the
         // application has a session there, and the sessions reattach opens must find it logged in.
         let session: MemberSession
@@ -84,7 +84,12 @@ extension Runtime {
         }
         defer { member.token.closeSession(session) }
         do throws(P11Error) {
-            outcome = try group.hostLock.withLock { () throws(P11Error) -> String in try resynchronize(member, session, in: group) }
+            outcome = try group.hostLock.withLock { () throws(P11Error) -> Resync in try resynchronize(member, session, in: group) }
+            if case .waitFor(let ahead) = outcome {
+                fanOut.abandonRecovery(member, before: before)
+                Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) reason=\"\(ahead) is ahead of it and not in service yet\"")
+                return
+            }
             try reattach(member, in: group, restarted: restarted)
         } catch {
             fanOut.abandonRecovery(member, before: before)
@@ -92,7 +97,14 @@ extension Runtime {
             return
         }
         fanOut.returnToService(member, in: group)
-        Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome)")
+        Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome.text)")
+        if case .ahead(_, let behind) = outcome {
+            // It holds writes they missed: they leave service to be brought up to date from it (it serves now, so
+            // the group is never left without a member).
+            for (peer, generation) in behind {
+                fanOut.markStale(peer, reason: "journal generation \(generation) behind \(member.name)'s")
+            }
+        }
     }
 
     /// Whether the member answers again (restarting its module when it has to); nil while it does not.
@@ -131,12 +143,41 @@ extension Runtime {
     }
 
     /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
-    private func resynchronize(_ member: Member, _ session: MemberSession, in group: Group) throws(P11Error) -> String {
-        let peers = group.members.filter { $0.isInService && $0 !== member }
+    /// What bringing a member up to date came to.
+    enum Resync {
+        case done(String)
+        /// It holds writes its peers in service missed: it serves as it is, and they must be brought up to date.
+        case ahead(String, behind: [(Member, UInt64)])
+        /// No member is in service, and one that answers is ahead of it: that one must return first.
+        case waitFor(String)
+
+        var text: String {
+            switch self {
+            case .done(let text), .ahead(let text, _), .waitFor(let text): text
+            }
+        }
+    }
+
+    private func resynchronize(_ member: Member, _ session: MemberSession, in group: Group) throws(P11Error) -> Resync {
+        var peers = group.members.filter { $0.isInService && $0 !== member }
         let journal = try Journal.read(on: member.token, session)
-        guard !peers.isEmpty else { return "resynced=no reason=\"no member in service to compare with\"" }
+        if peers.isEmpty {
+            // None in service: of the members that answer, the one with the highest generation returns first, as it
+            // is; the others are then brought up to date from it. Returning any other would lose what it lacks.
+            peers = group.members.filter { $0 !== member && $0.connected.load(ordering: .acquiring) }
+            var newest: (Member, UInt64)? = nil
+            for peer in peers {
+                guard let s = try? peer.token.openSession(readWrite: false) else { continue }
+                defer { peer.token.closeSession(s) }
+                guard (try? logIn(peer, s, group)) != nil, let j = try? Journal.read(on: peer.token, s) else { continue }
+                if j.generation > (newest?.1 ?? 0) { newest = (peer, j.generation) }
+            }
+            if let (peer, generation) = newest, generation > journal.generation { return .waitFor(peer.name) }
+            return .done("resynced=no reason=\"no member in service; newest of those that answer\" generation=\(journal.generation)")
+        }
         // The up-to-date peer: the highest generation, active members first.
         var best: (Member, MemberSession, Journal)? = nil
+        var generations: [(Member, UInt64)] = []
         var opened: [(Member, MemberSession)] = []
         defer { for (peer, s) in opened { peer.token.closeSession(s) } }
         for peer in peers.sorted(by: { !$0.isStandby && $1.isStandby }) {
@@ -145,20 +186,20 @@ extension Runtime {
                 opened.append((peer, s))
                 try logIn(peer, s, group)
                 let j = try Journal.read(on: peer.token, s)
+                generations.append((peer, j.generation))
                 if best == nil || j.generation > best!.2.generation { best = (peer, s, j) }
             } catch where error.isMemberFault {
                 fanOut.fail(peer, error)
             }
         }
-        guard let (source, sourceSession, sourceJournal) = best else { return "resynced=no reason=\"no peer answered\"" }
+        guard let (source, sourceSession, sourceJournal) = best else { return .done("resynced=no reason=\"no peer answered\"") }
         if journal.generation > sourceJournal.generation {
-            // It holds writes the others missed (made by another process while they were away). It serves again as
-            // it is; the others are not taken out of service here (that could leave none): the next login in any
-            // process compares the generations and brings them up to date.
-            return "resynced=no reason=\"ahead of its peers\" generation=\(journal.generation)"
+            // It holds writes the others missed (made while they were away, by this process or another).
+            let behind = generations.filter { $0.1 < journal.generation }
+            return .ahead("resynced=no reason=\"ahead of its peers\" generation=\(journal.generation)", behind: behind)
         }
         if journal.generation == sourceJournal.generation {
-            return "resynced=no reason=\"missed no write\" generation=\(journal.generation)"
+            return .done("resynced=no reason=\"missed no write\" generation=\(journal.generation)")
         }
         var changed = 0
         for change in sourceJournal.changes where change.generation > journal.generation {
@@ -196,8 +237,8 @@ extension Runtime {
         // never the source another member is made identical to (which would destroy what it lacks there).
         if uncopyable == 0 { try Journal.write(on: member.token, session, sourceJournal) }
         Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
-        return uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
-                               : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)"
+        return .done(uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
+                                     : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)")
     }
 
     /// Logs a member in with its own PIN or the application's (kept since C_Login).
@@ -238,7 +279,12 @@ extension Runtime {
                 defer { holder.token.closeSession(s) }
                 return try? holder.token.readAttributes(s, copy, ObjectIdentity.attributeTypes)
             }
-            guard let identity else { continue }
+            guard let identity else {
+                // Nobody can say what it was: after a restart the old handle means nothing (forgotten here, the member
+                // misses the object's next write and is brought up to date); otherwise it still holds.
+                if restarted { group.objects.withLock { $0.setCopy(handle, member: member.index, copy: nil) } }
+                continue
+            }
             let found = try? member.token.findObjects(probe, identity.template)
             group.objects.withLock {
                 $0.setIdentity(handle, identity)

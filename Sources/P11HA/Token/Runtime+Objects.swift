@@ -158,7 +158,10 @@ extension Runtime {
     func knownIdentity(of record: ObjectTable.Record, in group: Group, except member: Member,
                        read: (Member, MemberObject) -> [[UInt8]?]?) -> ObjectIdentity? {
         if let identity = record.identity { return identity }
-        for holder in group.members where holder.isInService && holder !== member {
+        // Members in service first; then any other that may answer (none may be in service while one returns).
+        let holders = group.members.filter { $0.isInService && $0 !== member }
+            + group.members.filter { !$0.isInService && $0 !== member && $0.connected.load(ordering: .acquiring) }
+        for holder in holders {
             if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(reading: values) }
         }
         return nil
