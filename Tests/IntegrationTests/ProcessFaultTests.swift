@@ -6,19 +6,18 @@ import Testing
 struct ProcessFaults {
     @Test("a member whose server is killed mid-work is failed over; the application sees no error; the restarted member rejoins")
     func killedMember() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
+        let members = servers.members
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
         let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
                                          environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        try waitForSignatures(workload)
         try servers.kill("member-b")
-        Thread.sleep(forTimeInterval: 3)
+        try servers.waitForEvent("member-failed", member: "member-b")
+        // A report line written after the failure counts what member-b served before it: nothing more until it returns.
+        try waitForReports(from: workload)
         let beforeReturn = reportLines(workload.output).last.flatMap(servedCounts(inLine:))
         try servers.restart("member-b")
         let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
@@ -40,19 +39,19 @@ struct ProcessFaults {
 
     @Test("a frozen member (SIGSTOP) is failed over within the operation-timeout")
     func frozenMember() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
+        let members = servers.members
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
         let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
                                          environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        try waitForSignatures(workload)
         let stopped = try servers.freeze("member-b")
-        Thread.sleep(forTimeInterval: 3)
+        try servers.waitForEvent("member-failed", member: "member-b")
+        // Frozen on purpose for two more of sign_loop's seconds: recovery probes meet the frozen member meanwhile,
+        // and the per-second counts show whether anything waits for it.
+        try waitForReports(2, from: workload)
         servers.thaw("member-b")
         let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
 
@@ -72,12 +71,9 @@ struct ProcessFaults {
 
     @Test("an application that starts while a member's server is down works with the other members")
     func startWhileMemberDown() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
+        let members = servers.members
         let digest = members.dir + "/digest"
         try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
 
@@ -89,12 +85,9 @@ struct ProcessFaults {
 
     @Test("all members down: calls fail fast with a member fault and work again when one returns")
     func allMembersDown() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
+        let members = servers.members
         let digest = members.dir + "/digest"
         try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
         let sign = ["--sign", "--id", "01", "--mechanism", "ECDSA", "--input-file", digest,
@@ -122,22 +115,22 @@ struct ProcessFaults {
 
     @Test("all members down: a running application gets member faults, never a hang, and its sessions and handles work again when the members return")
     func allMembersDownInProcess() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
+        let members = servers.members
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
         // One thread, one session, one pair of key handles found once at the start, for 9 s.
         let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "9", "1"],
                                          environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        try waitForSignatures(workload)
         for label in members.tokenLabels {
             try servers.kill(label)
         }
-        Thread.sleep(forTimeInterval: 2)
+        try waitUntil("sign_loop's calls fail with every member down:\n\(workload.errorOutput)\n\(logExcerpt(servers))",
+                      timeout: 10) { workload.errorOutput.contains(" failed: CK_RV ") }
+        // A report line written during the outage: signatures counted after it were made after the members returned.
+        try waitForReports(from: workload)
         let duringOutage = reportLines(workload.output).last
         for label in members.tokenLabels {
             try servers.restart(label)
