@@ -147,4 +147,33 @@ struct ProcessFaults {
         let opsDuring = duringOutage.flatMap(opsCount(inLine:)) ?? 0
         #expect(opsAfter > opsDuring, "the session signed nothing after the members returned:\n\(shortOutput(result))\n\(logExcerpt(servers))")
     }
+
+    @Test("C_Initialize, C_Login, a signature, a write and C_Finalize return within operation-timeout plus a margin when one member's server accepts connections and never answers")
+    func silentMember() throws {
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let members = servers.members
+        // member-c's server gives way to a socket that accepts and then says nothing, as a hung host's server does.
+        try servers.kill("member-c")
+        let silent = try SilentListener(path: servers.socketPath("member-c"))
+        defer { silent.stop() }
+        var environment = members.environment
+        environment["P11HA_TEST_OPERATION_TIMEOUT"] = "1"
+
+        // The driver ends a call that never returns (SIGALRM); the process timeout is the last resort.
+        let result = try scenario("silent-member", members, base: environment, timeout: 60)
+
+        let report = "\(result.output)\n\(logExcerpt(servers))"
+        #expect(result.status == 0, "silent-member failed (status \(result.status)):\n\(report)")
+        #expect(silent.connections > 0, "p11ha never connected to the silent member's socket:\n\(report)")
+        var durations: [String: Double] = [:]
+        for line in result.stdout.split(separator: "\n") where line.hasPrefix("duration ") {
+            let words = line.split(separator: " ")
+            if words.count == 4, let seconds = Double(words[2]) { durations[String(words[1])] = seconds }
+        }
+        for call in ["C_Initialize", "C_GetSlotList", "C_OpenSession", "C_Login", "C_SignInit+C_Sign", "C_CreateObject", "C_Finalize"] {
+            let seconds = try #require(durations[call], "no duration for \(call) (it did not return, or was never reached):\n\(report)")
+            #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s:\n\(report)")
+        }
+    }
 }

@@ -300,3 +300,98 @@ func waitForReports(_ count: Int = 1, from workload: Started, timeout: Double = 
         return reportLines(workload.output).count >= seen + count
     }
 }
+
+// MARK: - A member that never answers
+
+/// A unix socket that accepts connections and never reads from them nor answers: a member's server that hangs
+/// before it says anything. Accepted connections stay open until `stop()` (or deinit).
+final class SilentListener: @unchecked Sendable {
+    let path: String
+    private let listening: Int32
+    private let state = AcceptState()
+
+    init(path: String) throws {
+        self.path = path
+        if FileManager.default.fileExists(atPath: path) {
+            try FileManager.default.removeItem(atPath: path)
+        }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            throw SupportError("socket path too long: \(path)")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw SupportError("socket failed: errno \(errno)") }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(fd, 64) == 0 else {
+            let error = errno
+            close(fd)
+            throw SupportError("bind or listen on \(path) failed: errno \(error)")
+        }
+        listening = fd
+        // The thread holds the state, not the listener, so that deinit can stop it.
+        let state = self.state
+        let thread = Thread { state.acceptForever(fd) }
+        thread.name = "silent listener"
+        thread.start()
+    }
+
+    deinit {
+        stop()
+    }
+
+    /// How many connections were accepted so far.
+    var connections: Int { state.connections }
+
+    /// Stops accepting and closes every connection; safe to call more than once.
+    func stop() {
+        guard state.stop() else { return }
+        close(listening)
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}
+
+/// What SilentListener's accepting thread shares with it.
+private final class AcceptState: @unchecked Sendable {
+    private let lock = NSLock()
+    /// Guarded by `lock`.
+    private var stopping = false
+    private var accepted: [Int32] = []
+    private let finished = DispatchSemaphore(value: 0)
+
+    var connections: Int { lock.withLock { accepted.count } }
+
+    func acceptForever(_ listening: Int32) {
+        defer { finished.signal() }
+        while !lock.withLock({ stopping }) {
+            var ready = pollfd(fd: listening, events: Int16(POLLIN), revents: 0)
+            // Wakes every 50 ms to see whether stop() was called.
+            guard poll(&ready, 1, 50) > 0 else { continue }
+            let connection = accept(listening, nil, nil)
+            if connection >= 0 {
+                lock.withLock { accepted.append(connection) }
+            }
+        }
+    }
+
+    /// Ends the accepting thread and closes the accepted connections; false when that was done already.
+    func stop() -> Bool {
+        let first = lock.withLock { () -> Bool in
+            defer { stopping = true }
+            return !stopping
+        }
+        guard first else { return false }
+        finished.wait()
+        for fd in lock.withLock({ accepted }) {
+            close(fd)
+        }
+        return true
+    }
+}
