@@ -5,9 +5,7 @@ import Testing
 @Suite struct Failover {
     @Test("each member-fault class on two of three members is invisible to every kind of call, and the members return")
     func faultClasses() throws {
-        let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
-        let result = try faultScenario("failover", members)
+        let (members, result) = try runThroughFaults("failover", global: fastRecovery)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         let log = members.log
         #expect(log.contains("member-failed") && log.contains("member-recovered"), "\(log)")
@@ -15,27 +13,21 @@ import Testing
 
     @Test("multi-part operations and a search in progress finish on a peer when their member fails")
     func multipart() throws {
-        let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
-        let result = try faultScenario("multipart-failover", members)
+        let (members, result) = try runThroughFaults("multipart-failover", global: fastRecovery)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(members.log.contains("operation-replayed"), "\(members.log)")
     }
 
     @Test("the caller's errors come back unchanged and never take a member out of service")
     func callerErrors() throws {
-        let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
-        let result = try faultScenario("caller-errors", members)
+        let (members, result) = try runThroughFaults("caller-errors", global: fastRecovery)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(!members.log.contains("member-failed"), "\(members.log)")
     }
 
     @Test("a member that hangs is failed over after operation-timeout; the call returns")
     func deadline() throws {
-        let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: ["recovery-interval = 100ms", "operation-timeout = 300ms"])
-        let result = try faultScenario("deadline", members)
+        let (members, result) = try runThroughFaults("deadline", global: ["recovery-interval = 100ms", "operation-timeout = 300ms"])
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(members.log.contains("no answer within the operation-timeout"), "\(members.log)")
     }

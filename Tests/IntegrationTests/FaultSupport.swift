@@ -9,6 +9,14 @@ func faultScenario(_ name: String, _ members: Members) throws -> ProcessResult {
     try scenario(name, members, base: members.faultEnvironment, timeout: 180)
 }
 
+/// Three members through the fault module with `global` lines in [p11ha], and a run of scenario `name` against
+/// them: the members, for their log, and the run.
+func runThroughFaults(_ name: String, global: [String]) throws -> (Members, ProcessResult) {
+    let members = try Members()
+    _ = try members.throughFaultModule(extraGlobal: global)
+    return (members, try faultScenario(name, members))
+}
+
 /// Builds faulty.so once per test process (into a temp dir, cached; thread-safe), returns its path.
 func faultyModule() throws -> String {
     try FaultyBuild.shared.path()

@@ -8,11 +8,8 @@ struct ProcessFaults {
     func killedMember() throws {
         let servers = try MemberServers.withKeyPair(extraGlobal: ["recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let members = servers.members
-        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
-                                         environment: members.environment, name: "sign_loop")
+        let workload = try servers.startSignLoop(seconds: 8, threads: 2)
         try waitForSignatures(workload)
         try servers.kill("member-b")
         try servers.waitForEvent("member-failed", member: "member-b")
@@ -41,11 +38,8 @@ struct ProcessFaults {
     func frozenMember() throws {
         let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let members = servers.members
-        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
-                                         environment: members.environment, name: "sign_loop")
+        let workload = try servers.startSignLoop(seconds: 8, threads: 2)
         try waitForSignatures(workload)
         let stopped = try servers.freeze("member-b")
         try servers.waitForEvent("member-failed", member: "member-b")
@@ -118,11 +112,9 @@ struct ProcessFaults {
         let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
         let members = servers.members
-        let signLoop = try buildCExample("sign_loop", into: members.dir).path
 
         // One thread, one session, one pair of key handles found once at the start, for 9 s.
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "9", "1"],
-                                         environment: members.environment, name: "sign_loop")
+        let workload = try servers.startSignLoop(seconds: 9, threads: 1)
         try waitForSignatures(workload)
         for label in members.tokenLabels {
             try servers.kill(label)

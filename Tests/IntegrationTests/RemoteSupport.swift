@@ -274,6 +274,13 @@ extension MemberServers {
         return try MemberServers(members, extraGlobal: extraGlobal)
     }
 
+    /// Compiles Examples/c/sign_loop.c and starts it on the group's key "K": `threads` threads sign for `seconds`.
+    func startSignLoop(seconds: Int, threads: Int) throws -> Started {
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
+        return try start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", String(seconds), String(threads)],
+                         environment: members.environment, name: "sign_loop")
+    }
+
     /// Waits until p11ha's log holds more than `count` lines of `event` (member-failed, member-recovered, ...)
     /// for `token`, written by any process of the group.
     func waitForEvent(_ event: String, member token: String, beyond count: Int = 0, timeout: Double = 10) throws {
