@@ -15,7 +15,7 @@ struct Chaos {
         let environment = members.faultEnvironment
         let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
         try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
         let kill = { (label: String) throws in try inject("fail 0x30", into: control, member: label) }
         let restart = { (label: String) throws in try inject("ok", into: control, member: label) }
         let start = { (name: String, seconds: String, threads: String) throws -> Started in
@@ -56,6 +56,7 @@ struct Chaos {
             for line in log.newLines() { timeline.note("log: " + line) }
             // Bounded: sign_loop runs 30 s, and a minute is enough to see that it hangs.
             if timeline.elapsed > 60 { break }
+            // The chaos's clock: kills and restarts are due at random times, checked ten times a second.
             usleep(100_000)
         }
         let result = workload.wait(seconds: 5)
@@ -71,12 +72,15 @@ struct Chaos {
         let settle = try start("settle", "30", "1")
         defer { settle.killTree() }
         let pin = try pinFile(members, "user.pin", members.userPIN)
-        var agreed = false
-        for _ in 0..<30 where !agreed {
-            Thread.sleep(forTimeInterval: 1)
-            let status = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--pin-source", pin],
-                                        environment: environment)
-            agreed = status.status == 0
+        // Each check runs p11hactl, which logs in to every member: twice a second is often enough.
+        var agreed = true
+        do {
+            try waitUntil("the members agree (p11hactl status exits 0)", timeout: 30, interval: 0.5) {
+                try p11hactl(["status", "--pin-source", pin], members, environment: environment).status == 0
+            }
+        } catch {
+            agreed = false
+            timeline.note("\(error)")
         }
         timeline.note("members agree after the chaos: \(agreed)")
         settle.killTree()
@@ -184,6 +188,7 @@ private final class KeyChurn: @unchecked Sendable {
                 }
             }
             index += 1
+            // Paces the churn on purpose: a key every 0.3-1 s, at random against the kills.
             usleep(UInt32.random(in: 300_000...1_000_000))
         }
     }

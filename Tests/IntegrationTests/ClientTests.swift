@@ -101,19 +101,11 @@ struct ClientTests {
         try #require(generated.status == 0, "generating engine-key failed:\n\(generated.output)")
 
         let files = try Files(in: members.dir)
-        let template = try String(
-            contentsOfFile: Paths.packageRoot + "/Examples/openssl/openssl.cnf", encoding: .utf8)
-        try #require(template.contains("@ENGINE_PATH@") && template.contains("@MODULE_PATH@"))
         let config = files.path("openssl.cnf")
-        try template
-            .replacingOccurrences(of: "@ENGINE_PATH@", with: Paths.opensslPKCS11Engine)
-            .replacingOccurrences(of: "@MODULE_PATH@", with: Paths.debugModule)
-            .write(toFile: config, atomically: true, encoding: .utf8)
+        try writeOpenSSLConfig(module: Paths.debugModule, to: config)
         // The engine repeats the key URI in its errors: the PIN comes from a file, not pin-value.
         let pinFile = files.path("user.pin")
-        try #require(
-            FileManager.default.createFile(
-                atPath: pinFile, contents: Data(members.userPIN.utf8), attributes: [.posixPermissions: 0o600]))
+        try writeSecret(members.userPIN, to: pinFile)
 
         var environment = members.environment
         environment["OPENSSL_CONF"] = config
@@ -128,28 +120,6 @@ struct ClientTests {
         try #require(signed.status == 0, "openssl pkeyutl -sign through the engine failed:\n\(signed.output)")
         let publicKey = try exportPublicKey(tool, id: "01", to: files.path("engine-key.pem"))
         try expectVerifies(signature: signature, of: files, publicKey: publicKey, "engine-key")
-    }
-}
-
-/// pkcs11-tool on one module, optionally one token, in a Members environment.
-struct PKCS11Tool {
-    let module: String
-    let token: String?
-    let members: Members
-
-    init(module: String, token: String?, members: Members) throws {
-        try #require(
-            FileManager.default.fileExists(atPath: module), "\(module) is missing: run swift build first")
-        self.module = module
-        self.token = token
-        self.members = members
-    }
-
-    func callAsFunction(_ arguments: [String], login: Bool = false) throws -> ProcessResult {
-        var full = ["--module", module]
-        if let token { full += ["--token-label", token] }
-        if login { full += ["--login", "--pin", members.userPIN] }
-        return try runProcess("pkcs11-tool", full + arguments, environment: members.environment)
     }
 }
 
@@ -225,14 +195,4 @@ private func runSelfTest(_ tool: PKCS11Tool) throws {
 
     #expect(result.status == 0, "pkcs11-tool --test failed:\n\(result.output)")
     #expect(result.stdout.contains("No errors"), "\(result.output)")
-}
-
-/// The values of "name: value" lines (pkcs11-tool pads the name with spaces before the colon).
-private func fieldValues(_ name: String, in text: String) -> [String] {
-    text.split(separator: "\n").compactMap { line in
-        guard let colon = line.firstIndex(of: ":"),
-            line[..<colon].trimmingCharacters(in: .whitespaces) == name
-        else { return nil }
-        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-    }
 }

@@ -19,7 +19,7 @@ struct ConfigTests {
         #expect(
             result.output.contains("C_Initialize") && result.output.contains("CKR_GENERAL_ERROR"),
             "C_Initialize should fail with CKR_GENERAL_ERROR:\n\(result.output)")
-        let log = (try? String(contentsOfFile: members.dir + "/p11ha.log", encoding: .utf8)) ?? ""
+        let log = members.log
         #expect(log.contains("config-error"), "p11ha.log has no config-error event:\n\(log)\n\(result.output)")
         let place = "\(members.p11haConf):\(config.line):"
         #expect(log.contains(place), "p11ha.log does not name \(place):\n\(log)")
@@ -30,7 +30,7 @@ struct ConfigTests {
     func checkAcceptsGoodConfig() throws {
         let members = try Members(group: "ha-check")
 
-        let result = try runProcess(p11hactl, ["check"], environment: members.environment)
+        let result = try runProcess(Paths.p11hactl, ["check"], environment: members.environment)
 
         #expect(result.status == 0, "p11hactl check failed:\n\(result.output)")
         for label in members.tokenLabels {
@@ -54,7 +54,7 @@ struct ConfigTests {
         case .environment: environment["P11HA_CONF"] = path
         }
 
-        let result = try runProcess(p11hactl, arguments, environment: environment)
+        let result = try runProcess(Paths.p11hactl, arguments, environment: environment)
 
         #expect(result.status == 1, "p11hactl check should exit 1 for \(mistake):\n\(result.output)")
         #expect(
@@ -68,17 +68,14 @@ struct ConfigTests {
         let members = try Members(group: "ha-pin")
         let wrongPIN = "975319"
         let pinFile = members.dir + (rightPIN ? "/right.pin" : "/wrong.pin")
-        try #require(
-            FileManager.default.createFile(
-                atPath: pinFile, contents: Data((rightPIN ? members.userPIN : wrongPIN).utf8),
-                attributes: [.posixPermissions: 0o600]))
+        try writeSecret(rightPIN ? members.userPIN : wrongPIN, to: pinFile)
         let memberB = "pkcs11:token=member-b?module-path=\(Paths.softhsmModule)"
         let config = try String(contentsOfFile: members.p11haConf, encoding: .utf8)
         try #require(config.contains(memberB + "\n"), "make-members wrote an unexpected p11ha.conf:\n\(config)")
         try members.rewriteConfig(
             config.replacingOccurrences(of: memberB + "\n", with: memberB + "&pin-source=file:\(pinFile)\n"))
 
-        let result = try runProcess(p11hactl, ["check"], environment: members.environment)
+        let result = try runProcess(Paths.p11hactl, ["check"], environment: members.environment)
 
         let loginLines = result.stdout.split(separator: "\n").filter { $0.contains("login with its own PIN") }
         if rightPIN {
@@ -97,8 +94,6 @@ struct ConfigTests {
         }
     }
 }
-
-private let p11hactl = Paths.packageRoot + "/.build/debug/p11hactl"
 
 /// Where p11hactl is told to find the configuration.
 enum ConfigSource: CaseIterable, Sendable, CustomTestStringConvertible {

@@ -4,28 +4,21 @@ import Testing
 
 @Suite("The C examples work against the module")
 struct ExampleTests {
-    @Test("a C program loads the module with dlopen, signs and verifies")
-    func signVerify() throws {
-        let members = try Members(group: "ha-example")
-        let program = try compileExample("sign_verify", into: members.dir)
+    @Test("a C example runs against the module and reports success", arguments: [
+        CExample(name: "sign_verify", story: "a C program loads the module with dlopen, signs and verifies", group: "ha-example"),
+        CExample(name: "fork_sign",
+                 story: "a child process forked after C_Initialize signs after calling C_Initialize itself, and the parent's session still works",
+                 group: "ha-fork"),
+    ])
+    func runs(_ example: CExample) throws {
+        let members = try Members(group: example.group)
+        let program = try compileExample(example.name, into: members.dir)
 
         let result = try runProcess(
             program, [Paths.debugModule, members.group, members.userPIN], environment: members.environment)
 
-        #expect(result.status == 0, "sign_verify failed:\n\(result.output)")
-        #expect(result.stdout.contains("sign_verify: ok"), "\(result.output)")
-    }
-
-    @Test("a child process forked after C_Initialize signs after calling C_Initialize itself, and the parent's session still works")
-    func forkSign() throws {
-        let members = try Members(group: "ha-fork")
-        let program = try compileExample("fork_sign", into: members.dir)
-
-        let result = try runProcess(
-            program, [Paths.debugModule, members.group, members.userPIN], environment: members.environment)
-
-        #expect(result.status == 0, "fork_sign failed:\n\(result.output)")
-        #expect(result.stdout.contains("fork_sign: ok"), "\(result.output)")
+        #expect(result.status == 0, "\(example.name) failed:\n\(result.output)")
+        #expect(result.stdout.contains("\(example.name): ok"), "\(result.output)")
     }
 
     @Test("a workload in one process is spread over every member")
@@ -48,20 +41,21 @@ struct ExampleTests {
     }
 }
 
-/// Compiles Examples/c/NAME.c warning-free into `dir` and returns the program's path.
+/// A program of Examples/c that prints "NAME: ok" when it worked, and the story it tells.
+struct CExample: Sendable, CustomTestStringConvertible {
+    let name: String
+    let story: String
+    /// The group's label: each example has its own.
+    let group: String
+
+    var testDescription: String { "\(name): \(story)" }
+}
+
+/// Compiles Examples/c/NAME.c into `dir`; it must compile without warnings.
 private func compileExample(_ name: String, into dir: String) throws -> String {
-    let source = Paths.packageRoot + "/Examples/c/\(name).c"
-    let program = dir + "/" + name
-    let flags = try runProcess("pkg-config", ["--cflags", "p11-kit-1"])
-    try #require(flags.status == 0, "pkg-config p11-kit-1 failed:\n\(flags.output)")
-    let includes = flags.stdout.split(whereSeparator: \.isWhitespace).map(String.init)
-
-    let compiled = try runProcess(
-        "cc", ["-Wall", "-Wextra", "-O2"] + includes + ["-o", program, source, "-ldl", "-lpthread"])
-
-    try #require(compiled.status == 0, "cc \(name).c failed:\n\(compiled.output)")
-    #expect(compiled.stderr.isEmpty, "\(name).c compiles with warnings:\n\(compiled.stderr)")
-    return program
+    let built = try buildCExample(name, into: dir)
+    #expect(built.warnings.isEmpty, "\(name).c compiles with warnings:\n\(built.warnings)")
+    return built.path
 }
 
 /// Makes an EC P-256 key pair with openssl and imports both halves through the group. C_CreateObject
@@ -84,13 +78,4 @@ private func importKeyPair(label: String, id: String, into members: Members) thr
             environment: members.environment)
         try #require(written.status == 0, "importing the \(type) through the group failed:\n\(written.output)")
     }
-}
-
-/// The numbers of the last "served=a,b,c" of sign_loop's report lines, or nil if there is none.
-private func lastServedCounts(in output: String) -> [Int]? {
-    let fields = output.split(separator: "\n").flatMap { $0.split(separator: " ") }
-    guard let field = fields.last(where: { $0.hasPrefix("served=") }) else { return nil }
-    let numbers = field.dropFirst("served=".count).split(separator: ",", omittingEmptySubsequences: false)
-    let counts = numbers.compactMap { Int($0) }
-    return counts.count == numbers.count && !counts.isEmpty ? counts : nil
 }

@@ -1,6 +1,22 @@
 // Test support for fault injection: builds Tests/FaultModule/faulty.c and routes a group's members through it.
 import Foundation
 
+/// Lines for [p11ha] that make failed members return quickly.
+let fastRecovery = ["recovery-interval = 100ms", "operation-timeout = 2s"]
+
+/// Runs one p11ha-scenario scenario against members routed through the fault module.
+func faultScenario(_ name: String, _ members: Members) throws -> ProcessResult {
+    try scenario(name, members, base: members.faultEnvironment, timeout: 180)
+}
+
+/// Three members through the fault module with `global` lines in [p11ha], and a run of scenario `name` against
+/// them: the members, for their log, and the run.
+func runThroughFaults(_ name: String, global: [String]) throws -> (Members, ProcessResult) {
+    let members = try Members()
+    _ = try members.throughFaultModule(extraGlobal: global)
+    return (members, try faultScenario(name, members))
+}
+
 /// Builds faulty.so once per test process (into a temp dir, cached; thread-safe), returns its path.
 func faultyModule() throws -> String {
     try FaultyBuild.shared.path()
@@ -18,7 +34,7 @@ extension Members {
         }
         try files.createDirectory(atPath: control, withIntermediateDirectories: true)
         let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
-        try rewriteConfig(routeConfig(text, through: module, log: dir + "/p11ha.log", extraGlobal: extraGlobal))
+        try rewriteConfig(routeConfig(text, through: module, log: logPath, extraGlobal: extraGlobal))
         return control
     }
 
@@ -94,31 +110,11 @@ private final class FaultyBuild: @unchecked Sendable {
 
     /// Called with `lock` held.
     private func build() throws -> String {
-        let source = Paths.packageRoot + "/Tests/FaultModule/faulty.c"
-        let cflags = try runProcess("pkg-config", ["--cflags", "p11-kit-1"])
-        guard cflags.status == 0 else {
-            throw SupportError("pkg-config --cflags p11-kit-1 failed (run scripts/install-deps): \(cflags.output)")
-        }
-
-        var template = Array("/tmp/p11ha-faulty.XXXXXX".utf8CString)
-        let made: String? = template.withUnsafeMutableBufferPointer { buffer in
-            mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
-        }
-        guard let directory = made else { throw SupportError("mkdtemp failed: errno \(errno)") }
+        let directory = try makeTemporaryDirectory("p11ha-faulty")
         self.directory = directory
         atexit { FaultyBuild.shared.removeDirectory() }
-
-        // The same command as in Tests/FaultModule/README.md.
-        let output = directory + "/faulty.so"
-        let arguments =
-            ["-shared", "-fPIC", "-O2", "-Wall", "-Wextra"]
-            + cflags.stdout.split(whereSeparator: \.isWhitespace).map(String.init)
-            + ["-o", output, source, "-ldl", "-lpthread"]
-        let compiled = try runProcess("cc", arguments)
-        guard compiled.status == 0, FileManager.default.fileExists(atPath: output) else {
-            throw SupportError("building faulty.so failed (status \(compiled.status)): \(compiled.output)")
-        }
-        return output
+        return try compileC(Paths.packageRoot + "/Tests/FaultModule/faulty.c", to: directory + "/faulty.so",
+                            sharedObject: true).path
     }
 
     /// At exit; skipped if a build is still running on another thread.

@@ -39,7 +39,7 @@ struct InstallTests {
         let listed = try runProcess("pkcs11-tool", ["--module", module, "-L"], environment: environment)
 
         try #require(listed.status == 0, "pkcs11-tool -L on the installed module failed:\n\(listed.output)")
-        #expect(labels(in: listed.stdout, field: "token label") == [members.group], "\(listed.stdout)")
+        #expect(fieldValues("token label", in: listed.stdout) == [members.group], "\(listed.stdout)")
         let toolchainLookups = listed.stderr.split(separator: "\n").filter { $0.contains("swift") }
         #expect(toolchainLookups.isEmpty, "the loader looked into the toolchain:\n\(toolchainLookups.joined(separator: "\n"))")
     }
@@ -78,12 +78,12 @@ struct InstallTests {
 
         let tokens = try client.run("p11tool", ["--list-tokens"], environment: environment)
         try #require(tokens.status == 0, "p11tool --list-tokens failed:\n\(tokens.output)")
-        #expect(labels(in: tokens.stdout, field: "Label").contains(members.group), "\(tokens.stdout)")
+        #expect(fieldValues("Label", in: tokens.stdout).contains(members.group), "\(tokens.stdout)")
 
         let objects = try client.run(
             "p11tool", ["--login", "--list-all", "pkcs11:token=\(members.group)"], environment: environment)
         try #require(objects.status == 0, "p11tool --list-all failed:\n\(objects.output)")
-        #expect(labels(in: objects.stdout, field: "Label") == ["registry-key", "registry-key"], "\(objects.stdout)")
+        #expect(fieldValues("Label", in: objects.stdout) == ["registry-key", "registry-key"], "\(objects.stdout)")
         #expect(objects.stdout.contains("Type: Private key (EC"), "\(objects.stdout)")
     }
 
@@ -100,13 +100,9 @@ struct InstallTests {
         }
         let dir = members.dir
         let config = dir + "/openssl.cnf"
-        try String(contentsOfFile: Paths.packageRoot + "/Examples/openssl/openssl.cnf", encoding: .utf8)
-            .replacingOccurrences(of: "@ENGINE_PATH@", with: Paths.opensslPKCS11Engine)
-            .replacingOccurrences(of: "@MODULE_PATH@", with: module)
-            .write(toFile: config, atomically: true, encoding: .utf8)
+        try writeOpenSSLConfig(module: module, to: config)
         let pinFile = dir + "/user.pin"
-        try #require(FileManager.default.createFile(
-            atPath: pinFile, contents: Data(members.userPIN.utf8), attributes: [.posixPermissions: 0o600]))
+        try writeSecret(members.userPIN, to: pinFile)
         let digest = dir + "/digest"
         try Data((0..<32).map { _ in UInt8.random(in: 0...255) }).write(to: URL(fileURLWithPath: digest))
 
@@ -201,16 +197,6 @@ private struct Unprivileged {
     }
 }
 
-/// mkdtemp under /tmp.
-func makeTemporaryDirectory(_ prefix: String) throws -> String {
-    var template = Array("/tmp/\(prefix).XXXXXX".utf8CString)
-    let made: String? = template.withUnsafeMutableBufferPointer { buffer in
-        mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
-    }
-    guard let made else { throw SupportError("mkdtemp failed: errno \(errno)") }
-    return made
-}
-
 /// NEEDED, RPATH and RUNPATH entries of an ELF file's dynamic section, as readelf -d shows them.
 private func dynamicSection(of file: String) throws -> [String] {
     let result = try runProcess("readelf", ["-d", file])
@@ -256,14 +242,4 @@ private func moduleBlock(_ name: String, in text: String) -> [String] {
         }
     }
     return block
-}
-
-/// The values of "field: value" lines, in order.
-private func labels(in text: String, field: String) -> [String] {
-    text.split(separator: "\n").compactMap { line in
-        guard let colon = line.firstIndex(of: ":"),
-              line[..<colon].trimmingCharacters(in: .whitespaces) == field
-        else { return nil }
-        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-    }
 }

@@ -15,10 +15,10 @@ import Testing
         }
         let pin = try pinFile(members, "user.pin", members.userPIN)
         for arguments in [["status", "--pin-source", pin], ["check"], ["sync", "--group", members.group, "--dry-run", "--pin-source", pin]] {
-            let result = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", arguments, environment: members.faultEnvironment)
+            let result = try p11hactl(arguments, members, environment: members.faultEnvironment)
             output += result.stdout + result.stderr
         }
-        let log = try String(contentsOfFile: members.dir + "/p11ha.log", encoding: .utf8)
+        let log = members.log
         #expect(log.contains("member-failed") && log.contains("member-recovered"), "the log saw failures and recoveries")
         let everything = log + output
         for secret in [members.userPIN, members.soPIN] {

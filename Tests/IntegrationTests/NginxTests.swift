@@ -6,11 +6,7 @@ import Testing
 struct NginxTests {
     @Test("nginx serves TLS on loopback with its private key in a group of three members, with worker processes")
     func servesTLS() throws {
-        let members = try Members(count: 3, group: "ha-nginx")
-        let generated = try PKCS11Tool(module: Paths.debugModule, token: members.group, members: members)(
-            ["--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "nginx-key"], login: true)
-        try #require(generated.status == 0, "generating nginx-key failed:\n\(generated.output)")
-        let site = try NginxSite(members: members, keyLabel: "nginx-key")
+        let site = try NginxSite.withKey(group: "ha-nginx")
 
         let nginx = try site.start()
         defer { nginx.stop() }
@@ -39,12 +35,9 @@ struct NginxTests {
 extension NginxTests {
     @Test("nginx keeps serving, with zero failed requests, while a member's process is killed and later restarted")
     func survivesMemberFailure() throws {
-        let members = try Members(count: 3, group: "ha-nginx-fo")
-        // Keys are generated through the members' module (p11-kit 0.24's remote protocol cannot carry them).
-        let generated = try PKCS11Tool(module: Paths.debugModule, token: members.group, members: members)(
-            ["--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "nginx-key"], login: true)
-        try #require(generated.status == 0, "generating nginx-key failed:\n\(generated.output)")
-        let site = try NginxSite(members: members, keyLabel: "nginx-key")
+        // The key is generated before the servers start (p11-kit 0.24's remote protocol cannot carry generated keys).
+        let site = try NginxSite.withKey(group: "ha-nginx-fo")
+        let members = site.members
         let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
         // The workers (nobody, when the test runs as root) must reach the servers' sockets.
@@ -54,7 +47,7 @@ extension NginxTests {
         let nginx = try site.start()
         defer { nginx.stop() }
         try nginx.waitUntilAccepting(seconds: 30)
-        // Requests go on, batch after batch, from before the kill until well after the restart.
+        // Requests go on, batch after batch, for 7 s on purpose: from before the kill until well after the restart.
         let started = Date()
         let requests = DispatchGroup()
         let outcome = Outcomes()
@@ -68,9 +61,11 @@ extension NginxTests {
             }
             requests.leave()
         }
-        usleep(1_000_000)
+        try waitUntil("nginx serves requests before member-b's server is killed:\n\(site.logs)", timeout: 10) {
+            !site.accessLog.isEmpty
+        }
         try servers.kill("member-b")
-        usleep(2_000_000)
+        try servers.waitForEvent("member-failed", member: "member-b")
         try servers.restart("member-b")
         openSockets()
         requests.wait()
@@ -83,7 +78,7 @@ extension NginxTests {
         #expect(expected >= 600, "the request stream spanned the failure: \(expected) requests")
         #expect(failed == 0, "\(failed) of \(expected) requests failed:\n\(results.map(\.stderr).joined())\n\(site.logs)")
         #expect(Set(site.accessLog.map(\.pid)).count > 1, "more than one worker served")
-        let log = (try? String(contentsOfFile: servers.log, encoding: .utf8)) ?? ""
+        let log = members.log
         #expect(log.contains("member-failed") && log.contains("member-b"), "member-b's death was seen:\n\(log)")
         #expect(log.contains("member-recovered"), "member-b came back while nginx served:\n\(log)")
     }
@@ -99,18 +94,23 @@ private struct NginxSite: @unchecked Sendable {
     var certificate: String { dir + "/cert.pem" }
     var config: String { dir + "/nginx.conf" }
 
+    /// A site of its own group of three members, with its key "nginx-key" generated through the group.
+    static func withKey(group: String) throws -> NginxSite {
+        let members = try Members(count: 3, group: group)
+        let generated = try PKCS11Tool(module: Paths.debugModule, token: members.group, members: members)(
+            ["--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "nginx-key"], login: true)
+        try #require(generated.status == 0, "generating nginx-key failed:\n\(generated.output)")
+        return try NginxSite(members: members, keyLabel: "nginx-key")
+    }
+
     init(members: Members, keyLabel: String) throws {
         self.members = members
         dir = members.dir + "/nginx"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let opensslConfig = dir + "/openssl.cnf"
-        try String(contentsOfFile: Paths.packageRoot + "/Examples/openssl/openssl.cnf", encoding: .utf8)
-            .replacingOccurrences(of: "@ENGINE_PATH@", with: Paths.opensslPKCS11Engine)
-            .replacingOccurrences(of: "@MODULE_PATH@", with: Paths.debugModule)
-            .write(toFile: opensslConfig, atomically: true, encoding: .utf8)
+        try writeOpenSSLConfig(module: Paths.debugModule, to: opensslConfig)
         let pinFile = dir + "/user.pin"
-        try #require(FileManager.default.createFile(
-            atPath: pinFile, contents: Data(members.userPIN.utf8), attributes: [.posixPermissions: 0o600]))
+        try writeSecret(members.userPIN, to: pinFile)
         var environment = members.environment
         environment["OPENSSL_CONF"] = opensslConfig
         self.environment = environment
@@ -182,18 +182,16 @@ private struct NginxSite: @unchecked Sendable {
     /// nginx's error log and p11ha's log, for failure messages.
     var logs: String {
         let error = (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? ""
-        let p11ha = (try? String(contentsOfFile: members.dir + "/p11ha.log", encoding: .utf8)) ?? ""
+        let p11ha = members.log
         return "nginx error.log:\n\(error.suffix(4000))\np11ha.log:\n\(p11ha.suffix(4000))"
     }
 }
 
-/// nginx's master process (daemon off), started with Process; its workers are in its process group.
+/// nginx's master process (daemon off); its workers are in its process group.
 private final class NginxProcess: @unchecked Sendable {
-    let pid: pid_t
     let dir: String
     let port: Int
-    private let process: Process
-    private let exited = DispatchSemaphore(value: 0)
+    private let process: Started
     private let lock = NSLock()
     /// Guarded by `lock`: set once stop() has run.
     private var stoppedCleanly: Bool?
@@ -201,38 +199,27 @@ private final class NginxProcess: @unchecked Sendable {
     init(config: String, dir: String, port: Int, environment: [String: String]) throws {
         self.dir = dir
         self.port = port
-        let nginx = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"].first { FileManager.default.isExecutableFile(atPath: $0) }
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: try #require(nginx, "nginx is not installed (scripts/install-deps)"))
+        let nginx = try Paths.executable("nginx", searchPath: "/usr/sbin:/usr/local/sbin")
         // Names the site's own prefix so that nginx opens nothing of the system's installation.
-        process.arguments = ["-c", config, "-p", dir + "/"]
-        process.environment = environment
-        process.standardInput = FileHandle.nullDevice
-        for name in ["stdout", "stderr"] {
-            _ = FileManager.default.createFile(atPath: dir + "/nginx.\(name)", contents: nil)
-        }
-        process.standardOutput = FileHandle(forWritingAtPath: dir + "/nginx.stdout")
-        process.standardError = FileHandle(forWritingAtPath: dir + "/nginx.stderr")
-        process.terminationHandler = { [exited] _ in exited.signal() }
-        try process.run()
-        pid = process.processIdentifier
+        process = try Started(nginx, ["-c", config, "-p", dir + "/"], environment: environment,
+                              output: dir + "/nginx.stdout", errors: dir + "/nginx.stderr")
     }
 
     deinit {
         stop()
     }
 
+    var pid: pid_t { process.pid }
+
     /// Waits until the port accepts connections (the master has loaded the key by then).
     func waitUntilAccepting(seconds: Double) throws {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
+        try waitUntil("nginx accepts connections on port \(port):\n\(startupOutput)", timeout: seconds) {
             guard process.isRunning else {
-                throw SupportError("nginx exited with status \(process.terminationStatus):\n\(startupOutput)")
+                let status = process.wait(seconds: 5).map { String($0.status) } ?? "unknown"
+                throw SupportError("nginx exited with status \(status):\n\(startupOutput)")
             }
-            if canConnect(toLoopbackPort: port) { return }
-            Thread.sleep(forTimeInterval: 0.1)
+            return canConnect(toLoopbackPort: port)
         }
-        throw SupportError("nginx did not accept connections on port \(port) within \(seconds) s:\n\(startupOutput)")
     }
 
     /// The PID in nginx's pid file.
@@ -249,10 +236,10 @@ private final class NginxProcess: @unchecked Sendable {
         defer { lock.unlock() }
         if let stoppedCleanly { return stoppedCleanly }
         kill(pid, SIGQUIT)
-        var clean = exited.wait(timeout: .now() + 20) == .success
+        var clean = process.wait(seconds: 20) != nil
         if !clean {
             kill(-pid, SIGKILL)
-            _ = exited.wait(timeout: .now() + 5)
+            _ = process.wait(seconds: 5)
         }
         // Workers left behind by a master that died first are still in its process group.
         if !processesAlive(inGroup: pid).isEmpty {
@@ -309,28 +296,4 @@ private func loopbackAddress(port: Int) -> sockaddr_in {
     address.sin_port = UInt16(port).bigEndian
     address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
     return address
-}
-
-/// Processes of process group `group` that have not exited (zombies excluded), from /proc.
-private func processesAlive(inGroup group: pid_t) -> [pid_t] {
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-    return entries.compactMap(pid_t.init).filter { pid in
-        guard let stat = processStat(pid) else { return false }
-        return stat.group == group && stat.state != "Z" && stat.state != "X"
-    }
-}
-
-private func isAlive(_ pid: pid_t) -> Bool {
-    guard let stat = processStat(pid) else { return false }
-    return stat.state != "Z" && stat.state != "X"
-}
-
-/// State and process group from /proc/PID/stat ("pid (comm) state ppid pgrp ..."; comm may hold spaces).
-private func processStat(_ pid: pid_t) -> (state: String, group: pid_t)? {
-    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = text.lastIndex(of: ")")
-    else { return nil }
-    let fields = text[text.index(after: close)...].split(separator: " ")
-    guard fields.count > 2, let group = pid_t(fields[2]) else { return nil }
-    return (String(fields[0]), group)
 }

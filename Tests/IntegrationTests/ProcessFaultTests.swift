@@ -6,19 +6,15 @@ import Testing
 struct ProcessFaults {
     @Test("a member whose server is killed mid-work is failed over; the application sees no error; the restarted member rejoins")
     func killedMember() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
 
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
-                                         environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        let workload = try servers.startSignLoop(seconds: 8, threads: 2)
+        try waitForSignatures(workload)
         try servers.kill("member-b")
-        Thread.sleep(forTimeInterval: 3)
+        try servers.waitForEvent("member-failed", member: "member-b")
+        // A report line written after the failure counts what member-b served before it: nothing more until it returns.
+        try waitForReports(from: workload)
         let beforeReturn = reportLines(workload.output).last.flatMap(servedCounts(inLine:))
         try servers.restart("member-b")
         let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
@@ -40,19 +36,16 @@ struct ProcessFaults {
 
     @Test("a frozen member (SIGSTOP) is failed over within the operation-timeout")
     func frozenMember() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
 
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "8", "2"],
-                                         environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        let workload = try servers.startSignLoop(seconds: 8, threads: 2)
+        try waitForSignatures(workload)
         let stopped = try servers.freeze("member-b")
-        Thread.sleep(forTimeInterval: 3)
+        try servers.waitForEvent("member-failed", member: "member-b")
+        // Frozen on purpose for two more of sign_loop's seconds: recovery probes meet the frozen member meanwhile,
+        // and the per-second counts show whether anything waits for it.
+        try waitForReports(2, from: workload)
         servers.thaw("member-b")
         let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 8:\n\(workload.output)")
 
@@ -72,12 +65,9 @@ struct ProcessFaults {
 
     @Test("an application that starts while a member's server is down works with the other members")
     func startWhileMemberDown() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
+        let members = servers.members
         let digest = members.dir + "/digest"
         try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
 
@@ -89,12 +79,9 @@ struct ProcessFaults {
 
     @Test("all members down: calls fail fast with a member fault and work again when one returns")
     func allMembersDown() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
+        let members = servers.members
         let digest = members.dir + "/digest"
         try Data((0..<32).map { UInt8($0) }).write(to: URL(fileURLWithPath: digest))
         let sign = ["--sign", "--id", "01", "--mechanism", "ECDSA", "--input-file", digest,
@@ -122,22 +109,20 @@ struct ProcessFaults {
 
     @Test("all members down: a running application gets member faults, never a hang, and its sessions and handles work again when the members return")
     func allMembersDownInProcess() throws {
-        let members = try Members()
-        // Keys are made through the members' module: p11-kit 0.24's remote protocol cannot carry generated keys.
-        let generated = try generateKeyPair(members, label: "K", id: "01")
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let servers = try MemberServers(members, extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
         defer { servers.stopAll() }
-        let signLoop = try buildCExample("sign_loop", into: members.dir)
+        let members = servers.members
 
         // One thread, one session, one pair of key handles found once at the start, for 9 s.
-        let workload = try servers.start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "9", "1"],
-                                         environment: members.environment, name: "sign_loop")
-        Thread.sleep(forTimeInterval: 2)
+        let workload = try servers.startSignLoop(seconds: 9, threads: 1)
+        try waitForSignatures(workload)
         for label in members.tokenLabels {
             try servers.kill(label)
         }
-        Thread.sleep(forTimeInterval: 2)
+        try waitUntil("sign_loop's calls fail with every member down:\n\(workload.errorOutput)\n\(logExcerpt(servers))",
+                      timeout: 10) { workload.errorOutput.contains(" failed: CK_RV ") }
+        // A report line written during the outage: signatures counted after it were made after the members returned.
+        try waitForReports(from: workload)
         let duringOutage = reportLines(workload.output).last
         for label in members.tokenLabels {
             try servers.restart(label)
@@ -153,5 +138,34 @@ struct ProcessFaults {
         let opsAfter = reportLines(result.stdout).last.flatMap(opsCount(inLine:)) ?? 0
         let opsDuring = duringOutage.flatMap(opsCount(inLine:)) ?? 0
         #expect(opsAfter > opsDuring, "the session signed nothing after the members returned:\n\(shortOutput(result))\n\(logExcerpt(servers))")
+    }
+
+    @Test("C_Initialize, C_Login, a signature, a write and C_Finalize return within operation-timeout plus a margin when one member's server accepts connections and never answers")
+    func silentMember() throws {
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 1s", "recovery-interval = 300ms"])
+        defer { servers.stopAll() }
+        let members = servers.members
+        // member-c's server gives way to a socket that accepts and then says nothing, as a hung host's server does.
+        try servers.kill("member-c")
+        let silent = try SilentListener(path: servers.socketPath("member-c"))
+        defer { silent.stop() }
+        var environment = members.environment
+        environment["P11HA_TEST_OPERATION_TIMEOUT"] = "1"
+
+        // The driver ends a call that never returns (SIGALRM); the process timeout is the last resort.
+        let result = try scenario("silent-member", members, base: environment, timeout: 60)
+
+        let report = "\(result.output)\n\(logExcerpt(servers))"
+        #expect(result.status == 0, "silent-member failed (status \(result.status)):\n\(report)")
+        #expect(silent.connections > 0, "p11ha never connected to the silent member's socket:\n\(report)")
+        var durations: [String: Double] = [:]
+        for line in result.stdout.split(separator: "\n") where line.hasPrefix("duration ") {
+            let words = line.split(separator: " ")
+            if words.count == 4, let seconds = Double(words[2]) { durations[String(words[1])] = seconds }
+        }
+        for call in ["C_Initialize", "C_GetSlotList", "C_OpenSession", "C_Login", "C_SignInit+C_Sign", "C_CreateObject", "C_Finalize"] {
+            let seconds = try #require(durations[call], "no duration for \(call) (it did not return, or was never reached):\n\(report)")
+            #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s:\n\(report)")
+        }
     }
 }

@@ -1,4 +1,5 @@
-// Test support for process faults: each member token served by its own `p11-kit server`, killed, frozen and restarted.
+// Test support for process faults: each member token served by its own `p11-kit server`, killed, frozen and restarted;
+// a socket that never answers; reading sign_loop's reports and p11ha's log while they are written.
 import Foundation
 
 /// The member tokens of a `Members` directory, each served by its own `p11-kit server` process on a unix socket
@@ -34,7 +35,8 @@ final class MemberServers: @unchecked Sendable {
         stopAll()
     }
 
-    var log: String { members.dir + "/p11ha.log" }
+    /// p11ha's log file.
+    var log: String { members.logPath }
 
     func socketPath(_ label: String) -> String { members.dir + "/\(label).sock" }
 
@@ -117,169 +119,22 @@ final class MemberServers: @unchecked Sendable {
             "p11-kit",
             ["server", "-f", "-n", socket, "--provider", Paths.softhsmModule, "pkcs11:token=\(label)"],
             environment: members.environment, name: "server-\(label)")
-        let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) {
-            guard server.isRunning else {
-                throw SupportError("p11-kit server for \(label) exited before its socket appeared: \(server.errorOutput)")
+        do {
+            try waitUntil("p11-kit server for \(label) makes its socket \(socket)", timeout: 10) {
+                guard server.isRunning else {
+                    throw SupportError("p11-kit server for \(label) exited before its socket appeared: \(server.errorOutput)")
+                }
+                return FileManager.default.fileExists(atPath: socket)
             }
-            guard Date() < deadline else {
-                server.killTree()
-                throw SupportError("p11-kit server for \(label) made no socket within 10 s")
-            }
-            usleep(20_000)
+        } catch {
+            server.killTree()
+            throw error
         }
         lock.withLock { servers[label] = server }
     }
 }
 
-/// A process started in the background, its output going to files.
-final class Started: @unchecked Sendable {
-    let pid: pid_t
-    let outputPath: String
-    let errorPath: String
-    private let process: Process
-    private let exited = DispatchSemaphore(value: 0)
-    private let lock = NSLock()
-    /// Guarded by `lock`.
-    private var status: Int32?
-
-    init(_ executable: String, _ arguments: [String], environment: [String: String],
-                     output: String, errors: String) throws {
-        // A child that dies holding the other end of a pipe must not kill the test process with SIGPIPE.
-        signal(SIGPIPE, SIG_IGN)
-        let path = try locate(executable, searchPath: environment["PATH"])
-        outputPath = output
-        errorPath = errors
-        for file in [output, errors] {
-            guard FileManager.default.createFile(atPath: file, contents: nil) else {
-                throw SupportError("cannot create \(file)")
-            }
-        }
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        process.environment = environment
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle(forWritingAtPath: output)
-        process.standardError = FileHandle(forWritingAtPath: errors)
-        process.terminationHandler = { [exited] _ in exited.signal() }
-        try process.run()
-        pid = process.processIdentifier
-    }
-
-    var isRunning: Bool { lock.withLock { status == nil } && process.isRunning }
-
-    /// What it wrote so far.
-    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
-    var errorOutput: String { (try? String(contentsOfFile: errorPath, encoding: .utf8)) ?? "" }
-
-    /// Waits for the exit; nil if it is still running after `seconds`. Killed by signal N, the status is 128 + N.
-    func wait(seconds: Double) -> ProcessResult? {
-        let deadline = Date().addingTimeInterval(seconds)
-        var zombieSince: Date?
-        while lock.withLock({ status == nil }) {
-            if exited.wait(timeout: .now() + 0.1) == .success {
-                exited.signal()  // for any other waiter
-                let code = process.terminationReason == .uncaughtSignal
-                    ? 128 + process.terminationStatus : process.terminationStatus
-                lock.withLock { status = code }
-                break
-            }
-            // Foundation sometimes never notices a child's death (seen with a child killed by SIGSEGV): a zombie
-            // left for a second is reaped here, so that a crash is reported as one and not as a hang.
-            if processState(pid) == "Z" {
-                let since = zombieSince ?? Date()
-                zombieSince = since
-                var raw: Int32 = 0
-                if Date().timeIntervalSince(since) > 1, waitpid(pid, &raw, WNOHANG) == pid {
-                    let signal = raw & 0x7f
-                    let code = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
-                    lock.withLock { status = code }
-                    break
-                }
-            }
-            if Date() >= deadline { return nil }
-        }
-        return lock.withLock { status }.map { ProcessResult(status: $0, stdout: output, stderr: errorOutput) }
-    }
-
-    /// SIGKILL to the process and everything it started (found before the process dies and its children are
-    /// reparented), then waits for it to be reaped.
-    func killTree() {
-        guard lock.withLock({ status == nil }) else { return }
-        let children = descendants(of: pid)
-        // Foundation starts a child as the leader of its own process group, which its children join.
-        if processGroup(of: pid) == pid {
-            Glibc.kill(-pid, SIGKILL)
-        }
-        Glibc.kill(pid, SIGKILL)
-        for child in children {
-            Glibc.kill(child, SIGKILL)
-        }
-        _ = wait(seconds: 10)
-    }
-}
-
-/// The processes whose parent chain leads to `pid` (children first), from /proc/*/stat.
-func descendants(of pid: pid_t) -> [pid_t] {
-    var parents: [pid_t: pid_t] = [:]
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-    for entry in entries {
-        guard let child = pid_t(entry), let stat = procStat(child) else { continue }
-        parents[child] = stat.parent
-    }
-    var found: [pid_t] = []
-    var frontier: Set<pid_t> = [pid]
-    while !frontier.isEmpty {
-        let next = parents.filter { frontier.contains($0.value) }.map(\.key).filter { !found.contains($0) }
-        found += next
-        frontier = Set(next)
-    }
-    return found
-}
-
-private func processGroup(of pid: pid_t) -> pid_t? {
-    procStat(pid)?.group
-}
-
-/// The state letter of /proc/PID/stat ("R", "S", "Z", ...), nil when there is no such process.
-private func processState(_ pid: pid_t) -> Character? {
-    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = text.lastIndex(of: ")") else { return nil }
-    return text[text.index(after: close)...].split(separator: " ").first?.first
-}
-
-/// Fields of /proc/PID/stat: "pid (comm) state ppid pgrp ...", where comm may hold spaces and parentheses.
-private func procStat(_ pid: pid_t) -> (parent: pid_t, group: pid_t)? {
-    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = text.lastIndex(of: ")") else { return nil }
-    let fields = text[text.index(after: close)...].split(separator: " ")
-    guard fields.count > 2, let parent = pid_t(fields[1]), let group = pid_t(fields[2]) else { return nil }
-    return (parent, group)
-}
-
-private func locate(_ name: String, searchPath: String?) throws -> String {
-    if name.contains("/") { return name }
-    for directory in (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") {
-        let candidate = directory + "/" + name
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-    }
-    throw SupportError("\(name) not found in PATH (run scripts/install-deps)")
-}
-
 // MARK: - Programs and keys for the process-fault tests
-
-/// Compiles Examples/c/NAME.c into `dir` and returns the program's path.
-func buildCExample(_ name: String, into dir: String) throws -> String {
-    let source = Paths.packageRoot + "/Examples/c/\(name).c"
-    let program = dir + "/" + name
-    let flags = try runProcess("pkg-config", ["--cflags", "p11-kit-1"])
-    guard flags.status == 0 else { throw SupportError("pkg-config p11-kit-1 failed:\n\(flags.output)") }
-    let includes = flags.stdout.split(whereSeparator: \.isWhitespace).map(String.init)
-    let compiled = try runProcess("cc", ["-Wall", "-Wextra", "-O2"] + includes + ["-o", program, source, "-ldl", "-lpthread"])
-    guard compiled.status == 0 else { throw SupportError("cc \(name).c failed:\n\(compiled.output)") }
-    return program
-}
 
 /// pkcs11-tool through p11ha (the group's one token), logged in.
 func throughGroup(_ members: Members, _ arguments: [String], timeout: Double = 60,
@@ -340,11 +195,18 @@ func objectsOnMember(_ members: Members, _ token: String) throws -> [TokenObject
     return objects
 }
 
-/// The numbers of a "served=a,b,c" field of one of sign_loop's report lines.
+/// The numbers of a "served=a,b,c" field of one of sign_loop's report lines; nil unless every one is a number.
 func servedCounts(inLine line: Substring) -> [Int]? {
-    guard let field = line.split(separator: " ").first(where: { $0.hasPrefix("served=") }) else { return nil }
-    let numbers = field.dropFirst("served=".count).split(separator: ",").compactMap { Int($0) }
-    return numbers.isEmpty ? nil : numbers
+    guard let field = line.split(separator: " ").last(where: { $0.hasPrefix("served=") }) else { return nil }
+    let numbers = field.dropFirst("served=".count).split(separator: ",", omittingEmptySubsequences: false)
+    let counts = numbers.compactMap { Int($0) }
+    return counts.count == numbers.count && !counts.isEmpty ? counts : nil
+}
+
+/// The numbers of the last "served=a,b,c" in sign_loop's output, or nil if there is none.
+func lastServedCounts(in output: String) -> [Int]? {
+    output.split(separator: "\n").last { $0.split(separator: " ").contains { $0.hasPrefix("served=") } }
+        .flatMap(servedCounts(inLine:))
 }
 
 /// A program's output for a failure message: stdout whole, stderr cut to its first and last lines (sign_loop
@@ -395,5 +257,148 @@ final class LogFollower {
             .map(String.init)
         partial = lines.removeLast()
         return lines
+    }
+}
+
+// MARK: - Waiting on a running workload and on p11ha's log
+
+extension MemberServers {
+    /// A group of three members holding an EC P-256 key pair "K" (ID 01), then served by p11-kit servers. The
+    /// key is made through the members' module first: p11-kit 0.24's remote protocol cannot carry generated keys.
+    static func withKeyPair(extraGlobal: [String]) throws -> MemberServers {
+        let members = try Members()
+        let generated = try generateKeyPair(members, label: "K", id: "01")
+        guard generated.status == 0 else {
+            throw SupportError("generating a key pair through the group failed:\n\(generated.output)")
+        }
+        return try MemberServers(members, extraGlobal: extraGlobal)
+    }
+
+    /// Compiles Examples/c/sign_loop.c and starts it on the group's key "K": `threads` threads sign for `seconds`.
+    func startSignLoop(seconds: Int, threads: Int) throws -> Started {
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
+        return try start(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", String(seconds), String(threads)],
+                         environment: members.environment, name: "sign_loop")
+    }
+
+    /// Waits until p11ha's log holds more than `count` lines of `event` (member-failed, member-recovered, ...)
+    /// for `token`, written by any process of the group.
+    func waitForEvent(_ event: String, member token: String, beyond count: Int = 0, timeout: Double = 10) throws {
+        try waitUntil("p11ha.log has \(event) for \(token):\n\(logExcerpt(self))", timeout: timeout) {
+            logLines(log, event: event, token: token).count > count
+        }
+    }
+}
+
+/// Waits until sign_loop, running in the background, has reported signatures.
+func waitForSignatures(_ workload: Started, timeout: Double = 10) throws {
+    try waitUntil("sign_loop reports signatures:\n\(workload.output)", timeout: timeout) {
+        guard workload.isRunning else { throw SupportError("sign_loop exited early:\n\(workload.output)\(workload.errorOutput)") }
+        return reportLines(workload.output).contains { (opsCount(inLine: $0) ?? 0) > 0 }
+    }
+}
+
+/// Waits until sign_loop writes `count` more report lines (it writes one a second), so that the last one
+/// counts what happened up to now.
+func waitForReports(_ count: Int = 1, from workload: Started, timeout: Double = 10) throws {
+    let seen = reportLines(workload.output).count
+    try waitUntil("sign_loop writes \(count) more report line(s):\n\(workload.output)", timeout: timeout) {
+        guard workload.isRunning else { throw SupportError("sign_loop exited early:\n\(workload.output)\(workload.errorOutput)") }
+        return reportLines(workload.output).count >= seen + count
+    }
+}
+
+// MARK: - A member that never answers
+
+/// A unix socket that accepts connections and never reads from them nor answers: a member's server that hangs
+/// before it says anything. Accepted connections stay open until `stop()` (or deinit).
+final class SilentListener: @unchecked Sendable {
+    let path: String
+    private let listening: Int32
+    private let state = AcceptState()
+
+    init(path: String) throws {
+        self.path = path
+        if FileManager.default.fileExists(atPath: path) {
+            try FileManager.default.removeItem(atPath: path)
+        }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            throw SupportError("socket path too long: \(path)")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw SupportError("socket failed: errno \(errno)") }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(fd, 64) == 0 else {
+            let error = errno
+            close(fd)
+            throw SupportError("bind or listen on \(path) failed: errno \(error)")
+        }
+        listening = fd
+        // The thread holds the state, not the listener, so that deinit can stop it.
+        let state = self.state
+        let thread = Thread { state.acceptForever(fd) }
+        thread.name = "silent listener"
+        thread.start()
+    }
+
+    deinit {
+        stop()
+    }
+
+    /// How many connections were accepted so far.
+    var connections: Int { state.connections }
+
+    /// Stops accepting and closes every connection; safe to call more than once.
+    func stop() {
+        guard state.stop() else { return }
+        close(listening)
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}
+
+/// What SilentListener's accepting thread shares with it.
+private final class AcceptState: @unchecked Sendable {
+    private let lock = NSLock()
+    /// Guarded by `lock`.
+    private var stopping = false
+    private var accepted: [Int32] = []
+    private let finished = DispatchSemaphore(value: 0)
+
+    var connections: Int { lock.withLock { accepted.count } }
+
+    func acceptForever(_ listening: Int32) {
+        defer { finished.signal() }
+        while !lock.withLock({ stopping }) {
+            var ready = pollfd(fd: listening, events: Int16(POLLIN), revents: 0)
+            // Wakes every 50 ms to see whether stop() was called.
+            guard poll(&ready, 1, 50) > 0 else { continue }
+            let connection = accept(listening, nil, nil)
+            if connection >= 0 {
+                lock.withLock { accepted.append(connection) }
+            }
+        }
+    }
+
+    /// Ends the accepting thread and closes the accepted connections; false when that was done already.
+    func stop() -> Bool {
+        let first = lock.withLock { () -> Bool in
+            defer { stopping = true }
+            return !stopping
+        }
+        guard first else { return false }
+        finished.wait()
+        for fd in lock.withLock({ accepted }) {
+            close(fd)
+        }
+        return true
     }
 }

@@ -2,31 +2,13 @@
 import Foundation
 import Testing
 
-/// p11hactl from the debug build, with the members' environment.
-func p11hactl(_ arguments: [String], _ members: Members) throws -> ProcessResult {
-    try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", arguments, environment: members.environment)
-}
-
-/// Writes a PIN file readable only by its owner, for pin-source options.
-func pinFile(_ members: Members, _ name: String, _ pin: String) throws -> String {
-    let path = members.dir + "/" + name
-    _ = FileManager.default.createFile(atPath: path, contents: Data((pin + "\n").utf8), attributes: [.posixPermissions: 0o600])
-    return "file:" + path
-}
-
-func createDomain(_ members: Members) throws {
-    let result = try p11hactl(["domain", "create", "--group", members.group,
-                               "--so-pin-source", try pinFile(members, "so.pin", members.soPIN)], members)
-    try #require(result.status == 0, "domain create failed:\n\(result.output)")
-}
-
 @Suite struct Replication {
     @Test("domain create puts one replication key on every member, and domain check proves it")
     func domainCreateAndCheck() throws {
         let members = try Members(replicationKey: false)
         let before = try p11hactl(["domain", "check", "--group", members.group], members)
         #expect(before.status == 1, "no member holds a replication key yet:\n\(before.output)")
-        try createDomain(members)
+        try members.createDomain()
         let after = try p11hactl(["domain", "check", "--group", members.group], members)
         #expect(after.status == 0, "\(after.output)")
         let prints = after.stdout.split(separator: "\n").filter { $0.contains("replication key ") }
@@ -59,19 +41,12 @@ func createDomain(_ members: Members) throws {
         #expect(refused.status == 1 && refused.stderr.contains("different replication keys"), "\(refused.output)")
     }
 
-    @Test("a generated key pair and secret key exist on every member as the same key, with equal attributes")
-    func generatedKeysOnEveryMember() throws {
-        let members = try Members()
-        let result = try scenario("replication", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    }
-
     @Test("replication reads no key value: members see only generate, wrap under the replication key, and unwrap")
     func replicationPathIsWrapOnly() throws {
         let members = try Members()
         let spyLog = members.dir + "/spy.log"
         let spied = try String(contentsOfFile: members.p11haConf, encoding: .utf8)
-            .replacingOccurrences(of: Paths.softhsmModule, with: "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so")
+            .replacingOccurrences(of: Paths.softhsmModule, with: Paths.pkcs11Spy)
         try members.rewriteConfig(spied)
         var environment = members.environment
         environment["PKCS11SPY"] = Paths.softhsmModule
@@ -108,17 +83,8 @@ func createDomain(_ members: Members) throws {
         let members = try Members(replicationKey: false)
         let result = try scenario("no-replication-key", members)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-        let log = try String(contentsOfFile: members.dir + "/p11ha.log", encoding: .utf8)
+        let log = members.log
         #expect(log.contains("replication-key-missing") && log.contains("p11hactl domain create --group \(members.group)"), "\(log)")
-    }
-
-    @Test("generated-keys = refuse refuses key generation in a group")
-    func refusedGeneration() throws {
-        let members = try Members()
-        let text = try String(contentsOfFile: members.p11haConf, encoding: .utf8)
-        try members.rewriteConfig(text.replacingOccurrences(of: "[p11ha]\n", with: "[p11ha]\ngenerated-keys = refuse\n"))
-        let result = try scenario("refused-generation", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
     }
 
     @Test("sync --dry-run reports what members lack without copying; sync copies it; conflicts are reported")

@@ -2,33 +2,12 @@
 import Foundation
 import Testing
 
-/// Runs one scenario of p11ha-scenario against the group of `members` and returns its output. `base` is the
-/// environment to start from (the members' own by default).
-func scenario(_ name: String, _ members: Members, module: String = Paths.debugModule,
-              base: [String: String]? = nil, timeout: Double = 120) throws -> ProcessResult {
-    var environment = base ?? members.environment
-    environment["P11HA_TEST_TOKEN"] = members.group
-    environment["P11HA_TEST_PIN"] = members.userPIN
-    environment["P11HA_TEST_SO_PIN"] = members.soPIN
-    environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
-    environment["SOFTHSM_MODULE"] = Paths.softhsmModule
-    return try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", [name, module], environment: environment,
-                          timeout: timeout)
-}
-
 @Suite struct TheModuleThroughItsCABI {
-    @Test("C_Initialize, C_Finalize and the 3.0 interface functions behave as the specification says")
-    func initializeAndFinalize() throws {
+    @Test("a scenario of the driver holds through the group", arguments: ScenarioStory.all)
+    func scenarioHolds(_ story: ScenarioStory) throws {
         let members = try Members()
-        let result = try scenario("initialize", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    }
-
-    @Test("one slot per group; sessions, login and logout act on the group as one token")
-    func sessionsAndLogin() throws {
-        let members = try Members()
-        let result = try scenario("sessions", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let result = try story.run(members)
+        #expect(result.status == 0, "scenario \(story.scenario): \(story.story)\n\(result.stdout)\(result.stderr)")
     }
 
     @Test("the token's serial number is stable across runs and distinct per group")
@@ -40,34 +19,6 @@ func scenario(_ name: String, _ members: Members, module: String = Paths.debugMo
         #expect(serial(first) != nil)
         #expect(serial(first) == serial(again))
         #expect(serial(first) != serial(other))
-    }
-
-    @Test("C_SetPIN and C_InitPIN change the PIN on every member")
-    func pins() throws {
-        let members = try Members()
-        let result = try scenario("pins", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    }
-
-    @Test("bad pointers, handles and lengths get the specification's codes, never a crash")
-    func badInput() throws {
-        let members = try Members()
-        let result = try scenario("bad-input", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    }
-
-    @Test("an object written through the group exists on every member; a search returns it once")
-    func objectsOnEveryMember() throws {
-        let members = try Members()
-        let result = try scenario("objects", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-    }
-
-    @Test("sign, verify, encrypt, decrypt, digest, wrap, unwrap and derive work through the group")
-    func cryptography() throws {
-        let members = try Members()
-        let result = try scenario("crypto", members)
-        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
     }
 
     @Test("many operations through one group are served by every member")
@@ -85,8 +36,79 @@ func scenario(_ name: String, _ members: Members, module: String = Paths.debugMo
         var environment = members.environment
         environment["P11HA_TEST_TOKEN"] = members.tokenLabels[0]
         environment["P11HA_TEST_PIN"] = members.userPIN
-        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11ha-scenario", ["crypto", Paths.softhsmModule],
-                                    environment: environment)
+        let result = try runProcess(Paths.scenarioDriver, ["crypto", Paths.softhsmModule], environment: environment)
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+    }
+}
+
+/// A scenario of p11ha-scenario whose exit status says it all: the story it tells and how its members are set up.
+/// Scenarios whose tests also read the log or the output have tests of their own.
+struct ScenarioStory: Sendable, CustomTestStringConvertible {
+    /// How the three members (a replication key on each) are set up before the scenario runs.
+    enum Setup: Sendable {
+        /// SoftHSM tokens loaded directly, with these lines added to [p11ha].
+        case direct(global: [String] = [])
+        /// Every member through the fault module, with these lines in [p11ha]; `lastIsStandby` makes the last
+        /// member a standby.
+        case faults(global: [String], lastIsStandby: Bool = false)
+    }
+
+    let scenario: String
+    let story: String
+    let setup: Setup
+
+    var testDescription: String { "\(scenario): \(story)" }
+
+    static let all: [ScenarioStory] = [
+        ScenarioStory(scenario: "initialize", story: "C_Initialize, C_Finalize and the 3.0 interface functions behave as the specification says",
+                      setup: .direct()),
+        ScenarioStory(scenario: "sessions", story: "one slot per group; sessions, login and logout act on the group as one token",
+                      setup: .direct()),
+        ScenarioStory(scenario: "pins", story: "C_SetPIN and C_InitPIN change the PIN on every member", setup: .direct()),
+        ScenarioStory(scenario: "bad-input", story: "bad pointers, handles and lengths get the specification's codes, never a crash",
+                      setup: .direct()),
+        ScenarioStory(scenario: "objects", story: "an object written through the group exists on every member; a search returns it once",
+                      setup: .direct()),
+        ScenarioStory(scenario: "crypto", story: "sign, verify, encrypt, decrypt, digest, wrap, unwrap and derive work through the group",
+                      setup: .direct()),
+        ScenarioStory(scenario: "replication", story: "a generated key pair and secret key exist on every member as the same key, with equal attributes",
+                      setup: .direct()),
+        ScenarioStory(scenario: "refused-generation", story: "generated-keys = refuse refuses key generation in a group",
+                      setup: .direct(global: ["generated-keys = refuse"])),
+        ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
+                      setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
+        ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",
+                      setup: .faults(global: fastRecovery)),
+        ScenarioStory(scenario: "standby", story: "a standby member gets no reads while an active member is in service, and takes over when none is",
+                      setup: .faults(global: fastRecovery, lastIsStandby: true)),
+        ScenarioStory(scenario: "fork-failover", story: "a child process forked after C_Initialize fails over as its parent does",
+                      setup: .faults(global: fastRecovery)),
+    ]
+
+    /// Sets `members` up and runs the scenario against their group.
+    func run(_ members: Members) throws -> ProcessResult {
+        switch setup {
+        case .direct(let global):
+            if !global.isEmpty { try members.addGlobal(global) }
+            return try IntegrationTests.scenario(self.scenario, members)
+        case .faults(let global, let lastIsStandby):
+            _ = try members.throughFaultModule(extraGlobal: global)
+            if lastIsStandby { try members.makeLastMemberStandby() }
+            return try faultScenario(self.scenario, members)
+        }
+    }
+}
+
+extension Members {
+    /// Turns the last `member =` line of p11ha.conf into `standby =`.
+    func makeLastMemberStandby() throws {
+        let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let last = tokenLabels[count - 1]
+        guard let index = lines.lastIndex(where: { $0.hasPrefix("member = ") && $0.contains(last) }) else {
+            throw SupportError("p11ha.conf has no member line for \(last):\n\(text)")
+        }
+        lines[index] = lines[index].replacingOccurrences(of: "member = ", with: "standby = ")
+        try rewriteConfig(lines.joined(separator: "\n"))
     }
 }

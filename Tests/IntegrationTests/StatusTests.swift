@@ -30,8 +30,7 @@ import Testing
         let scenarioRun = try faultScenario("all-down", members)
         try #require(scenarioRun.status == 0, "\(scenarioRun.stdout)")
         let pin = try pinFile(members, "user.pin", members.userPIN)
-        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--json", "--pin-source", pin],
-                                    environment: members.faultEnvironment)
+        let result = try p11hactl(["status", "--json", "--pin-source", pin], members, environment: members.faultEnvironment)
         #expect(result.status == 0, "\(result.output)")
         let report = try JSONDecoder().decode(Report.self, from: Data(result.stdout.utf8))
         let group = try #require(report.groups.first)
@@ -42,7 +41,7 @@ import Testing
             #expect(member.lastFailure != nil && member.lastRecovery != nil, "\(member.name) failed and recovered: \(member)")
         }
         #expect(!result.output.contains(members.userPIN))
-        let text = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status"], environment: members.faultEnvironment)
+        let text = try p11hactl(["status"], members, environment: members.faultEnvironment)
         #expect(text.status == 0 && text.stdout.contains("healthy, members agree") && text.stdout.contains("last recovered"), "\(text.output)")
     }
 
@@ -51,15 +50,14 @@ import Testing
         let members = try Members()
         let control = try members.throughFaultModule()
         try inject("fail 0x30 C_OpenSession", into: control, member: "member-b")
-        let down = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status"], environment: members.faultEnvironment)
+        let down = try p11hactl(["status"], members, environment: members.faultEnvironment)
         #expect(down.status == 1 && down.stdout.contains("member-b: UNREACHABLE") && down.stdout.contains("DEGRADED"), "\(down.output)")
         try inject("ok", into: control, member: "member-b")
         let direct = try PKCS11Tool(module: Paths.softhsmModule, token: "member-a", members: members)
         let made = try direct(["--keygen", "--key-type", "AES:16", "--label", "only-on-a", "--extractable"], login: true)
         try #require(made.status == 0, "\(made.output)")
         let pin = try pinFile(members, "user.pin", members.userPIN)
-        let split = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl", ["status", "--json", "--pin-source", pin],
-                                   environment: members.faultEnvironment)
+        let split = try p11hactl(["status", "--json", "--pin-source", pin], members, environment: members.faultEnvironment)
         #expect(split.status == 1, "\(split.output)")
         let report = try JSONDecoder().decode(Report.self, from: Data(split.stdout.utf8))
         #expect(report.groups.first?.membersAgree == false)
@@ -70,14 +68,10 @@ import Testing
     @Test("p11hactl bench measures the group against its first member and prints the ratio")
     func bench() throws {
         let members = try Members()
-        let program = members.dir + "/p11bench"
-        let built = try runProcess("sh", ["-c", "cc -O2 $(pkg-config --cflags p11-kit-1) -o \(program) \(Paths.packageRoot)/Benchmarks/p11bench.c -ldl -lpthread"])
-        try #require(built.status == 0, "\(built.output)")
+        let program = try compileC(Paths.packageRoot + "/Benchmarks/p11bench.c", to: members.dir + "/p11bench").path
         let pin = try pinFile(members, "user.pin", members.userPIN)
-        let result = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl",
-                                    ["bench", "--pin-source", pin, "--p11bench", program, "--module", Paths.debugModule,
-                                     "--seconds", "0.3", "--threads", "2", "--ops", "ecdsa,random"],
-                                    environment: members.environment)
+        let result = try p11hactl(["bench", "--pin-source", pin, "--p11bench", program, "--module", Paths.debugModule,
+                                     "--seconds", "0.3", "--threads", "2", "--ops", "ecdsa,random"], members, environment: members.environment)
         #expect(result.status == 0, "\(result.output)")
         let rows = result.stdout.split(separator: "\n").filter { $0.hasPrefix("ecdsa-p256-sign") || $0.hasPrefix("random-32") }
         #expect(rows.count == 4, "one row per op and thread count:\n\(result.stdout)")

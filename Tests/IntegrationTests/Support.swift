@@ -1,5 +1,7 @@
-// Test support: where things are, private SoftHSM member directories, and running client programs.
+// Test support: where things are, private SoftHSM member directories, waiting for a condition, and the clients
+// the tests run (the scenario driver, p11hactl, pkcs11-tool, OpenSSL's engine configuration).
 import Foundation
+import Testing
 
 enum Paths {
     /// The repository root, found from this file's place in it (Tests/IntegrationTests/Support.swift).
@@ -9,10 +11,24 @@ enum Paths {
         return url.path
     }()
     static let debugModule = packageRoot + "/.build/debug/libp11ha.so"
+    static let p11hactl = packageRoot + "/.build/debug/p11hactl"
+    static let scenarioDriver = packageRoot + "/.build/debug/p11ha-scenario"
+    static let makeMembers = packageRoot + "/scripts/make-members"
     static let softhsmModule = "/usr/lib/softhsm/libsofthsm2.so"
+    /// OpenSC's call tracer, which passes every call on to the module named by PKCS11SPY.
+    static let pkcs11Spy = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
     /// libengine-pkcs11-openssl's engine for OpenSSL 3.
     static let opensslPKCS11Engine = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
-    static let makeMembers = packageRoot + "/scripts/make-members"
+
+    /// The program to run for `name`: a path as it is, a bare name looked up in `searchPath` (a PATH value).
+    static func executable(_ name: String, searchPath: String?) throws -> String {
+        if name.contains("/") { return name }
+        for directory in (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") {
+            let candidate = directory + "/" + name
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw SupportError("\(name) not found in \(searchPath ?? "PATH") (run scripts/install-deps)")
+    }
 }
 
 /// A private SoftHSM token directory with `count` member tokens (member-a, member-b, ...) and a p11ha.conf
@@ -28,40 +44,27 @@ final class Members {
 
     /// `replicationKey`: also run `p11hactl domain create`, as an operator sets a group up (generated keys need it).
     init(count: Int = 3, group: String = "ha-test", replicationKey: Bool = true) throws {
-        var template = Array("/tmp/p11ha-test.XXXXXX".utf8CString)
-        let made: String? = template.withUnsafeMutableBufferPointer { buffer in
-            mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
-        }
-        guard let dir = made else { throw SupportError("mkdtemp failed: errno \(errno)") }
-        self.dir = dir
+        self.dir = try makeTemporaryDirectory("p11ha-test")
         self.softhsmConf = dir + "/softhsm2.conf"
         self.p11haConf = dir + "/p11ha.conf"
         self.group = group
         self.count = count
 
-        var environment = ProcessInfo.processInfo.environment
-        environment["USER_PIN"] = userPIN
-        environment["SO_PIN"] = soPIN
-        let result = try runProcess(Paths.makeMembers, [dir, String(count), group], environment: environment)
-        guard result.status == 0 else {
-            // deinit does not run when init throws: clean up here.
-            try? FileManager.default.removeItem(atPath: dir)
-            throw SupportError("make-members failed (status \(result.status)): \(result.stderr)")
-        }
-        if replicationKey && count > 1 {
-            let pinPath = dir + "/so.pin"
-            _ = FileManager.default.createFile(atPath: pinPath, contents: Data((soPIN + "\n").utf8),
-                                               attributes: [.posixPermissions: 0o600])
-            var domainEnvironment = ProcessInfo.processInfo.environment
-            domainEnvironment["SOFTHSM2_CONF"] = softhsmConf
-            domainEnvironment["P11HA_CONF"] = p11haConf
-            let domain = try runProcess(Paths.packageRoot + "/.build/debug/p11hactl",
-                                        ["domain", "create", "--group", group, "--so-pin-source", "file:" + pinPath],
-                                        environment: domainEnvironment)
-            guard domain.status == 0 else {
-                try? FileManager.default.removeItem(atPath: dir)
-                throw SupportError("p11hactl domain create failed (status \(domain.status)): \(domain.stdout)\(domain.stderr)")
+        // deinit does not run when init throws: clean up here.
+        do {
+            var environment = ProcessInfo.processInfo.environment
+            environment["USER_PIN"] = userPIN
+            environment["SO_PIN"] = soPIN
+            let result = try runProcess(Paths.makeMembers, [dir, String(count), group], environment: environment)
+            guard result.status == 0 else {
+                throw SupportError("make-members failed (status \(result.status)): \(result.stderr)")
             }
+            if replicationKey && count > 1 {
+                try createDomain()
+            }
+        } catch {
+            try? FileManager.default.removeItem(atPath: dir)
+            throw error
         }
     }
 
@@ -83,19 +86,31 @@ final class Members {
         return environment
     }
 
+    /// Where the configurations the tests write send p11ha's log.
+    var logPath: String { dir + "/p11ha.log" }
+
+    /// p11ha's log so far; empty when nothing was logged yet.
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
     /// Replaces p11ha.conf, for tests of configuration handling.
     func rewriteConfig(_ text: String) throws {
         try text.write(toFile: p11haConf, atomically: true, encoding: .utf8)
     }
-}
 
-struct ProcessResult {
-    let status: Int32
-    let stdout: String
-    let stderr: String
+    /// Adds lines to [p11ha] of p11ha.conf, right after its header.
+    func addGlobal(_ lines: [String]) throws {
+        let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
+        guard text.contains("[p11ha]\n") else { throw SupportError("p11ha.conf has no [p11ha] section:\n\(text)") }
+        try rewriteConfig(text.replacingOccurrences(of: "[p11ha]\n", with: (["[p11ha]"] + lines).joined(separator: "\n") + "\n"))
+    }
 
-    /// Both streams, for failure messages.
-    var output: String { stdout + stderr }
+    /// `p11hactl domain create` for the group, with the SO PIN from a file, as an operator sets a group up.
+    func createDomain() throws {
+        let created = try p11hactl(["domain", "create", "--group", group, "--so-pin-source", pinFile(self, "so.pin", soPIN)], self)
+        guard created.status == 0 else {
+            throw SupportError("p11hactl domain create failed (status \(created.status)): \(created.output)")
+        }
+    }
 }
 
 struct SupportError: Error, CustomStringConvertible {
@@ -103,117 +118,103 @@ struct SupportError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// Runs a program to completion and returns its exit status and output. A bare name is looked up in PATH
-/// (of `environment` if given). Killed by signal N, the status is 128 + N, as in a shell. A program still
-/// running after `seconds` is killed and the call throws.
-func runProcess(
-    _ executable: String,
-    _ arguments: [String],
-    environment: [String: String]? = nil,
-    stdin: Data? = nil,
-    timeout seconds: Double = 120
-) throws -> ProcessResult {
-    let environment = environment ?? ProcessInfo.processInfo.environment
-    let path = try resolveExecutable(executable, searchPath: environment["PATH"])
-    let shown = describe(executable, arguments)
-
-    // A child that exits without reading its input must not kill the test process with SIGPIPE.
-    signal(SIGPIPE, SIG_IGN)
-
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    process.environment = environment
-    let outPipe = Pipe()
-    let errPipe = Pipe()
-    process.standardOutput = outPipe
-    process.standardError = errPipe
-    let inPipe: Pipe? = stdin == nil ? nil : Pipe()
-    process.standardInput = inPipe ?? FileHandle.nullDevice
-
-    let exited = DispatchSemaphore(value: 0)
-    process.terminationHandler = { _ in exited.signal() }
-    try process.run()
-
-    // Drain both pipes while the child runs so that neither fills up and blocks it.
-    let readers = DispatchGroup()
-    let out = Collected()
-    let err = Collected()
-    for (handle, sink) in [(outPipe.fileHandleForReading, out), (errPipe.fileHandleForReading, err)] {
-        let reader = UncheckedBox(handle)
-        DispatchQueue.global().async(group: readers) {
-            sink.set(reader.value.readDataToEndOfFile())
-        }
+/// mkdtemp under /tmp.
+func makeTemporaryDirectory(_ prefix: String) throws -> String {
+    var template = Array("/tmp/\(prefix).XXXXXX".utf8CString)
+    let made: String? = template.withUnsafeMutableBufferPointer { buffer in
+        mkdtemp(buffer.baseAddress!).map { String(cString: $0) }
     }
-    if let inPipe, let stdin {
-        let writer = UncheckedBox(inPipe.fileHandleForWriting)
-        DispatchQueue.global().async {
-            try? writer.value.write(contentsOf: stdin)
-            try? writer.value.close()
-        }
-    }
-
-    if exited.wait(timeout: .now() + seconds) == .timedOut {
-        // Foundation starts the child as a process group leader: end the whole group, grandchildren too.
-        let group = -process.processIdentifier
-        kill(group, SIGTERM)
-        if exited.wait(timeout: .now() + 2) == .timedOut {
-            kill(group, SIGKILL)
-            _ = exited.wait(timeout: .now() + 5)
-        }
-        // A grandchild may still hold the pipes open: do not wait for the readers forever.
-        _ = readers.wait(timeout: .now() + 2)
-        throw SupportError(
-            "\(shown) did not finish within \(seconds) s and was killed\nstdout: \(out.text)\nstderr: \(err.text)")
-    }
-    if readers.wait(timeout: .now() + 10) == .timedOut {
-        throw SupportError("\(shown) exited but its output stayed open (a child process still holds it)")
-    }
-
-    let status: Int32 =
-        process.terminationReason == .uncaughtSignal
-        ? 128 + process.terminationStatus : process.terminationStatus
-    return ProcessResult(status: status, stdout: out.text, stderr: err.text)
+    guard let made else { throw SupportError("mkdtemp failed: errno \(errno)") }
+    return made
 }
 
-private func resolveExecutable(_ name: String, searchPath: String?) throws -> String {
-    if name.contains("/") { return name }
-    for directory in (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") {
-        let candidate = directory + "/" + name
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-    }
-    throw SupportError("\(name) not found in PATH (run scripts/install-deps)")
-}
-
-/// The command line for messages, with PINs blanked.
-private func describe(_ executable: String, _ arguments: [String]) -> String {
-    var shown = [executable]
-    var hideNext = false
-    for argument in arguments {
-        if hideNext {
-            shown.append("***")
-            hideNext = false
-            continue
+/// Polls `condition` every `interval` seconds until it holds; throws when `timeout` seconds pass first, with
+/// `what` (evaluated then, so that it can carry the latest log) in the message. For waiting on something a test
+/// set off (a member failing or returning, a server starting); a sleep that paces a workload stays a sleep.
+func waitUntil(_ what: @autoclosure () -> String, timeout: Double, interval: Double = 0.05,
+               _ condition: () throws -> Bool) throws {
+    let deadline = DispatchTime.now() + timeout
+    while try !condition() {
+        guard DispatchTime.now() < deadline else {
+            throw SupportError("timed out after \(timeout) s waiting until \(what())")
         }
-        hideNext = ["--pin", "--so-pin", "--new-pin", "-p"].contains(argument)
-        shown.append(
-            argument.replacingOccurrences(
-                of: "pin-value=[^;&?]*", with: "pin-value=***", options: .regularExpression))
+        Thread.sleep(forTimeInterval: interval)
     }
-    return shown.joined(separator: " ")
 }
 
-/// Output collected on a reader thread.
-private final class Collected: @unchecked Sendable {
-    private let lock = NSLock()
-    private var data = Data()
-
-    func set(_ data: Data) { lock.withLock { self.data = data } }
-    var text: String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+/// Writes `text` to a file readable only by its owner (PINs).
+func writeSecret(_ text: String, to path: String) throws {
+    guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: 0o600])
+    else { throw SupportError("cannot create \(path)") }
 }
 
-/// Hands a FileHandle to the one reader or writer thread that uses it.
-private struct UncheckedBox<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
+/// Writes a PIN file in the members' directory, for pin-source options; returns "file:PATH".
+func pinFile(_ members: Members, _ name: String, _ pin: String) throws -> String {
+    let path = members.dir + "/" + name
+    try writeSecret(pin + "\n", to: path)
+    return "file:" + path
+}
+
+// MARK: - Clients the tests run
+
+/// Runs one scenario of p11ha-scenario against the group of `members` and returns its output. `base` is the
+/// environment to start from (the members' own by default).
+func scenario(_ name: String, _ members: Members, module: String = Paths.debugModule,
+              base: [String: String]? = nil, timeout: Double = 120) throws -> ProcessResult {
+    var environment = base ?? members.environment
+    environment["P11HA_TEST_TOKEN"] = members.group
+    environment["P11HA_TEST_PIN"] = members.userPIN
+    environment["P11HA_TEST_SO_PIN"] = members.soPIN
+    environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
+    environment["SOFTHSM_MODULE"] = Paths.softhsmModule
+    return try runProcess(Paths.scenarioDriver, [name, module], environment: environment, timeout: timeout)
+}
+
+/// p11hactl from the debug build, with the members' environment unless another is given.
+func p11hactl(_ arguments: [String], _ members: Members, environment: [String: String]? = nil) throws -> ProcessResult {
+    try runProcess(Paths.p11hactl, arguments, environment: environment ?? members.environment)
+}
+
+/// pkcs11-tool on one module, optionally one token, in a Members environment.
+struct PKCS11Tool {
+    let module: String
+    let token: String?
+    let members: Members
+
+    init(module: String, token: String?, members: Members) throws {
+        try #require(
+            FileManager.default.fileExists(atPath: module), "\(module) is missing: run swift build first")
+        self.module = module
+        self.token = token
+        self.members = members
+    }
+
+    func callAsFunction(_ arguments: [String], login: Bool = false) throws -> ProcessResult {
+        var full = ["--module", module]
+        if let token { full += ["--token-label", token] }
+        if login { full += ["--login", "--pin", members.userPIN] }
+        return try runProcess("pkcs11-tool", full + arguments, environment: members.environment)
+    }
+}
+
+/// The values of "name: value" lines, in order (pkcs11-tool and p11tool pad the name with spaces before the colon).
+func fieldValues(_ name: String, in text: String) -> [String] {
+    text.split(separator: "\n").compactMap { line in
+        guard let colon = line.firstIndex(of: ":"),
+              line[..<colon].trimmingCharacters(in: .whitespaces) == name
+        else { return nil }
+        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+}
+
+/// Examples/openssl/openssl.cnf filled in for the engine and `module`, written to `path`.
+func writeOpenSSLConfig(module: String, to path: String) throws {
+    let template = try String(contentsOfFile: Paths.packageRoot + "/Examples/openssl/openssl.cnf", encoding: .utf8)
+    guard template.contains("@ENGINE_PATH@") && template.contains("@MODULE_PATH@") else {
+        throw SupportError("Examples/openssl/openssl.cnf lacks @ENGINE_PATH@ or @MODULE_PATH@:\n\(template)")
+    }
+    try template
+        .replacingOccurrences(of: "@ENGINE_PATH@", with: Paths.opensslPKCS11Engine)
+        .replacingOccurrences(of: "@MODULE_PATH@", with: module)
+        .write(toFile: path, atomically: true, encoding: .utf8)
 }

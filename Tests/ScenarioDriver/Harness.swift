@@ -22,6 +22,35 @@ struct Module {
     func symbol(_ name: String) -> UnsafeMutableRawPointer? { dlsym(handle, name) }
 }
 
+/// One number per member of a slot's group from one of p11ha's extensions (p11ha_member_states,
+/// p11ha_member_counters), which follow the two-call convention on their count.
+func memberFigures(_ m: Module, _ s: CK_SLOT_ID, _ name: String) -> [CK_ULONG] {
+    typealias Figures = @convention(c) (CK_SLOT_ID, UnsafeMutablePointer<CK_ULONG>?, UnsafeMutablePointer<CK_ULONG>?) -> CK_RV
+    guard let symbol = m.symbol(name) else { fatal("\(name) is not exported") }
+    let figures = unsafeBitCast(symbol, to: Figures.self)
+    var count: CK_ULONG = 0
+    ok(figures(s, nil, &count), "\(name) length")
+    var values = [CK_ULONG](repeating: 0, count: Int(count))
+    ok(figures(s, &values, &count), name)
+    return values
+}
+
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Polls `condition` every 50 ms for at most `seconds`; whether it came to hold.
+func pollUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
+    let start = monotonicSeconds()
+    while monotonicSeconds() - start < seconds {
+        if condition() { return true }
+        usleep(50_000)
+    }
+    return condition()
+}
+
 func fatal(_ message: String) -> Never {
     print("FATAL \(message)")
     exit(2)

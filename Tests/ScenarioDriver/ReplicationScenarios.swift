@@ -137,13 +137,7 @@ func refusedGenerationScenario(_ m: Module) {
     ok(m.f.C_Finalize!(nil), "C_Finalize")
 }
 
+/// How many operations each member has served, in member order.
 func memberCounters(_ m: Module, _ s: CK_SLOT_ID) -> [CK_ULONG] {
-    typealias Counters = @convention(c) (CK_SLOT_ID, UnsafeMutablePointer<CK_ULONG>?, UnsafeMutablePointer<CK_ULONG>?) -> CK_RV
-    guard let symbol = m.symbol("p11ha_member_counters") else { fatal("p11ha_member_counters is not exported") }
-    let counters = unsafeBitCast(symbol, to: Counters.self)
-    var count: CK_ULONG = 0
-    ok(counters(s, nil, &count), "p11ha_member_counters length")
-    var served = [CK_ULONG](repeating: 0, count: Int(count))
-    ok(counters(s, &served, &count), "p11ha_member_counters")
-    return served
+    memberFigures(m, s, "p11ha_member_counters")
 }

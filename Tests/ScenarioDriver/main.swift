@@ -1,7 +1,8 @@
 // p11ha-scenario SCENARIO MODULE: runs one scenario against a PKCS#11 module through its C ABI and prints
 // each failed check; exits 0 only when every check held. Environment: P11HA_TEST_TOKEN (the token label),
 // P11HA_TEST_PIN (the user PIN), P11HA_TEST_SO_PIN, P11HA_TEST_MEMBERS (member token labels, comma-separated,
-// for scenarios that look at members directly through SOFTHSM_MODULE).
+// for scenarios that look at members directly through SOFTHSM_MODULE), P11HA_TEST_OPERATION_TIMEOUT (seconds, the
+// operation-timeout configured, for scenarios that time calls).
 import CInterop
 import Glibc
 
@@ -29,6 +30,7 @@ let scenarios: [String: (Module) -> Void] = [
     "resync-check": resyncCheckScenario,
     "fork-failover": forkFailoverScenario,
     "failover-figures": failoverFiguresScenario,
+    "silent-member": silentMemberScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
