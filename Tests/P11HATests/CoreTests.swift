@@ -117,6 +117,20 @@ import Testing
         #expect(signatures.count == 1, "the copies on every member are one key")
     }
 
+    @Test("a generated key whose copies every other member fails is still made: its source holds it, and the others receive it when they return")
+    func generatedKeyWhenCopiesFail() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        for store in 1..<3 { fake.stores[store].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.unwrapKey], times: 1) }
+        let template = [Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array("lonely".utf8)),
+                        Attribute(CKA_SIGN, bool: true), Attribute(CKA_VALUE_LEN, ulong: 32)]
+        _ = try fake.runtime.generateKey(session, Mechanism(CK_MECHANISM_TYPE(CKM_GENERIC_SECRET_KEY_GEN)), template)
+        #expect(fake.health(1) == .stale && fake.health(2) == .stale)
+        fake.recover()
+        #expect(fake.members.allSatisfy { $0.isInService })
+        for store in 0..<3 { #expect(fake.objects(labelled: "lonely", on: store) == 1, "member \(store)") }
+    }
+
     @Test("a member that hangs is failed over after the operation-timeout; the call returns")
     func hangingMember() throws {
         let fake = try FakeGroup(operationTimeout: "200ms")

@@ -98,8 +98,9 @@ final class FanOut: @unchecked Sendable {
     ///   and returns that error: the group never holds an object some members refused.
     /// - A member fault takes that member out of service (`onFault`: stale when it missed a write to the
     ///   token, failed otherwise); the others go on. The write succeeds when it holds on every member
-    ///   still in service.
-    func everyMember<T>(of group: Group, _ targets: [Member], onFault: Health = .stale,
+    ///   still in service; with none left it fails, unless `othersHoldIt` (copies of what a member already
+    ///   holds: a generated key carried from its source, which stays valid there alone).
+    func everyMember<T>(of group: Group, _ targets: [Member], onFault: Health = .stale, othersHoldIt: Bool = false,
                         _ write: (Member) throws(P11Error) -> T,
                         undo: (Member, T) -> Void = { _, _ in }) throws(P11Error) -> [(Int, T)] {
         var done: [(Int, T)] = []
@@ -119,7 +120,7 @@ final class FanOut: @unchecked Sendable {
         }
         // Every member failed: the application is told of a device fault, never a member's own code (its
         // CKR_CRYPTOKI_NOT_INITIALIZED would say the application's library is not initialized).
-        if done.isEmpty { throw P11Error.deviceError }
+        if done.isEmpty && !othersHoldIt { throw P11Error.deviceError }
         return done
     }
 

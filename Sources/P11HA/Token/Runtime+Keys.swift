@@ -48,7 +48,7 @@ extension Runtime {
                 privateCopies = try replicateGenerated(session, source: source, key: priv, plan: plan)
                 let publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
                 let holders = privateCopies.map { session.group.members[$0.0] }
-                let publicCopies = try fanOut.everyMember(of: session.group, holders) { (member) throws(P11Error) in
+                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: true) { (member) throws(P11Error) in
                     try member.token.createObject(try session.memberSession(member), publicTemplate)
                 } undo: { member, copy in
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
