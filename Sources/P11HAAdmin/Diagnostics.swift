@@ -87,7 +87,7 @@ extension Runtime {
                     }
                 }
                 let key = try ReplicationKey.find(on: member.token, session)
-                let objects = try inventory(member, session, replicationKey: key)
+                let objects = try ObjectCopy.inventory(member, session, replicationKey: key)
                 let generation = loggedIn ? try Journal.read(on: member.token, session).generation : nil
                 if loggedIn { try? member.token.logout(session) }
                 return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,

@@ -42,7 +42,7 @@ extension Runtime {
                     try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: member.ownPIN ?? userPIN)
                 } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
                 replicationKeys[member.index] = try ReplicationKey.find(on: member.token, session)
-                inventories[member.index] = try inventory(member, session, replicationKey: replicationKeys[member.index])
+                inventories[member.index] = try ObjectCopy.inventory(member, session, replicationKey: replicationKeys[member.index])
             } catch {
                 throw SyncError(description: "\(member.name): \(error)")
             }
@@ -89,7 +89,7 @@ extension Runtime {
                 progress("\(dryRun ? "would copy" : "copying") [\(position)/\(planned.count)] \(identity) from \(source.name) to \(target.name)")
                 if !dryRun {
                     do {
-                        try copy(original.handle, from: source, sessions[sourceIndex]!, to: target, sessions[target.index]!,
+                        try ObjectCopy.copy(original.handle, from: source, sessions[sourceIndex]!, to: target, sessions[target.index]!,
                                  wrapped: isKey, replicationKeys: replicationKeys)
                     } catch {
                         report.uncopyable.append(.init(object: "\(identity)", detail: "copy to \(target.name) failed: \(error)"))

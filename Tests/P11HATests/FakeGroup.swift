@@ -61,7 +61,7 @@ final class FakeGroup {
     func health(_ index: Int) -> Health { members[index].health }
 
     /// One recovery pass, as the background worker would make it.
-    func recover() { _ = runtime.recoverMembers() }
+    func recover() { _ = runtime.recovery.recoverMembers() }
 
     /// A read-write session, logged in as the user.
     func userSession() throws -> CK_SESSION_HANDLE {

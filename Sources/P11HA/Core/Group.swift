@@ -79,6 +79,20 @@ public final class Group: @unchecked Sendable {
         return member
     }
 
+    /// An object's identity: the one recorded, else read (through `read`) from its copy on a member in service
+    /// other than `member`.
+    func identity(of record: ObjectTable.Record, except member: Member,
+                       read: (Member, MemberObject) -> [[UInt8]?]?) -> ObjectIdentity? {
+        if let identity = record.identity { return identity }
+        // Members in service first; then any other that may answer (none may be in service while one returns).
+        let holders = members.filter { $0.isInService && $0 !== member }
+            + members.filter { !$0.isInService && $0 !== member && $0.connected.load(ordering: .acquiring) }
+        for holder in holders {
+            if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(reading: values) }
+        }
+        return nil
+    }
+
     /// p11ha's replication key and journal are infrastructure, not the application's: searches through the
     /// group skip them.
     func isInfrastructure(_ object: CK_OBJECT_HANDLE) -> Bool {

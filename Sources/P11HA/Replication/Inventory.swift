@@ -11,8 +11,8 @@ package struct Inventoried {
     package let extractable: Bool
 }
 
-extension Runtime {
-    package func inventory(_ member: Member, _ session: MemberSession,
+package enum ObjectCopy {
+    package static func inventory(_ member: Member, _ session: MemberSession,
                            replicationKey: MemberObject?) throws(P11Error) -> [Inventoried] {
         var result: [Inventoried] = []
         for handle in try member.token.findObjects(session, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
@@ -33,7 +33,7 @@ extension Runtime {
         return result
     }
 
-    package func copy(_ object: MemberObject, from source: Member, _ sourceSession: MemberSession,
+    package static func copy(_ object: MemberObject, from source: Member, _ sourceSession: MemberSession,
                       to target: Member, _ targetSession: MemberSession, wrapped: Bool,
                       replicationKeys: [Int: MemberObject]) throws(P11Error) {
         if wrapped {

@@ -152,10 +152,16 @@ struct HostLock {
     }
 }
 
-extension Runtime {
+/// Keeps the members' journals: a write to token objects counted on every member that received it, and the
+/// generations compared after a login.
+final class JournalKeeper: Sendable {
+    private let fanOut: FanOut
+
+    init(fanOut: FanOut) { self.fanOut = fanOut }
+
     /// Records a write to token objects that succeeded on `members`: each gets the next generation (and the
     /// change, for attribute changes). A member that cannot record it is marked stale.
-    func journalWrite(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
+    func record(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
         let group = session.group
         group.hostLock.withLock {
             var journals: [Int: Journal] = [:]
@@ -184,5 +190,23 @@ extension Runtime {
 
     private func markStale(_ member: Member, _ error: P11Error) {
         fanOut.markStale(member, reason: "journal not updated: \(error)")
+    }
+
+    /// After a login (when journals become readable): a member whose journal is behind the others' missed
+    /// writes, perhaps made by another process while it was away. It leaves service to be brought up to date.
+    func checkGenerations(_ group: Group, _ session: VirtualSession) {
+        var generations: [(Member, UInt64)] = []
+        for member in group.membersInService {
+            guard let s = try? session.memberSession(member) else { continue }
+            do throws(P11Error) {
+                generations.append((member, try Journal.read(on: member.token, s).generation))
+            } catch where error.isMemberFault {
+                fanOut.fail(member, error)
+            } catch {}
+        }
+        guard let newest = generations.map(\.1).max() else { return }
+        for (member, generation) in generations where generation < newest {
+            fanOut.markStale(member, reason: "journal generation \(generation) behind \(newest)")
+        }
     }
 }

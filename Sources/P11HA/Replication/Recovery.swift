@@ -15,14 +15,14 @@ final class RecoveryWorker: @unchecked Sendable {
     /// False in tests that drive recovery themselves (`Runtime.recoverMembers`), one step at a time, so that a
     /// seeded run replays exactly.
     let background: Bool
-    private weak var runtime: Runtime?
+    private weak var recovery: Recovery?
 
     init(interval: Duration, background: Bool = true) {
         self.interval = interval
         self.background = background
     }
 
-    func attach(_ runtime: Runtime) { self.runtime = runtime }
+    func attach(_ recovery: Recovery) { self.recovery = recovery }
 
     /// Asks for a pass now (starting the worker the first time a member fails).
     func wake() {
@@ -44,8 +44,8 @@ final class RecoveryWorker: @unchecked Sendable {
         while !stopped.load(ordering: .acquiring) {
             var pending = false
             pass.withLock { _ in
-                guard !stopped.load(ordering: .acquiring), let runtime else { return }
-                pending = runtime.recoverMembers()
+                guard !stopped.load(ordering: .acquiring), let recovery else { return }
+                pending = recovery.recoverMembers()
             }
             // A short pause after a wake-up lets a burst of failures settle; then probe every interval.
             signal.wait(timeout: pending ? interval : nil)
@@ -53,7 +53,22 @@ final class RecoveryWorker: @unchecked Sendable {
     }
 }
 
-extension Runtime {
+/// Brings members out of service back: probes them, logs them in, brings them up to date from an up-to-date
+/// peer, gives the application's sessions a session on them, and returns them to service through the fan-out.
+final class Recovery: @unchecked Sendable {
+    let worker: RecoveryWorker
+    private let groups: [Group]
+    private let sessions: SessionTable
+    private let fanOut: FanOut
+
+    init(worker: RecoveryWorker, groups: [Group], sessions: SessionTable, fanOut: FanOut) {
+        self.worker = worker
+        self.groups = groups
+        self.sessions = sessions
+        self.fanOut = fanOut
+        worker.attach(self)
+    }
+
     /// One pass over every member out of service; returns whether any is still out.
     func recoverMembers() -> Bool {
         var pending = false
@@ -209,8 +224,8 @@ extension Runtime {
         }
         let keyHere = try ReplicationKey.find(on: member.token, session)
         let keyThere = try ReplicationKey.find(on: source.token, sourceSession)
-        let mine = try inventory(member, session, replicationKey: keyHere)
-        let theirs = try inventory(source, sourceSession, replicationKey: keyThere)
+        let mine = try ObjectCopy.inventory(member, session, replicationKey: keyHere)
+        let theirs = try ObjectCopy.inventory(source, sourceSession, replicationKey: keyThere)
         var copied = 0, destroyed = 0, uncopyable = 0
         let theirMaterial = Dictionary(theirs.map { ($0.identity, $0.material) }, uniquingKeysWith: { a, _ in a })
         for object in mine where theirMaterial[object.identity] == nil
@@ -230,7 +245,7 @@ extension Runtime {
             var replicationKeys: [Int: MemberObject] = [:]
             replicationKeys[member.index] = keyHere
             replicationKeys[source.index] = keyThere
-            try copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
+            try ObjectCopy.copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
             copied += 1
         }
         // Only a complete copy takes the source's generation: one that lacks objects stays behind, so that it is
@@ -274,7 +289,7 @@ extension Runtime {
                 group.objects.withLock { $0.setCopy(handle, member: member.index, copy: nil) }
                 continue
             }
-            let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
+            let identity = group.identity(of: record, except: member) { holder, copy in
                 guard let s = try? holder.token.openSession(readWrite: false) else { return nil }
                 defer { holder.token.closeSession(s) }
                 return try? holder.token.readAttributes(s, copy, ObjectIdentity.attributeTypes)

@@ -76,7 +76,16 @@ extension ReplicaAttributes {
     }
 }
 
-extension Runtime {
+/// Carries generated keys from the member that made them to the others in service.
+final class Replicator: Sendable {
+    private let fanOut: FanOut
+    private let generatedKeys: GeneratedKeys
+
+    init(fanOut: FanOut, generatedKeys: GeneratedKeys) {
+        self.fanOut = fanOut
+        self.generatedKeys = generatedKeys
+    }
+
     private func missingReplicationKey(_ group: Group, _ member: Member) -> P11Error {
         Log.event(.error, "replication-key-missing",
                   "group=\(group.name) member=\(member.name) hint=\"run: p11hactl domain create --group \(group.name)\"")
@@ -85,7 +94,7 @@ extension Runtime {
 
     /// Makes a generated key (or private key) exist on every member in service: generated on `source`,
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
-    func replicateGenerated(_ session: VirtualSession, source: Member, key: MemberObject,
+    func carry(_ session: VirtualSession, source: Member, key: MemberObject,
                             plan: ReplicationPlan) throws(P11Error) -> [(Int, MemberObject)] {
         let sourceSession = try session.memberSession(source)
         var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
@@ -107,11 +116,11 @@ extension Runtime {
     /// The members a key generated on `source` must reach, with their replication keys; nil when it stays on
     /// `source` (a group of one, or a session key without a replication key). A member fault of `source`
     /// propagates; one of another member takes that member out (stale: it misses this write).
-    func replicationPlan(_ session: VirtualSession, source: Member, isToken: Bool) throws(P11Error) -> ReplicationPlan? {
+    func plan(_ session: VirtualSession, source: Member, isToken: Bool) throws(P11Error) -> ReplicationPlan? {
         let group = session.group
         let others = group.membersInService.filter { $0 !== source }
         if others.isEmpty { return nil }
-        if config.generatedKeys == .refuse {
+        if generatedKeys == .refuse {
             Log.event(.warning, "generation-refused",
                       "group=\(group.name) reason=\"generated-keys = refuse; import the key instead (C_CreateObject or C_UnwrapKey)\"")
             throw P11Error(CK_RV(CKR_FUNCTION_REJECTED))

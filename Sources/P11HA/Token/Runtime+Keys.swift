@@ -9,14 +9,14 @@ extension Runtime {
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
         return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
-            guard let plan = try replicationPlan(session, source: source, isToken: isToken) else {
+            guard let plan = try replicator.plan(session, source: source, isToken: isToken) else {
                 // Alone in service now, it must still be able to travel to the others when they return.
                 let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(template) : template)
                 return record([(source.index, key)], in: session, isToken: isToken)
             }
             let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(template))
             do throws(P11Error) {
-                let copies = try replicateGenerated(session, source: source, key: key, plan: plan)
+                let copies = try replicator.carry(session, source: source, key: key, plan: plan)
                 return record([(source.index, key)] + copies, in: session, isToken: isToken)
             } catch {
                 try? source.token.destroyObject(sourceSession, key)
@@ -35,7 +35,7 @@ extension Runtime {
         let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
         return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
-            guard let plan = try replicationPlan(session, source: source, isToken: publicIsToken || privateIsToken) else {
+            guard let plan = try replicator.plan(session, source: source, isToken: publicIsToken || privateIsToken) else {
                 let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
                                                              privateTemplate: session.group.members.count > 1 ? wrappableTemplate(privateTemplate) : privateTemplate)
                 return (record([(source.index, pub)], in: session, isToken: publicIsToken),
@@ -45,7 +45,7 @@ extension Runtime {
                                                          privateTemplate: wrappableTemplate(privateTemplate))
             var privateCopies: [(Int, MemberObject)] = []
             do throws(P11Error) {
-                privateCopies = try replicateGenerated(session, source: source, key: priv, plan: plan)
+                privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan)
                 let publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
                 let holders = privateCopies.map { session.group.members[$0.0] }
                 let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: true) { (member) throws(P11Error) in

@@ -36,7 +36,7 @@ extension Runtime {
             defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
             return table[object]?.owner == nil
         }
-        if isToken { journalWrite(session, on: destroyed.map(\.0)) }
+        if isToken { journal.record(session, on: destroyed.map(\.0)) }
     }
 
     public func objectSize(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
@@ -69,7 +69,7 @@ extension Runtime {
         }
         guard let before else { return }
         group.objects.withLock { $0.replaceIdentity(object, nil) }
-        journalWrite(session, on: changed.map(\.0), change: (before.template, template))
+        journal.record(session, on: changed.map(\.0), change: (before.template, template))
     }
 
     // MARK: search
@@ -145,7 +145,7 @@ extension Runtime {
     /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
     func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
         let group = session.group
-        if isToken { journalWrite(session, on: made.map(\.0)) }
+        if isToken { journal.record(session, on: made.map(\.0)) }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         return group.objects.withLock {
@@ -153,26 +153,12 @@ extension Runtime {
         }
     }
 
-    /// An object's identity: the one recorded, else read (through `read`) from its copy on a member in service
-    /// other than `member`.
-    func knownIdentity(of record: ObjectTable.Record, in group: Group, except member: Member,
-                       read: (Member, MemberObject) -> [[UInt8]?]?) -> ObjectIdentity? {
-        if let identity = record.identity { return identity }
-        // Members in service first; then any other that may answer (none may be in service while one returns).
-        let holders = group.members.filter { $0.isInService && $0 !== member }
-            + group.members.filter { !$0.isInService && $0 !== member && $0.connected.load(ordering: .acquiring) }
-        for holder in holders {
-            if let copy = record.copies[holder.index], let values = read(holder, copy) { return ObjectIdentity(reading: values) }
-        }
-        return nil
-    }
-
     /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
     /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
     func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> MemberObject? {
         let group = session.group
         guard let record = group.objects.withLock({ $0[object] }) else { return nil }
-        let identity = knownIdentity(of: record, in: group, except: member) { holder, copy in
+        let identity = group.identity(of: record, except: member) { holder, copy in
             (try? session.memberSession(holder)).flatMap { try? holder.token.readAttributes($0, copy, ObjectIdentity.attributeTypes) }
         }
         let found = identity.flatMap { identity in

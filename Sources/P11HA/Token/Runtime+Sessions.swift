@@ -101,25 +101,7 @@ extension Runtime {
             $0.userType = userType
             $0.pin = pin?.copy()
         }
-        if userType == CK_USER_TYPE(CKU_USER) { checkGenerations(group, session) }
-    }
-
-    /// After a login (when journals become readable): a member whose journal is behind the others' missed
-    /// writes, perhaps made by another process while it was away. It leaves service to be brought up to date.
-    func checkGenerations(_ group: Group, _ session: VirtualSession) {
-        var generations: [(Member, UInt64)] = []
-        for member in group.membersInService {
-            guard let s = try? session.memberSession(member) else { continue }
-            do throws(P11Error) {
-                generations.append((member, try Journal.read(on: member.token, s).generation))
-            } catch where error.isMemberFault {
-                fanOut.fail(member, error)
-            } catch {}
-        }
-        guard let newest = generations.map(\.1).max() else { return }
-        for (member, generation) in generations where generation < newest {
-            fanOut.markStale(member, reason: "journal generation \(generation) behind \(newest)")
-        }
+        if userType == CK_USER_TYPE(CKU_USER) { journal.checkGenerations(group, session) }
     }
 
     public func logout(_ handle: CK_SESSION_HANDLE) throws(P11Error) {

@@ -88,17 +88,23 @@ public typealias BackendFactory = (_ member: MemberConfig, _ group: GroupConfig,
 public final class Runtime: @unchecked Sendable {
     public let config: Config
     public let groups: [Group]
-    let sessions = SessionTable()
-    let recovery: RecoveryWorker
+    let sessions: SessionTable
     /// Runs work on members; the one place their health changes.
     let fanOut: FanOut
+    let journal: JournalKeeper
+    let replicator: Replicator
+    let recovery: Recovery
 
     private init(config: Config, groups: [Group], backgroundRecovery: Bool) {
         self.config = config
         self.groups = groups
-        self.recovery = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
-        self.fanOut = FanOut(recovery: recovery, operationTimeout: config.operationTimeout)
-        recovery.attach(self)
+        let sessions = SessionTable()
+        self.sessions = sessions
+        let worker = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
+        self.fanOut = FanOut(recovery: worker, operationTimeout: config.operationTimeout)
+        self.journal = JournalKeeper(fanOut: fanOut)
+        self.replicator = Replicator(fanOut: fanOut, generatedKeys: config.generatedKeys)
+        self.recovery = Recovery(worker: worker, groups: groups, sessions: sessions, fanOut: fanOut)
     }
 
     public struct StartError: Error, CustomStringConvertible {
@@ -175,13 +181,13 @@ public final class Runtime: @unchecked Sendable {
         }
         let runtime = Runtime(config: config, groups: groups, backgroundRecovery: backgroundRecovery)
         for (member, reason) in unreachableAtStart { runtime.fanOut.startFailed(member, reason: "unreachable at start: \(reason)") }
-        if !unreachableAtStart.isEmpty { runtime.recovery.wake() }
+        if !unreachableAtStart.isEmpty { runtime.recovery.worker.wake() }
         return runtime
     }
 
     /// Closes every session and releases the modules.
     public func shutdown() {
-        recovery.stop()
+        recovery.worker.stop()
         let all = sessions.removeAll()
         for session in all { closeMemberSessions(session) }
         for group in groups {
