@@ -15,7 +15,7 @@ func digestUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK
 }
 
 func digestKey(_ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) -> CK_RV {
-    entry { () throws(P11Error) in try runtime().digestKey(session, key) }
+    entry { () throws(P11Error) in try runtime().digestKey(SessionHandle(session), ObjectHandle(key)) }
 }
 
 func digestFinal(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {

@@ -38,7 +38,7 @@ func decryptFinal(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ outLength: ULon
 /// not supported.
 func dualUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK_ULONG, _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
-        _ = try runtime().sessionInfo(session)
+        _ = try runtime().sessionInfo(SessionHandle(session))
         throw P11Error.functionNotSupported
     }
 }
@@ -48,7 +48,7 @@ func dualUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK_U
 func operationInit(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ key: CK_OBJECT_HANDLE?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.operationInit(kind, session, try mechanism(m), key: key)
+        try rt.operationInit(kind, SessionHandle(session), try mechanism(m), key: key.map(ObjectHandle.init))
     }
 }
 
@@ -57,7 +57,7 @@ func singlePart(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ data: Byt
     entry { () throws(P11Error) in
         let rt = try runtime()
         let data = try input(data, dataLength)
-        try produce(out, outLength) { (room) throws(P11Error) in try rt.singlePart(kind, session, data, capacity: room) }
+        try produce(out, outLength) { (room) throws(P11Error) in try rt.singlePart(kind, SessionHandle(session), data, capacity: room) }
     }
 }
 
@@ -66,20 +66,20 @@ func cipherUpdate(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: B
     entry { () throws(P11Error) in
         let rt = try runtime()
         let part = try input(part, partLength)
-        try produce(out, outLength) { (room) throws(P11Error) in try rt.cipherUpdate(kind, session, part, capacity: room) }
+        try produce(out, outLength) { (room) throws(P11Error) in try rt.cipherUpdate(kind, SessionHandle(session), part, capacity: room) }
     }
 }
 
 func update(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.update(kind, session, try input(part, partLength))
+        try rt.update(kind, SessionHandle(session), try input(part, partLength))
     }
 }
 
 func final(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try produce(out, outLength) { (room) throws(P11Error) in try rt.final(kind, session, capacity: room) }
+        try produce(out, outLength) { (room) throws(P11Error) in try rt.final(kind, SessionHandle(session), capacity: room) }
     }
 }

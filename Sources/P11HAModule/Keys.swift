@@ -7,7 +7,7 @@ func generateKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ attributes:
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(key)
-        out.pointee = try rt.generateKey(session, try mechanism(m), try template(attributes, count))
+        out.pointee = (try rt.generateKey(SessionHandle(session), try mechanism(m), try template(attributes, count))).raw
     }
 }
 
@@ -19,11 +19,11 @@ func generateKeyPair(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?,
         let rt = try runtime()
         let pubOut = try required(publicKey)
         let privOut = try required(privateKey)
-        let (pub, priv) = try rt.generateKeyPair(session, try mechanism(m),
+        let (pub, priv) = try rt.generateKeyPair(SessionHandle(session), try mechanism(m),
                                                  publicTemplate: try template(publicAttributes, publicCount),
                                                  privateTemplate: try template(privateAttributes, privateCount))
-        pubOut.pointee = pub
-        privOut.pointee = priv
+        pubOut.pointee = pub.raw
+        privOut.pointee = priv.raw
     }
 }
 
@@ -33,7 +33,7 @@ func wrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ wrappingKey: CK
         let rt = try runtime()
         let mech = try mechanism(m)
         try produce(out, outLength) { (room) throws(P11Error) in
-            try rt.wrapKey(session, mech, wrappingKey: wrappingKey, key: key, capacity: room)
+            try rt.wrapKey(SessionHandle(session), mech, wrappingKey: ObjectHandle(wrappingKey), key: ObjectHandle(key), capacity: room)
         }
     }
 }
@@ -44,8 +44,8 @@ func unwrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ unwrappingKey
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(key)
-        out.pointee = try rt.unwrapKey(session, try mechanism(m), unwrappingKey: unwrappingKey,
-                                       wrapped: try input(wrapped, wrappedLength), try template(attributes, count))
+        out.pointee = (try rt.unwrapKey(SessionHandle(session), try mechanism(m), unwrappingKey: ObjectHandle(unwrappingKey),
+                                        wrapped: try input(wrapped, wrappedLength), try template(attributes, count))).raw
     }
 }
 
@@ -54,14 +54,14 @@ func deriveKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ baseKey: CK_O
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(key)
-        out.pointee = try rt.deriveKey(session, try mechanism(m), baseKey: baseKey, try template(attributes, count))
+        out.pointee = (try rt.deriveKey(SessionHandle(session), try mechanism(m), baseKey: ObjectHandle(baseKey), try template(attributes, count))).raw
     }
 }
 
 func seedRandom(_ session: CK_SESSION_HANDLE, _ seed: Bytes?, _ seedLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.seedRandom(session, try input(seed, seedLength))
+        try rt.seedRandom(SessionHandle(session), try input(seed, seedLength))
     }
 }
 
@@ -69,9 +69,9 @@ func generateRandom(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ count: CK_ULO
     entry { () throws(P11Error) in
         let rt = try runtime()
         let n = try length(count)
-        if n == 0 { _ = try rt.sessionInfo(session); return }
+        if n == 0 { _ = try rt.sessionInfo(SessionHandle(session)); return }
         let buffer = try required(out)
-        let bytes = try rt.generateRandom(session, count: n)
+        let bytes = try rt.generateRandom(SessionHandle(session), count: n)
         buffer.update(from: bytes, count: n)
     }
 }

@@ -7,7 +7,7 @@ func createObject(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ c
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(object)
-        out.pointee = try rt.createObject(session, try template(attributes, count))
+        out.pointee = (try rt.createObject(SessionHandle(session), try template(attributes, count))).raw
     }
 }
 
@@ -16,19 +16,19 @@ func copyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attr
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(newObject)
-        out.pointee = try rt.copyObject(session, object, try template(attributes, count))
+        out.pointee = (try rt.copyObject(SessionHandle(session), ObjectHandle(object), try template(attributes, count))).raw
     }
 }
 
 func destroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) -> CK_RV {
-    entry { () throws(P11Error) in try runtime().destroyObject(session, object) }
+    entry { () throws(P11Error) in try runtime().destroyObject(SessionHandle(session), ObjectHandle(object)) }
 }
 
 func getObjectSize(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ size: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(size)
-        out.pointee = try rt.objectSize(session, object)
+        out.pointee = try rt.objectSize(SessionHandle(session), ObjectHandle(object))
     }
 }
 
@@ -46,7 +46,7 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
         for attribute in slots {
             queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : try length(attribute.ulValueLen)))
         }
-        let (memberRV, answers) = try rt.attributeValues(session, object, queries)
+        let (memberRV, answers) = try rt.attributeValues(SessionHandle(session), ObjectHandle(object), queries)
         for (i, answer) in answers.enumerated() {
             slots[i].ulValueLen = answer.length
             if let destination = slots[i].pValue, let value = answer.value, let room = queries[i].capacity {
@@ -61,14 +61,14 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
 func setAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.setAttributeValues(session, object, try template(attributes, count))
+        try rt.setAttributeValues(SessionHandle(session), ObjectHandle(object), try template(attributes, count))
     }
 }
 
 func findObjectsInit(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.findObjectsInit(session, try template(attributes, count))
+        try rt.findObjectsInit(SessionHandle(session), try template(attributes, count))
     }
 }
 
@@ -79,12 +79,12 @@ func findObjects(_ session: CK_SESSION_HANDLE, _ objects: UnsafeMutablePointer<C
         let found = try required(found)
         let room = try length(max)
         guard objects != nil || room == 0 else { throw P11Error.argumentsBad }
-        let batch = try rt.findObjects(session, max: room)
-        if let objects, !batch.isEmpty { objects.update(from: batch, count: batch.count) }
+        let batch = try rt.findObjects(SessionHandle(session), max: room)
+        if let objects, !batch.isEmpty { objects.update(from: batch.map(\.raw), count: batch.count) }
         found.pointee = CK_ULONG(batch.count)
     }
 }
 
 func findObjectsFinal(_ session: CK_SESSION_HANDLE) -> CK_RV {
-    entry { () throws(P11Error) in try runtime().findObjectsFinal(session) }
+    entry { () throws(P11Error) in try runtime().findObjectsFinal(SessionHandle(session)) }
 }

@@ -7,12 +7,12 @@ func openSession(_ slot: CK_SLOT_ID, _ flags: CK_FLAGS, _ application: UnsafeMut
     entry { () throws(P11Error) in
         let rt = try runtime()
         let out = try required(session)
-        out.pointee = try rt.openSession(slot, flags: flags)
+        out.pointee = (try rt.openSession(slot, flags: flags)).raw
     }
 }
 
 func closeSession(_ session: CK_SESSION_HANDLE) -> CK_RV {
-    entry { () throws(P11Error) in try runtime().closeSession(session) }
+    entry { () throws(P11Error) in try runtime().closeSession(SessionHandle(session)) }
 }
 
 func closeAllSessions(_ slot: CK_SLOT_ID) -> CK_RV {
@@ -21,7 +21,7 @@ func closeAllSessions(_ slot: CK_SLOT_ID) -> CK_RV {
 
 func getSessionInfo(_ session: CK_SESSION_HANDLE, _ info: UnsafeMutablePointer<CK_SESSION_INFO>?) -> CK_RV {
     entry { () throws(P11Error) in
-        let value = try runtime().sessionInfo(session)
+        let value = try runtime().sessionInfo(SessionHandle(session))
         try required(info).pointee = CK_SESSION_INFO(slotID: value.slotID, state: value.state, flags: value.flags, ulDeviceError: 0)
     }
 }
@@ -29,7 +29,7 @@ func getSessionInfo(_ session: CK_SESSION_HANDLE, _ info: UnsafeMutablePointer<C
 /// An operation's state lives in one member's own format: it cannot move between members.
 func getOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
-        _ = try runtime().sessionInfo(session)
+        _ = try runtime().sessionInfo(SessionHandle(session))
         throw P11Error.functionNotSupported
     }
 }
@@ -42,10 +42,10 @@ func setOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: 
 func login(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: Bytes?, _ pinLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.login(session, userType: userType, pin: try secret(pin, pinLength))
+        try rt.login(SessionHandle(session), userType: userType, pin: try secret(pin, pinLength))
     }
 }
 
 func logout(_ session: CK_SESSION_HANDLE) -> CK_RV {
-    entry { () throws(P11Error) in try runtime().logout(session) }
+    entry { () throws(P11Error) in try runtime().logout(SessionHandle(session)) }
 }

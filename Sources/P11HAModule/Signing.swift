@@ -33,7 +33,7 @@ func verifyInit(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ key: CK_OBJE
 func verify(_ session: CK_SESSION_HANDLE, _ data: Bytes?, _ dataLength: CK_ULONG, _ signature: Bytes?, _ signatureLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.verify(session, try input(data, dataLength), signature: try input(signature, signatureLength))
+        try rt.verify(SessionHandle(session), try input(data, dataLength), signature: try input(signature, signatureLength))
     }
 }
 
@@ -44,7 +44,7 @@ func verifyUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK
 func verifyFinal(_ session: CK_SESSION_HANDLE, _ signature: Bytes?, _ signatureLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.verifyFinal(session, signature: try input(signature, signatureLength))
+        try rt.verifyFinal(SessionHandle(session), signature: try input(signature, signatureLength))
     }
 }
 

@@ -43,7 +43,7 @@ func initPIN(_ session: CK_SESSION_HANDLE, _ pin: Bytes?, _ pinLength: CK_ULONG)
     entry { () throws(P11Error) in
         let rt = try runtime()
         guard let pin = try secret(pin, pinLength) else { throw P11Error.argumentsBad }
-        try rt.initPIN(session, pin: pin)
+        try rt.initPIN(SessionHandle(session), pin: pin)
     }
 }
 
@@ -51,6 +51,6 @@ func setPIN(_ session: CK_SESSION_HANDLE, _ old: Bytes?, _ oldLength: CK_ULONG, 
     entry { () throws(P11Error) in
         let rt = try runtime()
         guard let old = try secret(old, oldLength), let new = try secret(new, newLength) else { throw P11Error.argumentsBad }
-        try rt.setPIN(session, old: old, new: new)
+        try rt.setPIN(SessionHandle(session), old: old, new: new)
     }
 }

@@ -33,7 +33,7 @@ import Testing
                 try fake.runtime.verify(session, [1, 2, 3], signature: [UInt8](repeating: 0, count: 32))
             }
         }
-        #expect(throws: P11Error.objectHandleInvalid) { try fake.runtime.destroyObject(session, 999_999) }
+        #expect(throws: P11Error.objectHandleInvalid) { try fake.runtime.destroyObject(session, ObjectHandle(999_999)) }
         #expect(fake.members.allSatisfy { $0.isInService })
     }
 

@@ -64,7 +64,7 @@ final class FakeGroup {
     func recover() { _ = runtime.recovery.recoverMembers() }
 
     /// A read-write session, logged in as the user.
-    func userSession() throws -> CK_SESSION_HANDLE {
+    func userSession() throws -> SessionHandle {
         let session = try runtime.openSession(0, flags: CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION))
         do {
             try runtime.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(Self.userPIN))

@@ -47,7 +47,7 @@ struct SeededRandom {
         let runtime = fake.runtime
         let session = try fake.userSession()
         let key = try runtime.createObject(session, hmacKey("signing key"))
-        var live: [String: CK_OBJECT_HANDLE] = [:]   // created with CKR_OK, not destroyed
+        var live: [String: ObjectHandle] = [:]   // created with CKR_OK, not destroyed
         var destroyed = Set<String>()                // destroyed with CKR_OK
         var uncertain = Set<String>()                // a write that failed with a member fault: either outcome
         var down = Set<Int>()

@@ -95,7 +95,7 @@ public final class Group: @unchecked Sendable {
 
     /// p11ha's replication key and journal are infrastructure, not the application's: searches through the
     /// group skip them.
-    func isInfrastructure(_ object: CK_OBJECT_HANDLE) -> Bool {
+    func isInfrastructure(_ object: ObjectHandle) -> Bool {
         guard let identity = objects.withLock({ $0[object]?.identity }) else { return false }
         return identity.isReplicationKey || identity.isJournal
     }

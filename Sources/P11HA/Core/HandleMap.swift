@@ -3,18 +3,32 @@
 import CInterop
 import Synchronization
 
+/// A session handle p11ha gave the application (never a member's: see `MemberSession`).
+public struct SessionHandle: Hashable, Sendable, CustomStringConvertible {
+    public let raw: CK_SESSION_HANDLE
+    public init(_ raw: CK_SESSION_HANDLE) { self.raw = raw }
+    public var description: String { "session \(raw)" }
+}
+
+/// An object handle p11ha gave the application (never a member's: see `MemberObject`).
+public struct ObjectHandle: Hashable, Sendable, CustomStringConvertible {
+    public let raw: CK_OBJECT_HANDLE
+    public init(_ raw: CK_OBJECT_HANDLE) { self.raw = raw }
+    public var description: String { "object \(raw)" }
+}
+
 /// The virtual sessions of one initialization, by handle.
 final class SessionTable: Sendable {
-    private let table = Mutex<[CK_SESSION_HANDLE: VirtualSession]>([:])
+    private let table = Mutex<[SessionHandle: VirtualSession]>([:])
     private let nextHandle = Atomic<UInt>(1)
 
     /// A handle no session had in this initialization.
-    func newHandle() -> CK_SESSION_HANDLE {
-        CK_SESSION_HANDLE(nextHandle.add(1, ordering: .relaxed).oldValue)
+    func newHandle() -> SessionHandle {
+        SessionHandle(CK_SESSION_HANDLE(nextHandle.add(1, ordering: .relaxed).oldValue))
     }
 
     @inline(__always)
-    func resolve(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
+    func resolve(_ handle: SessionHandle) throws(P11Error) -> VirtualSession {
         guard let session = table.withLock({ $0[handle] }) else { throw P11Error.sessionHandleInvalid }
         return session
     }
@@ -23,7 +37,7 @@ final class SessionTable: Sendable {
         table.withLock { $0[session.handle] = session }
     }
 
-    func remove(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
+    func remove(_ handle: SessionHandle) throws(P11Error) -> VirtualSession {
         guard let session = table.withLock({ $0.removeValue(forKey: handle) }) else { throw P11Error.sessionHandleInvalid }
         return session
     }
@@ -46,7 +60,7 @@ struct ObjectTable {
         var copies: [MemberObject?]
         var identity: ObjectIdentity?
         /// For a session object: the virtual session that owns it.
-        var owner: CK_SESSION_HANDLE?
+        var owner: SessionHandle?
     }
 
     struct CopyKey: Hashable {
@@ -54,20 +68,20 @@ struct ObjectTable {
         let handle: MemberObject
     }
 
-    private(set) var records: [CK_OBJECT_HANDLE: Record] = [:]
-    private var byCopy: [CopyKey: CK_OBJECT_HANDLE] = [:]
-    private var byIdentity: [ObjectIdentity: [CK_OBJECT_HANDLE]] = [:]
+    private(set) var records: [ObjectHandle: Record] = [:]
+    private var byCopy: [CopyKey: ObjectHandle] = [:]
+    private var byIdentity: [ObjectIdentity: [ObjectHandle]] = [:]
 
     static let nextHandle = Atomic<UInt>(1)
 
-    subscript(handle: CK_OBJECT_HANDLE) -> Record? { records[handle] }
+    subscript(handle: ObjectHandle) -> Record? { records[handle] }
 
-    func handle(member: Int, copy: MemberObject) -> CK_OBJECT_HANDLE? {
+    func handle(member: Int, copy: MemberObject) -> ObjectHandle? {
         byCopy[CopyKey(member: member, handle: copy)]
     }
 
-    mutating func insert(_ record: Record) -> CK_OBJECT_HANDLE {
-        let handle = CK_OBJECT_HANDLE(Self.nextHandle.add(1, ordering: .relaxed).oldValue)
+    mutating func insert(_ record: Record) -> ObjectHandle {
+        let handle = ObjectHandle(CK_OBJECT_HANDLE(Self.nextHandle.add(1, ordering: .relaxed).oldValue))
         records[handle] = record
         for (member, copy) in record.copies.enumerated() {
             if let copy { byCopy[CopyKey(member: member, handle: copy)] = handle }
@@ -77,7 +91,7 @@ struct ObjectTable {
     }
 
     /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
-    mutating func attach(member: Int, copy: MemberObject, identity: ObjectIdentity, memberCount: Int) -> CK_OBJECT_HANDLE {
+    mutating func attach(member: Int, copy: MemberObject, identity: ObjectIdentity, memberCount: Int) -> ObjectHandle {
         for handle in byIdentity[identity] ?? [] where records[handle]?.copies[member] == nil {
             records[handle]!.copies[member] = copy
             byCopy[CopyKey(member: member, handle: copy)] = handle
@@ -89,7 +103,7 @@ struct ObjectTable {
     }
 
     @discardableResult
-    mutating func remove(_ handle: CK_OBJECT_HANDLE) -> Record? {
+    mutating func remove(_ handle: ObjectHandle) -> Record? {
         guard let record = records.removeValue(forKey: handle) else { return nil }
         for (member, copy) in record.copies.enumerated() {
             if let copy { byCopy[CopyKey(member: member, handle: copy)] = nil }
@@ -102,7 +116,7 @@ struct ObjectTable {
     }
 
     /// Forgets the copy on one member (destroyed there); the object goes when no copy is left.
-    mutating func removeCopy(_ handle: CK_OBJECT_HANDLE, member: Int) {
+    mutating func removeCopy(_ handle: ObjectHandle, member: Int) {
         guard let copy = records[handle]?.copies[member] else { return }
         records[handle]!.copies[member] = nil
         byCopy[CopyKey(member: member, handle: copy)] = nil
@@ -110,7 +124,7 @@ struct ObjectTable {
     }
 
     /// Sets (or clears) the copy of an object on one member, as found again after the member returned.
-    mutating func setCopy(_ handle: CK_OBJECT_HANDLE, member: Int, copy: MemberObject?) {
+    mutating func setCopy(_ handle: ObjectHandle, member: Int, copy: MemberObject?) {
         guard records[handle] != nil else { return }
         if let old = records[handle]!.copies[member], byCopy[CopyKey(member: member, handle: old)] == handle {
             byCopy[CopyKey(member: member, handle: old)] = nil
@@ -120,7 +134,7 @@ struct ObjectTable {
     }
 
     /// Forgets (or replaces) an object's identity after its attributes changed.
-    mutating func replaceIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity?) {
+    mutating func replaceIdentity(_ handle: ObjectHandle, _ identity: ObjectIdentity?) {
         guard let old = records[handle]?.identity else {
             if let identity { setIdentity(handle, identity) }
             return
@@ -131,13 +145,13 @@ struct ObjectTable {
         if let identity { setIdentity(handle, identity) }
     }
 
-    mutating func setIdentity(_ handle: CK_OBJECT_HANDLE, _ identity: ObjectIdentity) {
+    mutating func setIdentity(_ handle: ObjectHandle, _ identity: ObjectIdentity) {
         guard records[handle] != nil, records[handle]!.identity == nil else { return }
         records[handle]!.identity = identity
         byIdentity[identity, default: []].append(handle)
     }
 
-    mutating func removeObjects(ownedBy session: CK_SESSION_HANDLE) {
+    mutating func removeObjects(ownedBy session: SessionHandle) {
         for (handle, record) in records where record.owner == session { remove(handle) }
     }
 }

@@ -3,7 +3,7 @@ import CInterop
 import Synchronization
 
 public final class VirtualSession: @unchecked Sendable {
-    public let handle: CK_SESSION_HANDLE
+    public let handle: SessionHandle
     public let group: Group
     public let readWrite: Bool
     let state: Mutex<State>
@@ -15,7 +15,7 @@ public final class VirtualSession: @unchecked Sendable {
         var epoch: Int
         let mechanism: Mechanism
         /// The virtual key handle (nil for digest).
-        let key: CK_OBJECT_HANDLE?
+        let key: ObjectHandle?
         /// The updates so far, to replay on a peer if the member fails mid-operation.
         var parts: [[UInt8]] = []
         var bufferedBytes = 0
@@ -24,7 +24,7 @@ public final class VirtualSession: @unchecked Sendable {
     }
 
     struct Search {
-        var results: [CK_OBJECT_HANDLE]
+        var results: [ObjectHandle]
         var cursor = 0
     }
 
@@ -38,7 +38,7 @@ public final class VirtualSession: @unchecked Sendable {
         var retired: [(member: Int, session: MemberSession)] = []
     }
 
-    init(handle: CK_SESSION_HANDLE, group: Group, readWrite: Bool, memberSessions: [MemberSession?]) {
+    init(handle: SessionHandle, group: Group, readWrite: Bool, memberSessions: [MemberSession?]) {
         self.handle = handle
         self.group = group
         self.readWrite = readWrite

@@ -3,8 +3,8 @@
 import CInterop
 
 extension Runtime {
-    public func operationInit(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism,
-                              key: CK_OBJECT_HANDLE?) throws(P11Error) {
+    public func operationInit(_ kind: OperationKind, _ handle: SessionHandle, _ mechanism: Mechanism,
+                              key: ObjectHandle?) throws(P11Error) {
         let session = try session(handle)
         if session.state.withLock({ $0.operations[kind.rawValue] != nil }) { throw P11Error.operationActive }
         let index = try startOperation(kind, session, mechanism, key: key)
@@ -13,17 +13,17 @@ extension Runtime {
     }
 
     /// C_Encrypt, C_Decrypt, C_Digest, C_Sign, C_SignRecover, C_VerifyRecover.
-    public func singlePart(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
+    public func singlePart(_ kind: OperationKind, _ handle: SessionHandle, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
         try finishing(kind, handle) { (member, s) throws(P11Error) in try member.token.singlePart(kind, s, input, capacity: capacity) }
     }
 
     /// C_EncryptFinal, C_DecryptFinal, C_DigestFinal, C_SignFinal.
-    public func final(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, capacity: Int?) throws(P11Error) -> Output {
+    public func final(_ kind: OperationKind, _ handle: SessionHandle, capacity: Int?) throws(P11Error) -> Output {
         try finishing(kind, handle) { (member, s) throws(P11Error) in try member.token.final(kind, s, capacity: capacity) }
     }
 
     /// C_EncryptUpdate and C_DecryptUpdate.
-    public func cipherUpdate(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
+    public func cipherUpdate(_ kind: OperationKind, _ handle: SessionHandle, _ input: [UInt8], capacity: Int?) throws(P11Error) -> Output {
         try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in
             try member.token.cipherUpdate(kind, s, input, capacity: capacity)
         } consumed: { output in
@@ -33,12 +33,12 @@ extension Runtime {
     }
 
     /// C_DigestUpdate, C_SignUpdate, C_VerifyUpdate.
-    public func update(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, _ input: [UInt8]) throws(P11Error) {
+    public func update(_ kind: OperationKind, _ handle: SessionHandle, _ input: [UInt8]) throws(P11Error) {
         try continuing(kind, handle, part: input) { (member, s) throws(P11Error) in try member.token.update(kind, s, input) } consumed: { _ in true }
     }
 
     /// C_DigestKey: the key's value enters the digest inside one member, so it cannot be replayed elsewhere.
-    public func digestKey(_ handle: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) throws(P11Error) {
+    public func digestKey(_ handle: SessionHandle, _ key: ObjectHandle) throws(P11Error) {
         let session = try session(handle)
         let copies = try copies(of: key, in: session.group, invalid: .keyHandleInvalid)
         session.state.withLock { state in
@@ -54,14 +54,14 @@ extension Runtime {
         } consumed: { _ in false }
     }
 
-    public func verify(_ handle: CK_SESSION_HANDLE, _ data: [UInt8], signature: [UInt8]) throws(P11Error) {
+    public func verify(_ handle: SessionHandle, _ data: [UInt8], signature: [UInt8]) throws(P11Error) {
         try finishing(.verify, handle) { (member, s) throws(P11Error) -> Output in
             try member.token.verify(s, data, signature: signature)
             return .data([])
         }
     }
 
-    public func verifyFinal(_ handle: CK_SESSION_HANDLE, signature: [UInt8]) throws(P11Error) {
+    public func verifyFinal(_ handle: SessionHandle, signature: [UInt8]) throws(P11Error) {
         try finishing(.verify, handle) { (member, s) throws(P11Error) -> Output in
             try member.token.verifyFinal(s, signature: signature)
             return .data([])
@@ -69,7 +69,7 @@ extension Runtime {
     }
 
     /// Random bytes from any member in service.
-    public func generateRandom(_ handle: CK_SESSION_HANDLE, count: Int) throws(P11Error) -> [UInt8] {
+    public func generateRandom(_ handle: SessionHandle, count: Int) throws(P11Error) -> [UInt8] {
         let session = try session(handle)
         return try fanOut.onOneMember(session.group) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
@@ -78,7 +78,7 @@ extension Runtime {
     }
 
     /// Mixes the seed into every member's generator.
-    public func seedRandom(_ handle: CK_SESSION_HANDLE, _ seed: [UInt8]) throws(P11Error) {
+    public func seedRandom(_ handle: SessionHandle, _ seed: [UInt8]) throws(P11Error) {
         let session = try session(handle)
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             try member.token.seedRandom(try session.memberSession(member), seed)
@@ -88,7 +88,7 @@ extension Runtime {
     /// A call that may end the operation: it stays active after a length query or CKR_BUFFER_TOO_SMALL
     /// (PKCS#11 5.2), and ends on anything else, success or error.
     @discardableResult
-    private func finishing(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
+    private func finishing(_ kind: OperationKind, _ handle: SessionHandle,
                            _ body: (Member, MemberSession) throws(P11Error) -> Output) throws(P11Error) -> Output {
         try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
             let output = try body(member, memberSession)
@@ -99,7 +99,7 @@ extension Runtime {
 
     /// An update: the operation goes on after success. What the member consumed is kept for a replay.
     @discardableResult
-    private func continuing<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE, part: [UInt8]?,
+    private func continuing<T>(_ kind: OperationKind, _ handle: SessionHandle, part: [UInt8]?,
                                _ body: (Member, MemberSession) throws(P11Error) -> T,
                                consumed: (T) -> Bool) throws(P11Error) -> T {
         try onOperationMember(kind, handle) { (session, member, memberSession) throws(P11Error) in
@@ -112,7 +112,7 @@ extension Runtime {
     /// Runs a call of the operation in progress on its member. A member fault (or a member that failed since
     /// the operation started there) replays the operation on a peer and tries again; any other error ends the
     /// operation (PKCS#11 5.2), except CKR_BUFFER_TOO_SMALL.
-    private func onOperationMember<T>(_ kind: OperationKind, _ handle: CK_SESSION_HANDLE,
+    private func onOperationMember<T>(_ kind: OperationKind, _ handle: SessionHandle,
                                       _ body: (VirtualSession, Member, MemberSession) throws(P11Error) -> T) throws(P11Error) -> T {
         let session = try session(handle)
         var op = try session.operation(kind)

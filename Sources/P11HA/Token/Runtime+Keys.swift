@@ -4,7 +4,7 @@ import CInterop
 extension Runtime {
     /// Generates a key on the group's first member in service and carries it, wrapped under the replication
     /// key, to every other member in service (see Replication.swift).
-    public func generateKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+    public func generateKey(_ handle: SessionHandle, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
         return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
@@ -27,8 +27,8 @@ extension Runtime {
 
     /// Generates a key pair on the group's first member in service; the private key travels wrapped under the
     /// replication key, the public key is created on each other member from its public values.
-    public func generateKeyPair(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, publicTemplate: [Attribute],
-                                privateTemplate: [Attribute]) throws(P11Error) -> (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+    public func generateKeyPair(_ handle: SessionHandle, _ mechanism: Mechanism, publicTemplate: [Attribute],
+                                privateTemplate: [Attribute]) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
         let session = try session(handle)
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
         let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
@@ -75,8 +75,8 @@ extension Runtime {
     }
 
     /// Wraps on a member that holds both keys.
-    public func wrapKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, wrappingKey: CK_OBJECT_HANDLE,
-                        key: CK_OBJECT_HANDLE, capacity: Int?) throws(P11Error) -> Output {
+    public func wrapKey(_ handle: SessionHandle, _ mechanism: Mechanism, wrappingKey: ObjectHandle,
+                        key: ObjectHandle, capacity: Int?) throws(P11Error) -> Output {
         let session = try session(handle)
         let group = session.group
         let wrapping = try copies(of: wrappingKey, in: group, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
@@ -90,8 +90,8 @@ extension Runtime {
     }
 
     /// Unwrapping is deterministic: it is replayed on every member that holds the unwrapping key.
-    public func unwrapKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, unwrappingKey: CK_OBJECT_HANDLE,
-                          wrapped: [UInt8], _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+    public func unwrapKey(_ handle: SessionHandle, _ mechanism: Mechanism, unwrappingKey: ObjectHandle,
+                          wrapped: [UInt8], _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let source = try copies(of: unwrappingKey, in: session.group, invalid: P11Error(CK_RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID)))
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
@@ -101,8 +101,8 @@ extension Runtime {
     }
 
     /// Derivation is deterministic: it is replayed on every member that holds the base key.
-    public func deriveKey(_ handle: CK_SESSION_HANDLE, _ mechanism: Mechanism, baseKey: CK_OBJECT_HANDLE,
-                          _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+    public func deriveKey(_ handle: SessionHandle, _ mechanism: Mechanism, baseKey: ObjectHandle,
+                          _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let source = try copies(of: baseKey, in: session.group, invalid: .keyHandleInvalid)
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in

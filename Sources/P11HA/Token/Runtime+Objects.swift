@@ -2,7 +2,7 @@
 import CInterop
 
 extension Runtime {
-    public func createObject(_ handle: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+    public func createObject(_ handle: SessionHandle, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let group = session.group
         let copies = try fanOut.everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
@@ -14,7 +14,7 @@ extension Runtime {
     }
 
     /// C_CopyObject, replayed on every member that holds the original.
-    public func copyObject(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) -> CK_OBJECT_HANDLE {
+    public func copyObject(_ handle: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
         let copies = try fanOut.everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
@@ -25,7 +25,7 @@ extension Runtime {
         return record(copies, in: session, isToken: isToken)
     }
 
-    public func destroyObject(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) {
+    public func destroyObject(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) {
         let session = try session(handle)
         let group = session.group
         let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
@@ -39,13 +39,13 @@ extension Runtime {
         if isToken { journal.record(session, on: destroyed.map(\.0)) }
     }
 
-    public func objectSize(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) throws(P11Error) -> CK_ULONG {
+    public func objectSize(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) -> CK_ULONG {
         let session = try session(handle)
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in try member.token.objectSize(s, copy) }
     }
 
     /// Attribute values as the member holding the first copy answers them, with its own return value.
-    public func attributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
+    public func attributeValues(_ handle: SessionHandle, _ object: ObjectHandle,
                                 _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let session = try session(handle)
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
@@ -55,7 +55,7 @@ extension Runtime {
         }
     }
 
-    public func setAttributeValues(_ handle: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ template: [Attribute]) throws(P11Error) {
+    public func setAttributeValues(_ handle: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws(P11Error) {
         let session = try session(handle)
         let group = session.group
         let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
@@ -75,12 +75,12 @@ extension Runtime {
     // MARK: search
 
     /// Searches every member in service and merges what they hold: each object once, with one handle.
-    public func findObjectsInit(_ handle: CK_SESSION_HANDLE, _ template: [Attribute]) throws(P11Error) {
+    public func findObjectsInit(_ handle: SessionHandle, _ template: [Attribute]) throws(P11Error) {
         let session = try session(handle)
         let group = session.group
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
-        var results: [CK_OBJECT_HANDLE] = []
-        var seen = Set<CK_OBJECT_HANDLE>()
+        var results: [ObjectHandle] = []
+        var seen = Set<ObjectHandle>()
         let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
             return (s, try member.token.findObjects(s, template))
@@ -104,9 +104,9 @@ extension Runtime {
         session.state.withLock { $0.search = VirtualSession.Search(results: results) }
     }
 
-    public func findObjects(_ handle: CK_SESSION_HANDLE, max: Int) throws(P11Error) -> [CK_OBJECT_HANDLE] {
+    public func findObjects(_ handle: SessionHandle, max: Int) throws(P11Error) -> [ObjectHandle] {
         let session = try session(handle)
-        return try session.state.withLock { (state) throws(P11Error) -> [CK_OBJECT_HANDLE] in
+        return try session.state.withLock { (state) throws(P11Error) -> [ObjectHandle] in
             guard var search = state.search else { throw P11Error.operationNotInitialized }
             let end = min(search.cursor + max, search.results.count)
             let batch = Array(search.results[search.cursor..<end])
@@ -116,7 +116,7 @@ extension Runtime {
         }
     }
 
-    public func findObjectsFinal(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+    public func findObjectsFinal(_ handle: SessionHandle) throws(P11Error) {
         let session = try session(handle)
         try session.state.withLock { (state) throws(P11Error) in
             guard state.search != nil else { throw P11Error.operationNotInitialized }
@@ -127,14 +127,14 @@ extension Runtime {
     // MARK: helpers shared with key management and cryptography
 
     /// The per-member copies of a virtual object; `invalid` is the caller's error for an unknown handle.
-    func copies(of object: CK_OBJECT_HANDLE, in group: Group, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
+    func copies(of object: ObjectHandle, in group: Group, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
         guard let record = group.objects.withLock({ $0[object] }) else { throw invalid }
         return record.copies
     }
 
     /// Runs a read on the first member in service with a copy (so that a two-call length query and its read
     /// agree), moving to the next one on a member fault.
-    func onPrimaryCopy<T>(of object: CK_OBJECT_HANDLE, in session: VirtualSession,
+    func onPrimaryCopy<T>(of object: ObjectHandle, in session: VirtualSession,
                           _ read: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> T {
         let copies = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
         return try fanOut.onOneMember(session.group, holding: copies, choice: .first) { (member) throws(P11Error) in
@@ -143,7 +143,7 @@ extension Runtime {
     }
 
     /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
-    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> CK_OBJECT_HANDLE {
+    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> ObjectHandle {
         let group = session.group
         if isToken { journal.record(session, on: made.map(\.0)) }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
@@ -155,7 +155,7 @@ extension Runtime {
 
     /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
     /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
-    func refreshCopy(of object: CK_OBJECT_HANDLE, on member: Member, in session: VirtualSession) -> MemberObject? {
+    func refreshCopy(of object: ObjectHandle, on member: Member, in session: VirtualSession) -> MemberObject? {
         let group = session.group
         guard let record = group.objects.withLock({ $0[object] }) else { return nil }
         let identity = group.identity(of: record, except: member) { holder, copy in
@@ -171,7 +171,7 @@ extension Runtime {
         return found
     }
 
-    func isTokenObject(_ object: CK_OBJECT_HANDLE, in session: VirtualSession) throws(P11Error) -> Bool {
+    func isTokenObject(_ object: ObjectHandle, in session: VirtualSession) throws(P11Error) -> Bool {
         let values = try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
             try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_TOKEN)])
         }

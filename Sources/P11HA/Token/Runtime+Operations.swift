@@ -6,7 +6,7 @@ extension Runtime {
     /// Starts an operation on a member chosen by the scheduler and replays `parts` (its updates so far) there,
     /// moving on at each member fault. Returns the member's index; its load counts the operation.
     func startOperation(_ kind: OperationKind, _ session: VirtualSession, _ mechanism: Mechanism,
-                        key: CK_OBJECT_HANDLE?, replaying parts: [[UInt8]] = []) throws(P11Error) -> Int {
+                        key: ObjectHandle?, replaying parts: [[UInt8]] = []) throws(P11Error) -> Int {
         let group = session.group
         var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
         var refreshed = Set<Int>()

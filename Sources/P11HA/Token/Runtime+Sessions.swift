@@ -2,7 +2,7 @@
 import CInterop
 
 extension Runtime {
-    public func openSession(_ slot: CK_SLOT_ID, flags: CK_FLAGS) throws(P11Error) -> CK_SESSION_HANDLE {
+    public func openSession(_ slot: CK_SLOT_ID, flags: CK_FLAGS) throws(P11Error) -> SessionHandle {
         let group = try group(slot)
         guard flags & CK_FLAGS(CKF_SERIAL_SESSION) != 0 else { throw P11Error(CK_RV(CKR_SESSION_PARALLEL_NOT_SUPPORTED)) }
         let readWrite = flags & CK_FLAGS(CKF_RW_SESSION) != 0
@@ -26,7 +26,7 @@ extension Runtime {
         return session.handle
     }
 
-    public func closeSession(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+    public func closeSession(_ handle: SessionHandle) throws(P11Error) {
         let session = try sessions.remove(handle)
         closeMemberSessions(session)
         let group = session.group
@@ -54,7 +54,7 @@ extension Runtime {
         public let flags: CK_FLAGS
     }
 
-    public func sessionInfo(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> SessionInfo {
+    public func sessionInfo(_ handle: SessionHandle) throws(P11Error) -> SessionInfo {
         let session = try session(handle)
         let userType = session.group.login.withLock { $0.userType }
         let state: CK_STATE = switch (userType, session.readWrite) {
@@ -70,7 +70,7 @@ extension Runtime {
     }
 
     /// Logs the application in on every member in service, each with its own PIN if its URI gives one.
-    public func login(_ handle: CK_SESSION_HANDLE, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
+    public func login(_ handle: SessionHandle, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
         let session = try session(handle)
         let group = session.group
         if userType == CK_USER_TYPE(CKU_CONTEXT_SPECIFIC) {
@@ -104,7 +104,7 @@ extension Runtime {
         if userType == CK_USER_TYPE(CKU_USER) { journal.checkGenerations(group, session) }
     }
 
-    public func logout(_ handle: CK_SESSION_HANDLE) throws(P11Error) {
+    public func logout(_ handle: SessionHandle) throws(P11Error) {
         let session = try session(handle)
         let group = session.group
         guard group.login.withLock({ $0.userType }) != nil else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
@@ -117,14 +117,14 @@ extension Runtime {
         }
     }
 
-    public func initPIN(_ handle: CK_SESSION_HANDLE, pin: Secret) throws(P11Error) {
+    public func initPIN(_ handle: SessionHandle, pin: Secret) throws(P11Error) {
         let session = try session(handle)
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
             try member.token.initPIN(try session.memberSession(member), pin: pin)
         }
     }
 
-    public func setPIN(_ handle: CK_SESSION_HANDLE, old: Secret, new: Secret) throws(P11Error) {
+    public func setPIN(_ handle: SessionHandle, old: Secret, new: Secret) throws(P11Error) {
         let session = try session(handle)
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
             try member.token.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)

@@ -202,7 +202,7 @@ public final class Runtime: @unchecked Sendable {
     }
 
     @inline(__always)
-    func session(_ handle: CK_SESSION_HANDLE) throws(P11Error) -> VirtualSession {
+    func session(_ handle: SessionHandle) throws(P11Error) -> VirtualSession {
         try sessions.resolve(handle)
     }
 
