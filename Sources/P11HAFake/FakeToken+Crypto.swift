@@ -106,7 +106,7 @@ extension FakeToken {
     }
 
     public func digestKey(_ session: MemberSession, _ key: MemberObject) throws(P11Error) {
-        try gate(.digestKey, kind: .digest) { connection, storeState throws(P11Error) in
+        try gate(.digestKey, kind: .digest, ending: session) { connection, storeState throws(P11Error) in
             let s = try connection.session(session)
             guard var op = s.operations[.digest] else { throw P11Error.member(CK_RV(CKR_OPERATION_NOT_INITIALIZED)) }
             do throws(P11Error) {
@@ -138,7 +138,7 @@ extension FakeToken {
     /// A verification's last call: it ends the operation whatever the answer.
     private func verifying(_ call: FakeCall, _ session: MemberSession,
                            _ check: (FakeOperation) throws(P11Error) -> Void) throws(P11Error) {
-        try gate(call, kind: .verify) { connection, _ throws(P11Error) in
+        try gate(call, kind: .verify, ending: session) { connection, _ throws(P11Error) in
             let s = try connection.session(session)
             guard let op = s.operations[.verify] else { throw P11Error.member(CK_RV(CKR_OPERATION_NOT_INITIALIZED)) }
             connection.sessions[session.raw]!.operations[.verify] = nil
@@ -151,7 +151,7 @@ extension FakeToken {
     /// other error ends it.
     private func step(_ call: FakeCall, _ kind: OperationKind, _ session: MemberSession, capacity: Int?,
                       _ body: (FakeOperation, _ lengthOnly: Bool) throws(P11Error) -> FakeStep) throws(P11Error) -> Output {
-        try gate(call, kind: kind) { connection, _ throws(P11Error) in
+        try gate(call, kind: kind, ending: session) { connection, _ throws(P11Error) in
             let s = try connection.session(session)
             guard let op = s.operations[kind] else { throw P11Error.member(CK_RV(CKR_OPERATION_NOT_INITIALIZED)) }
             let result: FakeStep

@@ -61,15 +61,26 @@ public final class FakeToken: TokenBackend {
 
     /// Every call: counted, refused while the token or link is down, put through the scripted faults, refused
     /// before connect or after a crash until the module restarts; then `body` runs under both locks.
-    func gate<T>(_ call: FakeCall, kind: OperationKind? = nil, needsModule: Bool = true,
+    /// `ending`: the session whose operation of `kind` this call continues: a scripted error ends that operation,
+    /// as any error but CKR_BUFFER_TOO_SMALL does on a real token.
+    func gate<T>(_ call: FakeCall, kind: OperationKind? = nil, ending: MemberSession? = nil, needsModule: Bool = true,
                  _ body: (inout Connection, inout FakeTokenStore.State) throws(P11Error) -> T) throws(P11Error) -> T {
         underWay.add(1, ordering: .relaxed)
         defer { underWay.subtract(1, ordering: .relaxed) }
         store.faults.record(call)
         faults.record(call)
         try checkUp()
-        try faults.apply(call, kind: kind)
-        try store.faults.apply(call, kind: kind)
+        do throws(P11Error) {
+            try faults.apply(call, kind: kind)
+            try store.faults.apply(call, kind: kind)
+        } catch {
+            if let ending, let kind, error.rv != CKR_BUFFER_TOO_SMALL {
+                state.withLock { connection in
+                    if connection.sessions[ending.raw] != nil { connection.sessions[ending.raw]!.operations[kind] = nil }
+                }
+            }
+            throw error
+        }
         try checkUp()  // the token may have gone down while the call hung or slept
         let crashes = (store: store.faults.crashes, own: faults.crashes)
         return try state.withLock { (connection) throws(P11Error) -> T in
@@ -122,6 +133,8 @@ public final class FakeToken: TokenBackend {
     }
 
     public var callsUnderWay: Int { underWay.load(ordering: .relaxed) }
+    /// A fake has no deadline of its own (a `DeadlineBackend` around it counts its overdue calls).
+    public var callsOverdue: Int { 0 }
 
     // MARK: slot, token, mechanisms
 

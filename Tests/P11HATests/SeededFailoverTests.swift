@@ -132,7 +132,13 @@ struct SeededRandom {
             default:
                 trace.append("  recover")
                 fake.recover()
-                if down.isEmpty && fake.members.allSatisfy({ $0.isInService }) { unsettled = [] }
+                if !multipleFaults && down.isEmpty && fake.members.allSatisfy({ $0.isInService }) {
+                    // Settled: a one-off fault no call met yet is dropped, so that the next one is the only one
+                    // (three members each failing one call would be three failures at once, and the request
+                    // blamed: see the fan-out's evidence rule).
+                    for store in fake.stores { store.faults.clearFaults() }
+                    unsettled = []
+                }
             }
         }
 

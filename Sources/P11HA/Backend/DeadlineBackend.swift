@@ -39,13 +39,14 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
     /// A token with a call still inside it (past its deadline) is left as it is: finalizing a module under a
     /// call in flight can crash it (p11-kit's client aborts), and waiting for it could be for ever.
     public func disconnect() {
-        if executor.busy == 0 {
+        if callsOverdue == 0 {
             _ = try? run { [base] () throws(P11Error) in base.disconnect() }
         }
         executor.close()
     }
 
     public var callsUnderWay: Int { executor.busy + base.callsUnderWay }
+    public var callsOverdue: Int { executor.overdue + base.callsOverdue }
 
     // MARK: slot, token, mechanisms
 

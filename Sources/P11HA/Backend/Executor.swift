@@ -20,9 +20,15 @@ final class Executor: @unchecked Sendable {
         if Worker.isCurrentThreadWorker { return work() }
         let ticket = Ticket<T>()
         guard let worker = takeWorker() else { return nil }
-        worker.start { ticket.complete(work()) }
-        return ticket.wait(timeout: timeout)
+        worker.start { [self] in
+            if !ticket.complete(work()) { overdueCalls.subtract(1, ordering: .relaxed) }
+        }
+        return ticket.wait(timeout: timeout, overdue: overdueCalls)
     }
+
+    /// Calls whose caller gave up at the deadline and that are still inside the token.
+    var overdue: Int { overdueCalls.load(ordering: .relaxed) }
+    private let overdueCalls = Atomic<Int>(0)
 
     /// Calls under way (a call past its deadline stays under way until the module returns).
     var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
@@ -94,19 +100,28 @@ private final class Handoff: @unchecked Sendable {
 private final class Ticket<T>: @unchecked Sendable {
     private let done = Handoff()
     private var result: T?
-    private let ready = Atomic<Bool>(false)
+    /// 0 waiting, 1 completed, 2 the caller gave up (the call is overdue).
+    private let state = Atomic<Int>(0)
 
-    func complete(_ value: T) {
+    /// Hands the result over; false when the caller had given up on it.
+    func complete(_ value: T) -> Bool {
         result = value
-        ready.store(true, ordering: .releasing)
+        let (completed, _) = state.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing)
         done.post()
+        return completed
     }
 
-    func wait(timeout: Duration) -> T? {
+    /// The result, or nil when `timeout` passed first: the call then counts in `overdue` until it completes
+    /// (counted before the call is marked given up, so that its completion never finds the count at zero).
+    func wait(timeout: Duration, overdue: borrowing Atomic<Int>) -> T? {
         // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
         // afford the wake-up. A longer spin starves other processes on a loaded machine.
         _ = done.wait(spinNanos: 200_000, timeout: timeout)
-        return ready.load(ordering: .acquiring) ? result : nil
+        if state.load(ordering: .acquiring) == 1 { return result }
+        overdue.add(1, ordering: .relaxed)
+        if state.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return nil }
+        overdue.subtract(1, ordering: .relaxed)
+        return result
     }
 }
 

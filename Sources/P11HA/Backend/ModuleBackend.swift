@@ -68,6 +68,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     }
 
     public var callsUnderWay: Int { 0 }
+    public var callsOverdue: Int { 0 }
 
     private func load() throws(ConnectFailure) -> LoadedModule {
         if let module = loaded.load() { return module }

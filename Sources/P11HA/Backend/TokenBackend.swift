@@ -48,6 +48,9 @@ public protocol TokenBackend: AnyObject, Sendable {
     func disconnect()
     /// Calls still inside the token (one past its deadline stays inside until the token returns).
     var callsUnderWay: Int { get }
+    /// Calls whose caller gave up at the deadline and that are still inside the token: a token with one is
+    /// wedged, and gets no more calls that could wait for it (closing sessions, finalizing).
+    var callsOverdue: Int { get }
 
     // MARK: slot, token, mechanisms
 

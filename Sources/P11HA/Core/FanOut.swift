@@ -74,20 +74,31 @@ final class FanOut: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` on one member that holds `copies` (nil: any), moving to a peer on each member fault.
+    /// Runs `body` on one member that holds `copies` (nil: any), moving to a peer on each fault-class answer.
+    /// A member that answered one leaves service only on evidence (see `Suspects`); when the members agree on
+    /// it, the request is at fault and gets their code. `session`: the application's session the call is for.
     func onOneMember<T>(_ group: Group, holding copies: [MemberObject?]? = nil, choice: Choice = .scheduler,
-                        _ body: (Member) throws(P11Error) -> T) throws(P11Error) -> T {
+                        session: VirtualSession? = nil, _ body: (Member) throws(P11Error) -> T) throws(P11Error) -> T {
+        var suspects = Suspects()
         var excluded = Set<Int>()
         while true {
-            let member = try awaitingRecovery(group) { () throws(P11Error) in
-                choice == .first ? try group.first(holding: copies, excluding: excluded)
-                                 : try group.pick(holding: copies, excluding: excluded)
+            let member: Member
+            do {
+                member = try awaitingRecovery(group) { () throws(P11Error) in
+                    choice == .first ? try group.first(holding: copies, excluding: excluded)
+                                     : try group.pick(holding: copies, excluding: excluded)
+                }
+            } catch {
+                throw verdict(on: suspects, otherwise: error)
             }
             do {
-                return try body(member)
+                let result = try body(member)
+                convict(suspects)
+                return result
             } catch where error.isMemberFault {
-                fail(member, error)
+                if let session, session.isClosed, error.isSessionLoss { throw P11Error.sessionHandleInvalid }
                 excluded.insert(member.index)
+                accuse(member, error, &suspects)
             }
         }
     }
@@ -96,32 +107,40 @@ final class FanOut: @unchecked Sendable {
     /// - A caller's error on the first member returns at once, with nothing changed anywhere.
     /// - A caller's error on a later member (the members disagree) undoes the write where it succeeded,
     ///   and returns that error: the group never holds an object some members refused.
-    /// - A member fault takes that member out of service (`onFault`: stale when it missed a write to the
-    ///   token, failed otherwise); the others go on. The write succeeds when it holds on every member
-    ///   still in service; with none left it fails, unless `othersHoldIt` (copies of what a member already
-    ///   holds: a generated key carried from its source, which stays valid there alone).
+    /// - A fault-class answer is judged once every target has answered: where others succeeded, that member
+    ///   leaves service (`onFault`: stale when it missed a write to the token, failed otherwise); where none did,
+    ///   the members that answer a probe say the request is at fault, and their code is the answer. The write
+    ///   succeeds when it holds on every member still in service; with none it fails, unless `othersHoldIt`
+    ///   (copies of what a member already holds: a generated key carried from its source, valid there alone).
     func everyMember<T>(of group: Group, _ targets: [Member], onFault: Health = .stale, othersHoldIt: Bool = false,
+                        session: VirtualSession? = nil,
                         _ write: (Member) throws(P11Error) -> T,
                         undo: (Member, T) -> Void = { _, _ in }) throws(P11Error) -> [(Int, T)] {
         var done: [(Int, T)] = []
+        var suspects = Suspects()
+        let leave = { [self] (member: Member, error: P11Error) in
+            if onFault == .stale { markStale(member, reason: "missed a write: \(error)") } else { fail(member, error) }
+        }
         for member in targets {
             do {
                 done.append((member.index, try write(member)))
             } catch where error.isMemberFault {
-                if onFault == .stale {
-                    markStale(member, reason: "missed a write: \(error)")
-                } else {
-                    fail(member, error)
+                if let session, session.isClosed, error.isSessionLoss {
+                    for (index, value) in done { undo(group.members[index], value) }
+                    throw P11Error.sessionHandleInvalid
                 }
+                if error.timedOut { leave(member, error) } else { suspects.add(member, error) }
             } catch {
                 for (index, value) in done { undo(group.members[index], value) }
                 throw error
             }
         }
-        // Every member failed: the application is told of a device fault, never a member's own code (its
-        // CKR_CRYPTOKI_NOT_INITIALIZED would say the application's library is not initialized).
-        if done.isEmpty && !othersHoldIt { throw P11Error.deviceError }
-        return done
+        if !done.isEmpty || othersHoldIt {
+            // Peers did what the suspects could not (or the source holds it): the suspects missed the write.
+            for (member, error) in suspects.entries { leave(member, error) }
+            return done
+        }
+        throw verdict(on: suspects, otherwise: .deviceError, leave: leave)
     }
 
     /// Runs a write on every member in service that holds a copy of an object, with that member's copy.
@@ -129,9 +148,62 @@ final class FanOut: @unchecked Sendable {
                         _ write: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> [(Int, T)] {
         let group = session.group
         let holders = group.membersInService.filter { copies[$0.index] != nil }
-        return try everyMember(of: group, holders) { (member) throws(P11Error) in
+        return try everyMember(of: group, holders, session: session) { (member) throws(P11Error) in
             try write(member, try session.memberSession(member), copies[member.index]!)
         }
+    }
+
+    // MARK: evidence
+
+    /// Members that answered a fault-class code (CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, ...) to one request, until
+    /// the evidence says whose fault it was. Such a code alone proves nothing: SoftHSM answers CKR_GENERAL_ERROR
+    /// to a badly padded ciphertext. A member leaves service when a peer succeeds at the same call (`convict`),
+    /// when it fails a probe (`verdict`), or at once when it missed its deadline. When the members that pass a
+    /// probe gave the request the same code, the request is at fault: that code is the caller's answer and every
+    /// member stays in service; so the last member in service never leaves because of one request.
+    struct Suspects {
+        private(set) var entries: [(member: Member, error: P11Error)] = []
+        var indices: Set<Int> { Set(entries.map(\.member.index)) }
+        var isEmpty: Bool { entries.isEmpty }
+        var count: Int { entries.count }
+        mutating func add(_ member: Member, _ error: P11Error) { entries.append((member, error)) }
+    }
+
+    /// A member answered a fault-class code: past its deadline it leaves service at once; otherwise it is a
+    /// suspect, and the call goes on to the next member. Every member that can is tried before the request is
+    /// blamed: two members whose engines failed alike must not keep a third, good one from serving.
+    func accuse(_ member: Member, _ error: P11Error, _ suspects: inout Suspects) {
+        if error.timedOut {
+            fail(member, error)
+        } else {
+            suspects.add(member, error)
+        }
+    }
+
+    /// A peer did what the suspects could not (those from `start` on): they are at fault.
+    func convict(_ suspects: Suspects, from start: Int = 0) {
+        for (member, error) in suspects.entries.dropFirst(start) { fail(member, error) }
+    }
+
+    /// No member succeeded: each suspect is probed, and one that fails leaves service; if any passes, the
+    /// request is at fault and its code is the answer; else `otherwise`.
+    func verdict(on suspects: Suspects, otherwise: P11Error, leave: ((Member, P11Error) -> Void)? = nil) -> P11Error {
+        var answer: P11Error? = nil
+        for (member, error) in suspects.entries {
+            if answersProbe(member) {
+                answer = answer ?? P11Error(error.rv)
+            } else if let leave {
+                leave(member, error)
+            } else {
+                fail(member, error)
+            }
+        }
+        return answer ?? otherwise
+    }
+
+    /// A cheap call any working member answers.
+    private func answersProbe(_ member: Member) -> Bool {
+        (try? member.token.tokenInfo()) != nil
     }
 }
 

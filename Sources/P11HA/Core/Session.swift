@@ -7,6 +7,11 @@ public final class VirtualSession: @unchecked Sendable {
     public let group: Group
     public let readWrite: Bool
     let state: Mutex<State>
+    private let closedFlag = Atomic<Bool>(false)
+    /// The application closed it (C_CloseSession, C_CloseAllSessions, C_Finalize): a call still under way on
+    /// another thread gets CKR_SESSION_HANDLE_INVALID, not a member fault.
+    var isClosed: Bool { closedFlag.load(ordering: .acquiring) }
+    func markClosed() { closedFlag.store(true, ordering: .releasing) }
 
     /// An operation in progress: which member runs it, and how to start it again elsewhere.
     struct Operation {
@@ -48,7 +53,10 @@ public final class VirtualSession: @unchecked Sendable {
     /// This session's handle on `member`.
     /// A missing one (it could not be opened when the member returned) is that member's fault: the work moves on.
     func memberSession(_ member: Member) throws(P11Error) -> MemberSession {
-        guard let session = state.withLock({ $0.memberSessions[member.index] }) else { throw P11Error.member(CK_RV(CKR_DEVICE_ERROR)) }
+        guard let session = state.withLock({ $0.memberSessions[member.index] }) else {
+            if isClosed { throw P11Error.sessionHandleInvalid }
+            throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
+        }
         return session
     }
 

@@ -100,7 +100,7 @@ final class Replicator: Sendable {
         var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
         defer { for i in blob.indices { blob[i] = 0 } }
         let template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
-        return try fanOut.everyMember(of: session.group, plan.others, othersHoldIt: true) { (member) throws(P11Error) in
+        return try fanOut.everyMember(of: session.group, plan.others, othersHoldIt: true, session: session) { (member) throws(P11Error) in
             try member.token.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
                                  unwrappingKey: plan.keys[member.index]!, wrapped: blob, template)
         } undo: { member, copy in

@@ -34,6 +34,9 @@ public struct P11Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// CKR_SESSION_HANDLE_INVALID is, since p11ha only ever passes a member its own valid session handles.
     public var isMemberFault: Bool { fromMember && Self.memberFaults.contains(rv) }
 
+    /// The member says our session there is gone.
+    public var isSessionLoss: Bool { rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED }
+
     static let memberFaults: Set<CK_RV> = [
         CK_RV(CKR_DEVICE_ERROR), CK_RV(CKR_DEVICE_REMOVED), CK_RV(CKR_DEVICE_MEMORY),
         CK_RV(CKR_TOKEN_NOT_PRESENT), CK_RV(CKR_TOKEN_NOT_RECOGNIZED),

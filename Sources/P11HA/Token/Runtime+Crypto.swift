@@ -7,7 +7,8 @@ extension Runtime {
                               key: ObjectHandle?) throws(P11Error) {
         let session = try session(handle)
         if session.state.withLock({ $0.operations[kind.rawValue] != nil }) { throw P11Error.operationActive }
-        let index = try startOperation(kind, session, mechanism, key: key)
+        var suspects = FanOut.Suspects()
+        let index = try startOperation(kind, session, mechanism, key: key, suspects: &suspects)
         let epoch = session.group.members[index].epoch.load(ordering: .acquiring)
         session.setOperation(kind, VirtualSession.Operation(member: index, epoch: epoch, mechanism: mechanism, key: key))
     }
@@ -71,7 +72,7 @@ extension Runtime {
     /// Random bytes from any member in service.
     public func generateRandom(_ handle: SessionHandle, count: Int) throws(P11Error) -> [UInt8] {
         let session = try session(handle)
-        return try fanOut.onOneMember(session.group) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, session: session) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
             return try member.token.generateRandom(try session.memberSession(member), count: count)
         }
@@ -80,7 +81,7 @@ extension Runtime {
     /// Mixes the seed into every member's generator.
     public func seedRandom(_ handle: SessionHandle, _ seed: [UInt8]) throws(P11Error) {
         let session = try session(handle)
-        _ = try fanOut.everyMember(of: session.group, session.group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             try member.token.seedRandom(try session.memberSession(member), seed)
         }
     }
@@ -116,16 +117,22 @@ extension Runtime {
                                       _ body: (VirtualSession, Member, MemberSession) throws(P11Error) -> T) throws(P11Error) -> T {
         let session = try session(handle)
         var op = try session.operation(kind)
+        // Members that answered this call a fault-class code: a peer's success convicts them.
+        var suspects = FanOut.Suspects()
         while true {
             let member = session.group.members[op.member]
             if !member.isInService || member.epoch.load(ordering: .acquiring) != op.epoch {
-                op = try failover(kind, session, op, after: nil)
+                op = try failover(kind, session, op, suspects: &suspects)
                 continue
             }
             do {
-                return try body(session, member, try session.memberSession(member))
+                let result = try body(session, member, try session.memberSession(member))
+                fanOut.convict(suspects)
+                return result
             } catch where error.isMemberFault {
-                op = try failover(kind, session, op, after: error)
+                if session.isClosed, error.isSessionLoss { throw P11Error.sessionHandleInvalid }
+                fanOut.accuse(member, error, &suspects)
+                op = try failover(kind, session, op, suspects: &suspects)
             } catch {
                 if error.rv != CKR_BUFFER_TOO_SMALL { session.endOperation(kind) }
                 throw error

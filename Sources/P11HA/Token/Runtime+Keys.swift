@@ -7,7 +7,7 @@ extension Runtime {
     public func generateKey(_ handle: SessionHandle, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
-        return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, choice: .first, session: session) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicator.plan(session, source: source, isToken: isToken) else {
                 // Alone in service now, it must still be able to travel to the others when they return.
@@ -33,7 +33,7 @@ extension Runtime {
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
         let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
         let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
-        return try fanOut.onOneMember(session.group, choice: .first) { (source) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, choice: .first, session: session) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicator.plan(session, source: source, isToken: publicIsToken || privateIsToken) else {
                 let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
@@ -48,7 +48,7 @@ extension Runtime {
                 privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan)
                 let publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
                 let holders = privateCopies.map { session.group.members[$0.0] }
-                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: true) { (member) throws(P11Error) in
+                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: true, session: session) { (member) throws(P11Error) in
                     try member.token.createObject(try session.memberSession(member), publicTemplate)
                 } undo: { member, copy in
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
@@ -82,7 +82,7 @@ extension Runtime {
         let wrapping = try copies(of: wrappingKey, in: group, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
         let wrapped = try copies(of: key, in: group, invalid: .keyHandleInvalid)
         let both = zip(wrapping, wrapped).map { $0 != nil && $1 != nil ? $0 : nil }
-        return try fanOut.onOneMember(group, holding: both) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(group, holding: both, session: session) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
             return try member.token.wrapKey(try session.memberSession(member), mechanism, wrappingKey: wrapping[member.index]!,
                                       key: wrapped[member.index]!, capacity: capacity)

@@ -5,7 +5,7 @@ extension Runtime {
     public func createObject(_ handle: SessionHandle, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         let group = session.group
-        let copies = try fanOut.everyMember(of: group, group.membersInService) { (member) throws(P11Error) in
+        let copies = try fanOut.everyMember(of: group, group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.createObject(try session.memberSession(member), template)
         } undo: { member, object in
             if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, object) }
@@ -81,7 +81,7 @@ extension Runtime {
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [ObjectHandle] = []
         var seen = Set<ObjectHandle>()
-        let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+        let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
             return (s, try member.token.findObjects(s, template))
         }
@@ -137,7 +137,7 @@ extension Runtime {
     func onPrimaryCopy<T>(of object: ObjectHandle, in session: VirtualSession,
                           _ read: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> T {
         let copies = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
-        return try fanOut.onOneMember(session.group, holding: copies, choice: .first) { (member) throws(P11Error) in
+        return try fanOut.onOneMember(session.group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
             try read(member, try session.memberSession(member), copies[member.index]!)
         }
     }

@@ -5,14 +5,23 @@ import CInterop
 extension Runtime {
     /// Starts an operation on a member chosen by the scheduler and replays `parts` (its updates so far) there,
     /// moving on at each member fault. Returns the member's index; its load counts the operation.
+    /// `suspects`: members that answered the operation a fault-class code already (they are not asked again; a
+    /// peer's success convicts them).
     func startOperation(_ kind: OperationKind, _ session: VirtualSession, _ mechanism: Mechanism,
-                        key: ObjectHandle?, replaying parts: [[UInt8]] = []) throws(P11Error) -> Int {
+                        key: ObjectHandle?, replaying parts: [[UInt8]] = [],
+                        suspects: inout FanOut.Suspects) throws(P11Error) -> Int {
         let group = session.group
         var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
         var refreshed = Set<Int>()
-        var excluded = Set<Int>()
+        var excluded = suspects.indices
+        let earlier = suspects.count
         while true {
-            let member = try fanOut.awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
+            let member: Member
+            do {
+                member = try fanOut.awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
+            } catch {
+                throw fanOut.verdict(on: suspects, otherwise: error)
+            }
             member.inFlight.add(1, ordering: .relaxed)
             do {
                 let memberSession = try session.memberSession(member)
@@ -26,11 +35,14 @@ extension Runtime {
                     }
                 }
                 member.served.add(1, ordering: .relaxed)
+                // A peer started it where they could not: those that failed this start are at fault.
+                fanOut.convict(suspects, from: earlier)
                 return member.index
             } catch where error.isMemberFault {
                 member.inFlight.subtract(1, ordering: .relaxed)
-                fanOut.fail(member, error)
+                if session.isClosed, error.isSessionLoss { throw P11Error.sessionHandleInvalid }
                 excluded.insert(member.index)
+                fanOut.accuse(member, error, &suspects)
             } catch where error.fromMember && (error.rv == CKR_KEY_HANDLE_INVALID || error.rv == CKR_OBJECT_HANDLE_INVALID)
                         && key != nil && !refreshed.contains(member.index) {
                 // Our handle of the key's copy there went stale (the member's module restarted): find it again.
@@ -47,19 +59,19 @@ extension Runtime {
         }
     }
 
-    /// The operation's member failed (or had already left service): start it again on a peer with its
-    /// updates so far. Past the replay buffer, or with no peer, the operation ends with a member fault.
+    /// The operation's member answered a fault-class code (it is among `suspects`) or had already left service:
+    /// start it again on a peer with its updates so far. Past the replay buffer, or with no peer, the
+    /// operation ends (the suspects judged by a probe: the member's code if it answers, a member fault if not).
     func failover(_ kind: OperationKind, _ session: VirtualSession, _ op: VirtualSession.Operation,
-                  after error: P11Error?) throws(P11Error) -> VirtualSession.Operation {
+                  suspects: inout FanOut.Suspects) throws(P11Error) -> VirtualSession.Operation {
         let failed = session.group.members[op.member]
-        if let error { fanOut.fail(failed, error) }
         failed.inFlight.subtract(1, ordering: .relaxed)
         session.setOperation(kind, nil)
         guard op.replayable else {
             Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")
-            throw P11Error.deviceError
+            throw fanOut.verdict(on: suspects, otherwise: .deviceError)
         }
-        let index = try startOperation(kind, session, op.mechanism, key: op.key, replaying: op.parts)
+        let index = try startOperation(kind, session, op.mechanism, key: op.key, replaying: op.parts, suspects: &suspects)
         var moved = op
         moved.member = index
         moved.epoch = session.group.members[index].epoch.load(ordering: .acquiring)

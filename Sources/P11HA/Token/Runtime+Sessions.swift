@@ -88,7 +88,7 @@ extension Runtime {
         if let current = group.login.withLock({ $0.userType }) {
             throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
         }
-        _ = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed) { (member) throws(P11Error) in
+        _ = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             do throws(P11Error) {
                 try member.token.login(try session.memberSession(member), userType: userType, pin: member.ownPIN ?? pin)
             } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
@@ -119,14 +119,14 @@ extension Runtime {
 
     public func initPIN(_ handle: SessionHandle, pin: Secret) throws(P11Error) {
         let session = try session(handle)
-        _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.initPIN(try session.memberSession(member), pin: pin)
         }
     }
 
     public func setPIN(_ handle: SessionHandle, old: Secret, new: Secret) throws(P11Error) {
         let session = try session(handle)
-        _ = try fanOut.everyMember(of: session.group, session.group.membersInService) { (member) throws(P11Error) in
+        _ = try fanOut.everyMember(of: session.group, session.group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
         }
         // The PIN kept to log returning members in must be the new one.

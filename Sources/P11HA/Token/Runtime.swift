@@ -207,6 +207,7 @@ public final class Runtime: @unchecked Sendable {
     }
 
     func closeMemberSessions(_ session: VirtualSession) {
+        session.markClosed()
         session.endAllOperations()
         let (handles, retired) = session.state.withLock { state in
             defer {
@@ -218,7 +219,7 @@ public final class Runtime: @unchecked Sendable {
         // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
         // operation-timeout for nothing; its sessions end with its module.
         let closing = handles.enumerated().compactMap { index, handle in handle.map { (index, $0) } } + retired.map { ($0.member, $0.session) }
-        for (index, handle) in closing where session.group.members[index].token.callsUnderWay == 0 {
+        for (index, handle) in closing where session.group.members[index].token.callsOverdue == 0 {
             session.group.members[index].token.closeSession(handle)
         }
     }

@@ -1,0 +1,95 @@
+// A member leaves service only on evidence against it: the evidence rule of the fan-out, on fake members.
+import CInterop
+import Glibc
+@testable import P11HA
+import P11HAFake
+import Testing
+
+@Suite struct OnlyAFailingMemberLeavesService {
+    @Test("a code every member gives a request (CKR_GENERAL_ERROR, as SoftHSM gives a badly padded ciphertext) is the caller's answer, and no member leaves service")
+    func requestAtFault() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        for store in fake.stores { store.faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.singlePart], times: 1) }
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        #expect(throws: P11Error(CK_RV(CKR_GENERAL_ERROR))) { try fake.runtime.singlePart(.sign, session, [1], capacity: 64) }
+        #expect(fake.members.allSatisfy { $0.isInService })
+        #expect(throws: P11Error.operationNotInitialized, "the error ended the operation, as on one token") {
+            try fake.runtime.singlePart(.sign, session, [1], capacity: 64)
+        }
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        #expect(try fake.runtime.singlePart(.sign, session, [1], capacity: 64).bytes?.count == 32)
+    }
+
+    @Test("the same for a multi-part operation's last call, replayed on every member before the request is blamed")
+    func requestAtFaultMidOperation() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        for store in fake.stores { store.faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.final], times: 1) }
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        try fake.runtime.update(.sign, session, [1, 2, 3])
+        #expect(throws: P11Error(CK_RV(CKR_GENERAL_ERROR))) { try fake.runtime.final(.sign, session, capacity: 64) }
+        #expect(fake.members.allSatisfy { $0.isInService })
+        #expect(fake.stores.allSatisfy { $0.faults.count(.final) == 1 }, "each member was asked once")
+    }
+
+    @Test("a write every member refuses with a fault-class code is refused, nowhere made, and no member is marked stale")
+    func writeRefusedByEveryMember() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        for store in fake.stores { store.faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.createObject], times: 1) }
+        #expect(throws: P11Error(CK_RV(CKR_GENERAL_ERROR))) { try fake.runtime.createObject(session, dataObject("odd")) }
+        #expect(fake.members.allSatisfy { $0.isInService })
+        for store in 0..<3 { #expect(fake.objects(labelled: "odd", on: store) == 0) }
+    }
+
+    @Test("the last member in service does not leave service because of one request; it leaves when its probe fails too")
+    func lastMember() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        fake.stores[1].faults.crash()
+        fake.stores[2].faults.crash()
+        _ = try fake.runtime.generateRandom(session, count: 8)
+        _ = try fake.runtime.generateRandom(session, count: 8)
+        #expect(fake.health(1) == .failed && fake.health(2) == .failed)
+        fake.stores[0].faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.singlePart], times: 1)
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        #expect(throws: P11Error(CK_RV(CKR_GENERAL_ERROR))) { try fake.runtime.singlePart(.sign, session, [1], capacity: 64) }
+        #expect(fake.health(0) == .inService)
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        #expect(try fake.runtime.singlePart(.sign, session, [1], capacity: 64).bytes?.count == 32)
+
+        fake.stores[0].faults.crash()
+        #expect(throws: P11Error.self) { try fake.runtime.generateRandom(session, count: 8) }
+        #expect(fake.health(0) == .failed, "a member that fails its probe too is at fault")
+    }
+
+    @Test("a call under way when another thread closes its session answers CKR_SESSION_HANDLE_INVALID, and no member leaves service")
+    func sessionClosedUnderACall() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let other = try fake.userSession()
+        let key = try fake.runtime.createObject(session, hmacKey("k"))
+        // The call blocks inside whichever member got it until the session is closed, then goes on there.
+        for store in fake.stores { store.faults.inject(.hangThenProceed, on: [.singlePart], times: 1) }
+        try fake.runtime.operationInit(.sign, session, hmac, key: key)
+        final class Box: @unchecked Sendable { var error: P11Error? }
+        let outcome = Box()
+        let runtime = fake.runtime
+        let done = Signal()
+        spawnThread {
+            do throws(P11Error) { _ = try runtime.singlePart(.sign, session, [1], capacity: 64) } catch { outcome.error = error }
+            done.raise()
+        }
+        #expect(eventually { fake.stores.contains { $0.faults.hangingCalls == 1 } })
+        try fake.runtime.closeSession(session)
+        for store in fake.stores { store.faults.releaseHangs() }
+        #expect(done.wait(timeout: .seconds(5)))
+        #expect(outcome.error == P11Error.sessionHandleInvalid)
+        #expect(fake.members.allSatisfy { $0.isInService })
+        #expect(try fake.runtime.generateRandom(other, count: 4).count == 4)
+    }
+}
