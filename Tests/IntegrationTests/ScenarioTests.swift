@@ -73,6 +73,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "replication", story: "a generated key pair and secret key exist on every member as the same key, with equal attributes",
                       setup: .direct()),
+        ScenarioStory(scenario: "hostile", story: "hostile requests (garbage ciphertexts, oversize input, wrong keys and parameters) get the code SoftHSM gives directly, while three threads sign beside them without an error, and every member stays in service",
+                      setup: .direct()),
         ScenarioStory(scenario: "refused-generation", story: "generated-keys = refuse refuses key generation in a group",
                       setup: .direct(global: ["generated-keys = refuse"])),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",

@@ -31,6 +31,7 @@ let scenarios: [String: (Module) -> Void] = [
     "fork-failover": forkFailoverScenario,
     "failover-figures": failoverFiguresScenario,
     "silent-member": silentMemberScenario,
+    "hostile": hostileScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
