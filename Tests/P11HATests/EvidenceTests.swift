@@ -3,6 +3,7 @@ import CInterop
 import Glibc
 @testable import P11HA
 import P11HAFake
+import Synchronization
 import Testing
 
 @Suite struct OnlyAFailingMemberLeavesService {
@@ -91,5 +92,58 @@ import Testing
         #expect(outcome.error == P11Error.sessionHandleInvalid)
         #expect(fake.members.allSatisfy { $0.isInService })
         #expect(try fake.runtime.generateRandom(other, count: 4).count == 4)
+    }
+}
+
+@Suite struct OneLoginStatePerGroup {
+    @Test("threads opening, logging in, searching and closing sessions at once: while a session says it is logged in, every member is logged in and it sees the private objects")
+    func loginChurn() throws {
+        let fake = try FakeGroup()
+        let setup = try fake.userSession()
+        _ = try fake.runtime.createObject(setup, dataObject("secret"))
+        try fake.runtime.closeSession(setup)
+        // Slow session calls, as a real token's, widen the window in which the races happen.
+        for store in fake.stores { store.faults.inject(.latency(.microseconds(300)), on: [.openSession, .closeSession, .login, .logout]) }
+        final class Tally: @unchecked Sendable {
+            let lock = Mutex<(rounds: Int, blind: Int, errors: [String])>((0, 0, []))
+        }
+        let tally = Tally()
+        let runtime = fake.runtime
+        let members = fake.members
+        let finished = Signal()
+        let threads = 4
+        let done = Mutex(0)
+        for _ in 0..<threads {
+            spawnThread {
+                for _ in 0..<300 {
+                    do throws(P11Error) {
+                        let session = try runtime.openSession(0, flags: CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION))
+                        do throws(P11Error) {
+                            try runtime.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+                        } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
+                        try runtime.findObjectsInit(session, [Attribute(CKA_LABEL, Array("secret".utf8))])
+                        let found = try runtime.findObjects(session, max: 10)
+                        try runtime.findObjectsFinal(session)
+                        let state = try runtime.sessionInfo(session).state
+                        // While this session is open and says "logged in", every member must be logged in: its
+                        // own session there keeps it so, whatever the other threads do.
+                        let loggedOutMembers = members.filter { $0.isInService && !($0.token as! FakeToken).isUserLoggedIn }.count
+                        try runtime.closeSession(session)
+                        tally.lock.withLock {
+                            $0.rounds += 1
+                            if state == CK_STATE(CKS_RW_USER_FUNCTIONS) && (found.count != 1 || loggedOutMembers > 0) { $0.blind += 1 }
+                        }
+                    } catch {
+                        tally.lock.withLock { $0.errors.append("\(error)") }
+                    }
+                }
+                if done.withLock({ $0 += 1; return $0 }) == threads { finished.raise() }
+            }
+        }
+        #expect(finished.wait(timeout: .seconds(60)))
+        let result = tally.lock.withLock { $0 }
+        #expect(result.errors.isEmpty, "\(result.errors.prefix(5))")
+        #expect(result.blind == 0, "\(result.blind) of \(result.rounds) logged-in sessions did not see the private object, or had members logged out under them")
+        #expect(fake.members.allSatisfy { $0.isInService })
     }
 }

@@ -10,6 +10,11 @@ public final class Group: @unchecked Sendable {
     public let mechanisms: [(type: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO)]
     let objects = Mutex(ObjectTable())
     let login = Mutex(LoginState())
+    /// Held across opening and closing sessions, logging in and out, member calls included (bounded each by the
+    /// operation-timeout): the group's login state and its members' must change together, or a session closed
+    /// on one thread while another opens one leaves the group saying "logged in" over members that logged out
+    /// (their last session closed). The one lock p11ha holds while it calls members; nothing else takes it.
+    let loginChanges = Mutex(())
     private let roundRobin = Atomic<Int>(0)
 
     struct LoginState {

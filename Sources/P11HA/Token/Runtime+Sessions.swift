@@ -6,6 +6,12 @@ extension Runtime {
         let group = try group(slot)
         guard flags & CK_FLAGS(CKF_SERIAL_SESSION) != 0 else { throw P11Error(CK_RV(CKR_SESSION_PARALLEL_NOT_SUPPORTED)) }
         let readWrite = flags & CK_FLAGS(CKF_RW_SESSION) != 0
+        return try group.loginChanges.withLock { (_) throws(P11Error) -> SessionHandle in
+            try openSessionLocked(group, readWrite: readWrite)
+        }
+    }
+
+    private func openSessionLocked(_ group: Group, readWrite: Bool) throws(P11Error) -> SessionHandle {
         if !readWrite, group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_SO) }) {
             throw P11Error(CK_RV(CKR_SESSION_READ_WRITE_SO_EXISTS))
         }
@@ -27,6 +33,10 @@ extension Runtime {
     }
 
     public func closeSession(_ handle: SessionHandle) throws(P11Error) {
+        try self.session(handle).group.loginChanges.withLock { (_) throws(P11Error) in try closeSessionLocked(handle) }
+    }
+
+    private func closeSessionLocked(_ handle: SessionHandle) throws(P11Error) {
         let session = try sessions.remove(handle)
         closeMemberSessions(session)
         let group = session.group
@@ -85,6 +95,13 @@ extension Runtime {
         guard userType == CK_USER_TYPE(CKU_USER) || userType == CK_USER_TYPE(CKU_SO) else {
             throw P11Error(CK_RV(CKR_USER_TYPE_INVALID))
         }
+        try group.loginChanges.withLock { (_) throws(P11Error) in try logInLocked(session, userType: userType, pin: pin) }
+    }
+
+    private func logInLocked(_ session: VirtualSession, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
+        let group = session.group
+        // The session may have been closed while this call waited for the lock.
+        if session.isClosed { throw P11Error.sessionHandleInvalid }
         if let current = group.login.withLock({ $0.userType }) {
             throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
         }
@@ -106,7 +123,12 @@ extension Runtime {
 
     public func logout(_ handle: SessionHandle) throws(P11Error) {
         let session = try session(handle)
+        try session.group.loginChanges.withLock { (_) throws(P11Error) in try logOutLocked(session) }
+    }
+
+    private func logOutLocked(_ session: VirtualSession) throws(P11Error) {
         let group = session.group
+        if session.isClosed { throw P11Error.sessionHandleInvalid }
         guard group.login.withLock({ $0.userType }) != nil else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
         for member in group.membersInService {
             if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
