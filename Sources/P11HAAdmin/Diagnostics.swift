@@ -88,7 +88,12 @@ extension Runtime {
                 }
                 let key = try ReplicationKey.find(on: member.token, session)
                 let objects = try ObjectCopy.inventory(member, session, replicationKey: key)
-                let generation = loggedIn ? try Journal.read(on: member.token, session).generation : nil
+                var generation: UInt64? = nil
+                if loggedIn {
+                    var total: UInt64 = 0
+                    for kind in Journal.Kind.allCases { total += try Journal.read(on: member.token, session, kind).generation }
+                    generation = total
+                }
                 if loggedIn { try? member.token.logout(session) }
                 return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
                                     problem: nil, replicationKey: key != nil, objectCount: objects.count, generation: generation,

@@ -147,3 +147,53 @@ import Testing
         #expect(fake.members.allSatisfy { $0.isInService })
     }
 }
+
+@Suite struct WithoutALogin {
+    func publicObject(_ label: String) -> [Attribute] {
+        [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: false),
+         Attribute(CKA_LABEL, Array(label.utf8)), Attribute(CKA_VALUE, [9, 9])]
+    }
+
+    @Test("a process that never logs in writes public objects while a member fails and returns: they are journaled, reach every member, and no member is left out")
+    func publicWrites() throws {
+        let fake = try FakeGroup()
+        let session = try fake.runtime.openSession(0, flags: CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION))
+        let kept = try fake.runtime.createObject(session, publicObject("public-1"))
+        #expect(fake.members.allSatisfy { $0.isInService }, "a write without a login leaves every member in service")
+        fake.stores[1].faults.crash()
+        _ = try fake.runtime.createObject(session, publicObject("public-2"))
+        try fake.runtime.destroyObject(session, kept)
+        #expect(fake.health(1) != .inService)
+        fake.stores[1].faults.revive()
+        fake.recover()
+        #expect(fake.health(1) == .inService, "recovery needs no login: the member returns in the public state")
+        for store in 0..<3 {
+            #expect(fake.objects(labelled: "public-1", on: store) == 0, "member \(store)")
+            #expect(fake.objects(labelled: "public-2", on: store) == 1, "member \(store)")
+        }
+        try fake.runtime.findObjectsInit(session, [])
+        let visible = try fake.runtime.findObjects(session, max: 100)
+        try fake.runtime.findObjectsFinal(session)
+        #expect(visible.count == 1, "the public journal is p11ha's, not the application's: only public-2 is listed")
+    }
+
+    @Test("a member that failed while nobody was logged in returns; sessions and a login work afterwards, and the login finds it up to date")
+    func recoveryBeforeLogin() throws {
+        let fake = try FakeGroup()
+        let user = try fake.userSession()
+        _ = try fake.runtime.createObject(user, dataObject("private-1"))
+        try fake.runtime.closeSession(user)
+        fake.stores[2].faults.crash()
+        let session = try fake.runtime.openSession(0, flags: CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION))
+        _ = try fake.runtime.generateRandom(session, count: 4)
+        _ = try fake.runtime.generateRandom(session, count: 4)
+        _ = try fake.runtime.generateRandom(session, count: 4)
+        #expect(fake.health(2) == .failed)
+        fake.stores[2].faults.revive()
+        fake.recover()
+        #expect(fake.health(2) == .inService)
+        try fake.runtime.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+        #expect(fake.members.allSatisfy { $0.isInService }, "it missed no write: the login finds every journal equal")
+        #expect(fake.members.allSatisfy { ($0.token as! FakeToken).isUserLoggedIn })
+    }
+}

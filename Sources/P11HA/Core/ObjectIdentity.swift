@@ -60,7 +60,7 @@ package struct ObjectIdentity: Hashable, CustomStringConvertible {
 
     /// p11ha's own objects, not the application's: each member keeps its own journal; the replication key is
     /// set up by `p11hactl domain`.
-    package var isJournal: Bool { classValue == CKO_DATA && label == Array(Journal.label.utf8) }
+    package var isJournal: Bool { classValue == CKO_DATA && label.map { Journal.labels.contains(String(decoding: $0, as: UTF8.self)) } == true }
     package var isReplicationKey: Bool { classValue == CKO_SECRET_KEY && id == ReplicationKey.id }
 
     package var description: String {

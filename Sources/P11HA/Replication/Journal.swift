@@ -17,13 +17,22 @@ public struct Journal: Equatable, Sendable {
         public let template: [Attribute]
     }
 
-    static let label = "p11ha journal"
     static let application = "p11ha"
     static let keptChanges = 128
 
-    static var searchTemplate: [Attribute] {
-        [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))]
+    /// Which journal counts a write: one made with the user logged in, the private journal (its changes name
+    /// private objects); one made in a public session (public objects only), the public journal, which any
+    /// session can read and write. A member's count of writes is the sum of the journals it can be read from.
+    public enum Kind: CaseIterable, Sendable {
+        case `private`, `public`
+
+        var label: String { self == .private ? "p11ha journal" : "p11ha public journal" }
+        var searchTemplate: [Attribute] {
+            [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))]
+        }
     }
+
+    static let labels = Set(Kind.allCases.map(\.label))
 
     func encoded() -> [UInt8] {
         var text = "p11ha-journal 1 \(generation)\n"
@@ -104,30 +113,49 @@ func hexDecode(_ text: Substring) -> [UInt8]? {
 }
 
 extension Journal {
-    /// Every journal object on the member with its content (normally one; two for a moment while it is replaced).
-    private static func all(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> [(MemberObject, Journal)] {
+    /// Every journal object of `kind` on the member with its content (normally one; two for a moment while it is
+    /// replaced).
+    private static func all(on token: any TokenBackend, _ session: MemberSession, _ kind: Kind) throws(P11Error) -> [(MemberObject, Journal)] {
         var result: [(MemberObject, Journal)] = []
-        for handle in try token.findObjects(session, searchTemplate) {
+        for handle in try token.findObjects(session, kind.searchTemplate) {
             let bytes = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
             result.append((handle, Journal(decoding: bytes) ?? Journal()))
         }
         return result
     }
 
-    /// The member's journal; an empty one (generation 0) when it has none yet.
-    package static func read(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> Journal {
-        try all(on: token, session).map(\.1).max { $0.generation < $1.generation } ?? Journal()
+    /// The member's journal of `kind`; an empty one (generation 0) when it has none yet.
+    package static func read(on token: any TokenBackend, _ session: MemberSession, _ kind: Kind) throws(P11Error) -> Journal {
+        try all(on: token, session, kind).map(\.1).max { $0.generation < $1.generation } ?? Journal()
     }
 
-    /// Replaces the journal: the new one is created before the old one goes (SoftHSM refuses to change a data
-    /// object's CKA_VALUE), so a member always has one; an interruption leaves two, and the newer counts.
-    static func write(on token: any TokenBackend, _ session: MemberSession, _ journal: Journal) throws(P11Error) {
-        let old = try all(on: token, session)
-        _ = try token.createObject(session, searchTemplate + [
+    /// Replaces the journal of `kind`: the new one is created before the old one goes (SoftHSM refuses to change a
+    /// data object's CKA_VALUE), so a member always has one; an interruption leaves two, and the newer counts.
+    static func write(on token: any TokenBackend, _ session: MemberSession, _ journal: Journal, _ kind: Kind) throws(P11Error) {
+        let old = try all(on: token, session, kind)
+        _ = try token.createObject(session, kind.searchTemplate + [
             Attribute(CKA_APPLICATION, Array(application.utf8)), Attribute(CKA_TOKEN, bool: true),
-            Attribute(CKA_PRIVATE, bool: true), Attribute(CKA_VALUE, journal.encoded()),
+            Attribute(CKA_PRIVATE, bool: kind == .private), Attribute(CKA_VALUE, journal.encoded()),
         ])
         for (handle, _) in old { try? token.destroyObject(session, handle) }
+    }
+}
+
+/// A member's journals of the kinds a session can read (both once the user is logged in, the public one before).
+struct Journals {
+    var byKind: [Journal.Kind: Journal]
+
+    /// The writes the member received, as far as these journals tell.
+    var generation: UInt64 { byKind.values.reduce(0) { $0 + $1.generation } }
+
+    static func read(on token: any TokenBackend, _ session: MemberSession, _ kinds: [Journal.Kind]) throws(P11Error) -> Journals {
+        var byKind: [Journal.Kind: Journal] = [:]
+        for kind in kinds { byKind[kind] = try Journal.read(on: token, session, kind) }
+        return Journals(byKind: byKind)
+    }
+
+    func write(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) {
+        for (kind, journal) in byKind { try Journal.write(on: token, session, journal, kind) }
     }
 }
 
@@ -163,12 +191,15 @@ final class JournalKeeper: Sendable {
     /// change, for attribute changes). A member that cannot record it is marked stale.
     func record(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
         let group = session.group
+        // Without the user's login only public objects can be written, and only the public journal.
+        let kind: Journal.Kind = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) } ? .private : .public
         group.hostLock.withLock {
             var journals: [Int: Journal] = [:]
+            var unrecorded: [(Member, P11Error)] = []
             for index in members {
                 let member = group.members[index]
                 guard let s = try? session.memberSession(member) else { continue }
-                do throws(P11Error) { journals[index] = try Journal.read(on: member.token, s) } catch { markStale(member, error) }
+                do throws(P11Error) { journals[index] = try Journal.read(on: member.token, s, kind) } catch { unrecorded.append((member, error)) }
             }
             // Each member counts the writes it received: one that is behind (it missed writes, or lacks objects it
             // could not be given) stays behind by as much, and is never taken for an up-to-date member.
@@ -179,17 +210,25 @@ final class JournalKeeper: Sendable {
                     journal.changes.append(Journal.Change(generation: journal.generation, identity: change.identity, template: change.template))
                     journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
                 }
-                do throws(P11Error) { try Journal.write(on: member.token, try session.memberSession(member), journal) } catch { markStale(member, error) }
+                do throws(P11Error) {
+                    try Journal.write(on: member.token, try session.memberSession(member), journal, kind)
+                } catch {
+                    unrecorded.append((member, error))
+                }
+            }
+            if unrecorded.count < members.count {
+                // Others recorded the write: these are behind by one, and must be brought up to date.
+                for (member, error) in unrecorded { fanOut.markStale(member, reason: "journal not updated: \(error)") }
+            } else if let (_, error) = unrecorded.first {
+                // None could record it (the request's doing, as a write the session may not journal): the members
+                // still agree with each other, and none is behind.
+                Log.event(.warning, "journal-not-updated", "group=\(group.name) reason=\"\(error)\"")
             }
             // A member that came into service while the write was under way did not get it.
             for member in group.membersInService where !members.contains(member.index) {
                 fanOut.markStale(member, reason: "missed a write made while it was returning")
             }
         }
-    }
-
-    private func markStale(_ member: Member, _ error: P11Error) {
-        fanOut.markStale(member, reason: "journal not updated: \(error)")
     }
 
     /// After a login (when journals become readable): a member whose journal is behind the others' missed
@@ -199,7 +238,7 @@ final class JournalKeeper: Sendable {
         for member in group.membersInService {
             guard let s = try? session.memberSession(member) else { continue }
             do throws(P11Error) {
-                generations.append((member, try Journal.read(on: member.token, s).generation))
+                generations.append((member, try Journals.read(on: member.token, s, Journal.Kind.allCases).generation))
             } catch where error.isMemberFault {
                 fanOut.fail(member, error)
             } catch {}

@@ -88,9 +88,10 @@ final class Recovery: @unchecked Sendable {
         // One session, logged in, stays open until the member is back: the member's login lasts as long as the
         // application has a session there, and the sessions reattach opens must find it logged in.
         let session: MemberSession
+        let kinds: [Journal.Kind]
         do throws(P11Error) {
             session = try member.token.openSession(readWrite: true)
-            try logIn(member, session, group)
+            kinds = try logIn(member, session, group)
         } catch {
             fanOut.abandonRecovery(member, before: before)
             let level: LogLevel = error.rv == CKR_USER_NOT_LOGGED_IN ? .info : .warning
@@ -99,7 +100,7 @@ final class Recovery: @unchecked Sendable {
         }
         defer { member.token.closeSession(session) }
         do throws(P11Error) {
-            outcome = try group.hostLock.withLock { () throws(P11Error) -> Resync in try resynchronize(member, session, in: group) }
+            outcome = try group.hostLock.withLock { () throws(P11Error) -> Resync in try resynchronize(member, session, kinds, in: group) }
             if case .waitFor(let ahead) = outcome {
                 fanOut.abandonRecovery(member, before: before)
                 Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) reason=\"\(ahead) is ahead of it and not in service yet\"")
@@ -111,7 +112,19 @@ final class Recovery: @unchecked Sendable {
             Log.event(.warning, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
             return
         }
-        fanOut.returnToService(member, in: group)
+        // It returns in the application's login state of this moment: a login or logout since it was brought up
+        // to date (both take this lock) sends it round once more.
+        let returned = group.loginChanges.withLock { _ -> Bool in
+            let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
+            guard loggedIn == kinds.contains(.private) else { return false }
+            fanOut.returnToService(member, in: group)
+            return true
+        }
+        guard returned else {
+            fanOut.abandonRecovery(member, before: before)
+            worker.wake()
+            return
+        }
         Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome.text)")
         if case .ahead(_, let behind) = outcome {
             // It holds writes they missed: they leave service to be brought up to date from it (it serves now, so
@@ -173,9 +186,12 @@ final class Recovery: @unchecked Sendable {
         }
     }
 
-    private func resynchronize(_ member: Member, _ session: MemberSession, in group: Group) throws(P11Error) -> Resync {
+    /// `kinds`: the journals the application's login state lets it read (the public one alone before a login: a
+    /// member returned so is compared again after the login, which reads them all).
+    private func resynchronize(_ member: Member, _ session: MemberSession, _ kinds: [Journal.Kind],
+                               in group: Group) throws(P11Error) -> Resync {
         var peers = group.members.filter { $0.isInService && $0 !== member }
-        let journal = try Journal.read(on: member.token, session)
+        let journal = try Journals.read(on: member.token, session, kinds)
         if peers.isEmpty {
             // None in service: of the members that answer, the one with the highest generation returns first, as it
             // is; the others are then brought up to date from it. Returning any other would lose what it lacks.
@@ -184,14 +200,14 @@ final class Recovery: @unchecked Sendable {
             for peer in peers {
                 guard let s = try? peer.token.openSession(readWrite: false) else { continue }
                 defer { peer.token.closeSession(s) }
-                guard (try? logIn(peer, s, group)) != nil, let j = try? Journal.read(on: peer.token, s) else { continue }
+                guard (try? logIn(peer, s, group)) != nil, let j = try? Journals.read(on: peer.token, s, kinds) else { continue }
                 if j.generation > (newest?.1 ?? 0) { newest = (peer, j.generation) }
             }
             if let (peer, generation) = newest, generation > journal.generation { return .waitFor(peer.name) }
             return .done("resynced=no reason=\"no member in service; newest of those that answer\" generation=\(journal.generation)")
         }
         // The up-to-date peer: the highest generation, active members first.
-        var best: (Member, MemberSession, Journal)? = nil
+        var best: (Member, MemberSession, Journals)? = nil
         var generations: [(Member, UInt64)] = []
         var opened: [(Member, MemberSession)] = []
         defer { for (peer, s) in opened { peer.token.closeSession(s) } }
@@ -199,8 +215,8 @@ final class Recovery: @unchecked Sendable {
             do throws(P11Error) {
                 let s = try peer.token.openSession(readWrite: false)
                 opened.append((peer, s))
-                try logIn(peer, s, group)
-                let j = try Journal.read(on: peer.token, s)
+                _ = try logIn(peer, s, group)
+                let j = try Journals.read(on: peer.token, s, kinds)
                 generations.append((peer, j.generation))
                 if best == nil || j.generation > best!.2.generation { best = (peer, s, j) }
             } catch where error.isMemberFault {
@@ -217,9 +233,12 @@ final class Recovery: @unchecked Sendable {
             return .done("resynced=no reason=\"missed no write\" generation=\(journal.generation)")
         }
         var changed = 0
-        for change in sourceJournal.changes where change.generation > journal.generation {
-            for object in try member.token.findObjects(session, change.identity) {
-                if (try? member.token.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
+        for kind in kinds {
+            let mine = journal.byKind[kind]?.generation ?? 0
+            for change in sourceJournal.byKind[kind]?.changes ?? [] where change.generation > mine {
+                for object in try member.token.findObjects(session, change.identity) {
+                    if (try? member.token.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
+                }
             }
         }
         let keyHere = try ReplicationKey.find(on: member.token, session)
@@ -250,22 +269,30 @@ final class Recovery: @unchecked Sendable {
         }
         // Only a complete copy takes the source's generation: one that lacks objects stays behind, so that it is
         // never the source another member is made identical to (which would destroy what it lacks there).
-        if uncopyable == 0 { try Journal.write(on: member.token, session, sourceJournal) }
+        if uncopyable == 0 { try sourceJournal.write(on: member.token, session) }
         Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
         return .done(uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
                                      : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)")
     }
 
     /// Logs a member in with its own PIN or the application's (kept since C_Login).
-    private func logIn(_ member: Member, _ session: MemberSession, _ group: Group) throws(P11Error) {
-        let pin = member.ownPIN ?? group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) ? $0.pin?.copy() : nil }
-        guard let pin else {
-            // Without a login the member's private objects and journal cannot be compared: wait for one.
+    /// Puts the member in the login state the application has now: logged in as the user (its own PIN, else
+    /// the application's, kept since C_Login), or public when nobody is logged in. Returns the journals that
+    /// state can read. With the SO logged in (whose PIN p11ha does not keep), it waits for a user or none.
+    private func logIn(_ member: Member, _ session: MemberSession, _ group: Group) throws(P11Error) -> [Journal.Kind] {
+        let (userType, appPIN) = group.login.withLock { ($0.userType, $0.pin?.copy()) }
+        switch userType {
+        case nil:
+            return [.public]
+        case CK_USER_TYPE(CKU_USER):
+            guard let pin = member.ownPIN ?? appPIN else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
+            do throws(P11Error) {
+                try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
+            } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
+            return Journal.Kind.allCases
+        default:
             throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN))
         }
-        do throws(P11Error) {
-            try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
-        } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
     }
 
     /// Gives every virtual session of the group a session on the returning member, and finds each object's
