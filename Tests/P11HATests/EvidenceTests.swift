@@ -197,3 +197,62 @@ import Testing
         #expect(fake.members.allSatisfy { ($0.token as! FakeToken).isUserLoggedIn })
     }
 }
+
+@Suite struct PartialWrites {
+    @Test("a copy that a later member refuses is undone where it was made")
+    func copyUndone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let original = try fake.runtime.createObject(session, dataObject("original"))
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_TEMPLATE_INCONSISTENT)), on: [.copyObject], times: 1)
+        #expect(throws: P11Error.member(CK_RV(CKR_TEMPLATE_INCONSISTENT))) {
+            try fake.runtime.copyObject(session, original, [Attribute(CKA_LABEL, Array("copy".utf8))])
+        }
+        for store in 0..<3 { #expect(fake.objects(labelled: "copy", on: store) == 0, "member \(store)") }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
+    @Test("an attribute change that a later member refuses is set back where it succeeded")
+    func attributeChangeUndone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("before"))
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_ATTRIBUTE_VALUE_INVALID)), on: [.setAttributeValues], times: 1)
+        #expect(throws: P11Error.member(CK_RV(CKR_ATTRIBUTE_VALUE_INVALID))) {
+            try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
+        }
+        for store in 0..<3 {
+            #expect(fake.objects(labelled: "before", on: store) == 1 && fake.objects(labelled: "after", on: store) == 0, "member \(store)")
+        }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
+    @Test("a destroy a later member refuses cannot be undone: the members that destroyed leave service and get the object back")
+    func destroyDiverged() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("kept"))
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_ACTION_PROHIBITED)), on: [.destroyObject], times: 1)
+        #expect(throws: P11Error.member(CK_RV(CKR_ACTION_PROHIBITED))) { try fake.runtime.destroyObject(session, object) }
+        #expect(fake.health(0) == .stale && fake.health(1) == .stale && fake.health(2) == .inService)
+        fake.recover()
+        #expect(fake.members.allSatisfy { $0.isInService })
+        for store in 0..<3 { #expect(fake.objects(labelled: "kept", on: store) == 1, "member \(store)") }
+    }
+
+    @Test("a session object whose every holder restarted is gone: its handle answers CKR_KEY_HANDLE_INVALID, never another object")
+    func sessionObjectGone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        var template = hmacKey("session key")
+        template.removeAll { $0.type == CKA_TOKEN }
+        template.append(Attribute(CKA_TOKEN, bool: false))
+        let key = try fake.runtime.createObject(session, template)
+        for store in fake.stores { store.faults.crash() }
+        _ = try? fake.runtime.generateRandom(session, count: 4)
+        for store in fake.stores { store.faults.revive() }
+        fake.recover()
+        #expect(fake.members.allSatisfy { $0.isInService })
+        #expect(throws: P11Error.keyHandleInvalid) { try fake.runtime.operationInit(.sign, session, hmac, key: key) }
+    }
+}

@@ -145,11 +145,14 @@ final class FanOut: @unchecked Sendable {
 
     /// Runs a write on every member in service that holds a copy of an object, with that member's copy.
     func everyHolder<T>(_ copies: [MemberObject?], in session: VirtualSession,
-                        _ write: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> [(Int, T)] {
+                        _ write: (Member, MemberSession, MemberObject) throws(P11Error) -> T,
+                        undo: (Member, MemberSession, T) -> Void = { _, _, _ in }) throws(P11Error) -> [(Int, T)] {
         let group = session.group
         let holders = group.membersInService.filter { copies[$0.index] != nil }
         return try everyMember(of: group, holders, session: session) { (member) throws(P11Error) in
             try write(member, try session.memberSession(member), copies[member.index]!)
+        } undo: { member, value in
+            if let s = try? session.memberSession(member) { undo(member, s, value) }
         }
     }
 

@@ -19,6 +19,8 @@ extension Runtime {
         let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
         let copies = try fanOut.everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
             try member.token.copyObject(s, original, template)
+        } undo: { member, s, copy in
+            try? member.token.destroyObject(s, copy)
         }
         // A copy is a token object if asked for, else it inherits the original's CKA_TOKEN.
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? (try? isTokenObject(object, in: session)) ?? false
@@ -29,8 +31,19 @@ extension Runtime {
         let session = try session(handle)
         let group = session.group
         let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
-        let destroyed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
-            try member.token.destroyObject(s, copy)
+        // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
+        // those members lost an object the application still has.
+        var lost: [Member] = []
+        let destroyed: [(Int, Void)]
+        do {
+            destroyed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+                try member.token.destroyObject(s, copy)
+            } undo: { member, _, _ in
+                lost.append(member)
+            }
+        } catch {
+            if !lost.isEmpty { diverged(session, object, lost: lost, write: "destroy", error) }
+            throw error
         }
         let isToken = group.objects.withLock { table in
             defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
@@ -64,12 +77,44 @@ extension Runtime {
         let before = isToken ? try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
             ObjectIdentity(reading: try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes))
         } : nil
-        let changed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
-            try member.token.setAttributeValues(s, copy, template)
+        // What the attributes were, to set them back where the change succeeded if a later member refuses it.
+        let old = try? onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            try member.token.readAttributes(s, copy, template.map(\.type))
+        }
+        let restore: [Attribute]? = old.flatMap { values in
+            values.contains(where: { $0 == nil }) ? nil : zip(template, values).map { Attribute($0.type, $1!) }
+        }
+        var unrestored: [Member] = []
+        let changed: [(Int, Void)]
+        do {
+            changed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+                try member.token.setAttributeValues(s, copy, template)
+            } undo: { member, s, _ in
+                guard let restore, let copy = source[member.index],
+                      (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
+                    unrestored.append(member)
+                    return
+                }
+            }
+        } catch {
+            if !unrestored.isEmpty { diverged(session, object, lost: unrestored, write: "attribute change", error) }
+            throw error
         }
         guard let before else { return }
         group.objects.withLock { $0.replaceIdentity(object, nil) }
         journal.record(session, on: changed.map(\.0), change: (before.template, template))
+    }
+
+    /// A write that failed part-way and could not be undone where it succeeded: the members that kept it differ
+    /// from what the application was told. They leave service to be brought up to date from the others, whose
+    /// journals count one write more so that they are the ones taken for up to date; the log and the status
+    /// file (`p11hactl status`) say which.
+    private func diverged(_ session: VirtualSession, _ object: ObjectHandle, lost: [Member], write: String, _ error: P11Error) {
+        let group = session.group
+        let kept = group.membersInService.filter { member in !lost.contains { $0 === member } }.map(\.index)
+        Log.event(.warning, "write-diverged", "group=\(group.name) write=\"\(write)\" members=\(lost.map(\.name)) reason=\"\(error)\"")
+        if !kept.isEmpty { journal.record(session, on: kept) }
+        for member in lost { fanOut.markStale(member, reason: "\(write) failed part-way and could not be undone: \(error)") }
     }
 
     // MARK: search
@@ -129,6 +174,12 @@ extension Runtime {
     /// The per-member copies of a virtual object; `invalid` is the caller's error for an unknown handle.
     func copies(of object: ObjectHandle, in group: Group, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
         guard let record = group.objects.withLock({ $0[object] }) else { throw invalid }
+        // A session object lives only on the members that held it when it was made; when none holds it any more
+        // (their modules restarted), it is gone: the caller's handle is invalid, never another member's object.
+        if record.owner != nil && record.copies.allSatisfy({ $0 == nil }) {
+            group.objects.withLock { _ = $0.remove(object) }
+            throw invalid
+        }
         return record.copies
     }
 
