@@ -100,6 +100,13 @@ struct Status: ParsableCommand {
         let name: String, uri: String, standby: Bool, reachable: Bool
         let problem: String?, replicationKey: Bool, objects: Int?, generation: UInt64?
         let health: String?, lastFailure: Int64?, lastFailureReason: String?, lastRecovery: Int64?
+        /// What each live process using the group sees of this member now (from the status file), when it has
+        /// seen it fail: a member out of service in an application's process makes the group degraded, even
+        /// when this tool's own probe reaches it.
+        let processes: [ProcessJSON]
+    }
+    struct ProcessJSON: Codable {
+        let pid: Int32, health: String, since: Int64?, reason: String?
     }
     struct GroupJSON: Codable {
         let name: String, label: String, slot: UInt, membersAgree: Bool, healthy: Bool, members: [MemberJSON]
@@ -118,15 +125,29 @@ struct Status: ParsableCommand {
         var groups: [GroupJSON] = []
         for g in runtime.groups where group == nil || g.name == group {
             let surveys = runtime.survey(g, userPIN: pin)
-            let records = Dictionary(g.statusFile.read().map { ($0.member, $0) }, uniquingKeysWith: { a, _ in a })
+            let all = g.statusFile.read()
+            // History: the latest failure and recovery any process recorded.
+            var records: [String: MemberStatusRecord] = [:]
+            for record in all {
+                var merged = records[record.member] ?? record
+                if (record.lastFailure ?? 0) > (merged.lastFailure ?? 0) { (merged.lastFailure, merged.reason) = (record.lastFailure, record.reason) }
+                if (record.lastRecovery ?? 0) > (merged.lastRecovery ?? 0) { merged.lastRecovery = record.lastRecovery }
+                records[record.member] = merged
+            }
+            let live = all.filter { $0.pid != getpid() && processIsAlive($0.pid) }
             let agree = runtime.membersAgree(surveys)
-            let healthy = agree && surveys.allSatisfy { $0.reachable && $0.replicationKey }
+            let outInAProcess = live.contains { $0.health != "in-service" }
+            let healthy = agree && !outInAProcess && surveys.allSatisfy { $0.reachable && $0.replicationKey }
             groups.append(GroupJSON(name: g.name, label: g.label, slot: g.slotID, membersAgree: agree, healthy: healthy,
                                     members: surveys.map { s in
                 let r = records[s.name]
                 return MemberJSON(name: s.name, uri: s.uri, standby: s.standby, reachable: s.reachable, problem: s.problem,
                                   replicationKey: s.replicationKey, objects: s.objectCount, generation: s.generation,
-                                  health: r?.health, lastFailure: r?.lastFailure, lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery)
+                                  health: r?.health, lastFailure: r?.lastFailure, lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery,
+                                  processes: live.filter { $0.member == s.name }.map {
+                                      ProcessJSON(pid: $0.pid, health: $0.health, since: $0.health == "in-service" ? $0.lastRecovery : $0.lastFailure,
+                                                  reason: $0.health == "in-service" ? nil : $0.reason)
+                                  })
             }))
         }
         if group != nil && groups.isEmpty {
@@ -151,6 +172,9 @@ struct Status: ParsableCommand {
                         print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
                     }
                     if let recovered = m.lastRecovery { print("    last recovered \(timestamp(recovered))") }
+                    for p in m.processes where p.health != "in-service" {
+                        print("    OUT OF SERVICE in process \(p.pid): \(p.health)\(p.since.map { " since \(timestamp($0))" } ?? "")\(p.reason.map { ": \($0)" } ?? "")")
+                    }
                 }
             }
         }

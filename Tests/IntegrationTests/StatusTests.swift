@@ -23,6 +23,42 @@ import Testing
         let groups: [Group]
     }
 
+    @Test("status is degraded, naming the process, while a member is out of service in a running application, even though its own probe reaches every member")
+    func outOfServiceInAnApplication() throws {
+        let members = try Members()
+        let control = try members.throughFaultModule(extraGlobal: fastRecovery)
+        let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
+        let application = try Started(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "60", "1"],
+                                      environment: members.faultEnvironment, output: members.dir + "/app.out", errors: members.dir + "/app.err")
+        defer { application.killTree() }
+        try waitUntil("the application signs (it prints a report line)", timeout: 20) {
+            ((try? String(contentsOfFile: members.dir + "/app.out", encoding: .utf8)) ?? "").contains("t=")
+        }
+        try inject("fail 0x30", into: control, member: "member-b")
+        // p11hactl gets a fault directory of its own, where nothing fails: its probe reaches every member.
+        var unfaulted = members.faultEnvironment
+        unfaulted["FAULTY_CONTROL"] = members.dir + "/no-faults"
+        try FileManager.default.createDirectory(atPath: members.dir + "/no-faults", withIntermediateDirectories: true)
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        var last = ""
+        try waitUntil("status reports member-b out of service in process \(application.pid):\n\(last)", timeout: 30, interval: 0.5) {
+            let result = try p11hactl(["status", "--pin-source", pin], members, environment: unfaulted)
+            last = result.output
+            return result.status == 1 && result.stdout.contains("OUT OF SERVICE in process \(application.pid)")
+        }
+        #expect(last.contains("members agree"), "the probe itself finds the members in agreement:\n\(last)")
+        let json = try p11hactl(["status", "--json", "--pin-source", pin], members, environment: unfaulted)
+        #expect(json.stdout.contains("\"pid\" : \(application.pid)"), "\(json.stdout)")
+        try inject("ok", into: control, member: "member-b")
+        try waitUntil("status is healthy once the application has member-b back:\n\(last)", timeout: 30, interval: 0.5) {
+            let result = try p11hactl(["status", "--pin-source", pin], members, environment: unfaulted)
+            last = result.output
+            return result.status == 0
+        }
+    }
+
     @Test("status --json shows a healthy group, and members' last failure and recovery after a failover")
     func afterFailover() throws {
         let members = try Members()

@@ -41,11 +41,18 @@ public struct StatusFile: Sendable {
         return text.split(separator: "\n").compactMap(MemberStatusRecord.init(line:))
     }
 
-    /// Replaces the record of one member, under a lock shared with other processes.
+    /// Replaces this process's record of one member, under a lock shared with other processes. Each live process
+    /// keeps its own record (what it sees of the member now); of processes that have exited, only the latest
+    /// record per member stays, as history.
     func update(_ record: MemberStatusRecord) {
         HostLock(path: path + ".lock").withLock {
-            var records = read().filter { $0.member != record.member }
+            var records = read().filter { !($0.member == record.member && $0.pid == record.pid) }
             records.append(record)
+            let exited = records.filter { !processIsAlive($0.pid) }
+            let latest = Dictionary(exited.map { ($0.member, $0) }, uniquingKeysWith: { a, b in
+                max(a.lastFailure ?? 0, a.lastRecovery ?? 0) >= max(b.lastFailure ?? 0, b.lastRecovery ?? 0) ? a : b
+            })
+            records = records.filter { processIsAlive($0.pid) || latest[$0.member] == $0 }
             let text = records.map { $0.line() }.joined(separator: "\n") + "\n"
             let temp = "\(path).\(getpid())"
             let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -66,4 +73,9 @@ extension Group {
         statusFile.update(MemberStatusRecord(member: member.name, health: member.health.name, lastFailure: history.lastFailure,
                                              reason: history.lastFailureReason, lastRecovery: history.lastRecovery, pid: getpid()))
     }
+}
+
+/// Whether a process with this ID exists (one of another user's answers EPERM, and counts).
+public func processIsAlive(_ pid: Int32) -> Bool {
+    kill(pid, 0) == 0 || errno == EPERM
 }

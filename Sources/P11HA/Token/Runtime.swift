@@ -76,8 +76,11 @@ public enum Library {
 }
 
 /// A member's name in logs and reports: its token's label, with the remote address when it has one.
+/// The same whether or not the member answers at start (the label its URI names, when it names one), so that
+/// logs and the status file name it alike in every process.
 private func memberName(_ config: MemberConfig, token: any TokenBackend, connected: Bool) -> String {
-    let label = connected ? ((try? token.tokenInfo()).map { fieldString($0.label) } ?? config.displayURI) : config.displayURI
+    let answered = connected ? (try? token.tokenInfo()).map { fieldString($0.label) } : nil
+    let label = config.uri.tokenLabel ?? answered ?? config.displayURI
     return config.via.map { "\(label)@\($0)" } ?? label
 }
 
