@@ -32,6 +32,8 @@ let scenarios: [String: (Module) -> Void] = [
     "failover-figures": failoverFiguresScenario,
     "silent-member": silentMemberScenario,
     "hostile": hostileScenario,
+    "no-login": noLoginScenario,
+    "churn": churnScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))

@@ -129,15 +129,19 @@ final class FanOut: @unchecked Sendable {
                     for (index, value) in done { undo(group.members[index], value) }
                     throw P11Error.sessionHandleInvalid
                 }
-                if error.timedOut { leave(member, error) } else { suspects.add(member, error) }
+                if error.timedOut { leave(member, error) } else { suspects.add(member, error, epoch: group.loginEpoch.load(ordering: .acquiring)) }
             } catch {
                 for (index, value) in done { undo(group.members[index], value) }
                 throw error
             }
         }
         if !done.isEmpty || othersHoldIt {
-            // Peers did what the suspects could not (or the source holds it): the suspects missed the write.
-            for (member, error) in suspects.entries { leave(member, error) }
+            // Peers did what the suspects could not (or the source holds it): a suspect of a write missed it and is
+            // stale whatever the cause; one of a read is at fault only if the login held still meanwhile.
+            for (index, (member, error)) in suspects.entries.enumerated()
+            where onFault == .stale || (steady(since: suspects.epochs[index], group) && (error.rv != CKR_GENERAL_ERROR || !answersProbe(member))) {
+                leave(member, error)
+            }
             return done
         }
         throw verdict(on: suspects, otherwise: .deviceError, leave: leave)
@@ -160,16 +164,24 @@ final class FanOut: @unchecked Sendable {
 
     /// Members that answered a fault-class code (CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, ...) to one request, until
     /// the evidence says whose fault it was. Such a code alone proves nothing: SoftHSM answers CKR_GENERAL_ERROR
-    /// to a badly padded ciphertext. A member leaves service when a peer succeeds at the same call (`convict`),
+    /// to a badly padded ciphertext, and to a search or a signature that races a logout in another thread. A
+    /// member leaves service when a peer succeeds at the same call with the login state unchanged meanwhile
+    /// (`convict`; for CKR_GENERAL_ERROR, only if the member then fails a probe too; a member that missed a write
+    /// is stale whatever the code),
     /// when it fails a probe (`verdict`), or at once when it missed its deadline. When the members that pass a
     /// probe gave the request the same code, the request is at fault: that code is the caller's answer and every
     /// member stays in service; so the last member in service never leaves because of one request.
     struct Suspects {
         private(set) var entries: [(member: Member, error: P11Error)] = []
+        /// The group's login epoch when each was accused.
+        private(set) var epochs: [UInt64] = []
         var indices: Set<Int> { Set(entries.map(\.member.index)) }
         var isEmpty: Bool { entries.isEmpty }
         var count: Int { entries.count }
-        mutating func add(_ member: Member, _ error: P11Error) { entries.append((member, error)) }
+        mutating func add(_ member: Member, _ error: P11Error, epoch: UInt64) {
+            entries.append((member, error))
+            epochs.append(epoch)
+        }
     }
 
     /// A member answered a fault-class code: past its deadline it leaves service at once; otherwise it is a
@@ -179,13 +191,22 @@ final class FanOut: @unchecked Sendable {
         if error.timedOut {
             fail(member, error)
         } else {
-            suspects.add(member, error)
+            suspects.add(member, error, epoch: member.group?.loginEpoch.load(ordering: .acquiring) ?? 0)
         }
     }
 
-    /// A peer did what the suspects could not (those from `start` on): they are at fault.
+    /// A peer did what the suspects could not (those from `start` on): they are at fault, unless the login
+    /// changed since they failed (then the peer did not do the same call).
     func convict(_ suspects: Suspects, from start: Int = 0) {
-        for (member, error) in suspects.entries.dropFirst(start) { fail(member, error) }
+        for (index, (member, error)) in suspects.entries.enumerated().dropFirst(start)
+        where steady(since: suspects.epochs[index], member.group) && (error.rv != CKR_GENERAL_ERROR || !answersProbe(member)) {
+            fail(member, error)
+        }
+    }
+
+    /// Whether the group's login state held still since `epoch` (and was not changing then).
+    private func steady(since epoch: UInt64, _ group: Group?) -> Bool {
+        epoch % 2 == 0 && epoch == group?.loginEpoch.load(ordering: .acquiring) ?? 0
     }
 
     /// No member succeeded: each suspect is probed, and one that fails leaves service; if any passes, the

@@ -15,6 +15,19 @@ public final class Group: @unchecked Sendable {
     /// on one thread while another opens one leaves the group saying "logged in" over members that logged out
     /// (their last session closed). The one lock p11ha holds while it calls members; nothing else takes it.
     let loginChanges = Mutex(())
+    /// Odd while a change of the login state (login, logout, a closed session) is under way, and one more at
+    /// each start and end: a peer's success is evidence against a member that failed the same call only when
+    /// no such change overlapped them (SoftHSM answers CKR_GENERAL_ERROR to a search under a logout).
+    let loginEpoch = Atomic<UInt64>(0)
+
+    /// Runs a change of the login state under `loginChanges`, bracketed by `loginEpoch`.
+    func changingLogin<T>(_ body: () throws(P11Error) -> T) throws(P11Error) -> T {
+        try loginChanges.withLock { (_) throws(P11Error) -> T in
+            loginEpoch.add(1, ordering: .acquiringAndReleasing)
+            defer { loginEpoch.add(1, ordering: .acquiringAndReleasing) }
+            return try body()
+        }
+    }
     private let roundRobin = Atomic<Int>(0)
 
     struct LoginState {
@@ -41,7 +54,10 @@ public final class Group: @unchecked Sendable {
         let base = "\(lockDirectory)/p11ha-\(stableSerial(identity))"
         self.hostLock = HostLock(path: base + ".lock")
         self.statusFile = StatusFile(path: base + ".status")
-        for member in members { member.onHealthChange = { [unowned self] in self.publish($0) } }
+        for member in members {
+            member.onHealthChange = { [unowned self] in self.publish($0) }
+            member.group = self
+        }
     }
 
     public var name: String { config.name }

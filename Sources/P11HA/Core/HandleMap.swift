@@ -61,6 +61,9 @@ struct ObjectTable {
         var identity: ObjectIdentity?
         /// For a session object: the virtual session that owns it.
         var owner: SessionHandle?
+        /// Its copies are to be found again by identity (handles a module may have renumbered: SoftHSM gives
+        /// private objects new handles after a logout).
+        var refind = false
     }
 
     struct CopyKey: Hashable {
@@ -149,6 +152,18 @@ struct ObjectTable {
         guard records[handle] != nil, records[handle]!.identity == nil else { return }
         records[handle]!.identity = identity
         byIdentity[identity, default: []].append(handle)
+    }
+
+    /// After the application's login ended: token objects whose identity is known are found again by it at
+    /// their next use; the members' old handles are dropped.
+    mutating func forgetCopiesForRefind() {
+        for (handle, record) in records where record.owner == nil && record.identity != nil {
+            for (member, copy) in record.copies.enumerated() {
+                if let copy, byCopy[CopyKey(member: member, handle: copy)] == handle { byCopy[CopyKey(member: member, handle: copy)] = nil }
+            }
+            records[handle]!.copies = record.copies.map { _ in nil }
+            records[handle]!.refind = true
+        }
     }
 
     mutating func removeObjects(ownedBy session: SessionHandle) {

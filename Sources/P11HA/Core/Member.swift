@@ -49,6 +49,8 @@ public final class Member: @unchecked Sendable {
     package let ownPIN: Secret?
     /// Set by the group: publishes failures and recoveries for operators.
     nonisolated(unsafe) var onHealthChange: ((Member) -> Void)?
+    /// Set once by its group.
+    nonisolated(unsafe) weak var group: Group?
 
     public let name: String
     public var isStandby: Bool { config.standby }

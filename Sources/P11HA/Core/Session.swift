@@ -10,8 +10,23 @@ public final class VirtualSession: @unchecked Sendable {
     private let closedFlag = Atomic<Bool>(false)
     /// The application closed it (C_CloseSession, C_CloseAllSessions, C_Finalize): a call still under way on
     /// another thread gets CKR_SESSION_HANDLE_INVALID, not a member fault.
-    var isClosed: Bool { closedFlag.load(ordering: .acquiring) }
-    func markClosed() { closedFlag.store(true, ordering: .releasing) }
+    var isClosed: Bool { closedFlag.load(ordering: .sequentiallyConsistent) }
+    func markClosed() { closedFlag.store(true, ordering: .sequentiallyConsistent) }
+
+    /// Application calls using this session now. Counted before the closed flag is read (and the flag set before
+    /// the count is read on closing), so that no call reaches a member once closing saw none under way.
+    private let calls = Atomic<Int>(0)
+    var callsUnderWay: Int { calls.load(ordering: .sequentiallyConsistent) }
+
+    func beginCall() throws(P11Error) {
+        calls.add(1, ordering: .sequentiallyConsistent)
+        if isClosed {
+            calls.subtract(1, ordering: .sequentiallyConsistent)
+            throw P11Error.sessionHandleInvalid
+        }
+    }
+
+    func endCall() { calls.subtract(1, ordering: .sequentiallyConsistent) }
 
     /// An operation in progress: which member runs it, and how to start it again elsewhere.
     struct Operation {
@@ -53,11 +68,32 @@ public final class VirtualSession: @unchecked Sendable {
     /// This session's handle on `member`.
     /// A missing one (it could not be opened when the member returned) is that member's fault: the work moves on.
     func memberSession(_ member: Member) throws(P11Error) -> MemberSession {
-        guard let session = state.withLock({ $0.memberSessions[member.index] }) else {
-            if isClosed { throw P11Error.sessionHandleInvalid }
-            throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
+        if let session = state.withLock({ $0.memberSessions[member.index] }) { return session }
+        if isClosed { throw P11Error.sessionHandleInvalid }
+        // None there: the member was out of service when this session opened, and came back before the session
+        // was in the table its recovery gives sessions to. It gets one now.
+        let opened = try member.token.openSession(readWrite: readWrite)
+        let kept = state.withLock { state -> MemberSession in
+            if let other = state.memberSessions[member.index] { return other }
+            state.memberSessions[member.index] = opened
+            return opened
         }
-        return session
+        if kept != opened { member.token.closeSession(opened) }
+        return kept
+    }
+
+    /// Gives this session a fresh session on `member` (an operation left active in the old one would refuse the
+    /// next): opened before the old one closes, since closing an application's last session on a token logs it
+    /// out there. Returns the new one, or nil when the member would not open one (the old one then stays).
+    @discardableResult
+    func replaceMemberSession(_ member: Member) -> MemberSession? {
+        guard let fresh = try? member.token.openSession(readWrite: readWrite) else { return nil }
+        let old = state.withLock { state -> MemberSession? in
+            defer { state.memberSessions[member.index] = fresh }
+            return state.memberSessions[member.index]
+        }
+        if let old { member.token.closeSession(old) }
+        return fresh
     }
 
     func operation(_ kind: OperationKind) throws(P11Error) -> Operation {

@@ -6,6 +6,7 @@ extension Runtime {
     public func operationInit(_ kind: OperationKind, _ handle: SessionHandle, _ mechanism: Mechanism,
                               key: ObjectHandle?) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         if session.state.withLock({ $0.operations[kind.rawValue] != nil }) { throw P11Error.operationActive }
         var suspects = FanOut.Suspects()
         let index = try startOperation(kind, session, mechanism, key: key, suspects: &suspects)
@@ -41,7 +42,8 @@ extension Runtime {
     /// C_DigestKey: the key's value enters the digest inside one member, so it cannot be replayed elsewhere.
     public func digestKey(_ handle: SessionHandle, _ key: ObjectHandle) throws(P11Error) {
         let session = try session(handle)
-        let copies = try copies(of: key, in: session.group, invalid: .keyHandleInvalid)
+        defer { session.endCall() }
+        let copies = try copies(of: key, in: session, invalid: .keyHandleInvalid)
         session.state.withLock { state in
             if var op = state.operations[OperationKind.digest.rawValue] {
                 op.replayable = false
@@ -72,6 +74,7 @@ extension Runtime {
     /// Random bytes from any member in service.
     public func generateRandom(_ handle: SessionHandle, count: Int) throws(P11Error) -> [UInt8] {
         let session = try session(handle)
+        defer { session.endCall() }
         return try fanOut.onOneMember(session.group, session: session) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
             return try member.token.generateRandom(try session.memberSession(member), count: count)
@@ -81,6 +84,7 @@ extension Runtime {
     /// Mixes the seed into every member's generator.
     public func seedRandom(_ handle: SessionHandle, _ seed: [UInt8]) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             try member.token.seedRandom(try session.memberSession(member), seed)
         }
@@ -116,6 +120,7 @@ extension Runtime {
     private func onOperationMember<T>(_ kind: OperationKind, _ handle: SessionHandle,
                                       _ body: (VirtualSession, Member, MemberSession) throws(P11Error) -> T) throws(P11Error) -> T {
         let session = try session(handle)
+        defer { session.endCall() }
         var op = try session.operation(kind)
         // Members that answered this call a fault-class code: a peer's success convicts them.
         var suspects = FanOut.Suspects()

@@ -6,6 +6,7 @@ extension Runtime {
     /// key, to every other member in service (see Replication.swift).
     public func generateKey(_ handle: SessionHandle, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
+        defer { session.endCall() }
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
         return try fanOut.onOneMember(session.group, choice: .first, session: session) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
@@ -30,6 +31,7 @@ extension Runtime {
     public func generateKeyPair(_ handle: SessionHandle, _ mechanism: Mechanism, publicTemplate: [Attribute],
                                 privateTemplate: [Attribute]) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
         let session = try session(handle)
+        defer { session.endCall() }
         let tokenFlag = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
         let publicIsToken = publicTemplate[tokenFlag]?.boolValue ?? false
         let privateIsToken = privateTemplate[tokenFlag]?.boolValue ?? false
@@ -78,9 +80,10 @@ extension Runtime {
     public func wrapKey(_ handle: SessionHandle, _ mechanism: Mechanism, wrappingKey: ObjectHandle,
                         key: ObjectHandle, capacity: Int?) throws(P11Error) -> Output {
         let session = try session(handle)
+        defer { session.endCall() }
         let group = session.group
-        let wrapping = try copies(of: wrappingKey, in: group, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
-        let wrapped = try copies(of: key, in: group, invalid: .keyHandleInvalid)
+        let wrapping = try copies(of: wrappingKey, in: session, invalid: P11Error(CK_RV(CKR_WRAPPING_KEY_HANDLE_INVALID)))
+        let wrapped = try copies(of: key, in: session, invalid: .keyHandleInvalid)
         let both = zip(wrapping, wrapped).map { $0 != nil && $1 != nil ? $0 : nil }
         return try fanOut.onOneMember(group, holding: both, session: session) { (member) throws(P11Error) in
             member.served.add(1, ordering: .relaxed)
@@ -93,7 +96,8 @@ extension Runtime {
     public func unwrapKey(_ handle: SessionHandle, _ mechanism: Mechanism, unwrappingKey: ObjectHandle,
                           wrapped: [UInt8], _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
-        let source = try copies(of: unwrappingKey, in: session.group, invalid: P11Error(CK_RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID)))
+        defer { session.endCall() }
+        let source = try copies(of: unwrappingKey, in: session, invalid: P11Error(CK_RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID)))
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
         }
@@ -104,7 +108,8 @@ extension Runtime {
     public func deriveKey(_ handle: SessionHandle, _ mechanism: Mechanism, baseKey: ObjectHandle,
                           _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
-        let source = try copies(of: baseKey, in: session.group, invalid: .keyHandleInvalid)
+        defer { session.endCall() }
+        let source = try copies(of: baseKey, in: session, invalid: .keyHandleInvalid)
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.deriveKey(s, mechanism, baseKey: key, template)
         }

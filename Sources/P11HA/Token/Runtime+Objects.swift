@@ -4,6 +4,7 @@ import CInterop
 extension Runtime {
     public func createObject(_ handle: SessionHandle, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
+        defer { session.endCall() }
         let group = session.group
         let copies = try fanOut.everyMember(of: group, group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.createObject(try session.memberSession(member), template)
@@ -16,7 +17,8 @@ extension Runtime {
     /// C_CopyObject, replayed on every member that holds the original.
     public func copyObject(_ handle: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
-        let source = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
+        defer { session.endCall() }
+        let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         let copies = try fanOut.everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
             try member.token.copyObject(s, original, template)
         } undo: { member, s, copy in
@@ -29,8 +31,9 @@ extension Runtime {
 
     public func destroyObject(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         let group = session.group
-        let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
+        let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
         var lost: [Member] = []
@@ -54,6 +57,7 @@ extension Runtime {
 
     public func objectSize(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) -> CK_ULONG {
         let session = try session(handle)
+        defer { session.endCall() }
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in try member.token.objectSize(s, copy) }
     }
 
@@ -61,6 +65,7 @@ extension Runtime {
     public func attributeValues(_ handle: SessionHandle, _ object: ObjectHandle,
                                 _ queries: [AttributeQuery]) throws(P11Error) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         let session = try session(handle)
+        defer { session.endCall() }
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
             let result = try member.token.attributeValues(s, copy, queries)
             if P11Error.member(result.rv).isMemberFault { throw P11Error.member(result.rv) }
@@ -70,8 +75,9 @@ extension Runtime {
 
     public func setAttributeValues(_ handle: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         let group = session.group
-        let source = try copies(of: object, in: group, invalid: .objectHandleInvalid)
+        let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         let isToken = group.objects.withLock { $0[object]?.owner == nil }
         // The identity before the change, so that a member that misses it can apply it on its return.
         let before = isToken ? try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
@@ -101,7 +107,11 @@ extension Runtime {
             throw error
         }
         guard let before else { return }
-        group.objects.withLock { $0.replaceIdentity(object, nil) }
+        // The identity after the change, read while the handles are good (see `record`).
+        let after = try? onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            ObjectIdentity(reading: try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes))
+        }
+        group.objects.withLock { $0.replaceIdentity(object, after) }
         journal.record(session, on: changed.map(\.0), change: (before.template, template))
     }
 
@@ -122,13 +132,20 @@ extension Runtime {
     /// Searches every member in service and merges what they hold: each object once, with one handle.
     public func findObjectsInit(_ handle: SessionHandle, _ template: [Attribute]) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         let group = session.group
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [ObjectHandle] = []
         var seen = Set<ObjectHandle>()
         let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
-            return (s, try member.token.findObjects(s, template))
+            do throws(P11Error) {
+                return (s, try member.token.findObjects(s, template))
+            } catch where error.fromMember && error.rv == CKR_OPERATION_ACTIVE {
+                // An operation left active in our session there (see startOperation): a fresh session, once.
+                guard let fresh = session.replaceMemberSession(member) else { throw error }
+                return (fresh, try member.token.findObjects(fresh, template))
+            }
         }
         for (index, (memberSession, handles)) in found {
             let member = group.members[index]
@@ -151,6 +168,7 @@ extension Runtime {
 
     public func findObjects(_ handle: SessionHandle, max: Int) throws(P11Error) -> [ObjectHandle] {
         let session = try session(handle)
+        defer { session.endCall() }
         return try session.state.withLock { (state) throws(P11Error) -> [ObjectHandle] in
             guard var search = state.search else { throw P11Error.operationNotInitialized }
             let end = min(search.cursor + max, search.results.count)
@@ -163,6 +181,7 @@ extension Runtime {
 
     public func findObjectsFinal(_ handle: SessionHandle) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         try session.state.withLock { (state) throws(P11Error) in
             guard state.search != nil else { throw P11Error.operationNotInitialized }
             state.search = nil
@@ -172,8 +191,20 @@ extension Runtime {
     // MARK: helpers shared with key management and cryptography
 
     /// The per-member copies of a virtual object; `invalid` is the caller's error for an unknown handle.
-    func copies(of object: ObjectHandle, in group: Group, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
-        guard let record = group.objects.withLock({ $0[object] }) else { throw invalid }
+    func copies(of object: ObjectHandle, in session: VirtualSession, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
+        let group = session.group
+        guard var record = group.objects.withLock({ $0[object] }) else { throw invalid }
+        if record.refind, let identity = record.identity {
+            // Found again on each member in service that has no copy recorded (no lock held while they answer).
+            for member in group.membersInService where record.copies[member.index] == nil {
+                guard let s = try? session.memberSession(member),
+                      let found = try? member.token.findObjects(s, identity.template).first else { continue }
+                group.objects.withLock { $0.setCopy(object, member: member.index, copy: found) }
+            }
+            record = group.objects.withLock({ $0[object] }) ?? record
+            // Found on no member: invisible now (a private object with nobody logged in), as on one token.
+            if record.copies.allSatisfy({ $0 == nil }) { throw invalid }
+        }
         // A session object lives only on the members that held it when it was made; when none holds it any more
         // (their modules restarted), it is gone: the caller's handle is invalid, never another member's object.
         if record.owner != nil && record.copies.allSatisfy({ $0 == nil }) {
@@ -187,7 +218,7 @@ extension Runtime {
     /// agree), moving to the next one on a member fault.
     func onPrimaryCopy<T>(of object: ObjectHandle, in session: VirtualSession,
                           _ read: (Member, MemberSession, MemberObject) throws(P11Error) -> T) throws(P11Error) -> T {
-        let copies = try copies(of: object, in: session.group, invalid: .objectHandleInvalid)
+        let copies = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         return try fanOut.onOneMember(session.group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
             try read(member, try session.memberSession(member), copies[member.index]!)
         }
@@ -199,13 +230,23 @@ extension Runtime {
         if isToken { journal.record(session, on: made.map(\.0)) }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
+        // A token object's identity is read now, while its handles are good: a module may renumber them later
+        // (SoftHSM after a logout), and then only the identity finds them again.
+        let identity = isToken ? made.first.flatMap { (index, copy) -> ObjectIdentity? in
+            let member = group.members[index]
+            guard let s = try? session.memberSession(member),
+                  let values = try? member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes) else { return nil }
+            return ObjectIdentity(reading: values)
+        } : nil
         return group.objects.withLock {
-            $0.insert(ObjectTable.Record(copies: copies, identity: nil, owner: isToken ? nil : session.handle))
+            $0.insert(ObjectTable.Record(copies: copies, identity: identity, owner: isToken ? nil : session.handle))
         }
     }
 
     /// A member says our handle for an object's copy is invalid (its module restarted behind our back, say):
-    /// finds the copy there again by identity. Returns the new handle, or nil (the copy is gone there; forgotten).
+    /// finds the copy there again by identity. Returns the new handle, or nil when none is found; the old one is
+    /// then kept, not forgotten: one look proves nothing (a private key is invisible for a moment while another
+    /// thread logs out and in again), and recovery finds copies again when a member truly lost them.
     func refreshCopy(of object: ObjectHandle, on member: Member, in session: VirtualSession) -> MemberObject? {
         let group = session.group
         guard let record = group.objects.withLock({ $0[object] }) else { return nil }
@@ -217,7 +258,7 @@ extension Runtime {
         }
         group.objects.withLock {
             if let identity { $0.setIdentity(object, identity) }
-            $0.setCopy(object, member: member.index, copy: found)
+            if let found { $0.setCopy(object, member: member.index, copy: found) }
         }
         return found
     }

@@ -11,21 +11,30 @@ extension Runtime {
                         key: ObjectHandle?, replaying parts: [[UInt8]] = [],
                         suspects: inout FanOut.Suspects) throws(P11Error) -> Int {
         let group = session.group
-        var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: group, invalid: .keyHandleInvalid) }
+        var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: session, invalid: .keyHandleInvalid) }
         var refreshed = Set<Int>()
         var excluded = suspects.indices
         let earlier = suspects.count
+        var refused: P11Error? = nil
         while true {
             let member: Member
             do {
                 member = try fanOut.awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
             } catch {
-                throw fanOut.verdict(on: suspects, otherwise: error)
+                throw fanOut.verdict(on: suspects, otherwise: refused ?? error)
             }
             member.inFlight.add(1, ordering: .relaxed)
-            do {
-                let memberSession = try session.memberSession(member)
-                try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
+            do throws(P11Error) {
+                var memberSession = try session.memberSession(member)
+                do throws(P11Error) {
+                    try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
+                } catch where error.fromMember && error.rv == CKR_OPERATION_ACTIVE {
+                    // This virtual session has none of this kind: one was left active in our session there (a token
+                    // that did not end it at an error). A fresh session there, once.
+                    guard let fresh = session.replaceMemberSession(member) else { throw P11Error.member(CK_RV(CKR_OPERATION_ACTIVE)) }
+                    memberSession = fresh
+                    try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
+                }
                 for part in parts {
                     if kind == .encrypt || kind == .decrypt {
                         // The application already has these parts' output: the replay's is discarded.
@@ -45,13 +54,16 @@ extension Runtime {
                 fanOut.accuse(member, error, &suspects)
             } catch where error.fromMember && (error.rv == CKR_KEY_HANDLE_INVALID || error.rv == CKR_OBJECT_HANDLE_INVALID)
                         && key != nil && !refreshed.contains(member.index) {
-                // Our handle of the key's copy there went stale (the member's module restarted): find it again.
+                // Our handle of the key's copy there went stale (the member's module restarted): find it again. Not
+                // found, that member cannot do it now (perhaps the key is private and another thread logged out):
+                // if none can, the members' answer is the caller's, as one token's would be.
                 member.inFlight.subtract(1, ordering: .relaxed)
                 refreshed.insert(member.index)
-                if refreshCopy(of: key!, on: member, in: session) == nil { excluded.insert(member.index) }
-                copies = try self.copies(of: key!, in: group, invalid: .keyHandleInvalid)
-                // Gone from every member (destroyed behind p11ha's back): the caller's handle is invalid now.
-                if copies!.allSatisfy({ $0 == nil }) { throw P11Error.keyHandleInvalid }
+                if refreshCopy(of: key!, on: member, in: session) == nil {
+                    excluded.insert(member.index)
+                    refused = P11Error(error.rv)
+                }
+                copies = try self.copies(of: key!, in: session, invalid: .keyHandleInvalid)
             } catch {
                 member.inFlight.subtract(1, ordering: .relaxed)
                 throw error
@@ -66,6 +78,10 @@ extension Runtime {
                   suspects: inout FanOut.Suspects) throws(P11Error) -> VirtualSession.Operation {
         let failed = session.group.members[op.member]
         failed.inFlight.subtract(1, ordering: .relaxed)
+        // Left while it still answers (a suspect, or a member whose failure has not been judged against it), the
+        // operation may still be active in our session there: a token allows one operation per session (SoftHSM),
+        // so that session is replaced, or the next search or operation there would find CKR_OPERATION_ACTIVE.
+        if failed.isInService { session.replaceMemberSession(failed) }
         session.setOperation(kind, nil)
         guard op.replayable else {
             Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")

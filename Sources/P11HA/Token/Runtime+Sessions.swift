@@ -33,7 +33,7 @@ extension Runtime {
     }
 
     public func closeSession(_ handle: SessionHandle) throws(P11Error) {
-        try self.session(handle).group.loginChanges.withLock { (_) throws(P11Error) in try closeSessionLocked(handle) }
+        try sessions.resolve(handle).group.changingLogin { () throws(P11Error) in try closeSessionLocked(handle) }
     }
 
     private func closeSessionLocked(_ handle: SessionHandle) throws(P11Error) {
@@ -50,6 +50,7 @@ extension Runtime {
                 login.pin = nil
             }
         }
+        if group.login.withLock({ $0.sessions == 0 }) { group.objects.withLock { $0.forgetCopiesForRefind() } }
     }
 
     public func closeAllSessions(_ slot: CK_SLOT_ID) throws(P11Error) {
@@ -66,6 +67,7 @@ extension Runtime {
 
     public func sessionInfo(_ handle: SessionHandle) throws(P11Error) -> SessionInfo {
         let session = try session(handle)
+        defer { session.endCall() }
         let userType = session.group.login.withLock { $0.userType }
         let state: CK_STATE = switch (userType, session.readWrite) {
         case (CK_USER_TYPE(CKU_SO), _): CK_STATE(CKS_RW_SO_FUNCTIONS)
@@ -81,11 +83,13 @@ extension Runtime {
 
     /// Logs the application in on every member in service, each with its own PIN if its URI gives one.
     public func login(_ handle: SessionHandle, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
-        let session = try session(handle)
+        let session = try sessions.resolve(handle)
         let group = session.group
         if userType == CK_USER_TYPE(CKU_CONTEXT_SPECIFIC) {
             // Re-authentication for a key with CKA_ALWAYS_AUTHENTICATE: on the member running the operation.
             // Not replayable elsewhere: the authentication belongs to that member's operation.
+            try session.beginCall()
+            defer { session.endCall() }
             let running = session.state.withLock { $0.operations.compactMap { $0 }.first }
             guard let running else { throw P11Error.operationNotInitialized }
             let member = group.members[running.member]
@@ -95,13 +99,14 @@ extension Runtime {
         guard userType == CK_USER_TYPE(CKU_USER) || userType == CK_USER_TYPE(CKU_SO) else {
             throw P11Error(CK_RV(CKR_USER_TYPE_INVALID))
         }
-        try group.loginChanges.withLock { (_) throws(P11Error) in try logInLocked(session, userType: userType, pin: pin) }
+        try group.changingLogin { () throws(P11Error) in try logInLocked(session, userType: userType, pin: pin) }
     }
 
     private func logInLocked(_ session: VirtualSession, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
         let group = session.group
-        // The session may have been closed while this call waited for the lock.
-        if session.isClosed { throw P11Error.sessionHandleInvalid }
+        // Counted here, under the lock closing takes too (the session may have been closed meanwhile).
+        try session.beginCall()
+        defer { session.endCall() }
         if let current = group.login.withLock({ $0.userType }) {
             throw P11Error(CK_RV(current == userType ? CKR_USER_ALREADY_LOGGED_IN : CKR_USER_ANOTHER_ALREADY_LOGGED_IN))
         }
@@ -122,13 +127,14 @@ extension Runtime {
     }
 
     public func logout(_ handle: SessionHandle) throws(P11Error) {
-        let session = try session(handle)
-        try session.group.loginChanges.withLock { (_) throws(P11Error) in try logOutLocked(session) }
+        let session = try sessions.resolve(handle)
+        try session.group.changingLogin { () throws(P11Error) in try logOutLocked(session) }
     }
 
     private func logOutLocked(_ session: VirtualSession) throws(P11Error) {
         let group = session.group
-        if session.isClosed { throw P11Error.sessionHandleInvalid }
+        try session.beginCall()
+        defer { session.endCall() }
         guard group.login.withLock({ $0.userType }) != nil else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
         for member in group.membersInService {
             if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
@@ -137,10 +143,12 @@ extension Runtime {
             $0.userType = nil
             $0.pin = nil
         }
+        group.objects.withLock { $0.forgetCopiesForRefind() }
     }
 
     public func initPIN(_ handle: SessionHandle, pin: Secret) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.initPIN(try session.memberSession(member), pin: pin)
         }
@@ -148,6 +156,7 @@ extension Runtime {
 
     public func setPIN(_ handle: SessionHandle, old: Secret, new: Secret) throws(P11Error) {
         let session = try session(handle)
+        defer { session.endCall() }
         _ = try fanOut.everyMember(of: session.group, session.group.membersInService, session: session) { (member) throws(P11Error) in
             try member.token.setPIN(try session.memberSession(member), old: member.ownPIN ?? old, new: new)
         }

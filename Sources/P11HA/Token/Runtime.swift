@@ -204,13 +204,21 @@ public final class Runtime: @unchecked Sendable {
         return groups[Int(slot)]
     }
 
+    /// The session a call is for, counted as in use until the call's `endCall` (`defer` right after): closing it
+    /// waits for the calls under way, since a member's module may not survive its session closed under a call
+    /// (SoftHSM crashes in C_Sign).
     @inline(__always)
     func session(_ handle: SessionHandle) throws(P11Error) -> VirtualSession {
-        try sessions.resolve(handle)
+        let session = try sessions.resolve(handle)
+        try session.beginCall()
+        return session
     }
 
     func closeMemberSessions(_ session: VirtualSession) {
         session.markClosed()
+        // Calls already under way finish first (each within the operation-timeout); new ones are refused.
+        let limit = monotonicNanos() + (config.operationTimeout ?? .seconds(2)).nanoseconds
+        while session.callsUnderWay > 0 && monotonicNanos() < limit { usleep(200) }
         session.endAllOperations()
         let (handles, retired) = session.state.withLock { state in
             defer {
