@@ -251,7 +251,13 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     /// A whole search: init, every match, final.
     public func findObjects(_ session: MemberSession, _ template: [Attribute]) throws(P11Error) -> [MemberObject] {
-        try call { withCTemplate(template) { f.pointee.C_FindObjectsInit!(session.raw, $0, $1) } }
+        let rv = withCTemplate(template) { f.pointee.C_FindObjectsInit!(session.raw, $0, $1) }
+        guard rv == CKR_OK else {
+            // SoftHSM can fail C_FindObjectsInit (CKR_GENERAL_ERROR, racing a logout) with the search begun: ended
+            // here, or the session would answer CKR_OPERATION_ACTIVE to everything after.
+            if rv != CKR_OPERATION_ACTIVE { _ = f.pointee.C_FindObjectsFinal!(session.raw) }
+            throw P11Error.member(rv)
+        }
         var found: [CK_OBJECT_HANDLE] = []
         var batch = [CK_OBJECT_HANDLE](repeating: 0, count: 64)
         while true {

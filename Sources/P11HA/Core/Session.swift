@@ -82,18 +82,21 @@ public final class VirtualSession: @unchecked Sendable {
         return kept
     }
 
-    /// Gives this session a fresh session on `member` (an operation left active in the old one would refuse the
-    /// next): opened before the old one closes, since closing an application's last session on a token logs it
-    /// out there. Returns the new one, or nil when the member would not open one (the old one then stays).
-    @discardableResult
-    func replaceMemberSession(_ member: Member) -> MemberSession? {
-        guard let fresh = try? member.token.openSession(readWrite: readWrite) else { return nil }
-        let old = state.withLock { state -> MemberSession? in
-            defer { state.memberSessions[member.index] = fresh }
-            return state.memberSessions[member.index]
+    /// Ends, in our session on `member`, any operation this session does not run there (one a token kept active
+    /// past an error, or one left there by a failover): a token allows one operation per session (SoftHSM), and
+    /// the session itself must stay, for the session objects it holds. A call that produces a result ends an
+    /// operation, whatever it answers (but CKR_BUFFER_TOO_SMALL, which a large buffer avoids).
+    func endStrayOperations(on member: Member, _ memberSession: MemberSession, only kinds: [OperationKind] = OperationKind.allCases) {
+        let running = state.withLock { state in
+            Set(state.operations.enumerated().compactMap { index, op in op?.member == member.index ? OperationKind(rawValue: index) : nil })
         }
-        if let old { member.token.closeSession(old) }
-        return fresh
+        for kind in kinds where !running.contains(kind) {
+            if kind == .verify {
+                _ = try? member.token.verify(memberSession, [0], signature: [0])
+            } else {
+                _ = try? member.token.singlePart(kind, memberSession, [], capacity: 1 << 16)
+            }
+        }
     }
 
     func operation(_ kind: OperationKind) throws(P11Error) -> Operation {

@@ -142,9 +142,9 @@ extension Runtime {
             do throws(P11Error) {
                 return (s, try member.token.findObjects(s, template))
             } catch where error.fromMember && error.rv == CKR_OPERATION_ACTIVE {
-                // An operation left active in our session there (see startOperation): a fresh session, once.
-                guard let fresh = session.replaceMemberSession(member) else { throw error }
-                return (fresh, try member.token.findObjects(fresh, template))
+                // An operation left active in our session there (see startOperation): ended, and once more.
+                session.endStrayOperations(on: member, s)
+                return (s, try member.token.findObjects(s, template))
             }
         }
         for (index, (memberSession, handles)) in found {

@@ -25,14 +25,13 @@ extension Runtime {
             }
             member.inFlight.add(1, ordering: .relaxed)
             do throws(P11Error) {
-                var memberSession = try session.memberSession(member)
+                let memberSession = try session.memberSession(member)
                 do throws(P11Error) {
                     try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
                 } catch where error.fromMember && error.rv == CKR_OPERATION_ACTIVE {
-                    // This virtual session has none of this kind: one was left active in our session there (a token
-                    // that did not end it at an error). A fresh session there, once.
-                    guard let fresh = session.replaceMemberSession(member) else { throw P11Error.member(CK_RV(CKR_OPERATION_ACTIVE)) }
-                    memberSession = fresh
+                    // This virtual session runs none of this kind there: one was left active in our session there (a
+                    // token that did not end it at an error). Ended, and tried once more.
+                    session.endStrayOperations(on: member, memberSession)
                     try member.token.operationInit(kind, memberSession, mechanism, key: copies?[member.index] ?? nil)
                 }
                 for part in parts {
@@ -79,9 +78,9 @@ extension Runtime {
         let failed = session.group.members[op.member]
         failed.inFlight.subtract(1, ordering: .relaxed)
         // Left while it still answers (a suspect, or a member whose failure has not been judged against it), the
-        // operation may still be active in our session there: a token allows one operation per session (SoftHSM),
-        // so that session is replaced, or the next search or operation there would find CKR_OPERATION_ACTIVE.
-        if failed.isInService { session.replaceMemberSession(failed) }
+        // operation may still be active in our session there: it is ended, or the next search or operation there
+        // would find CKR_OPERATION_ACTIVE (a token allows one operation per session: SoftHSM).
+        if failed.isInService, let s = try? session.memberSession(failed) { session.endStrayOperations(on: failed, s, only: [kind]) }
         session.setOperation(kind, nil)
         guard op.replayable else {
             Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")
