@@ -196,7 +196,13 @@ public final class Runtime: @unchecked Sendable {
         for group in groups {
             group.login.withLock { $0 = Group.LoginState() }
         }
-        for group in groups { for member in group.members { member.token.disconnect() } }
+        // Calls given up at their deadline that have since been released (a member that answers again) finish
+        // first, within the operation-timeout: a module finalized, or a process exiting, under one of them
+        // crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
+        let members = groups.flatMap(\.members)
+        let limit = monotonicNanos() + (config.operationTimeout ?? .seconds(2)).nanoseconds
+        while members.contains(where: { $0.token.callsOverdue > 0 }) && monotonicNanos() < limit { usleep(1_000) }
+        for member in members { member.token.disconnect() }
     }
 
     public func group(_ slot: CK_SLOT_ID) throws(P11Error) -> Group {
