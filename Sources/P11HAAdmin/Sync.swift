@@ -75,7 +75,7 @@ extension Runtime {
             guard let sourceIndex = holders.keys.sorted().first else { continue }
             let source = group.members[sourceIndex]
             let original = holders[sourceIndex]![0]
-            let isKey = identity.classValue == CKO_SECRET_KEY || identity.classValue == CKO_PRIVATE_KEY
+            let isKey = identity.isKey
             for target in members where holders[target.index] == nil {
                 if isKey && !original.extractable {
                     report.uncopyable.append(.init(object: "\(identity)", detail: "not extractable on \(source.name): cannot travel to \(target.name)"))

@@ -136,7 +136,8 @@ struct Status: ParsableCommand {
             }
             let live = all.filter { $0.pid != getpid() && processIsAlive($0.pid) }
             let agree = runtime.membersAgree(surveys)
-            let outInAProcess = live.contains { $0.health != "in-service" }
+            let inService = Health.inService.name
+            let outInAProcess = live.contains { $0.health != inService }
             let healthy = agree && !outInAProcess && surveys.allSatisfy { $0.reachable && $0.replicationKey }
             groups.append(GroupJSON(name: g.name, label: g.label, slot: g.slotID, membersAgree: agree, healthy: healthy,
                                     members: surveys.map { s in
@@ -145,8 +146,8 @@ struct Status: ParsableCommand {
                                   replicationKey: s.replicationKey, objects: s.objectCount, generation: s.generation,
                                   health: r?.health, lastFailure: r?.lastFailure, lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery,
                                   processes: live.filter { $0.member == s.name }.map {
-                                      ProcessJSON(pid: $0.pid, health: $0.health, since: $0.health == "in-service" ? $0.lastRecovery : $0.lastFailure,
-                                                  reason: $0.health == "in-service" ? nil : $0.reason)
+                                      ProcessJSON(pid: $0.pid, health: $0.health, since: $0.health == inService ? $0.lastRecovery : $0.lastFailure,
+                                                  reason: $0.health == inService ? nil : $0.reason)
                                   })
             }))
         }
@@ -172,7 +173,7 @@ struct Status: ParsableCommand {
                         print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
                     }
                     if let recovered = m.lastRecovery { print("    last recovered \(timestamp(recovered))") }
-                    for p in m.processes where p.health != "in-service" {
+                    for p in m.processes where p.health != Health.inService.name {
                         print("    OUT OF SERVICE in process \(p.pid): \(p.health)\(p.since.map { " since \(timestamp($0))" } ?? "")\(p.reason.map { ": \($0)" } ?? "")")
                     }
                 }

@@ -131,6 +131,18 @@ import Testing
         for store in 0..<3 { #expect(fake.objects(labelled: "lonely", on: store) == 1, "member \(store)") }
     }
 
+    @Test("a renamed token object is found again under its new name when the login ends and starts again")
+    func renamedObjectAfterLogout() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("before"))
+        try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
+        try fake.runtime.logout(session)
+        try fake.runtime.login(session, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+        let answer = try fake.runtime.attributeValues(session, object, [AttributeQuery(CKA_LABEL, capacity: 16)])
+        #expect(answer.rv == CKR_OK && answer.answers[0].value == Array("after".utf8))
+    }
+
     @Test("a member that hangs is failed over after the operation-timeout; the call returns")
     func hangingMember() throws {
         let fake = try FakeGroup(operationTimeout: "200ms")

@@ -81,35 +81,45 @@ enum HostileRequest: CaseIterable, CustomStringConvertible {
 
     /// Makes the request; returns the code of the call that fails (CKR_OK if none does).
     func run(_ m: Module, _ session: CK_SESSION_HANDLE, _ keys: HostileKeys) -> CK_RV {
-        var garbage = (0..<256).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+        let garbage = (0..<256).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
         var out = [UInt8](repeating: 0, count: 512)
         var outLength = CK_ULONG(out.count)
+        // The init, then (if it succeeded) the call: the code of whichever failed.
+        func signing(_ mech: inout CK_MECHANISM, _ key: CK_OBJECT_HANDLE, _ data: [UInt8]) -> CK_RV {
+            var data = data
+            let rv = m.f.C_SignInit!(session, &mech, key)
+            return rv != CKR_OK ? rv : m.f.C_Sign!(session, &data, CK_ULONG(data.count), &out, &outLength)
+        }
+        func decrypting(_ mech: inout CK_MECHANISM, _ key: CK_OBJECT_HANDLE, _ data: [UInt8]) -> CK_RV {
+            var data = data
+            let rv = m.f.C_DecryptInit!(session, &mech, key)
+            return rv != CKR_OK ? rv : m.f.C_Decrypt!(session, &data, CK_ULONG(data.count), &out, &outLength)
+        }
+        /// A mechanism whose parameter is these bytes (an IV), for the duration of `body`.
+        func with(_ type: CK_ULONG, parameter: [UInt8], _ body: (inout CK_MECHANISM) -> CK_RV) -> CK_RV {
+            var parameter = parameter
+            return parameter.withUnsafeMutableBytes { p in
+                var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(type), pParameter: p.baseAddress, ulParameterLen: CK_ULONG(p.count))
+                return body(&mech)
+            }
+        }
         switch self {
         case .rsaDecryptGarbage:
             var mech = mechanism(CKM_RSA_PKCS)
-            let rv = m.f.C_DecryptInit!(session, &mech, keys.rsaPrivate)
-            return rv != CKR_OK ? rv : m.f.C_Decrypt!(session, &garbage, 256, &out, &outLength)
+            return decrypting(&mech, keys.rsaPrivate, garbage)
         case .oaepDecryptGarbage:
             var params = CK_RSA_PKCS_OAEP_PARAMS(hashAlg: CK_MECHANISM_TYPE(CKM_SHA_1), mgf: CK_ULONG(CKG_MGF1_SHA1),
                                                  source: CK_ULONG(CKZ_DATA_SPECIFIED), pSourceData: nil, ulSourceDataLen: 0)
             return withUnsafeMutablePointer(to: &params) { p in
                 var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), pParameter: UnsafeMutableRawPointer(p),
                                         ulParameterLen: CK_ULONG(MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size))
-                let rv = m.f.C_DecryptInit!(session, &mech, keys.rsaPrivate)
-                return rv != CKR_OK ? rv : m.f.C_Decrypt!(session, &garbage, 256, &out, &outLength)
+                return decrypting(&mech, keys.rsaPrivate, garbage)
             }
         case .rsaSignTooLong:
             var mech = mechanism(CKM_RSA_PKCS)
-            var long = [UInt8](repeating: 7, count: 300)
-            let rv = m.f.C_SignInit!(session, &mech, keys.rsaPrivate)
-            return rv != CKR_OK ? rv : m.f.C_Sign!(session, &long, 300, &out, &outLength)
+            return signing(&mech, keys.rsaPrivate, [UInt8](repeating: 7, count: 300))
         case .cbcPadDecryptGarbage:
-            var iv = [UInt8](repeating: 3, count: 16)
-            return iv.withUnsafeMutableBytes { ivp in
-                var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_AES_CBC_PAD), pParameter: ivp.baseAddress, ulParameterLen: 16)
-                let rv = m.f.C_DecryptInit!(session, &mech, keys.aes)
-                return rv != CKR_OK ? rv : m.f.C_Decrypt!(session, &garbage, 32, &out, &outLength)
-            }
+            return with(CKM_AES_CBC_PAD, parameter: [UInt8](repeating: 3, count: 16)) { decrypting(&$0, keys.aes, Array(garbage.prefix(32))) }
         case .unknownCurve:
             var gen = mechanism(CKM_EC_KEY_PAIR_GEN)
             let pub = Template().add(CKA_TOKEN, bool: false).add(CKA_EC_PARAMS, [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x99])
@@ -120,28 +130,21 @@ enum HostileRequest: CaseIterable, CustomStringConvertible {
             return m.f.C_GenerateKeyPair!(session, &gen, &pub.attributes, pub.count, &priv.attributes, priv.count, &p, &q)
         case .wrongKeyType:
             var mech = mechanism(CKM_ECDSA)
-            let rv = m.f.C_SignInit!(session, &mech, keys.rsaPrivate)
-            return rv != CKR_OK ? rv : m.f.C_Sign!(session, &garbage, 32, &out, &outLength)
+            return signing(&mech, keys.rsaPrivate, Array(garbage.prefix(32)))
         case .keyWithoutSign:
             var mech = mechanism(CKM_RSA_PKCS)
-            let rv = m.f.C_SignInit!(session, &mech, keys.rsaNoSign)
-            return rv != CKR_OK ? rv : m.f.C_Sign!(session, &garbage, 32, &out, &outLength)
+            return signing(&mech, keys.rsaNoSign, Array(garbage.prefix(32)))
         case .shortIV:
-            var iv: [UInt8] = [1, 2, 3]
-            return iv.withUnsafeMutableBytes { ivp in
-                var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_AES_CBC), pParameter: ivp.baseAddress, ulParameterLen: 3)
-                let rv = m.f.C_DecryptInit!(session, &mech, keys.aes)
-                return rv != CKR_OK ? rv : m.f.C_Decrypt!(session, &garbage, 32, &out, &outLength)
-            }
+            return with(CKM_AES_CBC, parameter: [1, 2, 3]) { decrypting(&$0, keys.aes, Array(garbage.prefix(32))) }
         case .bufferTooSmall:
             var mech = mechanism(CKM_RSA_PKCS)
             let rv = m.f.C_SignInit!(session, &mech, keys.rsaPrivate)
             guard rv == CKR_OK else { return rv }
+            var data = Array(garbage.prefix(32))
             var small: CK_ULONG = 16
-            let answer = m.f.C_Sign!(session, &garbage, 32, &out, &small)
-            outLength = CK_ULONG(out.count)
+            let answer = m.f.C_Sign!(session, &data, 32, &out, &small)
             // CKR_BUFFER_TOO_SMALL leaves the operation active: finish it, as an application does.
-            if answer == CKR_BUFFER_TOO_SMALL { ok(m.f.C_Sign!(session, &garbage, 32, &out, &outLength), "C_Sign after CKR_BUFFER_TOO_SMALL") }
+            if answer == CKR_BUFFER_TOO_SMALL { ok(m.f.C_Sign!(session, &data, 32, &out, &outLength), "C_Sign after CKR_BUFFER_TOO_SMALL") }
             return answer
         }
     }

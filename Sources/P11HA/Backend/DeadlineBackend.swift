@@ -13,23 +13,20 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
         self.timeout = timeout
     }
 
-    /// Runs `work` within the deadline; past it, the caller gets a member fault and the work goes on without it.
+    /// Runs `work` within the deadline; past it, the caller gets `late` (a member fault) and the work goes on
+    /// without it.
     @inline(__always)
-    private func run<T>(_ work: @escaping () throws(P11Error) -> T) throws(P11Error) -> T {
-        guard let result = executor.run(timeout: timeout, { () -> Result<T, P11Error> in
-            Result { () throws(P11Error) -> T in try work() }
-        }) else { throw P11Error.deadlineExceeded }
+    private func run<T, E: Error>(late: E = P11Error.deadlineExceeded, _ work: @escaping () throws(E) -> T) throws(E) -> T {
+        guard let result = executor.run(timeout: timeout, { () -> Result<T, E> in
+            Result { () throws(E) -> T in try work() }
+        }) else { throw late }
         return try result.get()
     }
 
     // MARK: life
 
     public func connect() throws(ConnectFailure) {
-        let base = self.base
-        guard let result = executor.run(timeout: timeout, { () -> Result<Void, ConnectFailure> in
-            Result { () throws(ConnectFailure) in try base.connect() }
-        }) else { throw .unreachable("no answer within the operation-timeout") }
-        try result.get()
+        try run(late: .unreachable("no answer within the operation-timeout")) { [base] () throws(ConnectFailure) in try base.connect() }
     }
 
     public func reconnect(restartingModule: Bool) throws(P11Error) {

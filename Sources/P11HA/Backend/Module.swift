@@ -24,6 +24,13 @@ public final class LoadedModule: @unchecked Sendable {
         self.path = path
         self.functions = functions
     }
+
+    /// Runs a start or stop of the module, unless one is under way already (then nil, at once).
+    fileprivate func changingAlone<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T? {
+        guard changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return nil }
+        defer { changing.store(false, ordering: .releasing) }
+        return try body()
+    }
 }
 
 public enum ModuleRegistry {
@@ -66,10 +73,14 @@ public enum ModuleRegistry {
     /// right now (its member starts failed and recovery retries). `afterFork`: this process is a child that
     /// inherited the module from its parent.
     static func acquire(_ module: LoadedModule, remote: Bool, afterFork: Bool) throws(ConnectFailure) {
-        guard module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
-            throw .unreachable("\(module.path): a start or stop of the module is still under way")
+        let started: Void? = try module.changingAlone { () throws(ConnectFailure) in
+            try startUser(module, remote: remote, afterFork: afterFork)
         }
-        defer { module.changing.store(false, ordering: .releasing) }
+        if started == nil { throw .unreachable("\(module.path): a start or stop of the module is still under way") }
+    }
+
+    /// `acquire`'s work, done with no other start or stop of the module beside it.
+    private static func startUser(_ module: LoadedModule, remote: Bool, afterFork: Bool) throws(ConnectFailure) {
         let (first, ours) = module.users.withLock { ($0.count == 0, $0.initializedByUs) }
         if first {
             var rv = initialize(module)
@@ -95,20 +106,19 @@ public enum ModuleRegistry {
             defer { if users.count == 0 { users.initializedByUs = false } }
             return users.count == 0 && users.initializedByUs
         }
-        guard finalize, module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
-        defer { module.changing.store(false, ordering: .releasing) }
-        _ = module.functions.pointee.C_Finalize!(nil)
+        guard finalize else { return }
+        _ = module.changingAlone { _ = module.functions.pointee.C_Finalize!(nil) }
     }
 
     /// Starts a module afresh after its member came back (a restarted device, a reconnected server):
     /// C_Finalize and C_Initialize for a module of one member (`exclusive`), C_Initialize alone otherwise.
     static func restart(_ module: LoadedModule, exclusive: Bool) -> Bool {
-        guard module.changing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return false }
-        defer { module.changing.store(false, ordering: .releasing) }
-        if exclusive { _ = module.functions.pointee.C_Finalize!(nil) }
-        let rv = initialize(module)
-        if rv == CKR_OK { module.users.withLock { $0.initializedByUs = true } }
-        return rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
+        module.changingAlone { () -> Bool in
+            if exclusive { _ = module.functions.pointee.C_Finalize!(nil) }
+            let rv = initialize(module)
+            if rv == CKR_OK { module.users.withLock { $0.initializedByUs = true } }
+            return rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
+        } ?? false
     }
 
     /// In a child after fork: the parent's users of every module are not ours, nor its starts under way.

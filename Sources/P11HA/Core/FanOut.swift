@@ -8,9 +8,9 @@ final class FanOut: @unchecked Sendable {
     /// How long a call waits for a member being brought up to date when none is in service.
     private let recoveryWait: Duration
 
-    init(recovery: RecoveryWorker, operationTimeout: Duration?) {
+    init(recovery: RecoveryWorker, recoveryWait: Duration) {
         self.recovery = recovery
-        self.recoveryWait = operationTimeout ?? .seconds(2)
+        self.recoveryWait = recoveryWait
     }
 
     // MARK: health
@@ -65,11 +65,8 @@ final class FanOut: @unchecked Sendable {
             // (A test driving recovery itself has nothing to wait for.)
             guard recovery.background, group.members.contains(where: returning) else { throw error }
             recovery.wake()
-            let deadline = monotonicNanos() + recoveryWait.nanoseconds
-            while monotonicNanos() < deadline, group.members.contains(where: returning),
-                  !group.members.contains(where: \.isInService) {
-                usleep(2_000)
-            }
+            waitWhile({ group.members.contains(where: returning) && !group.members.contains(where: \.isInService) },
+                      upTo: recoveryWait, polling: .milliseconds(2))
             return try choose()
         }
     }
@@ -129,7 +126,7 @@ final class FanOut: @unchecked Sendable {
                     for (index, value) in done { undo(group.members[index], value) }
                     throw P11Error.sessionHandleInvalid
                 }
-                if error.timedOut { leave(member, error) } else { suspects.add(member, error, epoch: group.loginEpoch.load(ordering: .acquiring)) }
+                if error.timedOut { leave(member, error) } else { suspects.add(member, error) }
             } catch {
                 for (index, value) in done { undo(group.members[index], value) }
                 throw error
@@ -138,9 +135,8 @@ final class FanOut: @unchecked Sendable {
         if !done.isEmpty || othersHoldIt {
             // Peers did what the suspects could not (or the source holds it): a suspect of a write missed it and is
             // stale whatever the cause; one of a read is at fault only if the login held still meanwhile.
-            for (index, (member, error)) in suspects.entries.enumerated()
-            where onFault == .stale || (steady(since: suspects.epochs[index], group) && (error.rv != CKR_GENERAL_ERROR || !answersProbe(member))) {
-                leave(member, error)
+            for suspect in suspects.entries where onFault == .stale || peerSuccessConvicts(suspect) {
+                leave(suspect.member, suspect.error)
             }
             return done
         }
@@ -172,15 +168,17 @@ final class FanOut: @unchecked Sendable {
     /// probe gave the request the same code, the request is at fault: that code is the caller's answer and every
     /// member stays in service; so the last member in service never leaves because of one request.
     struct Suspects {
-        private(set) var entries: [(member: Member, error: P11Error)] = []
-        /// The group's login epoch when each was accused.
-        private(set) var epochs: [UInt64] = []
+        struct Entry {
+            let member: Member
+            let error: P11Error
+            /// The group's login epoch when it answered.
+            let epoch: UInt64
+        }
+        private(set) var entries: [Entry] = []
         var indices: Set<Int> { Set(entries.map(\.member.index)) }
-        var isEmpty: Bool { entries.isEmpty }
         var count: Int { entries.count }
-        mutating func add(_ member: Member, _ error: P11Error, epoch: UInt64) {
-            entries.append((member, error))
-            epochs.append(epoch)
+        mutating func add(_ member: Member, _ error: P11Error) {
+            entries.append(Entry(member: member, error: error, epoch: member.group?.loginEpoch.load(ordering: .acquiring) ?? 0))
         }
     }
 
@@ -191,35 +189,36 @@ final class FanOut: @unchecked Sendable {
         if error.timedOut {
             fail(member, error)
         } else {
-            suspects.add(member, error, epoch: member.group?.loginEpoch.load(ordering: .acquiring) ?? 0)
+            suspects.add(member, error)
         }
     }
 
     /// A peer did what the suspects could not (those from `start` on): they are at fault, unless the login
     /// changed since they failed (then the peer did not do the same call).
     func convict(_ suspects: Suspects, from start: Int = 0) {
-        for (index, (member, error)) in suspects.entries.enumerated().dropFirst(start)
-        where steady(since: suspects.epochs[index], member.group) && (error.rv != CKR_GENERAL_ERROR || !answersProbe(member)) {
-            fail(member, error)
+        for suspect in suspects.entries.dropFirst(start) where peerSuccessConvicts(suspect) {
+            fail(suspect.member, suspect.error)
         }
     }
 
-    /// Whether the group's login state held still since `epoch` (and was not changing then).
-    private func steady(since epoch: UInt64, _ group: Group?) -> Bool {
-        epoch % 2 == 0 && epoch == group?.loginEpoch.load(ordering: .acquiring) ?? 0
+    /// Whether a peer's success at the call is evidence against this suspect: only if the group's login state held
+    /// still since it answered (and was not changing then), and, for CKR_GENERAL_ERROR, if it also fails a probe.
+    private func peerSuccessConvicts(_ suspect: Suspects.Entry) -> Bool {
+        let steady = suspect.epoch % 2 == 0 && suspect.epoch == suspect.member.group?.loginEpoch.load(ordering: .acquiring) ?? 0
+        return steady && (suspect.error.rv != CKR_GENERAL_ERROR || !answersProbe(suspect.member))
     }
 
     /// No member succeeded: each suspect is probed, and one that fails leaves service; if any passes, the
     /// request is at fault and its code is the answer; else `otherwise`.
     func verdict(on suspects: Suspects, otherwise: P11Error, leave: ((Member, P11Error) -> Void)? = nil) -> P11Error {
         var answer: P11Error? = nil
-        for (member, error) in suspects.entries {
-            if answersProbe(member) {
-                answer = answer ?? P11Error(error.rv)
+        for suspect in suspects.entries {
+            if answersProbe(suspect.member) {
+                answer = answer ?? P11Error(suspect.error.rv)
             } else if let leave {
-                leave(member, error)
+                leave(suspect.member, suspect.error)
             } else {
-                fail(member, error)
+                fail(suspect.member, suspect.error)
             }
         }
         return answer ?? otherwise
@@ -259,11 +258,5 @@ extension Member {
 
     fileprivate func setHealth(_ health: Health) {
         healthValue.store(health.rawValue, ordering: .releasing)
-    }
-}
-
-extension Duration {
-    var nanoseconds: UInt64 {
-        UInt64(max(0, components.seconds)) * 1_000_000_000 + UInt64(max(0, components.attoseconds) / 1_000_000_000)
     }
 }

@@ -28,6 +28,16 @@ public final class Group: @unchecked Sendable {
             return try body()
         }
     }
+    /// The application's login ended (C_Logout, or its last session closed): the PIN kept for returning members
+    /// goes, and token objects are found again by identity at their next use (a module may renumber them).
+    func loginEnded() {
+        login.withLock {
+            $0.userType = nil
+            $0.pin = nil
+        }
+        objects.withLock { $0.forgetCopiesForRefind() }
+    }
+
     private let roundRobin = Atomic<Int>(0)
 
     struct LoginState {

@@ -46,6 +46,16 @@ package struct ObjectIdentity: Hashable, CustomStringConvertible {
         self.init(objectClass: values[0], keyType: values[1], certificateType: values[2], id: values[3], label: values[4])
     }
 
+    /// The identity once `template` is set on the object (C_SetAttributeValue): what it sets, it is.
+    func changed(by template: [Attribute]) -> ObjectIdentity {
+        var values = Self.attributeTypes.map { type in template[type]?.value }
+        for (index, value) in zip(values.indices, [objectClass, isToken, keyType, certificateType, id, label, modulus, ecPoint])
+        where values[index] == nil {
+            values[index] = value
+        }
+        return ObjectIdentity(reading: values)
+    }
+
     /// The search template that finds this object on a member.
     var template: [Attribute] {
         let fields: [(CK_ATTRIBUTE_TYPE, [UInt8]?)] = [

@@ -21,10 +21,9 @@ package enum ObjectCopy {
             let facts = try member.token.readAttributes(session, handle, [CKA_EXTRACTABLE, CKA_MODULUS, CKA_EC_POINT, CKA_VALUE])
             let extractable = facts[0] == [1]
             var material = facts[1] ?? facts[2]
-            let isKey = identity.classValue == CKO_SECRET_KEY || identity.classValue == CKO_PRIVATE_KEY
             if identity.classValue == CKO_CERTIFICATE || identity.classValue == CKO_DATA {
                 material = facts[3]
-            } else if isKey, material == nil, extractable, let replicationKey {
+            } else if identity.isKey, material == nil, extractable, let replicationKey {
                 // The wrapped form under the shared replication key (RFC 5649 is deterministic): equal keys wrap alike.
                 material = try? ReplicationKey.wrap(on: member.token, session, replicationKey: replicationKey, key: handle)
             }

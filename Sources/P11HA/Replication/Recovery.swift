@@ -170,7 +170,6 @@ final class Recovery: @unchecked Sendable {
         }
     }
 
-    /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
     /// What bringing a member up to date came to.
     enum Resync {
         case done(String)
@@ -186,6 +185,7 @@ final class Recovery: @unchecked Sendable {
         }
     }
 
+    /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
     /// `kinds`: the journals the application's login state lets it read (the public one alone before a login: a
     /// member returned so is compared again after the login, which reads them all).
     private func resynchronize(_ member: Member, _ session: MemberSession, _ kinds: [Journal.Kind],
@@ -255,7 +255,7 @@ final class Recovery: @unchecked Sendable {
         }
         let kept = Set(mine.filter { o in theirMaterial[o.identity].map { $0 == nil || o.material == nil || $0 == o.material } ?? false }.map(\.identity))
         for object in theirs where !kept.contains(object.identity) {
-            let isKey = object.identity.classValue == CKO_SECRET_KEY || object.identity.classValue == CKO_PRIVATE_KEY
+            let isKey = object.identity.isKey
             if isKey && (!object.extractable || keyHere == nil || keyThere == nil) {
                 uncopyable += 1
                 Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\"\(object.identity)\" reason=\"not extractable, or no replication key\"")
@@ -275,7 +275,6 @@ final class Recovery: @unchecked Sendable {
                                      : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)")
     }
 
-    /// Logs a member in with its own PIN or the application's (kept since C_Login).
     /// Puts the member in the login state the application has now: logged in as the user (its own PIN, else
     /// the application's, kept since C_Login), or public when nobody is logged in. Returns the journals that
     /// state can read. With the SO logged in (whose PIN p11ha does not keep), it waits for a user or none.

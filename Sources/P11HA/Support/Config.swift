@@ -37,6 +37,9 @@ public struct Config: Sendable {
     public var logFacility: Int32 = LOG_USER
     /// How long a member may take to answer one call before it is failed over (nil: no deadline).
     public var operationTimeout: Duration? = .seconds(5)
+    /// How long p11ha waits, when it must, for a member being brought up to date or for calls to finish: the
+    /// operation-timeout, or 2 s without one.
+    public var boundedWait: Duration { operationTimeout ?? .seconds(2) }
     /// How often failed members are probed.
     public var recoveryInterval: Duration = .seconds(2)
     /// How many bytes of a multi-part operation's updates are kept to replay it on a peer.

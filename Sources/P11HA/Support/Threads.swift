@@ -94,3 +94,16 @@ func monotonicNanos() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
+
+/// Polls `condition` every `interval` while it holds, for at most `limit`: a bounded wait on state other threads
+/// (or other processes' calls) change.
+func waitWhile(_ condition: () -> Bool, upTo limit: Duration, polling interval: Duration) {
+    let deadline = monotonicNanos() + limit.nanoseconds
+    while condition() && monotonicNanos() < deadline { usleep(UInt32(clamping: interval.nanoseconds / 1_000)) }
+}
+
+extension Duration {
+    var nanoseconds: UInt64 {
+        UInt64(max(0, components.seconds)) * 1_000_000_000 + UInt64(max(0, components.attoseconds) / 1_000_000_000)
+    }
+}

@@ -79,16 +79,21 @@ extension Runtime {
         let group = session.group
         let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         let isToken = group.objects.withLock { $0[object]?.owner == nil }
-        // The identity before the change, so that a member that misses it can apply it on its return.
-        let before = isToken ? try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            ObjectIdentity(reading: try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes))
-        } : nil
-        // What the attributes were, to set them back where the change succeeded if a later member refuses it.
-        let old = try? onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            try member.token.readAttributes(s, copy, template.map(\.type))
+        // In one read: the identity before the change (so that a member that misses it can apply it on its
+        // return), and what the attributes were (to set them back where the change succeeded if a later member
+        // refuses it; not if one of them cannot be read). A token object's write needs the identity; a session
+        // object's goes on without the read.
+        let identityCount = ObjectIdentity.attributeTypes.count
+        let read = { () throws(P11Error) -> [[UInt8]?] in
+            try self.onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+                try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes + template.map(\.type))
+            }
         }
-        let restore: [Attribute]? = old.flatMap { values in
-            values.contains(where: { $0 == nil }) ? nil : zip(template, values).map { Attribute($0.type, $1!) }
+        let values: [[UInt8]?]? = isToken ? try read() : try? read()
+        let before = isToken ? values.map { ObjectIdentity(reading: Array($0.prefix(identityCount))) } : nil
+        let old = values?.dropFirst(identityCount)
+        let restore: [Attribute]? = old.flatMap { old in
+            old.contains(where: { $0 == nil }) ? nil : zip(template, old).map { Attribute($0.type, $1!) }
         }
         var unrestored: [Member] = []
         let changed: [(Int, Void)]
@@ -107,11 +112,7 @@ extension Runtime {
             throw error
         }
         guard let before else { return }
-        // The identity after the change, read while the handles are good (see `record`).
-        let after = try? onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            ObjectIdentity(reading: try member.token.readAttributes(s, copy, ObjectIdentity.attributeTypes))
-        }
-        group.objects.withLock { $0.replaceIdentity(object, after) }
+        group.objects.withLock { $0.replaceIdentity(object, before.changed(by: template)) }
         journal.record(session, on: changed.map(\.0), change: (before.template, template))
     }
 

@@ -41,16 +41,13 @@ extension Runtime {
         closeMemberSessions(session)
         let group = session.group
         group.objects.withLock { $0.removeObjects(ownedBy: handle) }
-        group.login.withLock { login in
+        let wasLast = group.login.withLock { login in
             login.sessions -= 1
             if session.readWrite { login.readWriteSessions -= 1 }
-            // Closing an application's last session with a token logs it out (PKCS#11 5.6).
-            if login.sessions == 0 {
-                login.userType = nil
-                login.pin = nil
-            }
+            return login.sessions == 0
         }
-        if group.login.withLock({ $0.sessions == 0 }) { group.objects.withLock { $0.forgetCopiesForRefind() } }
+        // Closing an application's last session with a token logs it out (PKCS#11 5.6).
+        if wasLast { group.loginEnded() }
     }
 
     public func closeAllSessions(_ slot: CK_SLOT_ID) throws(P11Error) {
@@ -139,11 +136,7 @@ extension Runtime {
         for member in group.membersInService {
             if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
         }
-        group.login.withLock {
-            $0.userType = nil
-            $0.pin = nil
-        }
-        group.objects.withLock { $0.forgetCopiesForRefind() }
+        group.loginEnded()
     }
 
     public func initPIN(_ handle: SessionHandle, pin: Secret) throws(P11Error) {

@@ -104,7 +104,7 @@ public final class Runtime: @unchecked Sendable {
         let sessions = SessionTable()
         self.sessions = sessions
         let worker = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
-        self.fanOut = FanOut(recovery: worker, operationTimeout: config.operationTimeout)
+        self.fanOut = FanOut(recovery: worker, recoveryWait: config.boundedWait)
         self.journal = JournalKeeper(fanOut: fanOut)
         self.replicator = Replicator(fanOut: fanOut, generatedKeys: config.generatedKeys)
         self.recovery = Recovery(worker: worker, groups: groups, sessions: sessions, fanOut: fanOut)
@@ -200,8 +200,7 @@ public final class Runtime: @unchecked Sendable {
         // first, within the operation-timeout: a module finalized, or a process exiting, under one of them
         // crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
         let members = groups.flatMap(\.members)
-        let limit = monotonicNanos() + (config.operationTimeout ?? .seconds(2)).nanoseconds
-        while members.contains(where: { $0.token.callsOverdue > 0 }) && monotonicNanos() < limit { usleep(1_000) }
+        waitWhile({ members.contains { $0.token.callsOverdue > 0 } }, upTo: config.boundedWait, polling: .milliseconds(1))
         for member in members { member.token.disconnect() }
     }
 
@@ -223,8 +222,7 @@ public final class Runtime: @unchecked Sendable {
     func closeMemberSessions(_ session: VirtualSession) {
         session.markClosed()
         // Calls already under way finish first (each within the operation-timeout); new ones are refused.
-        let limit = monotonicNanos() + (config.operationTimeout ?? .seconds(2)).nanoseconds
-        while session.callsUnderWay > 0 && monotonicNanos() < limit { usleep(200) }
+        waitWhile({ session.callsUnderWay > 0 }, upTo: config.boundedWait, polling: .microseconds(200))
         session.endAllOperations()
         let (handles, retired) = session.state.withLock { state in
             defer {
