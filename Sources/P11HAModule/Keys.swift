@@ -71,7 +71,17 @@ func generateRandom(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ count: CK_ULO
         let n = try length(count)
         if n == 0 { _ = try rt.sessionInfo(SessionHandle(session)); return }
         let buffer = try required(out)
-        let bytes = try rt.generateRandom(SessionHandle(session), count: n)
-        buffer.update(from: bytes, count: n)
+        // In pieces written to the caller's buffer as they come: p11ha holds one piece at a time, whatever the
+        // length asked for.
+        var done = 0
+        while done < n {
+            let piece = try rt.generateRandom(SessionHandle(session), count: min(n - done, randomPiece))
+            guard !piece.isEmpty else { throw P11Error.generalError }
+            (buffer + done).update(from: piece, count: min(piece.count, n - done))
+            done += piece.count
+        }
     }
 }
+
+/// The most random bytes asked of a member in one call.
+let randomPiece = 64 << 10

@@ -32,6 +32,11 @@ func length(_ value: CK_ULONG) throws(P11Error) -> Int {
     return n
 }
 
+/// The room a caller claims for an output buffer or list. Claims past 2 GiB count as 2 GiB (no token writes
+/// that much into one buffer); p11ha's own buffers follow what the member answers, never the claim.
+@inline(__always)
+func room(_ claimed: CK_ULONG) -> Int { Int(min(claimed, CK_ULONG(Int32.max))) }
+
 /// Copies an input buffer; NULL is allowed only with length 0.
 func input(_ pointer: Bytes?, _ count: CK_ULONG) throws(P11Error) -> [UInt8] {
     let n = try length(count)
@@ -68,7 +73,7 @@ func template(_ pointer: AttributePtr?, _ count: CK_ULONG) throws(P11Error) -> [
 func capacity(_ buffer: Bytes?, _ length: ULongPtr?) throws(P11Error) -> Int? {
     let length = try required(length)
     guard buffer != nil else { return nil }
-    return try P11HAModule.length(length.pointee)
+    return room(length.pointee)
 }
 
 /// Runs a call that fills an output buffer, and writes its result or needed length back.
@@ -95,7 +100,7 @@ func fillList<T>(_ items: [T], _ buffer: UnsafeMutablePointer<T>?, _ count: ULon
     let count = try required(count)
     defer { count.pointee = CK_ULONG(items.count) }
     guard let buffer else { return }
-    guard try length(count.pointee) >= items.count else { throw P11Error(CK_RV(CKR_BUFFER_TOO_SMALL)) }
+    guard room(count.pointee) >= items.count else { throw P11Error(CK_RV(CKR_BUFFER_TOO_SMALL)) }
     buffer.update(from: items, count: items.count)
 }
 

@@ -44,7 +44,7 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
         var queries: [AttributeQuery] = []
         queries.reserveCapacity(n)
         for attribute in slots {
-            queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : try length(attribute.ulValueLen)))
+            queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : room(attribute.ulValueLen)))
         }
         let (memberRV, answers) = try rt.attributeValues(SessionHandle(session), ObjectHandle(object), queries)
         for (i, answer) in answers.enumerated() {
@@ -77,9 +77,9 @@ func findObjects(_ session: CK_SESSION_HANDLE, _ objects: UnsafeMutablePointer<C
     entry { () throws(P11Error) in
         let rt = try runtime()
         let found = try required(found)
-        let room = try length(max)
-        guard objects != nil || room == 0 else { throw P11Error.argumentsBad }
-        let batch = try rt.findObjects(SessionHandle(session), max: room)
+        let most = room(max)
+        guard objects != nil || most == 0 else { throw P11Error.argumentsBad }
+        let batch = try rt.findObjects(SessionHandle(session), max: most)
         if let objects, !batch.isEmpty { objects.update(from: batch.map(\.raw), count: batch.count) }
         found.pointee = CK_ULONG(batch.count)
     }

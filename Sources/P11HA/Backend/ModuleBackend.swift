@@ -218,6 +218,19 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     private func rawAttributeValues(_ session: MemberSession, _ object: MemberObject,
                                     _ queries: [AttributeQuery]) -> (rv: CK_RV, answers: [AttributeAnswer]) {
+        var queries = queries
+        if queries.reduce(0, { $0 + ($1.capacity ?? 0) }) > Self.claimedBufferLimit {
+            // The caller's claims are only claims: the member's lengths first, and no buffer larger than what the
+            // member will put in it (none for an attribute it will not reveal). The member still sees every
+            // buffer that is too small as too small, and answers it as it would the caller.
+            let lengths = rawAttributeValues(session, object, queries.map { AttributeQuery($0.type, capacity: nil) })
+            guard lengths.rv == CKR_OK || partialAttributeAnswers.contains(lengths.rv) else { return lengths }
+            for (i, answer) in lengths.answers.enumerated() {
+                guard let claimed = queries[i].capacity else { continue }
+                let needed = answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? 0 : Int(clamping: answer.length)
+                queries[i].capacity = min(claimed, needed)
+            }
+        }
         let total = queries.reduce(0) { $0 + ($1.capacity ?? 0) }
         let storage = UnsafeMutableRawPointer.allocate(byteCount: max(total, 1), alignment: 16)
         defer {
@@ -235,12 +248,14 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
             }
         }
         let rv = f.pointee.C_GetAttributeValue!(session.raw, object.raw, &template, CK_ULONG(template.count))
-        let answers = template.map { attribute -> AttributeAnswer in
+        let answers = zip(template, queries).map { attribute, query -> AttributeAnswer in
             let length = attribute.ulValueLen
             guard let value = attribute.pValue, length != CK_UNAVAILABLE_INFORMATION_VALUE else {
                 return AttributeAnswer(length: length, value: nil)
             }
-            return AttributeAnswer(length: length, value: Array(UnsafeRawBufferPointer(start: value, count: Int(length))))
+            // Never past the buffer, whatever length the member wrote back.
+            let count = min(Int(clamping: length), query.capacity ?? 0)
+            return AttributeAnswer(length: length, value: Array(UnsafeRawBufferPointer(start: value, count: count)))
         }
         return (rv, answers)
     }
@@ -429,23 +444,41 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
         try call { f.pointee.C_VerifyFinal!(session.raw, &signature, CK_ULONG(signature.count)) }
     }
 
+    /// Output buffers and attribute buffers up to this size (in all) are given to the member as the caller claimed
+    /// them; past it, the member is asked for the length first, so that p11ha's memory follows what the member
+    /// answers, never what the caller claims (a claim of 2 GiB cost 2 GiB per attribute).
+    static let claimedBufferLimit = 64 << 10
+
     /// PKCS#11's two-call convention: no buffer asks for the length; a short buffer gets CKR_BUFFER_TOO_SMALL
-    /// with the length needed.
+    /// with the length needed. A claimed capacity past `claimedBufferLimit` is cut to the length the member
+    /// says it needs (a length query leaves the operation as it was, PKCS#11 5.2).
     private func output(_ capacity: Int?, _ body: (UnsafeMutablePointer<UInt8>?, UnsafeMutablePointer<CK_ULONG>) -> CK_RV) throws(P11Error) -> Output {
-        var length = CK_ULONG(capacity ?? 0)
+        var length: CK_ULONG = 0
         guard let capacity else {
             try call { body(nil, &length) }
-            return .length(Int(length))
+            return .length(Int(clamping: length))
         }
-        var rv = CK_RV(CKR_OK)
-        let result = [UInt8](unsafeUninitializedCapacity: max(capacity, 1)) { buffer, count in
-            rv = body(buffer.baseAddress, &length)
-            count = rv == CKR_OK ? min(Int(length), capacity) : 0
+        var room = capacity
+        if capacity > Self.claimedBufferLimit {
+            try call { body(nil, &length) }
+            room = min(capacity, Int(clamping: length))
         }
-        guard rv == CKR_OK else {
-            throw P11Error.member(rv, neededLength: rv == CKR_BUFFER_TOO_SMALL ? Int(length) : nil)
+        while true {
+            length = CK_ULONG(room)
+            var rv = CK_RV(CKR_OK)
+            let result = [UInt8](unsafeUninitializedCapacity: max(room, 1)) { buffer, count in
+                rv = body(buffer.baseAddress, &length)
+                count = rv == CKR_OK ? min(Int(clamping: length), room) : 0
+            }
+            if rv == CKR_OK { return .data(result) }
+            let needed = Int(clamping: length)
+            // The member's length query said less than it then needed: again, within what the caller has.
+            if rv == CKR_BUFFER_TOO_SMALL && room < capacity && needed > room {
+                room = min(capacity, needed)
+                continue
+            }
+            throw P11Error.member(rv, neededLength: rv == CKR_BUFFER_TOO_SMALL ? needed : nil)
         }
-        return .data(result)
     }
 }
 
