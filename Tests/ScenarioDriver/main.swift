@@ -35,6 +35,9 @@ let scenarios: [String: (Module) -> Void] = [
     "no-login": noLoginScenario,
     "churn": churnScenario,
     "bounds": boundsScenario,
+    "fuzz": fuzzScenario,
+    "fuzz-episode": fuzzEpisodeScenario,
+    "fuzz-settle": fuzzSettleScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
