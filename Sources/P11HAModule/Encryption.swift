@@ -48,7 +48,8 @@ func dualUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK_U
 func operationInit(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ key: CK_OBJECT_HANDLE?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.operationInit(kind, SessionHandle(session), try mechanism(m), key: key.map(ObjectHandle.init))
+        let mech = try arguments(rt, session) { () throws(P11Error) -> Mechanism in try mechanism(m) }
+        try rt.operationInit(kind, SessionHandle(session), mech, key: key.map(ObjectHandle.init))
     }
 }
 
@@ -56,7 +57,10 @@ func singlePart(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ data: Byt
                 _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let data = try input(data, dataLength)
+        let data = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in
+            _ = try capacity(out, outLength)
+            return try input(data, dataLength)
+        }
         try produce(out, outLength) { (room) throws(P11Error) in try rt.singlePart(kind, SessionHandle(session), data, capacity: room) }
     }
 }
@@ -65,7 +69,10 @@ func cipherUpdate(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: B
                   _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let part = try input(part, partLength)
+        let part = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in
+            _ = try capacity(out, outLength)
+            return try input(part, partLength)
+        }
         try produce(out, outLength) { (room) throws(P11Error) in try rt.cipherUpdate(kind, SessionHandle(session), part, capacity: room) }
     }
 }
@@ -73,13 +80,15 @@ func cipherUpdate(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: B
 func update(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.update(kind, SessionHandle(session), try input(part, partLength))
+        let part = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in try input(part, partLength) }
+        try rt.update(kind, SessionHandle(session), part)
     }
 }
 
 func final(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
+        _ = try arguments(rt, session) { () throws(P11Error) -> Int? in try capacity(out, outLength) }
         try produce(out, outLength) { (room) throws(P11Error) in try rt.final(kind, SessionHandle(session), capacity: room) }
     }
 }

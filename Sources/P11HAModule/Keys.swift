@@ -6,8 +6,10 @@ func generateKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ attributes:
                  _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(key)
-        out.pointee = (try rt.generateKey(SessionHandle(session), try mechanism(m), try template(attributes, count))).raw
+        let (out, mech, attrs) = try arguments(rt, session) { () throws(P11Error) -> (UnsafeMutablePointer<CK_OBJECT_HANDLE>, Mechanism, [Attribute]) in
+            (try required(key), try mechanism(m), try template(attributes, count))
+        }
+        out.pointee = (try rt.generateKey(SessionHandle(session), mech, attrs)).raw
     }
 }
 
@@ -17,11 +19,13 @@ func generateKeyPair(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?,
                      _ publicKey: UnsafeMutablePointer<CK_OBJECT_HANDLE>?, _ privateKey: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let pubOut = try required(publicKey)
-        let privOut = try required(privateKey)
-        let (pub, priv) = try rt.generateKeyPair(SessionHandle(session), try mechanism(m),
-                                                 publicTemplate: try template(publicAttributes, publicCount),
-                                                 privateTemplate: try template(privateAttributes, privateCount))
+        typealias Arguments = (UnsafeMutablePointer<CK_OBJECT_HANDLE>, UnsafeMutablePointer<CK_OBJECT_HANDLE>, Mechanism, [Attribute], [Attribute])
+        let (pubOut, privOut, mech, publicTemplate, privateTemplate) = try arguments(rt, session) { () throws(P11Error) -> Arguments in
+            (try required(publicKey), try required(privateKey), try mechanism(m),
+             try template(publicAttributes, publicCount), try template(privateAttributes, privateCount))
+        }
+        let (pub, priv) = try rt.generateKeyPair(SessionHandle(session), mech,
+                                                 publicTemplate: publicTemplate, privateTemplate: privateTemplate)
         pubOut.pointee = pub.raw
         privOut.pointee = priv.raw
     }
@@ -31,7 +35,10 @@ func wrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ wrappingKey: CK
              _ out: Bytes?, _ outLength: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let mech = try mechanism(m)
+        let mech = try arguments(rt, session) { () throws(P11Error) -> Mechanism in
+            _ = try capacity(out, outLength)
+            return try mechanism(m)
+        }
         try produce(out, outLength) { (room) throws(P11Error) in
             try rt.wrapKey(SessionHandle(session), mech, wrappingKey: ObjectHandle(wrappingKey), key: ObjectHandle(key), capacity: room)
         }
@@ -43,9 +50,12 @@ func unwrapKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ unwrappingKey
                _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(key)
-        out.pointee = (try rt.unwrapKey(SessionHandle(session), try mechanism(m), unwrappingKey: ObjectHandle(unwrappingKey),
-                                        wrapped: try input(wrapped, wrappedLength), try template(attributes, count))).raw
+        typealias Arguments = (UnsafeMutablePointer<CK_OBJECT_HANDLE>, Mechanism, [UInt8], [Attribute])
+        let (out, mech, blob, attrs) = try arguments(rt, session) { () throws(P11Error) -> Arguments in
+            (try required(key), try mechanism(m), try input(wrapped, wrappedLength), try template(attributes, count))
+        }
+        out.pointee = (try rt.unwrapKey(SessionHandle(session), mech, unwrappingKey: ObjectHandle(unwrappingKey),
+                                        wrapped: blob, attrs)).raw
     }
 }
 
@@ -53,24 +63,27 @@ func deriveKey(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ baseKey: CK_O
                _ attributes: AttributePtr?, _ count: CK_ULONG, _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(key)
-        out.pointee = (try rt.deriveKey(SessionHandle(session), try mechanism(m), baseKey: ObjectHandle(baseKey), try template(attributes, count))).raw
+        let (out, mech, attrs) = try arguments(rt, session) { () throws(P11Error) -> (UnsafeMutablePointer<CK_OBJECT_HANDLE>, Mechanism, [Attribute]) in
+            (try required(key), try mechanism(m), try template(attributes, count))
+        }
+        out.pointee = (try rt.deriveKey(SessionHandle(session), mech, baseKey: ObjectHandle(baseKey), attrs)).raw
     }
 }
 
 func seedRandom(_ session: CK_SESSION_HANDLE, _ seed: Bytes?, _ seedLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.seedRandom(SessionHandle(session), try input(seed, seedLength))
+        let bytes = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in try input(seed, seedLength) }
+        try rt.seedRandom(SessionHandle(session), bytes)
     }
 }
 
 func generateRandom(_ session: CK_SESSION_HANDLE, _ out: Bytes?, _ count: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let n = try length(count)
+        let n = try arguments(rt, session) { () throws(P11Error) -> Int in try length(count) }
         if n == 0 { _ = try rt.sessionInfo(SessionHandle(session)); return }
-        let buffer = try required(out)
+        let buffer = try arguments(rt, session) { () throws(P11Error) -> Bytes in try required(out) }
         // In pieces written to the caller's buffer as they come: p11ha holds one piece at a time, whatever the
         // length asked for.
         var done = 0

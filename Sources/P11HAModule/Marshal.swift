@@ -32,6 +32,18 @@ func length(_ value: CK_ULONG) throws(P11Error) -> Int {
     return n
 }
 
+/// Converts a session call's other arguments. When one is bad, a session handle that is bad too is named first, as
+/// a token checks the session before the rest (SoftHSM does): CKR_SESSION_HANDLE_INVALID is in every such
+/// function's list, where the argument's own code may not be (C_EncryptInit lists no CKR_ARGUMENTS_BAD).
+func arguments<T>(_ rt: Runtime, _ session: CK_SESSION_HANDLE, _ convert: () throws(P11Error) -> T) throws(P11Error) -> T {
+    do {
+        return try convert()
+    } catch {
+        _ = try rt.sessionInfo(SessionHandle(session))
+        throw error
+    }
+}
+
 /// The room a caller claims for an output buffer or list. Claims past 2 GiB count as 2 GiB (no token writes
 /// that much into one buffer); p11ha's own buffers follow what the member answers, never the claim.
 @inline(__always)
@@ -119,7 +131,9 @@ func mechanism(_ pointer: MechanismPtr?) throws(P11Error) -> Mechanism {
     let m = try required(pointer).pointee
     let size = try length(m.ulParameterLen)
     guard size > 0 else { return Mechanism(m.mechanism) }
-    guard let raw = m.pParameter else { throw P11Error.argumentsBad }
+    // A parameter that is not there is a bad parameter (every function taking a mechanism lists
+    // CKR_MECHANISM_PARAM_INVALID; C_EncryptInit lists no CKR_ARGUMENTS_BAD).
+    guard let raw = m.pParameter else { throw P11Error.mechanismParamInvalid }
     func load<P>(_ type: P.Type) throws(P11Error) -> P {
         guard size == MemoryLayout<P>.size else { throw P11Error.mechanismParamInvalid }
         return raw.loadUnaligned(as: P.self)

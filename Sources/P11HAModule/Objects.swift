@@ -6,8 +6,10 @@ func createObject(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ c
                   _ object: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(object)
-        out.pointee = (try rt.createObject(SessionHandle(session), try template(attributes, count))).raw
+        let (out, attrs) = try arguments(rt, session) { () throws(P11Error) -> (UnsafeMutablePointer<CK_OBJECT_HANDLE>, [Attribute]) in
+            (try required(object), try template(attributes, count))
+        }
+        out.pointee = (try rt.createObject(SessionHandle(session), attrs)).raw
     }
 }
 
@@ -15,8 +17,10 @@ func copyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attr
                 _ newObject: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(newObject)
-        out.pointee = (try rt.copyObject(SessionHandle(session), ObjectHandle(object), try template(attributes, count))).raw
+        let (out, attrs) = try arguments(rt, session) { () throws(P11Error) -> (UnsafeMutablePointer<CK_OBJECT_HANDLE>, [Attribute]) in
+            (try required(newObject), try template(attributes, count))
+        }
+        out.pointee = (try rt.copyObject(SessionHandle(session), ObjectHandle(object), attrs)).raw
     }
 }
 
@@ -27,7 +31,7 @@ func destroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) -> 
 func getObjectSize(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ size: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let out = try required(size)
+        let out = try arguments(rt, session) { () throws(P11Error) -> ULongPtr in try required(size) }
         out.pointee = try rt.objectSize(SessionHandle(session), ObjectHandle(object))
     }
 }
@@ -38,11 +42,13 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
     var result = CKR_OK_RV
     let rv = entry { () throws(P11Error) in
         let rt = try runtime()
-        let n = try length(count)
-        guard n > 0 else { throw P11Error.argumentsBad }
-        let slots = UnsafeMutableBufferPointer(start: try required(attributes), count: n)
+        let slots = try arguments(rt, session) { () throws(P11Error) -> UnsafeMutableBufferPointer<CK_ATTRIBUTE> in
+            let n = try length(count)
+            guard n > 0 else { throw P11Error.argumentsBad }
+            return UnsafeMutableBufferPointer(start: try required(attributes), count: n)
+        }
         var queries: [AttributeQuery] = []
-        queries.reserveCapacity(n)
+        queries.reserveCapacity(slots.count)
         for attribute in slots {
             queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : room(attribute.ulValueLen)))
         }
@@ -61,14 +67,16 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
 func setAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.setAttributeValues(SessionHandle(session), ObjectHandle(object), try template(attributes, count))
+        let attrs = try arguments(rt, session) { () throws(P11Error) -> [Attribute] in try template(attributes, count) }
+        try rt.setAttributeValues(SessionHandle(session), ObjectHandle(object), attrs)
     }
 }
 
 func findObjectsInit(_ session: CK_SESSION_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.findObjectsInit(SessionHandle(session), try template(attributes, count))
+        let attrs = try arguments(rt, session) { () throws(P11Error) -> [Attribute] in try template(attributes, count) }
+        try rt.findObjectsInit(SessionHandle(session), attrs)
     }
 }
 
@@ -76,9 +84,11 @@ func findObjects(_ session: CK_SESSION_HANDLE, _ objects: UnsafeMutablePointer<C
                  _ found: ULongPtr?) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        let found = try required(found)
         let most = room(max)
-        guard objects != nil || most == 0 else { throw P11Error.argumentsBad }
+        let found = try arguments(rt, session) { () throws(P11Error) -> ULongPtr in
+            guard objects != nil || most == 0 else { throw P11Error.argumentsBad }
+            return try required(found)
+        }
         let batch = try rt.findObjects(SessionHandle(session), max: most)
         if let objects, !batch.isEmpty { objects.update(from: batch.map(\.raw), count: batch.count) }
         found.pointee = CK_ULONG(batch.count)

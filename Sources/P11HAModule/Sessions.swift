@@ -42,7 +42,8 @@ func setOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: 
 func login(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: Bytes?, _ pinLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.login(SessionHandle(session), userType: userType, pin: try secret(pin, pinLength))
+        let secretPIN = try arguments(rt, session) { () throws(P11Error) -> Secret? in try secret(pin, pinLength) }
+        try rt.login(SessionHandle(session), userType: userType, pin: secretPIN)
     }
 }
 

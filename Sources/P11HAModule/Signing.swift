@@ -33,7 +33,10 @@ func verifyInit(_ session: CK_SESSION_HANDLE, _ m: MechanismPtr?, _ key: CK_OBJE
 func verify(_ session: CK_SESSION_HANDLE, _ data: Bytes?, _ dataLength: CK_ULONG, _ signature: Bytes?, _ signatureLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.verify(SessionHandle(session), try input(data, dataLength), signature: try input(signature, signatureLength))
+        let (data, signature) = try arguments(rt, session) { () throws(P11Error) -> ([UInt8], [UInt8]) in
+            (try input(data, dataLength), try input(signature, signatureLength))
+        }
+        try rt.verify(SessionHandle(session), data, signature: signature)
     }
 }
 
@@ -44,7 +47,8 @@ func verifyUpdate(_ session: CK_SESSION_HANDLE, _ part: Bytes?, _ partLength: CK
 func verifyFinal(_ session: CK_SESSION_HANDLE, _ signature: Bytes?, _ signatureLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        try rt.verifyFinal(SessionHandle(session), signature: try input(signature, signatureLength))
+        let signature = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in try input(signature, signatureLength) }
+        try rt.verifyFinal(SessionHandle(session), signature: signature)
     }
 }
 

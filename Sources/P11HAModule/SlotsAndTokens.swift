@@ -42,15 +42,21 @@ func initToken(_ slot: CK_SLOT_ID, _ pin: Bytes?, _ pinLength: CK_ULONG, _ label
 func initPIN(_ session: CK_SESSION_HANDLE, _ pin: Bytes?, _ pinLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        guard let pin = try secret(pin, pinLength) else { throw P11Error.argumentsBad }
-        try rt.initPIN(SessionHandle(session), pin: pin)
+        let newPIN = try arguments(rt, session) { () throws(P11Error) -> Secret in
+            guard let given = try secret(pin, pinLength) else { throw P11Error.argumentsBad }
+            return given
+        }
+        try rt.initPIN(SessionHandle(session), pin: newPIN)
     }
 }
 
 func setPIN(_ session: CK_SESSION_HANDLE, _ old: Bytes?, _ oldLength: CK_ULONG, _ new: Bytes?, _ newLength: CK_ULONG) -> CK_RV {
     entry { () throws(P11Error) in
         let rt = try runtime()
-        guard let old = try secret(old, oldLength), let new = try secret(new, newLength) else { throw P11Error.argumentsBad }
-        try rt.setPIN(SessionHandle(session), old: old, new: new)
+        let (oldPIN, newPIN) = try arguments(rt, session) { () throws(P11Error) -> (Secret, Secret) in
+            guard let o = try secret(old, oldLength), let n = try secret(new, newLength) else { throw P11Error.argumentsBad }
+            return (o, n)
+        }
+        try rt.setPIN(SessionHandle(session), old: oldPIN, new: newPIN)
     }
 }
