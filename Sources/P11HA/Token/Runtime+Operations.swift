@@ -60,11 +60,14 @@ extension Runtime {
                 refreshed.insert(member.index)
                 if refreshCopy(of: key!, on: member, in: session) == nil {
                     excluded.insert(member.index)
-                    refused = P11Error(error.rv)
+                    refused = .keyHandleInvalid
                 }
                 copies = try self.copies(of: key!, in: session, invalid: .keyHandleInvalid)
             } catch {
                 member.inFlight.subtract(1, ordering: .relaxed)
+                // The key argument is the application's handle: its code is CKR_KEY_HANDLE_INVALID, which every
+                // *Init lists, where SoftHSM names a key it cannot find CKR_OBJECT_HANDLE_INVALID, which none does.
+                if error.fromMember && error.rv == CKR_OBJECT_HANDLE_INVALID && key != nil { throw P11Error.keyHandleInvalid }
                 throw error
             }
         }
@@ -86,7 +89,15 @@ extension Runtime {
             Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")
             throw fanOut.verdict(on: suspects, otherwise: .deviceError)
         }
-        let index = try startOperation(kind, session, op.mechanism, key: op.key, replaying: op.parts, suspects: &suspects)
+        let index: Int
+        do {
+            index = try startOperation(kind, session, op.mechanism, key: op.key, replaying: op.parts, suspects: &suspects)
+        } catch where error.rv == CKR_KEY_HANDLE_INVALID {
+            // The key is gone since the operation began (destroyed, or a private key a logout took with it): it cannot
+            // start again anywhere. Its member's own answer is the caller's, judged as any other (SoftHSM answers
+            // CKR_GENERAL_ERROR to C_Sign there; no C_Sign, C_*Update or C_*Final lists a key handle code).
+            throw fanOut.verdict(on: suspects, otherwise: .deviceError)
+        }
         var moved = op
         moved.member = index
         moved.epoch = session.group.members[index].epoch.load(ordering: .acquiring)
