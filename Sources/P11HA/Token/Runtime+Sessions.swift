@@ -137,6 +137,30 @@ extension Runtime {
             if let memberSession = try? session.memberSession(member) { try? member.token.logout(memberSession) }
         }
         group.loginEnded()
+        forgetDestroyedSessionObjects(session)
+    }
+
+    /// C_Logout destroys the application's private session objects and makes their handles invalid (PKCS#11
+    /// 2.40 C_Logout; SoftHSM does so). The handles p11ha gave for them are forgotten as well, so that a later call
+    /// names them invalid with its own function's code (CKR_KEY_HANDLE_INVALID for a key), not with a member's
+    /// answer about a handle of its own (SoftHSM's CKR_OBJECT_HANDLE_INVALID, which no C_*Init lists). A session
+    /// object some member in service still holds is kept.
+    private func forgetDestroyedSessionObjects(_ session: VirtualSession) {
+        let group = session.group
+        let sessionObjects = group.objects.withLock { table in table.records.filter { $0.value.owner != nil }.map { ($0.key, $0.value.copies) } }
+        for (object, copies) in sessionObjects {
+            let holders = group.membersInService.filter { copies[$0.index] != nil }
+            let gone = !holders.isEmpty && holders.allSatisfy { member in
+                guard let s = try? session.memberSession(member) else { return false }
+                do throws(P11Error) {
+                    _ = try member.token.readAttributes(s, copies[member.index]!, [CK_ATTRIBUTE_TYPE(CKA_CLASS)])
+                    return false
+                } catch {
+                    return error.fromMember && error.rv == CKR_OBJECT_HANDLE_INVALID
+                }
+            }
+            if gone { group.objects.withLock { _ = $0.remove(object) } }
+        }
     }
 
     public func initPIN(_ handle: SessionHandle, pin: Secret) throws(P11Error) {
