@@ -34,6 +34,7 @@ extension Runtime {
         defer { session.endCall() }
         let group = session.group
         let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
+        let withoutCopy = membersWithoutCopy(source, in: group)
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
         var lost: [Member] = []
@@ -52,7 +53,7 @@ extension Runtime {
             defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
             return table[object]?.owner == nil
         }
-        if isToken { journal.record(session, on: destroyed.map(\.0)) }
+        if isToken { journalWrite(session, on: destroyed.map(\.0) + withoutCopy) }
     }
 
     public func objectSize(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) -> CK_ULONG {
@@ -78,6 +79,7 @@ extension Runtime {
         defer { session.endCall() }
         let group = session.group
         let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
+        let withoutCopy = membersWithoutCopy(source, in: group)
         let isToken = group.objects.withLock { $0[object]?.owner == nil }
         // In one read: the identity before the change (so that a member that misses it can apply it on its
         // return), and what the attributes were (to set them back where the change succeeded if a later member
@@ -113,7 +115,7 @@ extension Runtime {
         }
         guard let before else { return }
         group.objects.withLock { $0.replaceIdentity(object, before.changed(by: template)) }
-        journal.record(session, on: changed.map(\.0), change: (before.template, template))
+        journalWrite(session, on: changed.map(\.0) + withoutCopy, change: (before.template, template))
     }
 
     /// A write that failed part-way and could not be undone where it succeeded: the members that kept it differ
@@ -124,7 +126,7 @@ extension Runtime {
         let group = session.group
         let kept = group.membersInService.filter { member in !lost.contains { $0 === member } }.map(\.index)
         Log.event(.warning, "write-diverged", "group=\(group.name) write=\"\(write)\" members=\(lost.map(\.name)) reason=\"\(error)\"")
-        if !kept.isEmpty { journal.record(session, on: kept) }
+        if !kept.isEmpty { journalWrite(session, on: kept) }
         for member in lost { fanOut.markStale(member, reason: "\(write) failed part-way and could not be undone: \(error)") }
     }
 
@@ -225,10 +227,34 @@ extension Runtime {
         }
     }
 
+    /// Members in service that hold no copy of an object only some members have (a key that could not be copied
+    /// to them, or one a token made alone: SoftHSM keeps the object a failed C_CreateObject began). A write to it
+    /// passes them by with nothing to miss: they are journaled with the members that made it, not marked stale.
+    func membersWithoutCopy(_ copies: [MemberObject?], in group: Group) -> [Int] {
+        group.membersInService.filter { copies[$0.index] == nil }.map(\.index)
+    }
+
+    /// Journals a write to token objects on `members`. The journal is read and written in the session's member
+    /// sessions; where the application has an operation under way in this session (a digest kept active by
+    /// CKR_BUFFER_TOO_SMALL, a signature in parts), a token that allows one operation per session (SoftHSM)
+    /// refuses the journal's search with CKR_OPERATION_ACTIVE, and the member would be marked stale for the
+    /// application's ordinary use. Then the journal is written in sessions of its own, opened for it and closed.
+    func journalWrite(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
+        let busy = session.state.withLock { state in state.operations.contains { $0 != nil } }
+        guard busy else { return journal.record(session, on: members, change: change) }
+        let group = session.group
+        let aside = VirtualSession(handle: sessions.newHandle(), group: group, readWrite: true,
+                                   memberSessions: [MemberSession?](repeating: nil, count: group.members.count))
+        journal.record(aside, on: members, change: change)
+        for (index, memberSession) in aside.state.withLock({ $0.memberSessions }).enumerated() {
+            if let memberSession { group.members[index].token.closeSession(memberSession) }
+        }
+    }
+
     /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
     func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> ObjectHandle {
         let group = session.group
-        if isToken { journal.record(session, on: made.map(\.0)) }
+        if isToken { journalWrite(session, on: made.map(\.0)) }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         // A token object's identity is read now, while its handles are good: a module may renumber them later
