@@ -12,10 +12,10 @@ extension Runtime {
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicator.plan(session, source: source, isToken: isToken) else {
                 // Alone in service now, it must still be able to travel to the others when they return.
-                let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(template) : template)
+                let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(lastExtractable(template)) : template)
                 return record([(source.index, key)], in: session, isToken: isToken)
             }
-            let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(template))
+            let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(lastExtractable(template)))
             do throws(P11Error) {
                 let copies = try replicator.carry(session, source: source, key: key, plan: plan)
                 return record([(source.index, key)] + copies, in: session, isToken: isToken)
@@ -39,12 +39,12 @@ extension Runtime {
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicator.plan(session, source: source, isToken: publicIsToken || privateIsToken) else {
                 let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
-                                                             privateTemplate: session.group.members.count > 1 ? wrappableTemplate(privateTemplate) : privateTemplate)
+                                                             privateTemplate: session.group.members.count > 1 ? wrappableTemplate(lastExtractable(privateTemplate)) : privateTemplate)
                 return (record([(source.index, pub)], in: session, isToken: publicIsToken),
                         record([(source.index, priv)], in: session, isToken: privateIsToken))
             }
             let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
-                                                         privateTemplate: wrappableTemplate(privateTemplate))
+                                                         privateTemplate: wrappableTemplate(lastExtractable(privateTemplate)))
             var privateCopies: [(Int, MemberObject)] = []
             do throws(P11Error) {
                 privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan)
@@ -115,4 +115,14 @@ extension Runtime {
         }
         return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
     }
+}
+
+/// A template with CKA_EXTRACTABLE given more than once, reduced to its last value, the one the member keeps
+/// (SoftHSM reads a template in order): `wrappableTemplate` reads one value, and a template saying true, then
+/// false, made a key that could not be carried (CKR_KEY_UNEXTRACTABLE where SoftHSM directly generates it; found by
+/// the fuzzer, seed 2230139601011550791).
+private func lastExtractable(_ template: [Attribute]) -> [Attribute] {
+    let type = CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE)
+    guard let last = template.lastIndex(where: { $0.type == type }) else { return template }
+    return template.enumerated().filter { $0.element.type != type || $0.offset == last }.map(\.element)
 }
