@@ -62,8 +62,9 @@ func required<T>(_ pointer: UnsafeMutablePointer<T>?) throws(P11Error) -> Unsafe
     return pointer
 }
 
-/// Copies a template's attributes (values included).
-func template(_ pointer: AttributePtr?, _ count: CK_ULONG) throws(P11Error) -> [Attribute] {
+/// Copies a template's attributes (values included; an attribute array's elements with theirs, so that no
+/// pointer into the caller's memory outlives the call).
+func template(_ pointer: AttributePtr?, _ count: CK_ULONG, nested: Bool = true) throws(P11Error) -> [Attribute] {
     let n = try length(count)
     if n == 0 { return [] }
     guard let pointer else { throw P11Error.argumentsBad }
@@ -76,6 +77,12 @@ func template(_ pointer: AttributePtr?, _ count: CK_ULONG) throws(P11Error) -> [
             continue
         }
         guard let value = attribute.pValue else { throw P11Error.argumentsBad }
+        let stride = MemoryLayout<CK_ATTRIBUTE>.stride
+        if nested && attributeArrayTypes.contains(attribute.type) && size % stride == 0 {
+            let elements = value.bindMemory(to: CK_ATTRIBUTE.self, capacity: size / stride)
+            attributes.append(Attribute(attribute.type, elements: try template(elements, CK_ULONG(size / stride), nested: false)))
+            continue
+        }
         attributes.append(Attribute(attribute.type, Array(UnsafeRawBufferPointer(start: value, count: size))))
     }
     return attributes

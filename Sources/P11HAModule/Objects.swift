@@ -50,18 +50,47 @@ func getAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
         var queries: [AttributeQuery] = []
         queries.reserveCapacity(slots.count)
         for attribute in slots {
-            queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : room(attribute.ulValueLen)))
+            queries.append(AttributeQuery(attribute.type, capacity: attribute.pValue == nil ? nil : room(attribute.ulValueLen),
+                                          elements: try elementRooms(attribute)))
         }
         let (memberRV, answers) = try rt.attributeValues(SessionHandle(session), ObjectHandle(object), queries)
         for (i, answer) in answers.enumerated() {
             slots[i].ulValueLen = answer.length
-            if let destination = slots[i].pValue, let value = answer.value, let room = queries[i].capacity {
+            if let elements = answer.elements, let array = slots[i].pValue {
+                writeElements(elements, into: array)
+            } else if let destination = slots[i].pValue, let value = answer.value, let room = queries[i].capacity {
                 value.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: min(value.count, room)) }
             }
         }
         result = memberRV
     }
     return rv == CKR_OK_RV ? result : rv
+}
+
+/// For an attribute array read into the caller's array (CKA_WRAP_TEMPLATE with a buffer): its elements' types
+/// and the room of their values, as far as its length says there are elements (at most `attributeArrayLimit`).
+private func elementRooms(_ attribute: CK_ATTRIBUTE) throws(P11Error) -> [AttributeQuery]? {
+    guard attributeArrayTypes.contains(attribute.type), let array = attribute.pValue else { return nil }
+    let count = min(room(attribute.ulValueLen) / MemoryLayout<CK_ATTRIBUTE>.stride, attributeArrayLimit)
+    return (0..<count).map { i in
+        let element = array.loadUnaligned(fromByteOffset: i * MemoryLayout<CK_ATTRIBUTE>.stride, as: CK_ATTRIBUTE.self)
+        return AttributeQuery(element.type, capacity: element.pValue == nil ? nil : room(element.ulValueLen))
+    }
+}
+
+/// Writes what the member answered for each element into the caller's array: type, length, and the value into
+/// the element's own buffer.
+private func writeElements(_ elements: [AttributeElement], into array: UnsafeMutableRawPointer) {
+    for (i, answer) in elements.enumerated() {
+        let offset = i * MemoryLayout<CK_ATTRIBUTE>.stride
+        var element = array.loadUnaligned(fromByteOffset: offset, as: CK_ATTRIBUTE.self)
+        if let destination = element.pValue, let value = answer.value {
+            value.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: min(value.count, room(element.ulValueLen))) }
+        }
+        element.type = answer.type
+        element.ulValueLen = answer.length
+        array.storeBytes(of: element, toByteOffset: offset, as: CK_ATTRIBUTE.self)
+    }
 }
 
 func setAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE, _ attributes: AttributePtr?, _ count: CK_ULONG) -> CK_RV {

@@ -219,42 +219,61 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     private func rawAttributeValues(_ session: MemberSession, _ object: MemberObject,
                                     _ queries: [AttributeQuery]) -> (rv: CK_RV, answers: [AttributeAnswer]) {
         var queries = queries
-        if queries.reduce(0, { $0 + ($1.capacity ?? 0) }) > Self.claimedBufferLimit {
+        if queries.reduce(0, { $0 + ($1.elements == nil ? $1.capacity ?? 0 : 0) }) > Self.claimedBufferLimit {
             // The caller's claims are only claims: the member's lengths first, and no buffer larger than what the
             // member will put in it (none for an attribute it will not reveal). The member still sees every
-            // buffer that is too small as too small, and answers it as it would the caller.
+            // buffer that is too small as too small, and answers it as it would the caller. (Attribute arrays are
+            // bounded by their elements.)
             let lengths = rawAttributeValues(session, object, queries.map { AttributeQuery($0.type, capacity: nil) })
             guard lengths.rv == CKR_OK || partialAttributeAnswers.contains(lengths.rv) else { return lengths }
-            for (i, answer) in lengths.answers.enumerated() {
+            for (i, answer) in lengths.answers.enumerated() where queries[i].elements == nil {
                 guard let claimed = queries[i].capacity else { continue }
                 let needed = answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? 0 : Int(clamping: answer.length)
                 queries[i].capacity = min(claimed, needed)
             }
         }
-        let total = queries.reduce(0) { $0 + ($1.capacity ?? 0) }
-        let storage = UnsafeMutableRawPointer.allocate(byteCount: max(total, 1), alignment: 16)
-        defer {
-            storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(total, 1))
-            storage.deallocate()
-        }
+        let memory = TemplateMemory()
+        defer { memory.release() }
         var template = [CK_ATTRIBUTE](repeating: CK_ATTRIBUTE(), count: queries.count)
-        var offset = 0
+        var arrays: [Int: UnsafeMutablePointer<CK_ATTRIBUTE>] = [:]
         for (i, query) in queries.enumerated() {
             template[i].type = query.type
-            if let capacity = query.capacity {
-                template[i].pValue = storage + offset
+            guard let capacity = query.capacity else { continue }
+            if let rooms = query.elements {
+                // An array of attributes with buffers of its own for each element's value (the member reads the
+                // elements' pointers from it); its length says how many elements there are, never more.
+                let elements = memory.attributes(rooms.count)
+                for (j, room) in rooms.enumerated() {
+                    let bounded = room.capacity.map { min($0, Self.claimedBufferLimit) }
+                    elements[j] = CK_ATTRIBUTE(type: room.type, pValue: bounded.map { memory.bytes($0) }, ulValueLen: CK_ULONG(bounded ?? 0))
+                }
+                arrays[i] = elements
+                template[i].pValue = UnsafeMutableRawPointer(elements)
+                template[i].ulValueLen = CK_ULONG(rooms.count * MemoryLayout<CK_ATTRIBUTE>.stride)
+            } else {
+                template[i].pValue = memory.bytes(capacity)
                 template[i].ulValueLen = CK_ULONG(capacity)
-                offset += capacity
             }
         }
         let rv = f.pointee.C_GetAttributeValue!(session.raw, object.raw, &template, CK_ULONG(template.count))
-        let answers = zip(template, queries).map { attribute, query -> AttributeAnswer in
+        let answers = template.enumerated().map { i, attribute -> AttributeAnswer in
             let length = attribute.ulValueLen
             guard let value = attribute.pValue, length != CK_UNAVAILABLE_INFORMATION_VALUE else {
                 return AttributeAnswer(length: length, value: nil)
             }
+            if let elements = arrays[i], let rooms = queries[i].elements {
+                return AttributeAnswer(length: length, value: nil, elements: rooms.indices.map { j in
+                    let element = elements[j]
+                    let room = rooms[j].capacity.map { min($0, Self.claimedBufferLimit) } ?? 0
+                    let value = element.pValue.flatMap { p -> [UInt8]? in
+                        element.ulValueLen == CK_UNAVAILABLE_INFORMATION_VALUE ? nil
+                            : Array(UnsafeRawBufferPointer(start: p, count: min(Int(clamping: element.ulValueLen), room)))
+                    }
+                    return AttributeElement(type: element.type, length: element.ulValueLen, value: value)
+                })
+            }
             // Never past the buffer, whatever length the member wrote back.
-            let count = min(Int(clamping: length), query.capacity ?? 0)
+            let count = min(Int(clamping: length), queries[i].capacity ?? 0)
             return AttributeAnswer(length: length, value: Array(UnsafeRawBufferPointer(start: value, count: count)))
         }
         return (rv, answers)
@@ -482,25 +501,52 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     }
 }
 
-/// Builds a C template over copies of the attribute values, zeroed and freed after the call.
+/// Memory for one call's C template: every block zeroed (values may be secret) and freed after the call.
+final class TemplateMemory {
+    private var blocks: [(UnsafeMutableRawPointer, Int)] = []
+
+    func bytes(_ count: Int) -> UnsafeMutableRawPointer {
+        let block = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 16)
+        block.initializeMemory(as: UInt8.self, repeating: 0, count: max(count, 1))
+        blocks.append((block, max(count, 1)))
+        return block
+    }
+
+    func attributes(_ count: Int) -> UnsafeMutablePointer<CK_ATTRIBUTE> {
+        bytes(count * MemoryLayout<CK_ATTRIBUTE>.stride).bindMemory(to: CK_ATTRIBUTE.self, capacity: max(count, 1))
+    }
+
+    func release() {
+        for (block, count) in blocks {
+            block.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+            block.deallocate()
+        }
+        blocks = []
+    }
+}
+
+/// Builds a C template over copies of the attribute values (attribute arrays as arrays of their own), zeroed
+/// and freed after the call.
 func withCTemplate<R>(_ attributes: [Attribute], _ body: (UnsafeMutablePointer<CK_ATTRIBUTE>?, CK_ULONG) -> R) -> R {
     if attributes.isEmpty { return body(nil, 0) }
-    let total = attributes.reduce(0) { $0 + $1.value.count }
-    let storage = UnsafeMutableRawPointer.allocate(byteCount: max(total, 1), alignment: 16)
-    let template = UnsafeMutablePointer<CK_ATTRIBUTE>.allocate(capacity: attributes.count)
-    defer {
-        storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(total, 1))
-        storage.deallocate()
-        template.deallocate()
+    let memory = TemplateMemory()
+    defer { memory.release() }
+    func array(_ attributes: [Attribute]) -> UnsafeMutablePointer<CK_ATTRIBUTE> {
+        let template = memory.attributes(attributes.count)
+        for (i, attribute) in attributes.enumerated() {
+            if let elements = attribute.elements {
+                template[i] = CK_ATTRIBUTE(type: attribute.type, pValue: elements.isEmpty ? nil : UnsafeMutableRawPointer(array(elements)),
+                                           ulValueLen: CK_ULONG(elements.count * MemoryLayout<CK_ATTRIBUTE>.stride))
+                continue
+            }
+            let count = attribute.value.count
+            let value = count == 0 ? nil : memory.bytes(count)
+            if let value { attribute.value.withUnsafeBytes { value.copyMemory(from: $0.baseAddress!, byteCount: count) } }
+            template[i] = CK_ATTRIBUTE(type: attribute.type, pValue: value, ulValueLen: CK_ULONG(count))
+        }
+        return template
     }
-    var offset = 0
-    for (i, attribute) in attributes.enumerated() {
-        let count = attribute.value.count
-        attribute.value.withUnsafeBytes { (storage + offset).copyMemory(from: $0.baseAddress!, byteCount: count) }
-        template[i] = CK_ATTRIBUTE(type: attribute.type, pValue: count == 0 ? nil : storage + offset, ulValueLen: CK_ULONG(count))
-        offset += count
-    }
-    return body(template, CK_ULONG(attributes.count))
+    return body(array(attributes), CK_ULONG(attributes.count))
 }
 
 /// Builds a C mechanism (with its parameter structure) valid for the duration of `body`.

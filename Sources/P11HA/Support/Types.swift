@@ -5,10 +5,20 @@ import CInterop
 public struct Attribute: Sendable, Equatable {
     public var type: CK_ATTRIBUTE_TYPE
     public var value: [UInt8]
+    /// For an attribute whose value is an array of attributes (`attributeArrayTypes`), the array, copied with
+    /// its values (`value` is then empty): p11ha never keeps the caller's pointers inside a value.
+    public var elements: [Attribute]?
 
     public init(_ type: CK_ATTRIBUTE_TYPE, _ value: [UInt8]) {
         self.type = type
         self.value = value
+        self.elements = nil
+    }
+
+    public init(_ type: CK_ATTRIBUTE_TYPE, elements: [Attribute]) {
+        self.type = type
+        self.value = []
+        self.elements = elements
     }
 
     public init(_ type: CK_ATTRIBUTE_TYPE, ulong: CK_ULONG) {
@@ -31,13 +41,26 @@ extension Array where Element == Attribute {
     public subscript(type: CK_ATTRIBUTE_TYPE) -> Attribute? { first { $0.type == type } }
 }
 
+/// Attributes whose value is an array of attributes, with pointers inside (PKCS#11 marks them
+/// CKF_ARRAY_ATTRIBUTE; so is CKA_ALLOWED_MECHANISMS, whose value is a flat array of mechanism types).
+public let attributeArrayTypes: Set<CK_ATTRIBUTE_TYPE> = [
+    CK_ATTRIBUTE_TYPE(CKA_WRAP_TEMPLATE), CK_ATTRIBUTE_TYPE(CKA_UNWRAP_TEMPLATE), CK_ATTRIBUTE_TYPE(CKA_DERIVE_TEMPLATE),
+]
+
+/// The most elements of an attribute array p11ha reads back (a template of templates holds a handful).
+public let attributeArrayLimit = 64
+
 /// A request for one attribute's value: `capacity` nil asks only for its length.
 public struct AttributeQuery: Sendable, Equatable {
     public var type: CK_ATTRIBUTE_TYPE
     public var capacity: Int?
-    public init(_ type: CK_ATTRIBUTE_TYPE, capacity: Int?) {
+    /// For an attribute array read into the caller's array: its elements as the caller's array gives them (their
+    /// types, which PKCS#11 says to ignore and SoftHSM matches, and the room of their values).
+    public var elements: [AttributeQuery]?
+    public init(_ type: CK_ATTRIBUTE_TYPE, capacity: Int?, elements: [AttributeQuery]? = nil) {
         self.type = type
         self.capacity = capacity
+        self.elements = elements
     }
 }
 
@@ -45,7 +68,22 @@ public struct AttributeQuery: Sendable, Equatable {
 public struct AttributeAnswer: Sendable, Equatable {
     public var length: CK_ULONG
     public var value: [UInt8]?
-    public init(length: CK_ULONG, value: [UInt8]?) {
+    /// For an attribute array: what the member wrote into each element.
+    public var elements: [AttributeElement]?
+    public init(length: CK_ULONG, value: [UInt8]?, elements: [AttributeElement]? = nil) {
+        self.length = length
+        self.value = value
+        self.elements = elements
+    }
+}
+
+/// One element of an attribute array as a member answered it.
+public struct AttributeElement: Sendable, Equatable {
+    public var type: CK_ATTRIBUTE_TYPE
+    public var length: CK_ULONG
+    public var value: [UInt8]?
+    public init(type: CK_ATTRIBUTE_TYPE, length: CK_ULONG, value: [UInt8]?) {
+        self.type = type
         self.length = length
         self.value = value
     }
