@@ -34,6 +34,8 @@ struct FuzzSettings {
     /// A call is a hang past the operation-timeout plus this margin.
     let hangSeconds = (Double(env("P11HA_TEST_OPERATION_TIMEOUT") ?? "") ?? 5) + (Double(env("P11HA_FUZZ_HANG_MARGIN") ?? "") ?? 10)
     let memoryLimit = 1 << 30
+    /// For the fuzzer's own test: the episode kills itself with SIGSEGV before this step, as a crash would.
+    let crashAt = env("P11HA_FUZZ_SELF_TEST_CRASH_AT").flatMap { Int($0) }
 }
 
 // MARK: one episode
@@ -64,6 +66,7 @@ func fuzzEpisodeScenario(_ m: Module) {
         let line = "seed=\(seed) step=\(step) \(call.text)"
         CrashRecord.record(line)
         emitLine("step \(step): \(call.text)")
+        if step == settings.crashAt { raise(SIGSEGV) }
         x.step = step
         watchdog.begin(line)
         let (rv, made) = call.run(x, Arena())
@@ -239,7 +242,7 @@ func fuzzScenario(_ m: Module) {
     let base = settings.baseSeed ?? UInt64(monotonicSeconds() * 1e6) ^ UInt64(getpid()) << 40
     var seeds = FuzzRandom(seed: base)
     if let seed = settings.seed {
-        print("fuzz: episode seed \(seed), \(settings.steps) calls after the prologue")
+        print("fuzz: episode seed \(seed), \(settings.steps) calls (the prologue included)")
     } else {
         print("fuzz: base seed \(base) (P11HA_FUZZ_BASE_SEED=\(base) repeats this run), \(settings.seconds) s, "
             + "\(settings.steps) calls per episode, hang past \(settings.hangSeconds) s, "
