@@ -7,7 +7,7 @@
 // - a return value the specification does not list for the function (SpecReturnValues.swift), unless SoftHSM
 //   gives the same code to the same call directly (the same episode run on a token of its own,
 //   P11HA_FUZZ_REFERENCE_TOKEN: then it is the member's answer passed through), or `allowedUnlisted` says why,
-// - p11ha's replication key gone from a member after an episode.
+// - p11ha's own objects (replication key, journals) gone or changed on a member after an episode.
 // Every failure names its episode's seed; `scripts/fuzz --seed N` replays that episode exactly, call by call.
 import CInterop
 import Glibc
@@ -242,9 +242,9 @@ func fuzzScenario(_ m: Module) {
     let base = settings.baseSeed ?? UInt64(monotonicSeconds() * 1e6) ^ UInt64(getpid()) << 40
     var seeds = FuzzRandom(seed: base)
     if let seed = settings.seed {
-        print("fuzz: episode seed \(seed), \(settings.steps) calls (the prologue included)")
+        emitLine("fuzz: episode seed \(seed), \(settings.steps) calls (the prologue included)")
     } else {
-        print("fuzz: base seed \(base) (P11HA_FUZZ_BASE_SEED=\(base) repeats this run), \(settings.seconds) s, "
+        emitLine("fuzz: base seed \(base) (P11HA_FUZZ_BASE_SEED=\(base) repeats this run), \(settings.seconds) s, "
             + "\(settings.steps) calls per episode, hang past \(settings.hangSeconds) s, "
             + (settings.referenceToken == nil ? "no reference token" : "reference token \(settings.referenceToken!)"))
     }
@@ -256,10 +256,12 @@ func fuzzScenario(_ m: Module) {
     func report(_ seed: UInt64, _ what: String) {
         reported += 1
         check(false, "episode seed \(seed): \(what)\n  replay: scripts/fuzz --seed \(seed)")
+        fflush(nil)
     }
     repeat {
         let seed = settings.seed ?? seeds.next()
-        for problem in cleanTokens(softhsm, tokens) { report(seed, "before the episode: \(problem)") }
+        let before = cleanTokens(softhsm, tokens)
+        for problem in before.problems { report(seed, "before the episode: \(problem)") }
         var environment = ["P11HA_FUZZ_SEED": "\(seed)"]
         if settings.seed != nil { environment["P11HA_FUZZ_TRACE"] = "1" }
         let run = spawnSelf(["fuzz-episode", CommandLine.arguments[2]], environment, timeout: 600)
@@ -279,6 +281,21 @@ func fuzzScenario(_ m: Module) {
                 if direct.status > 128 && directLast == last { what += "; SoftHSM directly dies at \(last) too (the member's bug, reaching the process)" }
             }
             report(seed, "\(what)\n" + tail(lines))
+        }
+        // p11ha's own objects on each member are still there, as they were (a journal may be new): an application
+        // cannot reach them.
+        let after = cleanTokens(softhsm, tokens)
+        var lost = false
+        for (token, objects) in before.infrastructure {
+            let gone = objects.subtracting(after.infrastructure[token] ?? [])
+            if !gone.isEmpty {
+                lost = true
+                report(seed, "p11ha's own objects on \(token) were destroyed or changed by the episode: \(gone.sorted())")
+            }
+        }
+        if lost {
+            report(seed, "stopping: the next episodes would start from a group without its own objects")
+            break
         }
         let failed = lines.contains { $0.hasPrefix("FAIL") } || run.status != 0
         for failure in lines where failure.hasPrefix("FAIL") { report(seed, failure) }
@@ -307,11 +324,11 @@ func fuzzScenario(_ m: Module) {
             }
         }
     } while settings.seed == nil && monotonicSeconds() - start < settings.seconds && reported < 20
-    for problem in cleanTokens(softhsm, tokens) { check(false, "after the last episode: \(problem)") }
+    for problem in cleanTokens(softhsm, tokens).problems { check(false, "after the last episode: \(problem)") }
     for (code, example) in passedThrough.sorted(by: { $0.key < $1.key }) {
-        print("passed through from the member (SoftHSM gives it directly too): \(code) (\(example))")
+        emitLine("passed through from the member (SoftHSM gives it directly too): \(code) (\(example))")
     }
-    print("fuzz: \(episodes) episodes, \(calls) calls in \(Int(monotonicSeconds() - start)) s, base seed \(base)")
+    emitLine("fuzz: \(episodes) episodes, \(calls) calls in \(Int(monotonicSeconds() - start)) s, base seed \(base)")
 }
 
 private func tail(_ lines: [String]) -> String {
@@ -338,12 +355,14 @@ private func referenceCodes(_ softhsm: Module, _ path: String, _ seed: UInt64, _
 }
 
 /// Destroys, on each token, the objects episodes left (everything but p11ha's own), so every episode starts from
-/// the same tokens; returns what is wrong (a member without its replication key, a login refused). Every object is
+/// the same tokens; returns what is wrong (a member without its replication key, a login refused), and p11ha's own
+/// objects on each token (their labels and classes). Every object is
 /// looked at, not only those with CKA_TOKEN true: the half-made object SoftHSM keeps after a C_CreateObject it
 /// refused (an invalid attribute value) is stored on the token but matches no such search.
-func cleanTokens(_ softhsm: Module, _ labels: [String]) -> [String] {
+func cleanTokens(_ softhsm: Module, _ labels: [String]) -> (problems: [String], infrastructure: [String: Set<String>]) {
     var problems: [String] = []
-    guard softhsm.f.C_Initialize!(nil) == CKR_OK else { return ["C_Initialize of SoftHSM failed"] }
+    var infrastructure: [String: Set<String>] = [:]
+    guard softhsm.f.C_Initialize!(nil) == CKR_OK else { return (["C_Initialize of SoftHSM failed"], [:]) }
     defer { _ = softhsm.f.C_Finalize!(nil) }
     for label in labels {
         guard let slot = slot(labelled: label, in: softhsm) else {
@@ -371,14 +390,18 @@ func cleanTokens(_ softhsm: Module, _ labels: [String]) -> [String] {
         for handle in handles.prefix(Int(count)) {
             let name = attribute(softhsm, session, handle, CK_ATTRIBUTE_TYPE(CKA_LABEL)).map { String(decoding: $0, as: UTF8.self) } ?? ""
             if name == "p11ha replication key" { replicationKey = true }
-            if name.hasPrefix("p11ha") { continue }
+            if name.hasPrefix("p11ha") {
+                let objectClass = attribute(softhsm, session, handle, CK_ATTRIBUTE_TYPE(CKA_CLASS)).map { "\($0.first ?? 0)" } ?? "?"
+                infrastructure[label, default: []].insert("\(name) (class \(objectClass))")
+                continue
+            }
             let rv = softhsm.f.C_DestroyObject!(session, handle)
             if rv != CKR_OK { problems.append("\(label): an object an episode left cannot be destroyed (\(codeName(rv)))") }
         }
         if memberLabels.contains(label) && !replicationKey { problems.append("\(label): p11ha's replication key is gone") }
         _ = softhsm.f.C_Logout!(session)
     }
-    return problems
+    return (problems, infrastructure)
 }
 
 // MARK: child processes
