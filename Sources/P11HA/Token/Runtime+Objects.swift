@@ -197,6 +197,11 @@ extension Runtime {
     func copies(of object: ObjectHandle, in session: VirtualSession, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
         let group = session.group
         guard var record = group.objects.withLock({ $0[object] }) else { throw invalid }
+        // p11ha's own objects (the replication key, the journals) are not the application's: searches skip them,
+        // and the handles a search gave them internally are refused like any handle p11ha never gave. Before, a
+        // guessed handle destroyed the replication key on every member (fuzzer seed 11961027084769893313:
+        // C_DestroyObject of handle 10).
+        if group.isInfrastructure(object) { throw invalid }
         if record.refind, let identity = record.identity {
             // Found again on each member in service that has no copy recorded (no lock held while they answer).
             for member in group.membersInService where record.copies[member.index] == nil {
