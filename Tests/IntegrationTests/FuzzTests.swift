@@ -70,6 +70,13 @@ import Testing
         #expect(trace(first) == trace(again), "two runs of seed 424242 differ:\n\(first.stdout)\n---\n\(again.stdout)")
     }
 
+    @Test("a request that crashes SoftHSM directly (RSA verification with a generic secret key) is refused before it reaches a member")
+    func memberCrashIsRefused() throws {
+        let members = try Members()
+        let result = try scenario("member-crash", members)
+        #expect(result.status == 0, "\(result.output)")
+    }
+
     @Test("sizes the caller claims (2 GiB output buffers, counts past 4 GiB, 32 MiB of random) never drive p11ha's memory")
     func claimedSizesAreBounded() throws {
         let members = try Members()

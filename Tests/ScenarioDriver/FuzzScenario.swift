@@ -148,6 +148,24 @@ func fuzzSettleScenario(_ m: Module) {
     _ = m.f.C_Finalize!(nil)
 }
 
+/// What the fuzzer found crashing the process through a member, made on purpose: an RSA verification with a
+/// generic secret key and an empty signature (SoftHSM 2.6.1 directly dies of SIGSEGV in C_VerifyFinal; seed
+/// 7202067731235806811). Through the group it is refused at C_VerifyInit.
+func memberCrashScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let secret = Template().add(CKA_CLASS, ulong: CKO_SECRET_KEY).add(CKA_KEY_TYPE, ulong: CKK_GENERIC_SECRET)
+        .add(CKA_VALUE, [UInt8](repeating: 1, count: 32)).add(CKA_TOKEN, bool: false).add(CKA_VERIFY, bool: true)
+    var key: CK_OBJECT_HANDLE = 0
+    ok(m.f.C_CreateObject!(session, &secret.attributes, secret.count, &key), "C_CreateObject generic secret")
+    var rsa = mechanism(CKM_SHA1_RSA_PKCS)
+    expect(m.f.C_VerifyInit!(session, &rsa, key), CKR_KEY_TYPE_INCONSISTENT, "C_VerifyInit of SHA1-RSA-PKCS with a generic secret key")
+    var data = [UInt8](repeating: 0, count: 64)
+    expect(m.f.C_VerifyUpdate!(session, &data, 64), CKR_OPERATION_NOT_INITIALIZED, "no verification under way")
+    expect(m.f.C_VerifyFinal!(session, &data, 0), CKR_OPERATION_NOT_INITIALIZED, "C_VerifyFinal with an empty signature reaches no member")
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+}
+
 // MARK: hangs and crashes
 
 /// Fails the episode (exit 3) when a call has not returned within `limit` seconds, naming the call and the last

@@ -38,6 +38,7 @@ let scenarios: [String: (Module) -> Void] = [
     "fuzz": fuzzScenario,
     "fuzz-episode": fuzzEpisodeScenario,
     "fuzz-settle": fuzzSettleScenario,
+    "member-crash": memberCrashScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
