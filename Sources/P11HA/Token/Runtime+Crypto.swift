@@ -19,19 +19,21 @@ extension Runtime {
     /// gives it (CKR_KEY_TYPE_INCONSISTENT): SoftHSM 2.6.1 takes any key for RSA mechanisms at C_*Init, and then
     /// crashes the process in C_VerifyFinal (an RSA verification with a generic secret key and an empty signature:
     /// found by the fuzzer, seed 7202067731235806811). Other mechanisms keep the member's own answer (SoftHSM gives
-    /// ECDSA with an RSA key CKR_GENERAL_ERROR at C_Sign, which the hostile scenario holds p11ha to). The key type is
-    /// the identity's, or read from a copy; one that cannot be told is left to the member.
+    /// ECDSA with an RSA key CKR_GENERAL_ERROR at C_Sign, which the hostile scenario holds p11ha to). An RSA key
+    /// needs its modulus too, which every RSA key has and shows (SoftHSM's half-made object of a refused
+    /// C_CreateObject can lack it, and crashes the process the same way: seed 1075003282771797675). The values are
+    /// the identity's, or read from a copy; a key type that cannot be told is left to the member.
     private func checkKeyType(_ mechanism: Mechanism, _ key: ObjectHandle, in session: VirtualSession) throws(P11Error) {
         guard Self.rsaMechanisms.contains(mechanism.type) else { return }
-        let needed = CK_KEY_TYPE(CKK_RSA)
-        var keyType = session.group.objects.withLock { $0[key]?.identity?.keyType }
-        if keyType == nil {
-            keyType = (try? onPrimaryCopy(of: key, in: session) { (member, s, copy) throws(P11Error) in
-                try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE)])[0]
-            }) ?? nil
+        let identity = session.group.objects.withLock { $0[key]?.identity }
+        var values: [[UInt8]?] = [identity?.keyType, identity?.modulus]
+        if values[0] == nil || values[1] == nil {
+            values = (try? onPrimaryCopy(of: key, in: session) { (member, s, copy) throws(P11Error) in
+                try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), CK_ATTRIBUTE_TYPE(CKA_MODULUS)])
+            }) ?? [nil, nil]
         }
-        guard let keyType, let value = Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), keyType).ulongValue else { return }
-        if value != needed { throw P11Error(CK_RV(CKR_KEY_TYPE_INCONSISTENT)) }
+        guard let keyType = values[0], let value = Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), keyType).ulongValue else { return }
+        if value != CK_KEY_TYPE(CKK_RSA) || (values[1] ?? []).isEmpty { throw P11Error(CK_RV(CKR_KEY_TYPE_INCONSISTENT)) }
     }
 
     private static let rsaMechanisms: Set<CK_MECHANISM_TYPE> = Set([
