@@ -101,7 +101,8 @@ extension Runtime {
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
         }
-        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
+        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
+                      withoutSource: membersWithoutCopy(source, in: session.group))
     }
 
     /// Derivation is deterministic: it is replayed on every member that holds the base key.
@@ -113,7 +114,8 @@ extension Runtime {
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.deriveKey(s, mechanism, baseKey: key, template)
         }
-        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
+        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
+                      withoutSource: membersWithoutCopy(source, in: session.group))
     }
 }
 

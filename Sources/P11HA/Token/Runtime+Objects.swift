@@ -26,7 +26,7 @@ extension Runtime {
         }
         // A copy is a token object if asked for, else it inherits the original's CKA_TOKEN.
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? (try? isTokenObject(object, in: session)) ?? false
-        return record(copies, in: session, isToken: isToken)
+        return record(copies, in: session, isToken: isToken, withoutSource: membersWithoutCopy(source, in: session.group))
     }
 
     public func destroyObject(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) {
@@ -256,10 +256,12 @@ extension Runtime {
         }
     }
 
-    /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled.
-    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool) -> ObjectHandle {
+    /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled, on
+    /// the members that made it and on those in service that could not (`withoutSource`: they hold no copy of the
+    /// object it was made from, which only some members have), who missed nothing.
+    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool, withoutSource: [Int] = []) -> ObjectHandle {
         let group = session.group
-        if isToken { journalWrite(session, on: made.map(\.0)) }
+        if isToken { journalWrite(session, on: made.map(\.0) + withoutSource) }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         // A token object's identity is read now, while its handles are good: a module may renumber them later
