@@ -19,11 +19,12 @@ final class Executor: @unchecked Sendable {
     func run<T>(timeout: Duration, _ work: @escaping () -> T) -> T? {
         if Worker.isCurrentThreadWorker { return work() }
         let ticket = Ticket<T>()
+        let forks = ForkGate.forks
         guard let worker = takeWorker() else { return nil }
         worker.start { [self] in
             if !ticket.complete(work()) { overdueCalls.subtract(1, ordering: .relaxed) }
         }
-        return ticket.wait(timeout: timeout, overdue: overdueCalls)
+        return ticket.wait(timeout: timeout, overdue: overdueCalls, forksBefore: forks)
     }
 
     /// Calls whose caller gave up at the deadline and that are still inside the token.
@@ -113,10 +114,14 @@ private final class Ticket<T>: @unchecked Sendable {
 
     /// The result, or nil when `timeout` passed first: the call then counts in `overdue` until it completes
     /// (counted before the call is marked given up, so that its completion never finds the count at zero).
-    func wait(timeout: Duration, overdue: borrowing Atomic<Int>) -> T? {
+    func wait(timeout: Duration, overdue: borrowing Atomic<Int>, forksBefore: UInt64) -> T? {
         // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
         // afford the wake-up. A longer spin starves other processes on a loaded machine.
-        _ = done.wait(spinNanos: 200_000, timeout: timeout)
+        if !done.wait(spinNanos: 200_000, timeout: timeout), ForkGate.forked(since: forksBefore) {
+            // A fork held the call back (it waits for the calls in flight to end): the member gets its full time
+            // once more, and is not blamed for the application's fork.
+            _ = done.wait(spinNanos: 0, timeout: timeout)
+        }
         if state.load(ordering: .acquiring) == 1 { return result }
         overdue.add(1, ordering: .relaxed)
         if state.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return nil }

@@ -64,7 +64,8 @@ public enum Log {
         "local4": LOG_LOCAL4, "local5": LOG_LOCAL5, "local6": LOG_LOCAL6, "local7": LOG_LOCAL7,
     ]
 
-    private static let sink = Mutex(Sink())
+    /// Process-wide, so a child after fork logs too (see Fork.swift).
+    static let sink = ProcessLock(Sink())
 
     public static func configure(_ destination: LogDestination, level: LogLevel, facility: Int32 = LOG_USER) {
         sink.withLock { sink in

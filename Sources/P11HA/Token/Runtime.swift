@@ -3,27 +3,28 @@ import CInterop
 import Glibc
 import Synchronization
 
-/// The process-wide state behind the C ABI.
+/// The process-wide state behind the C ABI. Its locks are `ProcessLock`s, safe across fork (see Fork.swift).
 public enum Library {
-    private static let current = Mutex<Runtime?>(nil)
+    static let current = ProcessLock<Runtime?>(nil)
     /// Serializes initialize and finalize, which call members; kept apart from `current` so that
     /// ordinary calls never wait on a member.
-    private static let lifecycle = Mutex(false)
-    /// Set in a child process after fork: the parent's state is not this process's to use.
-    private static let forked = Atomic<Bool>(false)
+    static let lifecycle = ProcessLock(())
+    /// Runtimes a child inherited from its parent: never used, never freed (their threads, locks and member
+    /// sessions are the parent's; freeing them could wait on a condition no thread here will ever signal).
+    private static let inherited = ProcessLock<[Runtime]>([])
 
     public static func initialize() throws(P11Error) {
-        try lifecycle.withLock { (atforkRegistered) throws(P11Error) in
-            if !atforkRegistered {
-                pthread_atfork(nil, nil, { Library.forked.store(true, ordering: .sequentiallyConsistent) })
-                atforkRegistered = true
-            }
-            let afterFork = forked.load(ordering: .sequentiallyConsistent)
+        try lifecycle.withLock { (_) throws(P11Error) in
+            let afterFork = ForkGate.happened.load(ordering: .sequentiallyConsistent)
             if afterFork {
+                if ForkGate.registryLost.load(ordering: .relaxed) {
+                    Log.event(.error, "fork-unsafe", "a member module was being loaded when the process forked; p11ha cannot start in this child")
+                    throw P11Error.generalError
+                }
                 // Abandon the parent's runtime without touching its member sessions: they belong to the parent.
-                current.withLock { $0 = nil }
-                ModuleRegistry.forgetUsersAfterFork()
-                forked.store(false, ordering: .sequentiallyConsistent)
+                let parents = current.withLock { runtime in defer { runtime = nil }; return runtime }
+                if let parents { inherited.withLock { $0.append(parents) } }
+                ForkGate.happened.store(false, ordering: .sequentiallyConsistent)
             }
             if current.withLock({ $0 != nil }) { throw P11Error(CK_RV(CKR_CRYPTOKI_ALREADY_INITIALIZED)) }
             let path = Config.pathFromEnvironment()
@@ -35,6 +36,7 @@ public enum Library {
                 Log.event(.error, "config-error", "\(error)")
                 throw P11Error.generalError
             }
+            ForkGate.install(drainWait: config.boundedWait)
             // Members start on a thread of p11ha's own: what their modules leave in thread-local state (SoftHSM's
             // OpenSSL error queue) must not reach the application's thread, where nginx would fail a handshake.
             final class Outcome: @unchecked Sendable { var value: Result<Runtime, any Error>? }
@@ -69,7 +71,7 @@ public enum Library {
     /// The runtime of this initialization, or CKR_CRYPTOKI_NOT_INITIALIZED (also in a fresh child after fork).
     @inline(__always)
     public static func runtime() throws(P11Error) -> Runtime {
-        if forked.load(ordering: .relaxed) { throw P11Error.notInitialized }
+        if ForkGate.happened.load(ordering: .relaxed) { throw P11Error.notInitialized }
         guard let runtime = current.withLock({ $0 }) else { throw P11Error.notInitialized }
         return runtime
     }
@@ -137,21 +139,23 @@ public final class Runtime: @unchecked Sendable {
         }
         var seen: [String: Int] = [:]
         var unreachableAtStart: [(Member, String)] = []
+        let tokens = config.groups.map { group in group.members.map { makeBackend($0, group, afterFork) } }
+        let outcomes = connectAll(zip(config.groups.flatMap(\.members), tokens.joined()).map { ($0.moduleKey, $1) })
+        var next = 0
         for (groupIndex, groupConfig) in config.groups.enumerated() {
             var members: [Member] = []
             for (index, memberConfig) in groupConfig.members.enumerated() {
-                let token = makeBackend(memberConfig, groupConfig, afterFork)
+                let token = tokens[groupIndex][index]
                 var unreachable: String? = nil
-                do throws(ConnectFailure) {
-                    try token.connect()
-                } catch {
-                    switch error {
-                    case .configuration(let message):
-                        token.disconnect()
-                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
-                    case .unreachable(let message):
-                        unreachable = message
-                    }
+                defer { next += 1 }
+                switch outcomes[next] {
+                case .success: break
+                case .failure(.configuration(let message)):
+                    // Every token was connected at once: let go of those not yet counted as connected, too.
+                    for later in tokens.joined().dropFirst(next) { later.disconnect() }
+                    throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
+                case .failure(.unreachable(let message)):
+                    unreachable = message
                 }
                 connected.append(token)
                 var ownPIN: Secret? = nil
@@ -186,6 +190,39 @@ public final class Runtime: @unchecked Sendable {
         for (member, reason) in unreachableAtStart { runtime.fanOut.startFailed(member, reason: "unreachable at start: \(reason)") }
         if !unreachableAtStart.isEmpty { runtime.recovery.worker.wake() }
         return runtime
+    }
+
+    /// Connects every token at once, so that the start takes one operation-timeout however many members do not
+    /// answer. Tokens of one module connect one after another: the module starts once, for the first.
+    private static func connectAll(_ tokens: [(module: String, token: any TokenBackend)]) -> [Result<Void, ConnectFailure>] {
+        final class Outcomes: @unchecked Sendable {
+            var results: [Result<Void, ConnectFailure>?]
+            init(_ count: Int) { results = Array(repeating: nil, count: count) }
+        }
+        let outcomes = Outcomes(tokens.count)
+        var byModule: [String: [Int]] = [:]
+        for (index, entry) in tokens.enumerated() { byModule[entry.module, default: []].append(index) }
+        if byModule.count == 1 {
+            for (index, entry) in tokens.enumerated() { outcomes.results[index] = Result { () throws(ConnectFailure) in try entry.token.connect() } }
+            return outcomes.results.map { $0! }
+        }
+        let lock = Mutex(())
+        var done: [Signal] = []
+        for indices in byModule.values {
+            let finished = Signal()
+            done.append(finished)
+            let chain = indices.map { ($0, tokens[$0].token) }
+            spawnThread {
+                for (index, token) in chain {
+                    let result = Result { () throws(ConnectFailure) in try token.connect() }
+                    lock.withLock { _ in outcomes.results[index] = result }
+                }
+                finished.raise()
+                parkForever()
+            }
+        }
+        for finished in done { finished.wait(timeout: nil) }
+        return lock.withLock { _ in outcomes.results.map { $0! } }
     }
 
     /// Closes every session and releases the modules.
@@ -253,4 +290,9 @@ public final class Runtime: @unchecked Sendable {
                           inFlight: $0.inFlight.load(ordering: .relaxed))
         }
     }
+}
+
+extension MemberConfig {
+    /// Which loaded module the member's token is reached through (members of one SoftHSM share one).
+    var moduleKey: String { via.map { "\(uri.modulePath) via \($0)" } ?? uri.modulePath }
 }
