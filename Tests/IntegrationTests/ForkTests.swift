@@ -11,13 +11,14 @@ struct ForkTests {
     @Test("children forked one after another from a process whose threads sign while one member is down and one hangs each start p11ha, sign and exit",
           arguments: ["sequential", "daemon"])
     func forkStorm(_ mode: String) throws {
-        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 100ms"])
+        let servers = try MemberServers.withKeyPair(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 100ms"])
         defer { servers.stopAll() }
         let members = servers.members
         // member-a in this process (SoftHSM dlopened: a child inherits it with whatever locks the parent's threads
         // held in it at fork); member-b and member-c through p11-kit's client, as network HSMs.
         let remoteA = "member = pkcs11:token=member-a via unix:path=\(servers.socketPath("member-a"))"
-        let config = servers.remoteConfig(extraGlobal: ["operation-timeout = 500ms", "recovery-interval = 100ms"])
+        // 2 s: a deadline short enough to matter, long enough that a loaded machine (tests side by side) does not miss it.
+        let config = servers.remoteConfig(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 100ms"])
         try #require(config.contains(remoteA), "unexpected configuration:\n\(config)")
         try members.rewriteConfig(config.replacingOccurrences(
             of: remoteA, with: "member = pkcs11:token=member-a?module-path=\(Paths.softhsmModule)"))

@@ -34,6 +34,7 @@ let scenarios: [String: (Module) -> Void] = [
     "hostile": hostileScenario,
     "no-login": noLoginScenario,
     "churn": churnScenario,
+    "lifecycle": lifecycleScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))

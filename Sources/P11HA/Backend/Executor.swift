@@ -34,7 +34,7 @@ final class Executor: @unchecked Sendable {
     /// Calls under way (a call past its deadline stays under way until the module returns).
     var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
 
-    /// Stops idle workers (busy ones stop when their call returns); they park rather than end (see parkForever).
+    /// Stops idle workers (busy ones stop when their call returns); their threads wait for other work (see spawnThread).
     func close() {
         closed.store(true, ordering: .releasing)
         for worker in idle.withLock({ list in defer { list.removeAll() }; return list }) { worker.stop() }
@@ -148,12 +148,14 @@ private final class Worker: @unchecked Sendable {
         self.owner = owner
         spawnThread { [self] in
             pthread_setspecific(Self.key, UnsafeRawPointer(bitPattern: 1))
+            // The thread goes back to the pool (see spawnThread): no longer a worker then.
+            defer { pthread_setspecific(Self.key, nil) }
             while true {
                 _ = wake.wait(spinNanos: 50_000, timeout: nil)
-                if stopping { parkForever() }
+                if stopping { return }
                 job?()
                 job = nil
-                if !owner.finished(self) { parkForever() }
+                if !owner.finished(self) { return }
             }
         }
     }

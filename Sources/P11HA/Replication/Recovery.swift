@@ -40,7 +40,6 @@ final class RecoveryWorker: @unchecked Sendable {
     }
 
     private func loop() {
-        defer { parkForever() }
         while !stopped.load(ordering: .acquiring) {
             var pending = false
             pass.withLock { _ in

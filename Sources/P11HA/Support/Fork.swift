@@ -135,6 +135,7 @@ public enum ForkGate {
             module.wedged.store(true, ordering: .relaxed)
         }
         for module in modules { take(module.users) }
+        take(ThreadPool.idle)
         take(Log.sink)
         taken = release
     }
@@ -158,6 +159,8 @@ public enum ForkGate {
         } else {
             registryLost.store(true, ordering: .relaxed)
         }
+        ThreadPool.idle.recreateInChild()
+        ThreadPool.forgetInChild()
         Log.sink.recreateInChild()
         happened.store(true, ordering: .sequentiallyConsistent)
         pending.store(false, ordering: .sequentiallyConsistent)

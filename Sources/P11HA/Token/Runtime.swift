@@ -46,7 +46,6 @@ public enum Library {
             spawnThread {
                 outcome.value = Result { try Runtime.start(startConfig, afterFork: afterFork) }
                 done.raise()
-                parkForever()
             }
             done.wait(timeout: nil)
             let runtime: Runtime
@@ -218,7 +217,6 @@ public final class Runtime: @unchecked Sendable {
                     lock.withLock { _ in outcomes.results[index] = result }
                 }
                 finished.raise()
-                parkForever()
             }
         }
         for finished in done { finished.wait(timeout: nil) }
