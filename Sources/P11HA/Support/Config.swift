@@ -135,22 +135,22 @@ public struct Config: Sendable {
                     section = .global
                 case ("group", 2):
                     let name = String(words[1])
-                    if config.groups.contains(where: { $0.name == name }) { throw fail("group '\(name)' is defined twice") }
+                    if config.groups.contains(where: { $0.name == name }) { throw fail("group '\(shortened(name))' is defined twice") }
                     config.groups.append(GroupConfig(name: name, label: name, line: lineNumber))
                     section = .group(config.groups.count - 1)
                 default:
-                    throw fail("unknown section '\(line)' (expected [p11ha] or [group NAME])")
+                    throw fail("unknown section '\(shortened(line))' (expected [p11ha] or [group NAME])")
                 }
                 continue
             }
             guard let equals = line.firstIndex(of: "=") else { throw fail("expected 'key = value'") }
             let key = String(line[..<equals]).trimmed
             let value = String(line[line.index(after: equals)...]).trimmed
-            if value.isEmpty { throw fail("'\(key)' has no value") }
-            if value.unicodeScalars.contains("\t") { throw fail("'\(key)': the value holds a control character (U+0009)") }
+            if value.isEmpty { throw fail("'\(shortened(key))' has no value") }
+            if value.unicodeScalars.contains("\t") { throw fail("'\(shortened(key))': the value holds a control character (U+0009)") }
             switch section {
             case .none:
-                throw fail("'\(key)' appears before any section")
+                throw fail("'\(shortened(key))' appears before any section")
             case .global:
                 switch key {
                 case "log":
@@ -180,9 +180,9 @@ public struct Config: Sendable {
                 case "replay-buffer":
                     let bounds = ConfigBounds.replayBuffer
                     let range = "from \(sizeText(bounds.lowerBound)) to \(sizeText(bounds.upperBound))"
-                    if value.hasPrefix("-") { throw fail("replay-buffer \(value) is negative: it must be \(range)") }
+                    if value.hasPrefix("-") { throw fail("replay-buffer \(shortened(value)) is negative: it must be \(range)") }
                     guard let n = parseSize(value) else { throw fail("replay-buffer must be a size like 65536, 64k or 1m, \(range)") }
-                    guard bounds.contains(n) else { throw fail("replay-buffer \(value) is out of range: it must be \(range)") }
+                    guard bounds.contains(n) else { throw fail("replay-buffer \(shortened(value)) is out of range: it must be \(range)") }
                     config.replayBuffer = n
                 case "lock-dir":
                     guard value.hasPrefix("/") else { throw fail("lock-dir must be an absolute path") }
@@ -190,7 +190,7 @@ public struct Config: Sendable {
                 case "generated-keys":
                     guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate or refuse") }
                     config.generatedKeys = policy
-                default: throw fail("unknown key '\(key)' in [p11ha]")
+                default: throw fail("unknown key '\(shortened(key))' in [p11ha]")
                 }
             case .group(let index):
                 switch key {
@@ -211,7 +211,7 @@ public struct Config: Sendable {
                     } catch {
                         throw fail("\(key): \(error.message)")
                     }
-                default: throw fail("unknown key '\(key)' in [group \(config.groups[index].name)]")
+                default: throw fail("unknown key '\(shortened(key))' in [group \(config.groups[index].name)]")
                 }
             }
         }
@@ -242,7 +242,7 @@ public struct Config: Sendable {
         case .syslog: return .syslog
         case .file(let path):
             guard path.hasPrefix("/") else {
-                throw ValueError(message: "'\(value)' must be stderr, syslog or an absolute file path")
+                throw ValueError(message: "'\(shortened(value))' must be stderr, syslog or an absolute file path")
             }
             var info = stat()
             if stat(path, &info) == 0 {
@@ -266,9 +266,9 @@ public struct Config: Sendable {
     static func checkedDuration(_ value: String, key: String, bounds: ClosedRange<Duration>, example: String,
                                 _ fail: (String) -> ConfigError) throws(ConfigError) -> Duration {
         let range = "from \(durationText(bounds.lowerBound)) to \(durationText(bounds.upperBound))"
-        if value.hasPrefix("-") { throw fail("\(key) \(value) is negative: it must be \(range)") }
+        if value.hasPrefix("-") { throw fail("\(key) \(shortened(value)) is negative: it must be \(range)") }
         guard let duration = parseDuration(value) else { throw fail("\(key) must be a duration like \(example), \(range)") }
-        guard bounds.contains(duration) else { throw fail("\(key) \(value) is out of range: it must be \(range)") }
+        guard bounds.contains(duration) else { throw fail("\(key) \(shortened(value)) is out of range: it must be \(range)") }
         return duration
     }
 
@@ -276,12 +276,12 @@ public struct Config: Sendable {
     static func checkedAddress(_ address: String) throws(TokenURI.ParseError) -> String {
         if address.hasPrefix("unix:path=") {
             guard address.dropFirst("unix:path=".count).hasPrefix("/") else {
-                throw TokenURI.ParseError(message: "via: '\(address)' must name an absolute socket path (unix:path=/...)")
+                throw TokenURI.ParseError(message: "via: '\(shortened(address))' must name an absolute socket path (unix:path=/...)")
             }
         } else if address.hasPrefix("tcp:") {
             guard address.count > "tcp:".count else { throw TokenURI.ParseError(message: "via: 'tcp:' names no host") }
         } else {
-            throw TokenURI.ParseError(message: "via: '\(address)' is not a p11-kit address (unix:path=... or tcp:...)")
+            throw TokenURI.ParseError(message: "via: '\(shortened(address))' is not a p11-kit address (unix:path=... or tcp:...)")
         }
         return address
     }
@@ -325,7 +325,7 @@ public struct TokenURI: Sendable {
 
     /// `remote`: the token is reached through p11-kit's client module, so no module needs to be named.
     public init(parsing text: String, remote: Bool = false) throws(ParseError) {
-        let shown = Self.redacted(text)
+        let shown = shortened(Self.redacted(text))
         // p11-kit decodes %00 into a C string, which ends there: the module, label or PIN would be cut short.
         guard splitting(text, on: "%00").count == 1 else { throw ParseError(message: "'\(shown)' holds a NUL byte (%00)") }
         try Self.checkQuery(text)
@@ -343,13 +343,13 @@ public struct TokenURI: Sendable {
         let name = p11_kit_uri_get_module_name(uri).map { String(cString: $0) }
         if let path {
             guard path.hasPrefix("/") else {
-                throw ParseError(message: "module-path '\(path)' must be an absolute path (module-name=NAME names a module)")
+                throw ParseError(message: "module-path '\(shortened(path))' must be an absolute path (module-name=NAME names a module)")
             }
             try Self.refuseControls(path, "module-path")
         }
         if let name {
             try Self.refuseControls(name, "module-name")
-            guard !name.contains("/") else { throw ParseError(message: "module-name '\(name)' must be a name, not a path (module-path=...)") }
+            guard !name.contains("/") else { throw ParseError(message: "module-name '\(shortened(name))' must be a name, not a path (module-path=...)") }
         }
         if remote {
             modulePath = Self.remoteClientModule
@@ -368,7 +368,7 @@ public struct TokenURI: Sendable {
         if let pinSource {
             try Self.refuseControls(pinSource, "pin-source")
             guard Secret.pinSourcePath(pinSource).hasPrefix("/") else {
-                throw ParseError(message: "pin-source '\(pinSource)' must be an absolute path (file:/...)")
+                throw ParseError(message: "pin-source '\(shortened(pinSource))' must be an absolute path (file:/...)")
             }
         }
     }
@@ -380,11 +380,11 @@ public struct TokenURI: Sendable {
         for pair in text[text.index(after: question)...].split(separator: "&", omittingEmptySubsequences: false) {
             let name = String(pair.prefix(while: { $0 != "=" }))
             guard queryAttributes.contains(name) else {
-                let shown = name.unicodeScalars.contains(where: isControl) ? "?" : name
-                throw ParseError(message: "'\(redacted(text))': unknown attribute '\(shown)' after '?' (expected \(queryAttributes.sorted().joined(separator: ", ")))")
+                let shown = name.unicodeScalars.contains(where: isControl) ? "?" : shortened(name)
+                throw ParseError(message: "'\(shortened(redacted(text)))': unknown attribute '\(shown)' after '?' (expected \(queryAttributes.sorted().joined(separator: ", ")))")
             }
-            guard seen.insert(name).inserted else { throw ParseError(message: "'\(redacted(text))': \(name) is given twice") }
-            guard pair.count > name.count + 1 else { throw ParseError(message: "'\(redacted(text))': \(name) is empty") }
+            guard seen.insert(name).inserted else { throw ParseError(message: "'\(shortened(redacted(text)))': \(name) is given twice") }
+            guard pair.count > name.count + 1 else { throw ParseError(message: "'\(shortened(redacted(text)))': \(name) is empty") }
         }
     }
 
@@ -513,6 +513,11 @@ func sizeText(_ bytes: Int) -> String {
         return "\(bytes / scale) \(unit)"
     }
     return bytes == 0 ? "0" : bytes == 1 ? "1 byte" : "\(bytes) bytes"
+}
+
+/// `text` for a message: at most 100 characters (a value may be a megabyte long).
+func shortened(_ text: String) -> String {
+    text.count <= 100 ? text : String(text.prefix(100)) + "..."
 }
 
 /// C0, DEL and C1 control characters.
