@@ -305,6 +305,30 @@ struct BadValue: Sendable, CustomTestStringConvertible {
         #expect(read == expected)
     }
 
+    @Test("the range an error gives is written as the file takes it: its bounds, copied back, are accepted", arguments: [
+        "operation-timeout = 61m", "operation-timeout = 0", "recovery-interval = 1ms", "recovery-interval = 61m",
+        "replay-buffer = 2g", "replay-buffer = -1",
+    ])
+    func rangeInMessageAccepted(_ line: String) throws {
+        let key = String(line.prefix(while: { $0 != " " }))
+        var message = ""
+        do {
+            _ = try Config.parse("[p11ha]\n\(line)\n[group g]\nmember = \(member)\n", path: "p11ha.conf")
+        } catch {
+            message = error.description
+        }
+        let words = message.split(separator: " ").map(String.init)
+        guard let from = words.firstIndex(of: "from"), from + 3 < words.count, words[from + 2] == "to" else {
+            Issue.record("no 'from X to Y' in: \(message)")
+            return
+        }
+        for bound in [words[from + 1], words[from + 3]] {
+            #expect(throws: Never.self, "\(key) = \(bound), from: \(message)") {
+                _ = try Config.parse("[p11ha]\n\(key) = \(bound)\n[group g]\nmember = \(member)\n", path: "p11ha.conf")
+            }
+        }
+    }
+
     @Test("a label may be any UTF-8 text of up to 32 bytes; a file with CRLF line ends reads as one with LF")
     func labelsAndLineEnds() throws {
         let config = try Config.parse("[p11ha]\r\nlog-level = debug\r\n[group g]\r\nlabel = Prüfung HA-1\r\nmember = \(member)\r\n",

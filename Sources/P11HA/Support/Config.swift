@@ -30,10 +30,10 @@ public struct GroupConfig: Sendable {
 /// What each setting may be. A value outside these is refused with its file and line: it is a typo or a unit
 /// mistake, and the bounds keep the arithmetic done with it (deadlines, buffer sizes) far from overflow.
 public enum ConfigBounds {
-    /// 1 ms to 1 h, or off. Zero would fail every member at its first call; past an hour the deadline protects
+    /// 1 ms to 60 min, or off. Zero would fail every member at its first call; past an hour the deadline protects
     /// nobody (an application waits that long on a hung member) and `off` says so honestly.
     public static let operationTimeout = Duration.milliseconds(1)...Duration.seconds(3600)
-    /// 10 ms to 1 h. Probing a failed member more often than every 10 ms is a busy loop against it; a member
+    /// 10 ms to 60 min. Probing a failed member more often than every 10 ms is a busy loop against it; a member
     /// probed less than hourly stays out long after it returned.
     public static let recoveryInterval = Duration.milliseconds(10)...Duration.seconds(3600)
     /// 0 (no replay of multi-part updates) to 1 GiB: the buffer is kept per operation in progress, in the
@@ -179,7 +179,7 @@ public struct Config: Sendable {
                                                                   example: "500ms, 2s or 1m", fail)
                 case "replay-buffer":
                     let bounds = ConfigBounds.replayBuffer
-                    let range = "from \(sizeText(bounds.lowerBound)) to \(sizeText(bounds.upperBound))"
+                    let range = "from \(sizeSetting(bounds.lowerBound)) to \(sizeSetting(bounds.upperBound))"
                     if value.hasPrefix("-") { throw fail("replay-buffer \(shortened(value)) is negative: it must be \(range)") }
                     guard let n = parseSize(value) else { throw fail("replay-buffer must be a size like 65536, 64k or 1m, \(range)") }
                     guard bounds.contains(n) else { throw fail("replay-buffer \(shortened(value)) is out of range: it must be \(range)") }
@@ -498,16 +498,23 @@ func decimal(_ text: Substring) -> Int? {
     return Int(text) ?? Int.max
 }
 
-/// `1ms`, `10ms`, `1h` for the bounds in messages.
+/// `1ms`, `10ms`, `60m` for the bounds in messages, in units the file accepts.
 func durationText(_ duration: Duration) -> String {
     let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
-    if milliseconds % 3_600_000 == 0 { return "\(milliseconds / 3_600_000)h" }
     if milliseconds % 60_000 == 0 { return "\(milliseconds / 60_000)m" }
     if milliseconds % 1000 == 0 { return "\(milliseconds / 1000)s" }
     return "\(milliseconds)ms"
 }
 
-/// `0`, `4 KiB`, `1 GiB` for limits in messages.
+/// `0`, `64k`, `1g`: a size as the file writes it, for the bounds in messages.
+func sizeSetting(_ bytes: Int) -> String {
+    for (unit, scale) in [("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)] where bytes >= scale && bytes % scale == 0 {
+        return "\(bytes / scale)\(unit)"
+    }
+    return "\(bytes)"
+}
+
+/// `0`, `4 KiB`, `1 GiB` for file size limits in messages.
 func sizeText(_ bytes: Int) -> String {
     for (unit, scale) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] where bytes >= scale && bytes % scale == 0 {
         return "\(bytes / scale) \(unit)"
