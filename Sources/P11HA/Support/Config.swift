@@ -113,6 +113,7 @@ public struct Config: Sendable {
         var config = Config(path: path)
         enum Section { case none, global, group(Int) }
         var section = Section.none
+        var groupNames: Set<String> = []
         var lineNumber = 0
         func fail(_ message: String) -> ConfigError { ConfigError(file: path, line: lineNumber, message: message) }
 
@@ -135,7 +136,7 @@ public struct Config: Sendable {
                     section = .global
                 case ("group", 2):
                     let name = String(words[1])
-                    if config.groups.contains(where: { $0.name == name }) { throw fail("group '\(shortened(name))' is defined twice") }
+                    guard groupNames.insert(name).inserted else { throw fail("group '\(shortened(name))' is defined twice") }
                     config.groups.append(GroupConfig(name: name, label: name, line: lineNumber))
                     section = .group(config.groups.count - 1)
                 default:
@@ -244,19 +245,23 @@ public struct Config: Sendable {
             guard path.hasPrefix("/") else {
                 throw ValueError(message: "'\(shortened(value))' must be stderr, syslog or an absolute file path")
             }
+            let shown = shortened(path)
             var info = stat()
             if stat(path, &info) == 0 {
                 guard isRegularFile(info.st_mode) else {
-                    throw ValueError(message: "\(path) is \(fileKind(info.st_mode)), not a regular file")
+                    throw ValueError(message: "\(shown) is \(fileKind(info.st_mode)), not a regular file")
                 }
                 return .file(path)
             }
+            // A directory this user may not search (an operator's p11hactl, a root-only log directory): the
+            // module, which may, opens the file or falls back to stderr.
             let reason = errno
-            guard reason == ENOENT else { throw ValueError(message: "\(path): \(errorText(reason))") }
-            if lstat(path, &info) == 0 { throw ValueError(message: "\(path) is a symbolic link to nothing") }
+            if reason == EACCES { return .file(path) }
+            guard reason == ENOENT else { throw ValueError(message: "\(shown): \(errorText(reason))") }
+            if lstat(path, &info) == 0 { throw ValueError(message: "\(shown) is a symbolic link to nothing") }
             let directory = parentDirectory(path)
             guard stat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
-                throw ValueError(message: "\(path) cannot be created: \(directory) is not an existing directory")
+                throw ValueError(message: "\(shown) cannot be created: \(shortened(directory)) is not an existing directory")
             }
             return .file(path)
         }
