@@ -22,7 +22,7 @@ public final class Secret: @unchecked Sendable {
 
     public let count: Int
 
-    /// A PIN file holds a PIN and perhaps a newline: anything larger is not one (or is /dev/zero's like).
+    /// A PIN file holds a PIN and perhaps a newline: a larger file is not a PIN file.
     public static let pinFileLimit = 4096
 
     /// The file a pin-source names: `file:PATH` or a plain path, as p11-kit takes it.
@@ -39,7 +39,7 @@ public final class Secret: @unchecked Sendable {
             while end > 0, bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D { end -= 1 }
             return end == 0 ? nil : Secret(copying: UnsafeRawBufferPointer(rebasing: bytes[0..<end]))
         }
-        guard let secret else { throw FileReadError(description: "holds no PIN (the file is empty)") }
+        guard let secret else { throw FileReadError(description: "holds no PIN (it is empty, or only a line end)") }
         return secret
     }
 
