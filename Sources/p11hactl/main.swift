@@ -223,11 +223,12 @@ func startRuntime(_ options: ConfigOption) throws -> Runtime {
 /// A PIN from `--...-pin-source file:PATH`, else from a prompt on the terminal (never from the command line).
 func readPIN(source: String?, prompt: String) throws -> Secret {
     if let source {
-        guard let pin = Secret.fromPinSource(source) else {
-            printError("p11hactl: cannot read the PIN from \(source)")
+        do {
+            return try Secret.reading(pinSource: source)
+        } catch {
+            printError("p11hactl: cannot read the PIN from \(Secret.pinSourcePath(source)): \(error)")
             throw ExitCode(1)
         }
-        return pin
     }
     guard let typed = getpass(prompt) else {
         printError("p11hactl: no terminal to ask for the PIN; use a pin-source")

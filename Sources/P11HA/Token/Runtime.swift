@@ -131,14 +131,14 @@ public final class Runtime: @unchecked Sendable {
         Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
         let makeBackend = backends ?? moduleBackends(config)
         var groups: [Group] = []
-        var connected: [any TokenBackend] = []
+        let tokens = config.groups.map { group in group.members.map { makeBackend($0, group, afterFork) } }
         func fail(_ line: Int, _ message: String) -> StartError {
-            for token in connected { token.disconnect() }
+            // Every token was connected at once: each lets go of its module (one that never got it does nothing).
+            for token in tokens.joined() { token.disconnect() }
             return StartError(description: "\(config.path):\(line): \(message)")
         }
         var seen: [String: Int] = [:]
         var unreachableAtStart: [(Member, String)] = []
-        let tokens = config.groups.map { group in group.members.map { makeBackend($0, group, afterFork) } }
         let outcomes = connectAll(zip(config.groups.flatMap(\.members), tokens.joined()).map { ($0.moduleKey, $1) })
         var next = 0
         for (groupIndex, groupConfig) in config.groups.enumerated() {
@@ -150,21 +150,19 @@ public final class Runtime: @unchecked Sendable {
                 switch outcomes[next] {
                 case .success: break
                 case .failure(.configuration(let message)):
-                    // Every token was connected at once: let go of those not yet counted as connected, too.
-                    for later in tokens.joined().dropFirst(next) { later.disconnect() }
                     throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
                 case .failure(.unreachable(let message)):
                     unreachable = message
                 }
-                connected.append(token)
                 var ownPIN: Secret? = nil
                 if let value = memberConfig.uri.pinValue {
                     ownPIN = Secret(value)
                 } else if let source = memberConfig.uri.pinSource {
-                    guard let pin = Secret.fromPinSource(source) else {
-                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): cannot read pin-source \(source)")
+                    do throws(FileReadError) {
+                        ownPIN = try Secret.reading(pinSource: source)
+                    } catch {
+                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): pin-source \(Secret.pinSourcePath(source)): \(error)")
                     }
-                    ownPIN = pin
                 }
                 let name = memberName(memberConfig, token: token, connected: unreachable == nil)
                 // Two lines naming one token would count every write twice: tokens are told apart by serial.
