@@ -222,19 +222,37 @@ public final class Runtime: @unchecked Sendable {
     }
 
     /// Closes every session and releases the modules.
+    /// Members are let go of side by side, so that C_Finalize takes one operation-timeout however many members
+    /// stop answering now.
     public func shutdown() {
         recovery.worker.stop()
-        let all = sessions.removeAll()
-        for session in all { closeMemberSessions(session) }
+        var byMember: [ObjectIdentifier: [MemberSession]] = [:]
+        for session in sessions.removeAll() {
+            for (member, handle) in detachMemberSessions(session) { byMember[ObjectIdentifier(member), default: []].append(handle) }
+        }
         for group in groups {
             group.login.withLock { $0 = Group.LoginState() }
         }
-        // Calls given up at their deadline that have since been released (a member that answers again) finish
-        // first, within the operation-timeout: a module finalized, or a process exiting, under one of them
-        // crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
-        let members = groups.flatMap(\.members)
-        waitWhile({ members.contains { $0.token.callsOverdue > 0 } }, upTo: config.boundedWait, polling: .milliseconds(1))
-        for member in members { member.token.disconnect() }
+        let boundedWait = config.boundedWait
+        var done: [Signal] = []
+        for member in groups.flatMap(\.members) {
+            let handles = byMember[ObjectIdentifier(member)] ?? []
+            let finished = Signal()
+            done.append(finished)
+            spawnThread {
+                // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the
+                // whole operation-timeout for nothing; its sessions end with its module.
+                for handle in handles where member.token.callsOverdue == 0 { member.token.closeSession(handle) }
+                // Calls given up at their deadline that have since been released (a member that answers again)
+                // finish first, within the operation-timeout: a module finalized, or a process exiting, under one of
+                // them crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
+                waitWhile({ member.token.callsOverdue > 0 }, upTo: boundedWait, polling: .milliseconds(1))
+                finished.raise()
+            }
+        }
+        for finished in done { finished.wait(timeout: nil) }
+        // Released one after another: members of one module share its start and stop.
+        for member in groups.flatMap(\.members) { member.token.disconnect() }
     }
 
     public func group(_ slot: CK_SLOT_ID) throws(P11Error) -> Group {
@@ -253,6 +271,15 @@ public final class Runtime: @unchecked Sendable {
     }
 
     func closeMemberSessions(_ session: VirtualSession) {
+        // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
+        // operation-timeout for nothing; its sessions end with its module.
+        for (member, handle) in detachMemberSessions(session) where member.token.callsOverdue == 0 {
+            member.token.closeSession(handle)
+        }
+    }
+
+    /// Ends the session for the application and takes its member sessions off it, for the caller to close.
+    private func detachMemberSessions(_ session: VirtualSession) -> [(Member, MemberSession)] {
         session.markClosed()
         // Calls already under way finish first (each within the operation-timeout); new ones are refused.
         waitWhile({ session.callsUnderWay > 0 }, upTo: config.boundedWait, polling: .microseconds(200))
@@ -264,12 +291,9 @@ public final class Runtime: @unchecked Sendable {
             }
             return (state.memberSessions, state.retired)
         }
-        // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
-        // operation-timeout for nothing; its sessions end with its module.
-        let closing = handles.enumerated().compactMap { index, handle in handle.map { (index, $0) } } + retired.map { ($0.member, $0.session) }
-        for (index, handle) in closing where session.group.members[index].token.callsOverdue == 0 {
-            session.group.members[index].token.closeSession(handle)
-        }
+        let members = session.group.members
+        return handles.enumerated().compactMap { index, handle in handle.map { (members[index], $0) } }
+            + retired.map { (members[$0.member], $0.session) }
     }
 
     /// Per-member figures for operators and tests.
