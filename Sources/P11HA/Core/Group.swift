@@ -61,9 +61,21 @@ public final class Group: @unchecked Sendable {
         // Named after the configuration, not the tokens' live answers: every process must find the same file,
         // also one that started while a member did not answer.
         let identity = ([config.name] + members.map(\.config.displayURI)).joined(separator: "|")
-        let base = "\(lockDirectory)/p11ha-\(stableSerial(identity))"
-        self.hostLock = HostLock(path: base + ".lock")
-        self.statusFile = StatusFile(path: base + ".status")
+        let base = "p11ha-\(stableSerial(identity))"
+        let directory = HostDirectory(path: lockDirectory)
+        // The lock is waited for as long as a member call may take: the members' deadline is the operation-timeout
+        // (2 s without one, as Config.boundedWait).
+        let wait = members.compactMap { ($0.token as? DeadlineBackend)?.timeout }.max() ?? .seconds(2)
+        self.hostLock = HostLock(file: HostFileLock(directory: directory, name: base + ".lock"), group: config.name, wait: wait)
+        self.statusFile = StatusFile(directory: directory, name: base + ".status")
+        // The default directory is made now, and any directory verified, so that a refusal is in the log from the
+        // start. A refused directory leaves the group without coordination: what needs the lock waits (journal
+        // records, bringing members up to date) and is done once the directory is usable.
+        do throws(HostFileProblem) {
+            _ = try directory.open()
+        } catch {
+            Log.event(.error, error.event, "group=\(config.name) path=\(error.path) reason=\"\(error.reason)\" effect=\"no coordination with this host's other processes: journal records and returning members wait until it is usable\"")
+        }
         for member in members {
             member.onHealthChange = { [unowned self] in self.publish($0) }
             member.group = self
