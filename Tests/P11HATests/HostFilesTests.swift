@@ -341,8 +341,7 @@ final class LockHolder {
         fake.recover()
         #expect(journalGenerations(fake) == before.map { $0 + 2 }, "both writes counted once the lock was free")
         #expect(!fake.group.hostLock.hasDeferredWork)
-        let log = readTextFile(fake.directory + "/p11ha.log") ?? ""
-        #expect(log.contains("host-lock-busy group=fake") && log.contains("journal-recorded-late group=fake writes=2"), "\(log)")
+        // (The log is the process's, shared by tests running beside this one: the integration tests read it.)
     }
 
     @Test("a member that missed a write while the lock was held elsewhere returns only once the write's record is written, with what it missed")
