@@ -182,7 +182,7 @@ final class TimedWrites {
 
     /// Lets it finalize and exit; its result.
     func finishAndWait() throws -> ProcessResult {
-        FileManager.default.createFile(atPath: finish, contents: nil)
+        guard FileManager.default.createFile(atPath: finish, contents: nil) else { throw SupportError("cannot make \(finish)") }
         guard let result = process.wait(seconds: 30) else { throw SupportError("timed_writes did not exit:\n\(process.output)") }
         return result
     }
@@ -320,7 +320,7 @@ struct HostFilesAgainstALocalUser {
         let creates = client.durations.filter { $0.call == "C_CreateObject" }.map(\.seconds)
         try #require(creates.count == Int(writes), "\(client.process.output)")
         #expect(creates[0] >= 0.9 && creates[0] <= 2, "the first write waits for the lock up to the operation-timeout (1 s): \(creates[0]) s")
-        #expect(creates.dropFirst().allSatisfy { $0 < 0.5 }, "later writes join the records already waiting: \(creates)")
+        #expect(creates.dropFirst().allSatisfy { $0 < 0.8 }, "later writes join the records already waiting, without waiting: \(creates)")
         for (call, seconds) in client.durations {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s")
         }

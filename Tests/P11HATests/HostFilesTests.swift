@@ -316,7 +316,7 @@ final class LockHolder {
 @Suite struct WritesWhileAnotherProcessHoldsTheHostLock {
     @Test("a write returns within the lock's wait while another process holds it; its journal record is written by the worker once the lock is free")
     func journalRecordDeferred() throws {
-        let fake = try FakeGroup(operationTimeout: "300ms")
+        let fake = try FakeGroup(operationTimeout: "1s")
         let session = try fake.userSession()
         _ = try fake.runtime.createObject(session, dataObject("before"))
         let before = journalGenerations(fake)
@@ -329,8 +329,8 @@ final class LockHolder {
         start = monotonicNanos()
         _ = try fake.runtime.createObject(session, dataObject("while still held"))
         let second = Double(monotonicNanos() - start) / 1e9
-        #expect(first < 1.3, "the first write waited \(first) s for a 300 ms lock wait")
-        #expect(second < 0.2, "a write behind records already waiting does not wait for the lock again (\(second) s)")
+        #expect(first >= 0.95 && first < 2, "the first write waits for the lock up to the operation-timeout (1 s): \(first) s")
+        #expect(second < 0.8, "a write behind records already waiting does not wait for the lock again (\(second) s)")
         #expect(journalGenerations(fake) == before, "nothing recorded without the lock")
         #expect(fake.group.hostLock.hasDeferredWork)
         #expect(fake.members.allSatisfy { $0.isInService }, "deferring a record takes no member out of service")
@@ -364,13 +364,13 @@ final class LockHolder {
 
     @Test("a health change meets a busy status file lock without waiting; the worker writes it once the lock is free")
     func statusDeferred() throws {
-        let fake = try FakeGroup(operationTimeout: "300ms")
+        let fake = try FakeGroup(operationTimeout: "1s")
         let holder = try LockHolder(fake.group.statusFile.path + ".lock")
         let session = try fake.userSession()
         fake.stores[2].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1)
         let start = monotonicNanos()
         _ = try fake.runtime.createObject(session, dataObject("k"))
-        #expect(Double(monotonicNanos() - start) / 1e9 < 0.25, "the status update waited for its lock")
+        #expect(Double(monotonicNanos() - start) / 1e9 < 0.8, "the status update waited for its lock (the operation-timeout is 1 s)")
         #expect(fake.group.statusFile.read().records.isEmpty)
         holder.release()
         fake.recover()
