@@ -370,10 +370,17 @@ struct HostFilesAgainstALocalUser {
         #expect(linked.stderr.contains("lock-dir-refused") && linked.stderr.contains("reason=\"a symbolic link\""), "\(linked.output)")
         _ = try? attacker.run("rm", ["-f", directory])
 
-        // root's own default.
+        // root's own default, made by root's first use.
         _ = try p11hactl(["status"], members)
         #expect(lstat("/run/p11ha", &info) == 0 && info.st_mode & S_IFMT == S_IFDIR && info.st_uid == 0 && info.st_mode & 0o022 == 0,
                 "/run/p11ha: uid \(info.st_uid), mode \(String(info.st_mode & 0o7777, radix: 8))")
+        // Configured for the unprivileged application, a directory of root's it cannot write to is a configuration
+        // error, not a lock that never comes.
+        let readOnly = try SharedDirectory(mode: 0o755)
+        try members.addGlobal(["lock-dir = \(readOnly.path)"])
+        let unusable = try application.run(Paths.p11hactl, ["check"], environment: environment)
+        #expect(unusable.status == 1 && unusable.stderr.contains("lock-dir-refused: \(readOnly.path): not writable by this process"),
+                "\(unusable.output)")
     }
 }
 

@@ -159,6 +159,7 @@ struct HostDirectory: Sendable {
             switch errno {
             case ENOENT: throw .directory(path, "does not exist")
             case ENOTDIR, ELOOP: throw .directory(path, "not a directory")
+            case EACCES: throw .directory(path, "cannot be opened by this process (uid \(geteuid())): \(errnoText())")
             default: throw .directory(path, "cannot be opened: \(errnoText())")
             }
         }
@@ -185,10 +186,15 @@ struct HostDirectory: Sendable {
         }
         do throws(HostFileProblem) {
             _ = try open()
-            return nil
         } catch {
             return error
         }
+        // Accepted but of no use to this process (root's 0700 /run/p11ha for another user): said now, not at the
+        // first write.
+        if faccessat(AT_FDCWD, path, W_OK | X_OK, AT_EACCESS) != 0 {
+            return .directory(path, "not writable by this process (uid \(geteuid())): it could make no lock file there")
+        }
+        return nil
     }
 }
 
@@ -311,7 +317,7 @@ struct OpenHostDirectory: ~Copyable {
     private func refusal(_ name: String, _ code: Int32) -> HostFileProblem {
         switch code {
         case ELOOP: .file(filePath(name), "a symbolic link")
-        case EACCES, EPERM: .file(filePath(name), "cannot be opened (\(String(cString: strerror(code)))): another user's?")
+        case EACCES, EPERM: .file(filePath(name), "cannot be opened or made (\(String(cString: strerror(code))))")
         default: .file(filePath(name), "cannot be opened: \(String(cString: strerror(code)))")
         }
     }
