@@ -60,8 +60,9 @@ public struct Config: Sendable {
     public var recoveryInterval: Duration = .seconds(2)
     /// How many bytes of a multi-part operation's updates are kept to replay it on a peer.
     public var replayBuffer = 1 << 20
-    /// Where processes sharing a group coordinate the resynchronization of a returning member.
-    public var lockDirectory = "/tmp"
+    /// Where processes sharing a group coordinate (the host lock, the status file): by default a directory of this
+    /// user's own, /run/p11ha for root and /tmp/p11ha-UID for other users (`HostDirectory`).
+    public var lockDirectory = HostDirectory.defaultPath()
     public var groups: [GroupConfig] = []
 
     /// The file named by P11HA_CONF, else /etc/p11ha/p11ha.conf.
@@ -187,6 +188,9 @@ public struct Config: Sendable {
                     config.replayBuffer = n
                 case "lock-dir":
                     guard value.hasPrefix("/") else { throw fail("lock-dir must be an absolute path") }
+                    // Verified as every use will verify it (HostFiles.swift), so that a directory other users can
+                    // write to is refused here, naming this line, rather than at the first write.
+                    if let problem = HostDirectory(path: value).problem() { throw fail("\(problem.event): \(value): \(problem.reason)") }
                     config.lockDirectory = value
                 case "generated-keys":
                     guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate or refuse") }

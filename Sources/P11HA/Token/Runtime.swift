@@ -178,7 +178,7 @@ public final class Runtime: @unchecked Sendable {
                 members.append(member)
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
-                                lockDirectory: config.lockDirectory))
+                                lockDirectory: config.lockDirectory, lockWait: config.boundedWait))
         }
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
