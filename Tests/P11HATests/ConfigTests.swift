@@ -553,21 +553,6 @@ struct BadValue: Sendable, CustomTestStringConvertible {
 
 // MARK: - Support
 
-/// A private directory under /tmp, removed with what it holds when the value goes away.
-final class TemporaryDirectory {
-    let path: String
-
-    init() throws {
-        var template = Array("/tmp/p11ha-config.XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw TestFailure("mkdtemp: errno \(errno)")
-        }
-        path = String(cString: made)
-    }
-
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
-
 /// Creates (or replaces) a regular file holding exactly `bytes`.
 func write(_ bytes: [UInt8], to path: String) throws {
     guard FileManager.default.createFile(atPath: path, contents: Data(bytes)) else { throw TestFailure("cannot write \(path)") }
