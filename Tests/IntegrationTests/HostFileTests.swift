@@ -74,7 +74,8 @@ struct StatusReport: Decodable {
 /// Members whose group coordinates in `lockDir`, with a 1 s operation-timeout (so every call must end within 2 s).
 func hostFileMembers(lockDir: String) throws -> Members {
     let members = try Members()
-    try members.addGlobal(["lock-dir = \(lockDir)", "operation-timeout = 1s", "recovery-interval = 300ms"])
+    try members.setLockDirectory(lockDir)
+    try members.addGlobal(["operation-timeout = 1s", "recovery-interval = 300ms"])
     return members
 }
 
@@ -339,6 +340,7 @@ struct HostFilesAgainstALocalUser {
     @Test("an unprivileged application's default lock directory is /tmp/p11ha-UID, made 0700; planted first by another user, or as a link, it is refused with lock-dir-refused")
     func defaultDirectory() throws {
         let members = try Members()
+        try members.setLockDirectory(nil)
         let application = try LocalUser("app")
         let attacker = try LocalUser("attacker")
         let handedOver = try runProcess("chown", ["-R", "\(application.uid):\(application.gid)", members.dir])
@@ -377,7 +379,7 @@ struct HostFilesAgainstALocalUser {
         // Configured for the unprivileged application, a directory of root's it cannot write to is a configuration
         // error, not a lock that never comes.
         let readOnly = try SharedDirectory(mode: 0o755)
-        try members.addGlobal(["lock-dir = \(readOnly.path)"])
+        try members.setLockDirectory(readOnly.path)
         let unusable = try application.run(Paths.p11hactl, ["check"], environment: environment)
         #expect(unusable.status == 1 && unusable.stderr.contains("lock-dir-refused: \(readOnly.path): not writable by this process"),
                 "\(unusable.output)")

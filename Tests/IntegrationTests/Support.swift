@@ -36,8 +36,9 @@ enum Paths {
 final class Members {
     let dir: String
     /// The `lock-dir` of the configurations written for these members: `dir` itself, as make-members writes it,
-    /// unless a test shares coordination between users (nginx's workers) through a directory of its own.
-    private(set) var lockDirectory: String
+    /// unless a test shares coordination between users (nginx's workers) through a directory of its own; nil for
+    /// the default directory.
+    private(set) var lockDirectory: String?
     let softhsmConf: String
     let p11haConf: String
     let group: String
@@ -108,10 +109,19 @@ final class Members {
         let owned = try runProcess("chown", ["root:\(group)", path])
         guard owned.status == 0 else { throw SupportError("chown root:\(group) \(path) failed:\n\(owned.output)") }
         guard chmod(path, 0o2770) == 0 else { throw SupportError("chmod \(path): errno \(errno)") }
-        let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
-        let line = "lock-dir = \(lockDirectory)\n"
-        guard text.contains(line) else { throw SupportError("p11ha.conf has no \(line):\n\(text)") }
-        try rewriteConfig(text.replacingOccurrences(of: line, with: "lock-dir = \(path)\n"))
+        try setLockDirectory(path)
+    }
+
+    /// Points p11ha.conf's `lock-dir` at `path`, or (nil) removes it, for the default directory.
+    func setLockDirectory(_ path: String?) throws {
+        if let current = lockDirectory {
+            let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
+            let line = "lock-dir = \(current)\n"
+            guard text.contains(line) else { throw SupportError("p11ha.conf has no \(line):\n\(text)") }
+            try rewriteConfig(text.replacingOccurrences(of: line, with: path.map { "lock-dir = \($0)\n" } ?? ""))
+        } else if let path {
+            try addGlobal(["lock-dir = \(path)"])
+        }
         lockDirectory = path
     }
 
