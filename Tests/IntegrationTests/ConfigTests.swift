@@ -136,6 +136,11 @@ struct ConfigMistake: Sendable, CustomTestStringConvertible, CustomStringConvert
             name: "a member URI matching several tokens",
             line: "member = pkcs11:manufacturer=SoftHSM%20project?module-path=\(Paths.softhsmModule)",
             place: .extraMember, culprit: "manufacturer=SoftHSM%20project"),
+        // p11ha as its own member would call itself under its own locks: a deadlock at the first call.
+        ConfigMistake(
+            name: "a member module that is p11ha itself",
+            line: "member = pkcs11:token=member-a?module-path=\(Paths.debugModule)", place: .member(0),
+            culprit: "is p11ha itself"),
     ]
 
     /// The whole file, `log` first in [p11ha], and the 1-based number of the mistaken line.
