@@ -144,3 +144,42 @@ extension Duration {
         UInt64(max(0, components.seconds)) * 1_000_000_000 + UInt64(max(0, components.attoseconds) / 1_000_000_000)
     }
 }
+
+#if P11HA_TSAN
+/// ThreadSanitizer builds only (`scripts/sanitize thread` compiles with -DP11HA_TSAN): Synchronization's Mutex hands a
+/// contended lock over inside the kernel (a PI futex, taken in its uninstrumented slow path), which ThreadSanitizer
+/// cannot see, so every critical section that ever waited is reported as a race (four threads appending to an
+/// array inside `withLock` are reported at once). In those builds this pthread mutex, which ThreadSanitizer
+/// intercepts, takes its place in P11HA with the same `withLock` and `withLockIfAvailable`: what the sanitizer checks
+/// is p11ha's use of its locks.
+public final class Mutex<Value>: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    /// Out of line: the sanitizer puts an access to a stored property of no size (Mutex(())) at the object's first
+    /// bytes, which every call reads (its type's metadata) before it locks: a race on nothing.
+    private let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+
+    public init(_ initialValue: Value) {
+        value.initialize(to: initialValue)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        value.deinitialize(count: 1)
+        value.deallocate()
+    }
+
+    public func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value.pointee)
+    }
+
+    public func withLockIfAvailable<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result? {
+        guard pthread_mutex_trylock(mutex) == 0 else { return nil }
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value.pointee)
+    }
+}
+#endif
