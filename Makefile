@@ -1,4 +1,5 @@
-# Builds p11ha and installs the module (Swift runtime linked in), p11hactl, the p11-kit registration and a sample config.
+# Builds p11ha and installs the module (Swift runtime linked in), p11hactl, the p11-kit registration, a sample config
+# and a sample systemd-tmpfiles entry for a lock directory shared between users.
 #
 #   make                  swift build -c release (.build/release, for scripts/demo and scripts/bench)
 #                         and the installable variant (Swift runtime static) in $(SCRATCH)/release
@@ -69,10 +70,12 @@ install: $(stamp) $(SCRATCH)/p11bench
 	    'critical: no' >$(DESTDIR)$(P11KIT_MODULES)/p11ha.module
 	chmod 0644 $(DESTDIR)$(P11KIT_MODULES)/p11ha.module
 	$(INSTALL) -m 0644 Examples/p11ha.conf $(DESTDIR)$(DOCDIR)/p11ha.conf.example
+	$(INSTALL) -m 0644 Examples/tmpfiles.d/p11ha.conf $(DESTDIR)$(DOCDIR)/tmpfiles.d-p11ha.conf.example
 
 uninstall:
 	rm -f $(DESTDIR)$(installed_module) $(DESTDIR)$(BINDIR)/p11hactl $(DESTDIR)$(LIBEXECDIR)/p11bench \
-	    $(DESTDIR)$(P11KIT_MODULES)/p11ha.module $(DESTDIR)$(DOCDIR)/p11ha.conf.example
+	    $(DESTDIR)$(P11KIT_MODULES)/p11ha.module $(DESTDIR)$(DOCDIR)/p11ha.conf.example \
+	    $(DESTDIR)$(DOCDIR)/tmpfiles.d-p11ha.conf.example
 	-rmdir $(DESTDIR)$(MODULEDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBEXECDIR) 2>/dev/null
 
 clean:

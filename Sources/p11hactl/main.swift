@@ -83,9 +83,11 @@ struct Status: ParsableCommand {
         abstract: "Show each group's members: reachable, objects, agreement, replication key, last failure and recovery.",
         discussion: """
             Members are probed now, from this process. Their last failure and recovery come from the status file \
-            the module's processes keep in lock-dir. Without a user PIN, private objects are not counted and the \
-            journal generation is not shown. Exit status: 0 when every member is reachable, holds the replication \
-            key and all agree; 1 otherwise (a degraded group); 2 for a configuration error.
+            the module's processes keep in lock-dir; a status file that is not this user's or root's (or of the \
+            directory's group, where it is shared), or a link, is not shown but flagged. Without a user PIN, private \
+            objects are not counted and the journal generation is not shown. Exit status: 0 when every member is \
+            reachable, holds the replication key and all agree; 1 otherwise (a degraded group, or a status file \
+            flagged); 2 for a configuration error.
             """)
 
     @OptionGroup var options: ConfigOption
@@ -108,8 +110,13 @@ struct Status: ParsableCommand {
     struct ProcessJSON: Codable {
         let pid: Int32, health: String, since: Int64?, reason: String?
     }
+    /// Where the group's status file is, and why it is not shown when it is not (a file of another user, a link).
+    struct StatusFileJSON: Codable {
+        let path: String, problem: String?
+    }
     struct GroupJSON: Codable {
-        let name: String, label: String, slot: UInt, membersAgree: Bool, healthy: Bool, members: [MemberJSON]
+        let name: String, label: String, slot: UInt, membersAgree: Bool, healthy: Bool, statusFile: StatusFileJSON,
+            members: [MemberJSON]
     }
     struct Report: Codable { let groups: [GroupJSON] }
 
@@ -125,34 +132,10 @@ struct Status: ParsableCommand {
         var groups: [GroupJSON] = []
         for g in runtime.groups where group == nil || g.name == group {
             let surveys = runtime.survey(g, userPIN: pin)
-            let all = g.statusFile.read()
-            // History: the latest failure and recovery any process recorded.
-            var records: [String: MemberStatusRecord] = [:]
-            for record in all {
-                var merged = records[record.member] ?? record
-                if (record.lastFailure ?? 0) > (merged.lastFailure ?? 0) { (merged.lastFailure, merged.reason) = (record.lastFailure, record.reason) }
-                if (record.lastRecovery ?? 0) > (merged.lastRecovery ?? 0) { merged.lastRecovery = record.lastRecovery }
-                records[record.member] = merged
-            }
-            let live = all.filter { $0.pid != getpid() && processIsAlive($0.pid) }
-            let agree = runtime.membersAgree(surveys)
-            let inService = Health.inService.name
-            let outInAProcess = live.contains { $0.health != inService }
-            let healthy = agree && !outInAProcess && surveys.allSatisfy { $0.reachable && $0.replicationKey }
-            groups.append(GroupJSON(name: g.name, label: g.label, slot: g.slotID, membersAgree: agree, healthy: healthy,
-                                    members: surveys.map { s in
-                let r = records[s.name]
-                return MemberJSON(name: s.name, uri: s.uri, standby: s.standby, reachable: s.reachable, problem: s.problem,
-                                  replicationKey: s.replicationKey, objects: s.objectCount, generation: s.generation,
-                                  health: r?.health, lastFailure: r?.lastFailure, lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery,
-                                  processes: live.filter { $0.member == s.name }.map {
-                                      ProcessJSON(pid: $0.pid, health: $0.health, since: $0.health == inService ? $0.lastRecovery : $0.lastFailure,
-                                                  reason: $0.health == inService ? nil : $0.reason)
-                                  })
-            }))
+            groups.append(report(g, surveys, agree: runtime.membersAgree(surveys)))
         }
         if group != nil && groups.isEmpty {
-            printError("p11hactl: no group '\(group!)' in the configuration")
+            printError("p11hactl: no group '\(printable(group!))' in the configuration")
             throw ExitCode(2)
         }
         if json {
@@ -160,26 +143,72 @@ struct Status: ParsableCommand {
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             print(String(decoding: try encoder.encode(Report(groups: groups)), as: UTF8.self))
         } else {
-            for g in groups {
-                print("group \(g.name) (token \"\(g.label)\", slot \(g.slot)): \(g.healthy ? "healthy" : "DEGRADED"), members \(g.membersAgree ? "agree" : "DISAGREE")")
-                for m in g.members {
-                    var line = "  \(m.name)\(m.standby ? " (standby)" : ""): \(m.reachable ? "reachable" : "UNREACHABLE (\(m.problem ?? "?"))")"
-                    if m.reachable {
-                        line += ", \(m.objects.map(String.init) ?? "?") objects, replication key \(m.replicationKey ? "present" : "MISSING")"
-                        if let generation = m.generation { line += ", journal generation \(generation)" }
-                    }
-                    print(line)
-                    if let failed = m.lastFailure {
-                        print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
-                    }
-                    if let recovered = m.lastRecovery { print("    last recovered \(timestamp(recovered))") }
-                    for p in m.processes where p.health != Health.inService.name {
-                        print("    OUT OF SERVICE in process \(p.pid): \(p.health)\(p.since.map { " since \(timestamp($0))" } ?? "")\(p.reason.map { ": \($0)" } ?? "")")
-                    }
-                }
-            }
+            for g in groups { printText(g) }
         }
         if !groups.allSatisfy(\.healthy) { throw ExitCode(1) }
+    }
+
+    /// One group's report. Every text in it passes through `printable`: the status file is written by other
+    /// processes, token labels and error texts by members, and none may reach the terminal as a control sequence.
+    func report(_ g: P11HA.Group, _ surveys: [MemberSurvey], agree: Bool) -> GroupJSON {
+        let reading = g.statusFile.read()
+        let all = reading.records.map { record -> MemberStatusRecord in
+            var clean = record
+            clean.member = printable(record.member)
+            clean.health = printable(record.health)
+            clean.reason = record.reason.map(printable)
+            return clean
+        }
+        // History: the latest failure and recovery any process recorded.
+        var records: [String: MemberStatusRecord] = [:]
+        for record in all {
+            var merged = records[record.member] ?? record
+            if (record.lastFailure ?? 0) > (merged.lastFailure ?? 0) { (merged.lastFailure, merged.reason) = (record.lastFailure, record.reason) }
+            if (record.lastRecovery ?? 0) > (merged.lastRecovery ?? 0) { merged.lastRecovery = record.lastRecovery }
+            records[record.member] = merged
+        }
+        let live = all.filter { $0.pid != getpid() && processIsAlive($0.pid) }
+        let inService = Health.inService.name
+        let outInAProcess = live.contains { $0.health != inService }
+        let healthy = agree && !outInAProcess && reading.problem == nil && surveys.allSatisfy { $0.reachable && $0.replicationKey }
+        let members = surveys.map { s -> MemberJSON in
+            let name = printable(s.name)
+            let r = records[name]
+            let processes = live.filter { $0.member == name }.map { (p: MemberStatusRecord) -> ProcessJSON in
+                let serving = p.health == inService
+                return ProcessJSON(pid: p.pid, health: p.health, since: serving ? p.lastRecovery : p.lastFailure,
+                                   reason: serving ? nil : p.reason)
+            }
+            return MemberJSON(name: name, uri: printable(s.uri), standby: s.standby, reachable: s.reachable,
+                              problem: s.problem.map(printable), replicationKey: s.replicationKey, objects: s.objectCount,
+                              generation: s.generation, health: r?.health, lastFailure: r?.lastFailure,
+                              lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery, processes: processes)
+        }
+        return GroupJSON(name: printable(g.name), label: printable(g.label), slot: g.slotID, membersAgree: agree, healthy: healthy,
+                         statusFile: StatusFileJSON(path: printable(g.statusFile.path), problem: reading.problem.map(printable)),
+                         members: members)
+    }
+
+    func printText(_ g: GroupJSON) {
+        print("group \(g.name) (token \"\(g.label)\", slot \(g.slot)): \(g.healthy ? "healthy" : "DEGRADED"), members \(g.membersAgree ? "agree" : "DISAGREE")")
+        if let problem = g.statusFile.problem {
+            print("  STATUS FILE NOT SHOWN (not this user's, or not verifiable): \(problem)")
+        }
+        for m in g.members {
+            var line = "  \(m.name)\(m.standby ? " (standby)" : ""): \(m.reachable ? "reachable" : "UNREACHABLE (\(m.problem ?? "?"))")"
+            if m.reachable {
+                line += ", \(m.objects.map(String.init) ?? "?") objects, replication key \(m.replicationKey ? "present" : "MISSING")"
+                if let generation = m.generation { line += ", journal generation \(generation)" }
+            }
+            print(line)
+            if let failed = m.lastFailure {
+                print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
+            }
+            if let recovered = m.lastRecovery { print("    last recovered \(timestamp(recovered))") }
+            for p in m.processes where p.health != Health.inService.name {
+                print("    OUT OF SERVICE in process \(p.pid): \(p.health)\(p.since.map { " since \(timestamp($0))" } ?? "")\(p.reason.map { ": \($0)" } ?? "")")
+            }
+        }
     }
 
     func timestamp(_ seconds: Int64) -> String {
@@ -223,11 +252,12 @@ func startRuntime(_ options: ConfigOption) throws -> Runtime {
 /// A PIN from `--...-pin-source file:PATH`, else from a prompt on the terminal (never from the command line).
 func readPIN(source: String?, prompt: String) throws -> Secret {
     if let source {
-        guard let pin = Secret.fromPinSource(source) else {
-            printError("p11hactl: cannot read the PIN from \(source)")
+        do {
+            return try Secret.reading(pinSource: source)
+        } catch {
+            printError("p11hactl: cannot read the PIN from \(Secret.pinSourcePath(source)): \(error)")
             throw ExitCode(1)
         }
-        return pin
     }
     guard let typed = getpass(prompt) else {
         printError("p11hactl: no terminal to ask for the PIN; use a pin-source")
@@ -235,6 +265,19 @@ func readPIN(source: String?, prompt: String) throws -> Secret {
     }
     defer { explicit_bzero(typed, strlen(typed)) }
     return Secret(copying: UnsafeRawBufferPointer(start: typed, count: strlen(typed)))
+}
+
+/// `text` with every control character (C0, DEL, C1: what starts a terminal escape sequence) shown as \u{..}.
+func printable(_ text: String) -> String {
+    var out = ""
+    for scalar in text.unicodeScalars {
+        if scalar.properties.generalCategory == .control {
+            out += "\\u{\(String(scalar.value, radix: 16))}"
+        } else {
+            out.unicodeScalars.append(scalar)
+        }
+    }
+    return out
 }
 
 func hex(_ bytes: some Sequence<UInt8>) -> String { bytes.map { String(format: "%02x", $0) }.joined() }

@@ -92,7 +92,7 @@ struct Chaos {
         let finished = try #require(result, "sign_loop did not finish within 65 s of its 30:\n\(workload.output)\n\(history)")
         #expect(finished.status == 0, "sign_loop saw errors (status \(finished.status)):\n\(shortOutput(finished))\n\(history)")
         #expect(finished.stdout.contains(", 0 errors"), "\(finished.stdout)")
-        #expect(keys.failures.isEmpty, "creating and destroying keys failed:\n\(keys.failures.joined(separator: "\n"))")
+        #expect(keys.failures.isEmpty, "creating and destroying keys failed:\n\(keys.failures.joined(separator: "\n"))\n\(history)")
         if let afterwards = settled, afterwards.stdout.contains(" errors") {
             #expect(afterwards.stdout.contains(", 0 errors") || !afterwards.stdout.contains("sign_loop:"),
                     "signing after the chaos failed:\n\(shortOutput(afterwards))")

@@ -129,6 +129,8 @@ private struct NginxSite: @unchecked Sendable {
         if geteuid() == 0 {
             let handedOver = try runProcess("chown", ["-R", "nobody:nogroup", members.dir])
             try #require(handedOver.status == 0, "chown failed:\n\(handedOver.output)")
+            // The master (root) and its workers coordinate through one directory, shared as README says.
+            try members.shareLockDirectory(members.dir + "/locks", withGroup: "nogroup")
             workerUser = "nobody nogroup"
         } else {
             workerUser = String(cString: getpwuid(geteuid()).pointee.pw_name)

@@ -42,7 +42,7 @@ final class MemberServers: @unchecked Sendable {
 
     /// The p11ha.conf text: the group of `members`, every member reached through its server's socket.
     func remoteConfig(extraGlobal: [String] = []) -> String {
-        var lines = ["[p11ha]", "log = \(log)"] + extraGlobal
+        var lines = ["[p11ha]", "log = \(log)"] + (members.lockDirectory.map { ["lock-dir = \($0)"] } ?? []) + extraGlobal
         lines += ["", "[group \(members.group)]", "label = \(members.group)"]
         lines += members.tokenLabels.map { "member = pkcs11:token=\($0) via unix:path=\(socketPath($0))" }
         return lines.joined(separator: "\n") + "\n"

@@ -79,6 +79,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .faults(global: fastRecovery)),
         ScenarioStory(scenario: "churn", story: "16 threads sign for 60 s while others close all sessions, log out and in, and close sessions at random: only the codes a single token gives such races, a session that says it is logged in always finds its key, and afterwards every member is in service",
                       setup: .direct()),
+        ScenarioStory(scenario: "lifecycle", story: "100 rounds of C_Initialize, a signature and C_Finalize, with the module unloaded and loaded again every tenth, leave no thread or descriptor piling up",
+                      setup: .direct()),
         ScenarioStory(scenario: "refused-generation", story: "generated-keys = refuse refuses key generation in a group",
                       setup: .direct(global: ["generated-keys = refuse"])),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",

@@ -35,6 +35,10 @@ enum Paths {
 /// that groups them; the directory is removed when the last reference goes away.
 final class Members {
     let dir: String
+    /// The `lock-dir` of the configurations written for these members: `dir` itself, as make-members writes it,
+    /// unless a test shares coordination between users (nginx's workers) through a directory of its own; nil for
+    /// the default directory.
+    private(set) var lockDirectory: String?
     let softhsmConf: String
     let p11haConf: String
     let group: String
@@ -45,6 +49,7 @@ final class Members {
     /// `replicationKey`: also run `p11hactl domain create`, as an operator sets a group up (generated keys need it).
     init(count: Int = 3, group: String = "ha-test", replicationKey: Bool = true) throws {
         self.dir = try makeTemporaryDirectory("p11ha-test")
+        self.lockDirectory = dir
         self.softhsmConf = dir + "/softhsm2.conf"
         self.p11haConf = dir + "/p11ha.conf"
         self.group = group
@@ -95,6 +100,29 @@ final class Members {
     /// Replaces p11ha.conf, for tests of configuration handling.
     func rewriteConfig(_ text: String) throws {
         try text.write(toFile: p11haConf, atomically: true, encoding: .utf8)
+    }
+
+    /// Makes `path` the lock directory shared by the processes of the root user and of `group` (root:GROUP, mode
+    /// 2770, as README's tmpfiles.d line), and points p11ha.conf at it.
+    func shareLockDirectory(_ path: String, withGroup group: String) throws {
+        guard mkdir(path, 0o700) == 0 else { throw SupportError("mkdir \(path): errno \(errno)") }
+        let owned = try runProcess("chown", ["root:\(group)", path])
+        guard owned.status == 0 else { throw SupportError("chown root:\(group) \(path) failed:\n\(owned.output)") }
+        guard chmod(path, 0o2770) == 0 else { throw SupportError("chmod \(path): errno \(errno)") }
+        try setLockDirectory(path)
+    }
+
+    /// Points p11ha.conf's `lock-dir` at `path`, or (nil) removes it, for the default directory.
+    func setLockDirectory(_ path: String?) throws {
+        if let current = lockDirectory {
+            let text = try String(contentsOfFile: p11haConf, encoding: .utf8)
+            let line = "lock-dir = \(current)\n"
+            guard text.contains(line) else { throw SupportError("p11ha.conf has no \(line):\n\(text)") }
+            try rewriteConfig(text.replacingOccurrences(of: line, with: path.map { "lock-dir = \($0)\n" } ?? ""))
+        } else if let path {
+            try addGlobal(["lock-dir = \(path)"])
+        }
+        lockDirectory = path
     }
 
     /// Adds lines to [p11ha] of p11ha.conf, right after its header.

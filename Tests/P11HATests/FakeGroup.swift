@@ -123,3 +123,26 @@ func eventually(seconds: Double = 5, _ condition: () -> Bool) -> Bool {
     }
     return condition()
 }
+
+/// A private directory for one test (mkdtemp, 0700), removed with the value.
+final class TemporaryDirectory {
+    let path: String
+
+    init(_ prefix: String = "p11ha-hostfiles") throws {
+        var template = Array("/tmp/\(prefix).XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
+        path = String(cString: made)
+    }
+
+    deinit { _ = system("rm -rf '\(path)'") }
+
+    func file(_ name: String, _ content: String, mode: mode_t = 0o600) throws -> String {
+        let full = path + "/" + name
+        let fd = open(full, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw TestFailure("cannot make \(full): \(errnoText())") }
+        _ = Array(content.utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        fchmod(fd, mode)
+        close(fd)
+        return full
+    }
+}

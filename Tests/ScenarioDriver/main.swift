@@ -39,6 +39,7 @@ let scenarios: [String: (Module) -> Void] = [
     "fuzz-episode": fuzzEpisodeScenario,
     "fuzz-settle": fuzzSettleScenario,
     "member-crash": memberCrashScenario,
+    "lifecycle": lifecycleScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))

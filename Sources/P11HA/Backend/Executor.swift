@@ -19,11 +19,12 @@ final class Executor: @unchecked Sendable {
     func run<T>(timeout: Duration, _ work: @escaping () -> T) -> T? {
         if Worker.isCurrentThreadWorker { return work() }
         let ticket = Ticket<T>()
+        let forks = ForkGate.forks
         guard let worker = takeWorker() else { return nil }
         worker.start { [self] in
             if !ticket.complete(work()) { overdueCalls.subtract(1, ordering: .relaxed) }
         }
-        return ticket.wait(timeout: timeout, overdue: overdueCalls)
+        return ticket.wait(timeout: timeout, overdue: overdueCalls, forksBefore: forks)
     }
 
     /// Calls whose caller gave up at the deadline and that are still inside the token.
@@ -33,7 +34,7 @@ final class Executor: @unchecked Sendable {
     /// Calls under way (a call past its deadline stays under way until the module returns).
     var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
 
-    /// Stops idle workers (busy ones stop when their call returns); they park rather than end (see parkForever).
+    /// Stops idle workers (busy ones stop when their call returns); their threads wait for other work (see spawnThread).
     func close() {
         closed.store(true, ordering: .releasing)
         for worker in idle.withLock({ list in defer { list.removeAll() }; return list }) { worker.stop() }
@@ -113,10 +114,14 @@ private final class Ticket<T>: @unchecked Sendable {
 
     /// The result, or nil when `timeout` passed first: the call then counts in `overdue` until it completes
     /// (counted before the call is marked given up, so that its completion never finds the count at zero).
-    func wait(timeout: Duration, overdue: borrowing Atomic<Int>) -> T? {
+    func wait(timeout: Duration, overdue: borrowing Atomic<Int>, forksBefore: UInt64) -> T? {
         // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
         // afford the wake-up. A longer spin starves other processes on a loaded machine.
-        _ = done.wait(spinNanos: 200_000, timeout: timeout)
+        if !done.wait(spinNanos: 200_000, timeout: timeout), ForkGate.forked(since: forksBefore) {
+            // A fork held the call back (it waits for the calls in flight to end): the member gets its full time
+            // once more, and is not blamed for the application's fork.
+            _ = done.wait(spinNanos: 0, timeout: timeout)
+        }
         if state.load(ordering: .acquiring) == 1 { return result }
         overdue.add(1, ordering: .relaxed)
         if state.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return nil }
@@ -143,12 +148,14 @@ private final class Worker: @unchecked Sendable {
         self.owner = owner
         spawnThread { [self] in
             pthread_setspecific(Self.key, UnsafeRawPointer(bitPattern: 1))
+            // The thread goes back to the pool (see spawnThread): no longer a worker then.
+            defer { pthread_setspecific(Self.key, nil) }
             while true {
                 _ = wake.wait(spinNanos: 50_000, timeout: nil)
-                if stopping { parkForever() }
+                if stopping { return }
                 job?()
                 job = nil
-                if !owner.finished(self) { parkForever() }
+                if !owner.finished(self) { return }
             }
         }
     }

@@ -9,20 +9,36 @@ import Synchronization
 public final class LoadedModule: @unchecked Sendable {
     public let path: String
     let functions: UnsafeMutablePointer<CK_FUNCTION_LIST>
-    fileprivate struct Users {
+    struct Users {
         var count = 0
         /// Whether p11ha's C_Initialize started it (and so must finalize it).
         var initializedByUs = false
     }
     /// Never held while the module is called: a module that never answers must not freeze its peers.
-    fileprivate let users = Mutex(Users())
+    let users = ProcessLock(Users())
     /// A C_Initialize or C_Finalize of this module is under way (perhaps stuck past its deadline): another
     /// one must not start beside it.
     fileprivate let changing = Atomic<Bool>(false)
+    /// Calls inside the module now (`ForkGate`).
+    let inFlight = Atomic<Int>(0)
+    /// A call outlasted a fork's wait for it: later forks do not wait for this module until its calls end.
+    let wedged = Atomic<Bool>(false)
+    /// In a child: one of the parent's calls was inside the module at fork, so its locks may be held for ever
+    /// here. The child never calls it.
+    let abandoned = Atomic<Bool>(false)
 
     fileprivate init(path: String, functions: UnsafeMutablePointer<CK_FUNCTION_LIST>) {
         self.path = path
         self.functions = functions
+    }
+
+    /// In the child, from fork's handler: the parent's users and starts under way are not this process's.
+    func afterFork() {
+        users.withLock { $0.count = 0 }
+        changing.store(false, ordering: .relaxed)
+        abandoned.store(inFlight.load(ordering: .relaxed) > 0 || abandoned.load(ordering: .relaxed), ordering: .relaxed)
+        inFlight.store(0, ordering: .relaxed)
+        wedged.store(false, ordering: .relaxed)
     }
 
     /// Runs a start or stop of the module, unless one is under way already (then nil, at once).
@@ -35,7 +51,7 @@ public final class LoadedModule: @unchecked Sendable {
 
 public enum ModuleRegistry {
     /// Held only to look a module up or load it (dlopen and C_GetFunctionList), never across its C_Initialize.
-    private static let modules = Mutex<[String: LoadedModule]>([:])
+    static let modules = ProcessLock<[String: LoadedModule]>([:])
 
     /// The module at `path` (for `address`, a p11-kit server address: `path` is then p11-kit's client module,
     /// whose C_GetFunctionList binds a new function list to P11_KIT_SERVER_ADDRESS at the moment of the call).
@@ -47,6 +63,10 @@ public enum ModuleRegistry {
             if let existing = table[key] { return existing }
             guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
                 throw .configuration("cannot load module \(path): \(String(cString: dlerror()))")
+            }
+            // p11ha as its own member would call itself under its own locks: a deadlock at the first call.
+            if dlsym(handle, "p11ha_module_identity") != nil {
+                throw .configuration("\(path) is p11ha itself; a member must be another module")
             }
             guard let symbol = dlsym(handle, "C_GetFunctionList") else {
                 throw .configuration("\(path) exports no C_GetFunctionList")
@@ -73,6 +93,9 @@ public enum ModuleRegistry {
     /// right now (its member starts failed and recovery retries). `afterFork`: this process is a child that
     /// inherited the module from its parent.
     static func acquire(_ module: LoadedModule, remote: Bool, afterFork: Bool) throws(ConnectFailure) {
+        if module.abandoned.load(ordering: .relaxed) {
+            throw .unreachable("\(module.path): the parent process was inside this module when it forked; not used in this process")
+        }
         let started: Void? = try module.changingAlone { () throws(ConnectFailure) in
             try startUser(module, remote: remote, afterFork: afterFork)
         }
@@ -85,8 +108,9 @@ public enum ModuleRegistry {
         if first {
             var rv = initialize(module)
             if rv == CKR_CRYPTOKI_ALREADY_INITIALIZED && afterFork && ours {
-                // The module kept its parent's state across fork: restart it for this process.
-                _ = module.functions.pointee.C_Finalize!(nil)
+                // The module kept its parent's state across fork (no call of the parent's was inside it): restart
+                // it for this process.
+                _ = finalize(module)
                 rv = initialize(module)
             }
             switch rv {
@@ -101,39 +125,37 @@ public enum ModuleRegistry {
 
     /// Drops one user of the module; the last one finalizes it if p11ha initialized it.
     static func release(_ module: LoadedModule) {
-        let finalize = module.users.withLock { users -> Bool in
+        let last = module.users.withLock { users -> Bool in
             users.count = max(0, users.count - 1)
             defer { if users.count == 0 { users.initializedByUs = false } }
             return users.count == 0 && users.initializedByUs
         }
-        guard finalize else { return }
-        _ = module.changingAlone { _ = module.functions.pointee.C_Finalize!(nil) }
+        guard last else { return }
+        _ = module.changingAlone { _ = finalize(module) }
     }
 
     /// Starts a module afresh after its member came back (a restarted device, a reconnected server):
     /// C_Finalize and C_Initialize for a module of one member (`exclusive`), C_Initialize alone otherwise.
     static func restart(_ module: LoadedModule, exclusive: Bool) -> Bool {
         module.changingAlone { () -> Bool in
-            if exclusive { _ = module.functions.pointee.C_Finalize!(nil) }
+            if exclusive { _ = finalize(module) }
             let rv = initialize(module)
             if rv == CKR_OK { module.users.withLock { $0.initializedByUs = true } }
             return rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
         } ?? false
     }
 
-    /// In a child after fork: the parent's users of every module are not ours, nor its starts under way.
-    public static func forgetUsersAfterFork() {
-        modules.withLock { table in
-            for module in table.values {
-                module.users.withLock { $0.count = 0 }
-                module.changing.store(false, ordering: .releasing)
-            }
-        }
-    }
-
     private static func initialize(_ module: LoadedModule) -> CK_RV {
         var args = CK_C_INITIALIZE_ARGS()
         args.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
+        ForkGate.enter(module)
+        defer { ForkGate.exit(module) }
         return withUnsafeMutablePointer(to: &args) { module.functions.pointee.C_Initialize!(UnsafeMutableRawPointer($0)) }
+    }
+
+    private static func finalize(_ module: LoadedModule) -> CK_RV {
+        ForkGate.enter(module)
+        defer { ForkGate.exit(module) }
+        return module.functions.pointee.C_Finalize!(nil)
     }
 }

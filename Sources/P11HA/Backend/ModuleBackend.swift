@@ -77,6 +77,8 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     /// Finds the one slot of `module` whose token `uri` selects.
     private func locate(in module: LoadedModule) throws(ConnectFailure) -> CK_SLOT_ID {
+        ForkGate.enter(module)
+        defer { ForkGate.exit(module) }
         let f = module.functions
         var info = CK_INFO()
         _ = f.pointee.C_GetInfo!(&info)
@@ -109,11 +111,20 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
         }
     }
 
-    /// Every call into the module goes through here.
+    /// Every call into the module goes through here (or through `gated`).
     @inline(__always)
     private func call(_ body: () -> CK_RV) throws(P11Error) {
-        let rv = body()
+        let rv = gated(body)
         if rv != CKR_OK { throw P11Error.member(rv) }
+    }
+
+    /// Counts the call in flight for fork, which waits for it (`ForkGate`).
+    @inline(__always)
+    private func gated<R>(_ body: () -> R) -> R {
+        let module = loaded.load()!
+        ForkGate.enter(module)
+        defer { ForkGate.exit(module) }
+        return body()
     }
 
     // MARK: slot, token, mechanisms (the token's calls: raw pointers stop here)
@@ -149,7 +160,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
     }
 
     public func closeSession(_ session: MemberSession) {
-        _ = f.pointee.C_CloseSession!(session.raw)
+        _ = gated { f.pointee.C_CloseSession!(session.raw) }
     }
 
     public func login(_ session: MemberSession, userType: CK_USER_TYPE, pin: Secret?) throws(P11Error) {
@@ -255,7 +266,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
                 template[i].ulValueLen = CK_ULONG(capacity)
             }
         }
-        let rv = f.pointee.C_GetAttributeValue!(session.raw, object.raw, &template, CK_ULONG(template.count))
+        let rv = gated { f.pointee.C_GetAttributeValue!(session.raw, object.raw, &template, CK_ULONG(template.count)) }
         let answers = template.enumerated().map { i, attribute -> AttributeAnswer in
             let length = attribute.ulValueLen
             guard let value = attribute.pValue, length != CK_UNAVAILABLE_INFORMATION_VALUE else {
@@ -285,11 +296,11 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     /// A whole search: init, every match, final.
     public func findObjects(_ session: MemberSession, _ template: [Attribute]) throws(P11Error) -> [MemberObject] {
-        let rv = withCTemplate(template) { f.pointee.C_FindObjectsInit!(session.raw, $0, $1) }
+        let rv = withCTemplate(template) { t, c in gated { f.pointee.C_FindObjectsInit!(session.raw, t, c) } }
         guard rv == CKR_OK else {
             // SoftHSM can fail C_FindObjectsInit (CKR_GENERAL_ERROR, racing a logout) with the search begun: ended
             // here, or the session would answer CKR_OPERATION_ACTIVE to everything after.
-            if rv != CKR_OPERATION_ACTIVE { _ = f.pointee.C_FindObjectsFinal!(session.raw) }
+            if rv != CKR_OPERATION_ACTIVE { _ = gated { f.pointee.C_FindObjectsFinal!(session.raw) } }
             throw P11Error.member(rv)
         }
         var found: [CK_OBJECT_HANDLE] = []
@@ -299,7 +310,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
             do throws(P11Error) {
                 try call { f.pointee.C_FindObjects!(session.raw, &batch, CK_ULONG(batch.count), &count) }
             } catch {
-                _ = f.pointee.C_FindObjectsFinal!(session.raw)
+                _ = gated { f.pointee.C_FindObjectsFinal!(session.raw) }
                 throw error
             }
             found.append(contentsOf: batch.prefix(Int(count)))
@@ -486,7 +497,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
             length = CK_ULONG(room)
             var rv = CK_RV(CKR_OK)
             let result = [UInt8](unsafeUninitializedCapacity: max(room, 1)) { buffer, count in
-                rv = body(buffer.baseAddress, &length)
+                rv = gated { body(buffer.baseAddress, &length) }
                 count = rv == CKR_OK ? min(Int(clamping: length), room) : 0
             }
             if rv == CKR_OK { return .data(result) }

@@ -53,7 +53,8 @@ public final class Group: @unchecked Sendable {
     /// Where processes record their members' failures and recoveries for operators.
     public let statusFile: StatusFile
 
-    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String) {
+    /// `lockWait`: how long the host lock is waited for, as long as a member call may take (Config.boundedWait).
+    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String, lockWait: Duration) {
         self.slotID = slotID
         self.config = config
         self.members = members
@@ -61,9 +62,18 @@ public final class Group: @unchecked Sendable {
         // Named after the configuration, not the tokens' live answers: every process must find the same file,
         // also one that started while a member did not answer.
         let identity = ([config.name] + members.map(\.config.displayURI)).joined(separator: "|")
-        let base = "\(lockDirectory)/p11ha-\(stableSerial(identity))"
-        self.hostLock = HostLock(path: base + ".lock")
-        self.statusFile = StatusFile(path: base + ".status")
+        let base = "p11ha-\(stableSerial(identity))"
+        let directory = HostDirectory(path: lockDirectory)
+        self.hostLock = HostLock(file: HostFileLock(directory: directory, name: base + ".lock"), group: config.name, wait: lockWait)
+        self.statusFile = StatusFile(directory: directory, name: base + ".status")
+        // The default directory is made now, and any directory verified, so that a refusal is in the log from the
+        // start. A refused directory leaves the group without coordination: what needs the lock waits (journal
+        // records, bringing members up to date) and is done once the directory is usable.
+        do throws(HostFileProblem) {
+            _ = try directory.open()
+        } catch {
+            Log.event(.error, error.event, "group=\(config.name) path=\(error.path) reason=\"\(error.reason)\" effect=\"no coordination with this host's other processes: journal records and returning members wait until it is usable\"")
+        }
         for member in members {
             member.onHealthChange = { [unowned self] in self.publish($0) }
             member.group = self

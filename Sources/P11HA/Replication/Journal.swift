@@ -2,6 +2,7 @@
 // members themselves so that whichever process sees a member return knows what it missed.
 import CInterop
 import Glibc
+import Synchronization
 
 public struct Journal: Equatable, Sendable {
     /// Counts the writes to token objects the member has received (a resynchronized member takes its source's
@@ -160,23 +161,159 @@ struct Journals {
 }
 
 /// An exclusive lock shared by the processes of this host that use a group (nginx workers): held while a
-/// journal is updated or a member is brought up to date.
-struct HostLock {
-    let path: String
+/// journal is updated or a member is brought up to date. Never waited for beyond `wait`: whoever holds it (another
+/// local user can hold a lock file of a shared directory, or plant one) delays the application by at most that,
+/// and what needs the lock then waits in the background (`deferred`), never done without it.
+final class HostLock: Sendable {
+    let file: HostFileLock
+    let group: String
+    /// How long a write waits for the lock before its journal record is left to the recovery worker: the
+    /// operation-timeout.
+    let wait: Duration
+    /// Journal records of writes made while the lock could not be had, in order, for the recovery worker.
+    private let deferred = Mutex(DeferredJournal())
+    /// Wakes the worker that does what waits for the lock (set by `Recovery`).
+    private let wakeHook = Mutex<(@Sendable () -> Void)?>(nil)
+    private let problems = ProblemReport()
 
-    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o666)
-        if fd >= 0 {
-            fchmod(fd, 0o666)
-            flock(fd, LOCK_EX)
+    init(file: HostFileLock, group: String, wait: Duration) {
+        self.file = file
+        self.group = group
+        self.wait = wait
+    }
+
+    var path: String { file.path }
+
+    /// Runs `body` holding the lock, or returns nil when it could not be had within `wait` (held elsewhere, or a
+    /// directory or file that failed verification), which is logged once per problem (`host-lock-busy`).
+    /// `cancelled` ends the wait early.
+    func withLock<T, E: Error>(for work: String, waitingUpTo wait: Duration, cancelled: () -> Bool = { false },
+                               _ body: () throws(E) -> T) throws(E) -> T? {
+        switch try file.withLock(waitingUpTo: wait, cancelled: cancelled, body) {
+        case .success(let value):
+            problems.clear { Log.event(.info, "host-lock-available", "group=\(group) lock=\(path)") }
+            return value
+        case .failure(.busy(let waited)):
+            problems.report("busy") {
+                Log.event(.warning, "host-lock-busy", "group=\(group) lock=\(path) work=\"\(work)\" reason=\"held by another process for \(waited.milliseconds) ms\" deferred=yes")
+            }
+            return nil
+        case .failure(.refused(let problem)):
+            problems.report(problem.description) {
+                Log.event(.error, problem.event, "group=\(group) path=\(problem.path) reason=\"\(problem.reason)\"")
+                Log.event(.warning, "host-lock-busy", "group=\(group) lock=\(path) work=\"\(work)\" reason=\"\(problem.event): \(problem.reason)\" deferred=yes")
+            }
+            return nil
         }
-        defer {
-            if fd >= 0 {
-                flock(fd, LOCK_UN)
-                close(fd)
+    }
+
+    /// Whether journal records wait for the lock: until they are written, no member of the group returns to
+    /// service in this process (compared with journals that lack them, one could be taken for up to date).
+    var hasDeferredWork: Bool { deferred.withLock { !$0.isEmpty } }
+
+    /// Adds a record behind those waiting; `onlyIfOthersWait`: only when records already wait (so that a write
+    /// never overtakes an earlier one). Returns whether it was added.
+    func deferRecord(_ record: DeferredJournal.Record, onlyIfOthersWait: Bool = false) -> Bool {
+        let added = deferred.withLock { pending -> Bool in
+            if onlyIfOthersWait && pending.isEmpty { return false }
+            pending.append(record)
+            return true
+        }
+        if added { wakeWorker() }
+        return added
+    }
+
+    /// Takes the waiting records of `kinds` (to write them, holding the lock).
+    func takeDeferred(_ kinds: [Journal.Kind]) -> DeferredJournal {
+        deferred.withLock { $0.take(kinds) }
+    }
+
+    func onDeferredWork(_ wake: @escaping @Sendable () -> Void) {
+        wakeHook.withLock { $0 = wake }
+    }
+
+    /// Asks the recovery worker to do what waits for the host files (a journal record, a status update).
+    func wakeWorker() {
+        wakeHook.withLock { $0 }?()
+    }
+}
+
+/// Journal records waiting to be written, per kind: for each member the writes it received, in segments that each
+/// end with an attribute change (whose order and generation matter); bounded like the journal itself (the changes
+/// beyond `Journal.keptChanges` are kept as plain counts).
+struct DeferredJournal: Sendable {
+    struct Record: Sendable {
+        let kind: Journal.Kind
+        let members: [Int]
+        let change: (identity: [Attribute], template: [Attribute])?
+    }
+
+    struct Segment: Sendable {
+        /// Writes without a change, per member index.
+        var writes: [Int: UInt64] = [:]
+        /// The write that ends the segment, and the members that received it.
+        var change: (members: [Int], identity: [Attribute], template: [Attribute])? = nil
+    }
+
+    private(set) var segments: [Journal.Kind: [Segment]] = [:]
+    /// Writes recorded, per kind: a member in service that received fewer missed some.
+    private(set) var writes: [Journal.Kind: UInt64] = [:]
+
+    var isEmpty: Bool { writes.values.allSatisfy { $0 == 0 } }
+    var count: UInt64 { writes.values.reduce(0, +) }
+
+    init() {}
+
+    init(_ record: Record) { append(record) }
+
+    mutating func append(_ record: Record) {
+        var list = segments[record.kind] ?? []
+        if list.isEmpty || list[list.count - 1].change != nil { list.append(Segment()) }
+        if let change = record.change {
+            list[list.count - 1].change = (record.members, change.identity, change.template)
+        } else {
+            for index in record.members { list[list.count - 1].writes[index, default: 0] += 1 }
+        }
+        // Past the journal's own bound the oldest change becomes a plain count in the next segment.
+        while list.filter({ $0.change != nil }).count > Journal.keptChanges, let oldest = list.first?.change {
+            var merged = list[1]
+            for (index, n) in list[0].writes { merged.writes[index, default: 0] += n }
+            for index in oldest.members { merged.writes[index, default: 0] += 1 }
+            list[1] = merged
+            list.removeFirst()
+        }
+        segments[record.kind] = list
+        writes[record.kind, default: 0] += 1
+    }
+
+    mutating func take(_ kinds: [Journal.Kind]) -> DeferredJournal {
+        var taken = DeferredJournal()
+        for kind in kinds {
+            taken.segments[kind] = segments.removeValue(forKey: kind)
+            taken.writes[kind] = writes.removeValue(forKey: kind)
+        }
+        return taken
+    }
+
+    /// How many of the writes of `kind` member `index` received.
+    func received(_ kind: Journal.Kind, by index: Int) -> UInt64 {
+        (segments[kind] ?? []).reduce(0) { sum, segment in
+            sum + (segment.writes[index] ?? 0) + (segment.change?.members.contains(index) == true ? 1 : 0)
+        }
+    }
+
+    /// `journal` with this member's writes of `kind` counted, as if each had been recorded in turn.
+    func applied(to journal: Journal, _ kind: Journal.Kind, member index: Int) -> Journal {
+        var journal = journal
+        for segment in segments[kind] ?? [] {
+            journal.generation += segment.writes[index] ?? 0
+            if let change = segment.change, change.members.contains(index) {
+                journal.generation += 1
+                journal.changes.append(Journal.Change(generation: journal.generation, identity: change.identity, template: change.template))
             }
         }
-        return try body()
+        journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
+        return journal
     }
 }
 
@@ -188,45 +325,100 @@ final class JournalKeeper: Sendable {
     init(fanOut: FanOut) { self.fanOut = fanOut }
 
     /// Records a write to token objects that succeeded on `members`: each gets the next generation (and the
-    /// change, for attribute changes). A member that cannot record it is marked stale.
+    /// change, for attribute changes). A member that cannot record it is marked stale. Under the host lock; when
+    /// the lock cannot be had within its wait (held by another process, or refused), the record is left to the
+    /// recovery worker and the application's call goes on.
     func record(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
         let group = session.group
         // Without the user's login only public objects can be written, and only the public journal.
         let kind: Journal.Kind = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) } ? .private : .public
-        group.hostLock.withLock {
+        let record = DeferredJournal.Record(kind: kind, members: members, change: change)
+        let lock = group.hostLock
+        // Records already wait (the lock was busy a moment ago): this one joins them at once rather than waiting
+        // for the lock again at every write.
+        if lock.deferRecord(record, onlyIfOthersWait: true) { return markMissed(group, members) }
+        let written = lock.withLock(for: "journal record", waitingUpTo: lock.wait) { () -> Bool in
+            // Records deferred while this one waited go first.
+            if lock.deferRecord(record, onlyIfOthersWait: true) { return false }
+            write(DeferredJournal(record), to: group) { member in try? session.memberSession(member) }
+            return true
+        }
+        if written == nil { _ = lock.deferRecord(record) }
+        markMissed(group, members)
+    }
+
+    /// A member that came into service while the write was under way did not get it.
+    private func markMissed(_ group: Group, _ members: [Int]) {
+        for member in group.membersInService where !members.contains(member.index) {
+            fanOut.markStale(member, reason: "missed a write made while it was returning")
+        }
+    }
+
+    /// Writes the journal records that waited for the host lock, for the recovery worker: private ones only while
+    /// the user is logged in (their journal is readable only then). Returns whether records still wait.
+    func writeDeferred(_ group: Group, waitingUpTo wait: Duration, cancelled: () -> Bool = { false }) -> Bool {
+        let lock = group.hostLock
+        guard lock.hasDeferredWork else { return false }
+        let written = lock.withLock(for: "deferred journal records", waitingUpTo: wait, cancelled: cancelled) { () -> UInt64 in
+            // The login state holds still while they are written (a logout would hide the private journal midway).
+            group.loginChanges.withLock { _ -> UInt64 in
+                let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
+                let taken = lock.takeDeferred(loggedIn ? Journal.Kind.allCases : [.public])
+                guard !taken.isEmpty else { return 0 }
+                var opened: [Int: MemberSession] = [:]
+                defer { for (index, s) in opened { group.members[index].token.closeSession(s) } }
+                write(taken, to: group) { member in
+                    // Members out of service meanwhile are compared when they return; they are not asked now.
+                    guard member.isInService else { return nil }
+                    if let s = opened[member.index] { return s }
+                    guard let s = try? member.token.openSession(readWrite: true) else { return nil }
+                    opened[member.index] = s
+                    return s
+                }
+                for member in group.membersInService {
+                    if Journal.Kind.allCases.contains(where: { taken.received($0, by: member.index) < taken.writes[$0] ?? 0 }) {
+                        fanOut.markStale(member, reason: "missed a write made while it was returning")
+                    }
+                }
+                return taken.count
+            }
+        }
+        if let written, written > 0 {
+            Log.event(.info, "journal-recorded-late", "group=\(group.name) writes=\(written) lock=\(lock.path)")
+        }
+        return lock.hasDeferredWork
+    }
+
+    /// Writes `records` to the journals of the members that received them (`session`: the member session to use,
+    /// nil to skip that member). A member that cannot record them is marked stale when others could.
+    private func write(_ records: DeferredJournal, to group: Group, session: (Member) -> MemberSession?) {
+        for kind in Journal.Kind.allCases where (records.writes[kind] ?? 0) > 0 {
             var journals: [Int: Journal] = [:]
             var unrecorded: [(Member, P11Error)] = []
-            for index in members {
-                let member = group.members[index]
-                guard let s = try? session.memberSession(member) else { continue }
-                do throws(P11Error) { journals[index] = try Journal.read(on: member.token, s, kind) } catch { unrecorded.append((member, error)) }
+            var asked = 0
+            for member in group.members where records.received(kind, by: member.index) > 0 {
+                guard let s = session(member) else { continue }
+                asked += 1
+                do throws(P11Error) { journals[member.index] = try Journal.read(on: member.token, s, kind) } catch { unrecorded.append((member, error)) }
             }
             // Each member counts the writes it received: one that is behind (it missed writes, or lacks objects it
             // could not be given) stays behind by as much, and is never taken for an up-to-date member.
-            for (index, var journal) in journals {
+            for (index, journal) in journals {
                 let member = group.members[index]
-                journal.generation += 1
-                if let change {
-                    journal.changes.append(Journal.Change(generation: journal.generation, identity: change.identity, template: change.template))
-                    journal.changes.removeFirst(max(0, journal.changes.count - Journal.keptChanges))
-                }
                 do throws(P11Error) {
-                    try Journal.write(on: member.token, try session.memberSession(member), journal, kind)
+                    guard let s = session(member) else { continue }
+                    try Journal.write(on: member.token, s, records.applied(to: journal, kind, member: index), kind)
                 } catch {
                     unrecorded.append((member, error))
                 }
             }
-            if unrecorded.count < members.count {
-                // Others recorded the write: these are behind by one, and must be brought up to date.
+            if unrecorded.count < asked {
+                // Others recorded the write: these are behind, and must be brought up to date.
                 for (member, error) in unrecorded { fanOut.markStale(member, reason: "journal not updated: \(error)") }
             } else if let (_, error) = unrecorded.first {
                 // None could record it (the request's doing, as a write the session may not journal): the members
                 // still agree with each other, and none is behind.
                 Log.event(.warning, "journal-not-updated", "group=\(group.name) reason=\"\(error)\"")
-            }
-            // A member that came into service while the write was under way did not get it.
-            for member in group.membersInService where !members.contains(member.index) {
-                fanOut.markStale(member, reason: "missed a write made while it was returning")
             }
         }
     }

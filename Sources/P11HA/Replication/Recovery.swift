@@ -33,14 +33,16 @@ final class RecoveryWorker: @unchecked Sendable {
         signal.raise()
     }
 
+    /// Set once shutdown begins: waits for a host lock end early.
+    var stopping: Bool { stopped.load(ordering: .acquiring) }
+
     func stop() {
         stopped.store(true, ordering: .releasing)
         signal.raise()
-        pass.withLock { _ in }
+        pass.withLock { _ in recovery?.finishHostWork() }
     }
 
     private func loop() {
-        defer { parkForever() }
         while !stopped.load(ordering: .acquiring) {
             var pending = false
             pass.withLock { _ in
@@ -60,25 +62,57 @@ final class Recovery: @unchecked Sendable {
     private let groups: [Group]
     private let sessions: SessionTable
     private let fanOut: FanOut
+    /// Writes the journal records that waited for the host lock.
+    private let journal: JournalKeeper
 
     init(worker: RecoveryWorker, groups: [Group], sessions: SessionTable, fanOut: FanOut) {
         self.worker = worker
         self.groups = groups
         self.sessions = sessions
         self.fanOut = fanOut
+        self.journal = JournalKeeper(fanOut: fanOut)
         worker.attach(self)
+        for group in groups {
+            // Work left for the host lock is this worker's: a write's journal record, a status update.
+            group.hostLock.onDeferredWork { [weak worker] in worker?.wake() }
+        }
     }
 
-    /// One pass over every member out of service; returns whether any is still out.
+    /// One pass: the work that waited for the host lock, then every member out of service; returns whether any
+    /// work still waits or any member is still out.
     func recoverMembers() -> Bool {
         var pending = false
         for group in groups {
+            // Journal records first: a member compared with journals that lack them could be taken for up to date.
+            // While they wait (the lock is still busy), no member of the group returns.
+            if journal.writeDeferred(group, waitingUpTo: group.hostLock.wait, cancelled: { worker.stopping }) { pending = true }
+            if !group.statusFile.flush(group, waitingUpTo: Self.statusWait) { pending = true }
+            if group.hostLock.hasDeferredWork {
+                if group.members.contains(where: { !$0.isInService }) { pending = true }
+                continue
+            }
             for member in group.members where !member.isInService {
                 recover(member, in: group)
                 if !member.isInService { pending = true }
             }
         }
         return pending
+    }
+
+    /// How long the worker waits for the status file's lock: another process updates it in a moment, and an
+    /// update that waits longer is tried again at the next pass.
+    static let statusWait: Duration = .milliseconds(100)
+
+    /// At shutdown: one more short try at what waits for the host lock; what still cannot be written is logged.
+    func finishHostWork() {
+        for group in groups {
+            let lock = group.hostLock
+            if journal.writeDeferred(group, waitingUpTo: min(lock.wait, .milliseconds(250))) {
+                let left = lock.takeDeferred(Journal.Kind.allCases).count
+                Log.event(.warning, "journal-not-updated", "group=\(group.name) writes=\(left) reason=\"the host lock \(lock.path) could not be had before C_Finalize\"")
+            }
+            _ = group.statusFile.flush(group, waitingUpTo: Self.statusWait)
+        }
     }
 
     private func recover(_ member: Member, in group: Group) {
@@ -100,7 +134,15 @@ final class Recovery: @unchecked Sendable {
         }
         defer { member.token.closeSession(session) }
         do throws(P11Error) {
-            outcome = try group.hostLock.withLock { () throws(P11Error) -> Resync in try resynchronize(member, session, kinds, in: group) }
+            // Never without the lock: when another process holds it past the wait (or it is refused), this round is
+            // skipped, logged once, and the member is tried again at the next probe.
+            guard let resynced = try group.hostLock.withLock(for: "bringing \(member.name) up to date", waitingUpTo: group.hostLock.wait,
+                                                             cancelled: { worker.stopping },
+                                                             { () throws(P11Error) -> Resync in try resynchronize(member, session, kinds, in: group) }) else {
+                fanOut.abandonRecovery(member, before: before)
+                return
+            }
+            outcome = resynced
             if case .waitFor(let ahead) = outcome {
                 fanOut.abandonRecovery(member, before: before)
                 Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) reason=\"\(ahead) is ahead of it and not in service yet\"")
@@ -117,6 +159,9 @@ final class Recovery: @unchecked Sendable {
         let returned = group.loginChanges.withLock { _ -> Bool in
             let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
             guard loggedIn == kinds.contains(.private) else { return false }
+            // A write made meanwhile whose record waits for the host lock: the member may lack it, and its journal
+            // would not say so; it returns after the record is written (the next pass).
+            guard !group.hostLock.hasDeferredWork else { return false }
             fanOut.returnToService(member, in: group)
             return true
         }

@@ -64,7 +64,8 @@ public enum Log {
         "local4": LOG_LOCAL4, "local5": LOG_LOCAL5, "local6": LOG_LOCAL6, "local7": LOG_LOCAL7,
     ]
 
-    private static let sink = Mutex(Sink())
+    /// Process-wide, so a child after fork logs too (see Fork.swift).
+    static let sink = ProcessLock(Sink())
 
     public static func configure(_ destination: LogDestination, level: LogLevel, facility: Int32 = LOG_USER) {
         sink.withLock { sink in
@@ -76,8 +77,16 @@ public enum Log {
             case .stderr: break
             case .syslog: openlog("p11ha", LOG_PID, facility)
             case .file(let path):
-                let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-                if fd >= 0 { sink.fd = fd } else { sink.destination = .stderr }
+                // Checked when the configuration was read, but the path may have changed since: a FIFO must not
+                // block the open, and only a regular file is written.
+                let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, 0o600)
+                var info = stat()
+                if fd >= 0, fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG {
+                    sink.fd = fd
+                } else {
+                    if fd >= 0 { close(fd) }
+                    sink.destination = .stderr
+                }
             }
         }
     }

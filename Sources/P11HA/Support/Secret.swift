@@ -22,14 +22,30 @@ public final class Secret: @unchecked Sendable {
 
     public let count: Int
 
-    /// Reads a pin-source: `file:PATH` or a plain path, as p11-kit does; a trailing newline is not part of the PIN.
+    /// A PIN file holds a PIN and perhaps a newline: a larger file is not a PIN file.
+    public static let pinFileLimit = 4096
+
+    /// The file a pin-source names: `file:PATH` or a plain path, as p11-kit takes it.
+    public static func pinSourcePath(_ source: String) -> String {
+        source.hasPrefix("file:") ? String(source.dropFirst(5)) : source
+    }
+
+    /// Reads a pin-source: a regular file of at most `limit` bytes, read without blocking (a FIFO or a device is
+    /// refused, never read); a trailing newline is not part of the PIN. The one buffer that held the file is
+    /// zeroed before it is freed. The error says why, never what the file holds.
+    public static func reading(pinSource source: String, limit: Int = pinFileLimit) throws(FileReadError) -> Secret {
+        let secret = try withRegularFileContents(pinSourcePath(source), limit: limit) { bytes -> Secret? in
+            var end = bytes.count
+            while end > 0, bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D { end -= 1 }
+            return end == 0 ? nil : Secret(copying: UnsafeRawBufferPointer(rebasing: bytes[0..<end]))
+        }
+        guard let secret else { throw FileReadError(description: "holds no PIN (it is empty, or only a line end)") }
+        return secret
+    }
+
+    /// `reading(pinSource:)` for callers that report the failure themselves.
     public static func fromPinSource(_ source: String) -> Secret? {
-        let path = source.hasPrefix("file:") ? String(source.dropFirst(5)) : source
-        guard var data = readFileBytes(path) else { return nil }
-        defer { data.withUnsafeMutableBytes { if let b = $0.baseAddress { explicit_bzero(b, $0.count) } } }
-        var end = data.count
-        while end > 0, data[end - 1] == 0x0A || data[end - 1] == 0x0D { end -= 1 }
-        return data.withUnsafeBytes { Secret(copying: UnsafeRawBufferPointer(rebasing: $0[0..<end])) }
+        try? reading(pinSource: source)
     }
 
     public func withBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {

@@ -2,11 +2,20 @@
 import Glibc
 import Synchronization
 
-/// Starts a detached thread running `body` with every signal blocked (a dead remote member's SIGPIPE,
-/// for one, must not reach the application through p11ha's threads).
+/// Runs `body` on a thread of p11ha's own, with every signal blocked (a dead remote member's SIGPIPE, for one,
+/// must not reach the application through p11ha's threads).
+///
+/// p11ha's threads never end: a thread that called into a member holds that module's thread-local state (SoftHSM's
+/// OpenSSL keeps some), and if it ended while the process exits, its destructors would race OpenSSL's own cleanup
+/// at exit and crash; threads waiting when the process exits just vanish. So a thread whose work is done waits in
+/// a pool for the next: there are as many as ever ran at once, however many initializations come and go.
 func spawnThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    if let thread = ThreadPool.idle.withLock({ $0.popLast() }) {
+        thread.job = body
+        thread.wake.raise()
+        return
+    }
+    let context = Unmanaged.passRetained(PooledThread(first: body)).toOpaque()
     var attributes = pthread_attr_t()
     pthread_attr_init(&attributes)
     pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
@@ -16,21 +25,49 @@ func spawnThread(_ body: @escaping @Sendable () -> Void) {
     pthread_sigmask(SIG_SETMASK, &all, &previous)
     var thread = pthread_t()
     let rc = pthread_create(&thread, &attributes, { raw in
-        let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
-        box.body()
-        return nil
+        let me = Unmanaged<PooledThread>.fromOpaque(raw!).takeRetainedValue()
+        me.run()
     }, context)
     pthread_sigmask(SIG_SETMASK, &previous, nil)
     pthread_attr_destroy(&attributes)
-    if rc != 0 { Unmanaged<AnyObject>.fromOpaque(context).release() }
+    if rc != 0 { Unmanaged<PooledThread>.fromOpaque(context).release() }
 }
 
-/// Ends a thread's work without ending the thread. A thread of p11ha's that called into a member holds that
-/// module's thread-local state (SoftHSM's OpenSSL keeps some): if the thread ended while the process exits,
-/// its destructors would race OpenSSL's own cleanup at exit and crash. Parked threads just vanish at exit.
-func parkForever() -> Never {
-    let never = Signal()
-    while true { never.wait(timeout: nil) }
+/// One of p11ha's threads: runs a job, then waits in the pool for the next.
+final class PooledThread: @unchecked Sendable {
+    fileprivate let wake = Signal()
+    /// Set by `spawnThread` before `wake` is raised (the signal's mutex orders the two).
+    fileprivate var job: (@Sendable () -> Void)?
+
+    fileprivate init(first: @escaping @Sendable () -> Void) { job = first }
+
+    fileprivate func run() -> Never {
+        while true {
+            if let job { job() }
+            job = nil
+            ThreadPool.idle.withLock { $0.append(self) }
+            wake.wait(timeout: nil)
+        }
+    }
+}
+
+/// The threads waiting for work. Process-wide: in a child after fork they do not exist (see Fork.swift).
+enum ThreadPool {
+    static let idle = ProcessLock<[PooledThread]>([])
+
+    /// In a child: the parent's idle threads are not here. Their records are kept, never freed: destroying a
+    /// condition another (here absent) thread waits on can wait for ever.
+    static func forgetInChild() {
+        idle.withLock { threads in
+            _ = Unmanaged.passRetained(Inherited(threads))
+            threads = []
+        }
+    }
+
+    private final class Inherited {
+        let threads: [PooledThread]
+        init(_ threads: [PooledThread]) { self.threads = threads }
+    }
 }
 
 /// A flag one thread waits on, with a deadline, and another raises.
@@ -107,3 +144,42 @@ extension Duration {
         UInt64(max(0, components.seconds)) * 1_000_000_000 + UInt64(max(0, components.attoseconds) / 1_000_000_000)
     }
 }
+
+#if P11HA_TSAN
+/// ThreadSanitizer builds only (`scripts/sanitize thread` compiles with -DP11HA_TSAN): Synchronization's Mutex hands a
+/// contended lock over inside the kernel (a PI futex, taken in its uninstrumented slow path), which ThreadSanitizer
+/// cannot see, so every critical section that ever waited is reported as a race (four threads appending to an
+/// array inside `withLock` are reported at once). In those builds this pthread mutex, which ThreadSanitizer
+/// intercepts, takes its place in P11HA with the same `withLock` and `withLockIfAvailable`: what the sanitizer checks
+/// is p11ha's use of its locks.
+public final class Mutex<Value>: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    /// Out of line: the sanitizer puts an access to a stored property of no size (Mutex(())) at the object's first
+    /// bytes, which every call reads (its type's metadata) before it locks: a race on nothing.
+    private let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+
+    public init(_ initialValue: Value) {
+        value.initialize(to: initialValue)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        value.deinitialize(count: 1)
+        value.deallocate()
+    }
+
+    public func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value.pointee)
+    }
+
+    public func withLockIfAvailable<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result? {
+        guard pthread_mutex_trylock(mutex) == 0 else { return nil }
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value.pointee)
+    }
+}
+#endif

@@ -3,27 +3,28 @@ import CInterop
 import Glibc
 import Synchronization
 
-/// The process-wide state behind the C ABI.
+/// The process-wide state behind the C ABI. Its locks are `ProcessLock`s, safe across fork (see Fork.swift).
 public enum Library {
-    private static let current = Mutex<Runtime?>(nil)
+    static let current = ProcessLock<Runtime?>(nil)
     /// Serializes initialize and finalize, which call members; kept apart from `current` so that
     /// ordinary calls never wait on a member.
-    private static let lifecycle = Mutex(false)
-    /// Set in a child process after fork: the parent's state is not this process's to use.
-    private static let forked = Atomic<Bool>(false)
+    static let lifecycle = ProcessLock(())
+    /// Runtimes a child inherited from its parent: never used, never freed (their threads, locks and member
+    /// sessions are the parent's; freeing them could wait on a condition no thread here will ever signal).
+    private static let inherited = ProcessLock<[Runtime]>([])
 
     public static func initialize() throws(P11Error) {
-        try lifecycle.withLock { (atforkRegistered) throws(P11Error) in
-            if !atforkRegistered {
-                pthread_atfork(nil, nil, { Library.forked.store(true, ordering: .sequentiallyConsistent) })
-                atforkRegistered = true
-            }
-            let afterFork = forked.load(ordering: .sequentiallyConsistent)
+        try lifecycle.withLock { (_) throws(P11Error) in
+            let afterFork = ForkGate.happened.load(ordering: .sequentiallyConsistent)
             if afterFork {
+                if ForkGate.registryLost.load(ordering: .relaxed) {
+                    Log.event(.error, "fork-unsafe", "a member module was being loaded when the process forked; p11ha cannot start in this child")
+                    throw P11Error.generalError
+                }
                 // Abandon the parent's runtime without touching its member sessions: they belong to the parent.
-                current.withLock { $0 = nil }
-                ModuleRegistry.forgetUsersAfterFork()
-                forked.store(false, ordering: .sequentiallyConsistent)
+                let parents = current.withLock { runtime in defer { runtime = nil }; return runtime }
+                if let parents { inherited.withLock { $0.append(parents) } }
+                ForkGate.happened.store(false, ordering: .sequentiallyConsistent)
             }
             if current.withLock({ $0 != nil }) { throw P11Error(CK_RV(CKR_CRYPTOKI_ALREADY_INITIALIZED)) }
             let path = Config.pathFromEnvironment()
@@ -35,6 +36,7 @@ public enum Library {
                 Log.event(.error, "config-error", "\(error)")
                 throw P11Error.generalError
             }
+            ForkGate.install(drainWait: config.boundedWait)
             // Members start on a thread of p11ha's own: what their modules leave in thread-local state (SoftHSM's
             // OpenSSL error queue) must not reach the application's thread, where nginx would fail a handshake.
             final class Outcome: @unchecked Sendable { var value: Result<Runtime, any Error>? }
@@ -44,7 +46,6 @@ public enum Library {
             spawnThread {
                 outcome.value = Result { try Runtime.start(startConfig, afterFork: afterFork) }
                 done.raise()
-                parkForever()
             }
             done.wait(timeout: nil)
             let runtime: Runtime
@@ -69,7 +70,7 @@ public enum Library {
     /// The runtime of this initialization, or CKR_CRYPTOKI_NOT_INITIALIZED (also in a fresh child after fork).
     @inline(__always)
     public static func runtime() throws(P11Error) -> Runtime {
-        if forked.load(ordering: .relaxed) { throw P11Error.notInitialized }
+        if ForkGate.happened.load(ordering: .relaxed) { throw P11Error.notInitialized }
         guard let runtime = current.withLock({ $0 }) else { throw P11Error.notInitialized }
         return runtime
     }
@@ -130,38 +131,38 @@ public final class Runtime: @unchecked Sendable {
         Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
         let makeBackend = backends ?? moduleBackends(config)
         var groups: [Group] = []
-        var connected: [any TokenBackend] = []
+        let tokens = config.groups.map { group in group.members.map { makeBackend($0, group, afterFork) } }
         func fail(_ line: Int, _ message: String) -> StartError {
-            for token in connected { token.disconnect() }
+            // Every token was connected at once: each lets go of its module (one that never got it does nothing).
+            for token in tokens.joined() { token.disconnect() }
             return StartError(description: "\(config.path):\(line): \(message)")
         }
         var seen: [String: Int] = [:]
         var unreachableAtStart: [(Member, String)] = []
+        let outcomes = connectAll(zip(config.groups.flatMap(\.members), tokens.joined()).map { ($0.moduleKey, $1) })
+        var next = 0
         for (groupIndex, groupConfig) in config.groups.enumerated() {
             var members: [Member] = []
             for (index, memberConfig) in groupConfig.members.enumerated() {
-                let token = makeBackend(memberConfig, groupConfig, afterFork)
+                let token = tokens[groupIndex][index]
                 var unreachable: String? = nil
-                do throws(ConnectFailure) {
-                    try token.connect()
-                } catch {
-                    switch error {
-                    case .configuration(let message):
-                        token.disconnect()
-                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
-                    case .unreachable(let message):
-                        unreachable = message
-                    }
+                defer { next += 1 }
+                switch outcomes[next] {
+                case .success: break
+                case .failure(.configuration(let message)):
+                    throw fail(memberConfig.line, "member \(memberConfig.displayURI): \(message)")
+                case .failure(.unreachable(let message)):
+                    unreachable = message
                 }
-                connected.append(token)
                 var ownPIN: Secret? = nil
                 if let value = memberConfig.uri.pinValue {
                     ownPIN = Secret(value)
                 } else if let source = memberConfig.uri.pinSource {
-                    guard let pin = Secret.fromPinSource(source) else {
-                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): cannot read pin-source \(source)")
+                    do throws(FileReadError) {
+                        ownPIN = try Secret.reading(pinSource: source)
+                    } catch {
+                        throw fail(memberConfig.line, "member \(memberConfig.displayURI): pin-source \(Secret.pinSourcePath(source)): \(error)")
                     }
-                    ownPIN = pin
                 }
                 let name = memberName(memberConfig, token: token, connected: unreachable == nil)
                 // Two lines naming one token would count every write twice: tokens are told apart by serial.
@@ -177,7 +178,7 @@ public final class Runtime: @unchecked Sendable {
                 members.append(member)
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
-                                lockDirectory: config.lockDirectory))
+                                lockDirectory: config.lockDirectory, lockWait: config.boundedWait))
         }
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
@@ -188,20 +189,70 @@ public final class Runtime: @unchecked Sendable {
         return runtime
     }
 
+    /// Connects every token at once, so that the start takes one operation-timeout however many members do not
+    /// answer. Tokens of one module connect one after another: the module starts once, for the first.
+    private static func connectAll(_ tokens: [(module: String, token: any TokenBackend)]) -> [Result<Void, ConnectFailure>] {
+        final class Outcomes: @unchecked Sendable {
+            var results: [Result<Void, ConnectFailure>?]
+            init(_ count: Int) { results = Array(repeating: nil, count: count) }
+        }
+        let outcomes = Outcomes(tokens.count)
+        var byModule: [String: [Int]] = [:]
+        for (index, entry) in tokens.enumerated() { byModule[entry.module, default: []].append(index) }
+        if byModule.count == 1 {
+            for (index, entry) in tokens.enumerated() { outcomes.results[index] = Result { () throws(ConnectFailure) in try entry.token.connect() } }
+            return outcomes.results.map { $0! }
+        }
+        let lock = Mutex(())
+        var done: [Signal] = []
+        for indices in byModule.values {
+            let finished = Signal()
+            done.append(finished)
+            let chain = indices.map { ($0, tokens[$0].token) }
+            spawnThread {
+                for (index, token) in chain {
+                    let result = Result { () throws(ConnectFailure) in try token.connect() }
+                    lock.withLock { _ in outcomes.results[index] = result }
+                }
+                finished.raise()
+            }
+        }
+        for finished in done { finished.wait(timeout: nil) }
+        return lock.withLock { _ in outcomes.results.map { $0! } }
+    }
+
     /// Closes every session and releases the modules.
+    /// Members are let go of side by side, so that C_Finalize takes one operation-timeout however many members
+    /// stop answering now.
     public func shutdown() {
         recovery.worker.stop()
-        let all = sessions.removeAll()
-        for session in all { closeMemberSessions(session) }
+        var byMember: [ObjectIdentifier: [MemberSession]] = [:]
+        for session in sessions.removeAll() {
+            for (member, handle) in detachMemberSessions(session) { byMember[ObjectIdentifier(member), default: []].append(handle) }
+        }
         for group in groups {
             group.login.withLock { $0 = Group.LoginState() }
         }
-        // Calls given up at their deadline that have since been released (a member that answers again) finish
-        // first, within the operation-timeout: a module finalized, or a process exiting, under one of them
-        // crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
-        let members = groups.flatMap(\.members)
-        waitWhile({ members.contains { $0.token.callsOverdue > 0 } }, upTo: config.boundedWait, polling: .milliseconds(1))
-        for member in members { member.token.disconnect() }
+        let boundedWait = config.boundedWait
+        var done: [Signal] = []
+        for member in groups.flatMap(\.members) {
+            let handles = byMember[ObjectIdentifier(member)] ?? []
+            let finished = Signal()
+            done.append(finished)
+            spawnThread {
+                // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the
+                // whole operation-timeout for nothing; its sessions end with its module.
+                for handle in handles where member.token.callsOverdue == 0 { member.token.closeSession(handle) }
+                // Calls given up at their deadline that have since been released (a member that answers again)
+                // finish first, within the operation-timeout: a module finalized, or a process exiting, under one of
+                // them crashes (SoftHSM's C_Sign). One still stuck after that keeps its module unfinalized.
+                waitWhile({ member.token.callsOverdue > 0 }, upTo: boundedWait, polling: .milliseconds(1))
+                finished.raise()
+            }
+        }
+        for finished in done { finished.wait(timeout: nil) }
+        // Released one after another: members of one module share its start and stop.
+        for member in groups.flatMap(\.members) { member.token.disconnect() }
     }
 
     public func group(_ slot: CK_SLOT_ID) throws(P11Error) -> Group {
@@ -220,6 +271,15 @@ public final class Runtime: @unchecked Sendable {
     }
 
     func closeMemberSessions(_ session: VirtualSession) {
+        // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
+        // operation-timeout for nothing; its sessions end with its module.
+        for (member, handle) in detachMemberSessions(session) where member.token.callsOverdue == 0 {
+            member.token.closeSession(handle)
+        }
+    }
+
+    /// Ends the session for the application and takes its member sessions off it, for the caller to close.
+    private func detachMemberSessions(_ session: VirtualSession) -> [(Member, MemberSession)] {
         session.markClosed()
         // Calls already under way finish first (each within the operation-timeout); new ones are refused.
         waitWhile({ session.callsUnderWay > 0 }, upTo: config.boundedWait, polling: .microseconds(200))
@@ -231,12 +291,9 @@ public final class Runtime: @unchecked Sendable {
             }
             return (state.memberSessions, state.retired)
         }
-        // A member with a call stuck inside it (past its deadline) is not asked: each close would wait the whole
-        // operation-timeout for nothing; its sessions end with its module.
-        let closing = handles.enumerated().compactMap { index, handle in handle.map { (index, $0) } } + retired.map { ($0.member, $0.session) }
-        for (index, handle) in closing where session.group.members[index].token.callsOverdue == 0 {
-            session.group.members[index].token.closeSession(handle)
-        }
+        let members = session.group.members
+        return handles.enumerated().compactMap { index, handle in handle.map { (members[index], $0) } }
+            + retired.map { (members[$0.member], $0.session) }
     }
 
     /// Per-member figures for operators and tests.
@@ -253,4 +310,9 @@ public final class Runtime: @unchecked Sendable {
                           inFlight: $0.inFlight.load(ordering: .relaxed))
         }
     }
+}
+
+extension MemberConfig {
+    /// Which loaded module the member's token is reached through (members of one SoftHSM share one).
+    var moduleKey: String { via.map { "\(uri.modulePath) via \($0)" } ?? uri.modulePath }
 }
