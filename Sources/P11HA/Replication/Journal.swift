@@ -427,13 +427,21 @@ final class JournalKeeper: Sendable {
     /// writes, perhaps made by another process while it was away. It leaves service to be brought up to date.
     func checkGenerations(_ group: Group, _ session: VirtualSession) {
         var generations: [(Member, UInt64)] = []
+        var suspects = FanOut.Suspects()
         for member in group.membersInService {
             guard let s = try? session.memberSession(member) else { continue }
             do throws(P11Error) {
                 generations.append((member, try Journals.read(on: member.token, s, Journal.Kind.allCases).generation))
             } catch where error.isMemberFault {
-                fanOut.fail(member, error)
+                // A fault-class answer alone is no evidence (SoftHSM answers searches CKR_GENERAL_ERROR for reasons
+                // of its own): the evidence rule decides, as for the application's calls.
+                fanOut.accuse(member, error, &suspects)
             } catch {}
+        }
+        if generations.isEmpty {
+            _ = fanOut.verdict(on: suspects, otherwise: .deviceError)
+        } else {
+            fanOut.convict(suspects)
         }
         guard let newest = generations.map(\.1).max() else { return }
         for (member, generation) in generations where generation < newest {
