@@ -1,7 +1,8 @@
 /*
  * fork_storm: forks many children from a process whose threads are signing
  * through a PKCS#11 module, as nginx, a CA or a preforking server does; each
- * child starts the module afresh (C_Initialize), logs in, signs once and exits.
+ * child starts the module afresh (C_Initialize), logs in, signs (20 times, or
+ * FORK_STORM_CHILD_SIGNATURES) and exits.
  *
  *   cc $(pkg-config --cflags p11-kit-1) -o fork_storm fork_storm.c -ldl -lpthread
  *   ./fork_storm MODULE TOKEN PIN KEY_LABEL CHILDREN THREADS MODE CHILD_SECONDS
@@ -38,6 +39,7 @@
 
 static CK_FUNCTION_LIST_PTR p11;
 static const char *token_label, *pin, *key_label;
+static int child_signatures = 20;
 static volatile int stop_signing;
 static unsigned long parent_signatures, parent_errors;
 static pthread_mutex_t counts = PTHREAD_MUTEX_INITIALIZER;
@@ -176,10 +178,14 @@ static void child(void)
     CK_OBJECT_HANDLE key = find_private_key(session, "child");
     if (key == CK_INVALID_HANDLE)
         exit(6);
-    rv = sign_once(session, key);
-    if (rv != CKR_OK) {
-        fprintf(stderr, "fork_storm (child %d): C_Sign: 0x%lx\n", getpid(), rv);
-        exit(7);
+    /* Several signatures: p11ha's own threads in the child (recovery of the member that is down) work beside
+       this thread meanwhile, so that the locks both take meet. */
+    for (int i = 0; i < child_signatures; i++) {
+        rv = sign_once(session, key);
+        if (rv != CKR_OK) {
+            fprintf(stderr, "fork_storm (child %d): C_Sign: 0x%lx\n", getpid(), rv);
+            exit(7);
+        }
     }
     rv = p11->C_Finalize(NULL);
     if (rv != CKR_OK) {
@@ -267,6 +273,8 @@ int main(int argc, char **argv)
         pthread_create(&signers[i], NULL, signer, NULL);
     printf("fork_storm: %d threads signing\n", threads);
     const char *go = getenv("FORK_STORM_GO");
+    if (getenv("FORK_STORM_CHILD_SIGNATURES") != NULL)
+        child_signatures = atoi(getenv("FORK_STORM_CHILD_SIGNATURES"));
     double waited = now();
     while (go != NULL && access(go, F_OK) != 0 && now() - waited < 120)
         usleep(10000);

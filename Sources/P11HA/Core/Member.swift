@@ -54,7 +54,7 @@ public final class Member: @unchecked Sendable {
 
     public let name: String
     public var isStandby: Bool { config.standby }
-    public let history = Mutex(MemberHistory())
+    let history = Mutex(MemberHistory())
     public var hasOwnPIN: Bool { ownPIN != nil }
     public var health: Health { Health(rawValue: healthValue.load(ordering: .acquiring)) ?? .failed }
     public var isInService: Bool { health == .inService }

@@ -145,20 +145,24 @@ extension Duration {
     }
 }
 
-#if P11HA_TSAN
-/// ThreadSanitizer builds only (`scripts/sanitize thread` compiles with -DP11HA_TSAN): Synchronization's Mutex hands a
-/// contended lock over inside the kernel (a PI futex, taken in its uninstrumented slow path), which ThreadSanitizer
-/// cannot see, so every critical section that ever waited is reported as a race (four threads appending to an
-/// array inside `withLock` are reported at once). In those builds this pthread mutex, which ThreadSanitizer
-/// intercepts, takes its place in P11HA with the same `withLock` and `withLockIfAvailable`: what the sanitizer checks
-/// is p11ha's use of its locks.
-public final class Mutex<Value>: @unchecked Sendable {
+/// p11ha's lock for state shared between threads: a plain pthread mutex, in place of Synchronization's Mutex, which
+/// p11ha does not use (this type shadows it in P11HA).
+///
+/// Synchronization's Mutex on Linux is a priority-inheritance futex whose word holds its owner's thread ID, and it
+/// caches that ID in thread-local storage. After fork, the thread that forked keeps its parent's cached ID in the
+/// child: a lock it takes there names a thread of another process, and the first time a thread of p11ha's waits
+/// for it the kernel refuses (the stdlib's fatal "Unknown error occurred while attempting to acquire a Mutex", seen
+/// in an nginx worker, whose main thread forked from the master's; reproduced by a ten-line program). nginx workers,
+/// preforking servers and any application that forks call p11ha on exactly that thread. A pthread mutex records
+/// no owner the kernel checks, and glibc keeps its thread IDs right across fork. ThreadSanitizer also sees it (it
+/// cannot see a PI futex handed over in the kernel), so `scripts/sanitize thread` checks the locks the product uses.
+final class Mutex<Value>: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     /// Out of line: the sanitizer puts an access to a stored property of no size (Mutex(())) at the object's first
     /// bytes, which every call reads (its type's metadata) before it locks: a race on nothing.
     private let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
 
-    public init(_ initialValue: Value) {
+    init(_ initialValue: Value) {
         value.initialize(to: initialValue)
         pthread_mutex_init(mutex, nil)
     }
@@ -170,16 +174,15 @@ public final class Mutex<Value>: @unchecked Sendable {
         value.deallocate()
     }
 
-    public func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
+    func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)
     }
 
-    public func withLockIfAvailable<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result? {
+    func withLockIfAvailable<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result? {
         guard pthread_mutex_trylock(mutex) == 0 else { return nil }
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)
     }
 }
-#endif
