@@ -2,11 +2,11 @@
 // inside it.
 //
 // Two hazards, both measured in nginx-like parents (threads of p11ha's busy while the application forks):
-// - Swift's Mutex on Linux is a priority-inheritance futex that records its owner's thread ID: one held by another
-//   thread at fork is unusable in the child (a fatal error, not a wait). So process-wide state, which a child uses
-//   again, lives behind `ProcessLock` (a plain pthread mutex) instead: fork's prepare handler takes every one (so
-//   none is copied held, nor its state copied half-changed) and the child makes each anew. Per-initialization state
-//   (a Runtime's groups, sessions, workers) keeps Swift's Mutex: a child never touches its parent's runtime.
+// - A lock another thread holds at fork is held for ever in the child, and the state it guards may be half
+//   changed. So process-wide state, which a child uses again, lives behind `ProcessLock`: fork's prepare handler
+//   takes every one (so none is copied held, nor its state copied half-changed) and the child makes each anew.
+//   Per-initialization state (a Runtime's groups, sessions, workers) is behind p11ha's `Mutex`: a child never
+//   touches its parent's runtime. Both are pthread mutexes, never Synchronization's Mutex (see `Mutex`, Threads.swift).
 // - A member module (SoftHSM, p11-kit's client) with a call inside it at fork is copied with its own locks held: the
 //   child's calls into it hang. Every member call passes through p11ha (`ForkGate.enter`/`exit`), so fork waits,
 //   within the operation-timeout, until none is in flight; a module still busy then is left unused by the child.
