@@ -54,7 +54,10 @@ extension ReplicationKey {
                      key: MemberObject) throws(P11Error) -> [UInt8] {
         guard case .length(let n) = try token.wrapKey(session, wrapMechanism, wrappingKey: replicationKey, key: key, capacity: nil),
               let blob = try token.wrapKey(session, wrapMechanism, wrappingKey: replicationKey, key: key, capacity: n).bytes
-        else { throw P11Error.generalError }
+        else {
+            Log.event(.error, "replication-failed", "reason=\"the member's C_WrapKey gave no wrapped key after its length\"")
+            throw P11Error.generalError
+        }
         return blob
     }
 }
@@ -64,7 +67,10 @@ extension ReplicaAttributes {
     /// that it has (values of public keys included; nothing sensitive can be read).
     static func template(on token: any TokenBackend, _ session: MemberSession, _ object: MemberObject) throws(P11Error) -> [Attribute] {
         let head = try token.readAttributes(session, object, [CK_ATTRIBUTE_TYPE(CKA_CLASS), CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE)])
-        guard let classBytes = head[0] else { throw P11Error.generalError }
+        guard let classBytes = head[0] else {
+            Log.event(.error, "replication-failed", "reason=\"the member gave no CKA_CLASS for the object to carry\"")
+            throw P11Error.generalError
+        }
         let objectClass = Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), classBytes)
         var template = [objectClass]
         if let keyType = head[1] { template.append(Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), keyType)) }
