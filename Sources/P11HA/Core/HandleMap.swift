@@ -94,6 +94,11 @@ struct ObjectTable {
     }
 
     /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
+    /// The first object known by `identity`, without recording anything.
+    func object(identity: ObjectIdentity) -> ObjectHandle? {
+        byIdentity[identity]?.first
+    }
+
     mutating func attach(member: Int, copy: MemberObject, identity: ObjectIdentity, memberCount: Int) -> ObjectHandle {
         for handle in byIdentity[identity] ?? [] where records[handle]?.copies[member] == nil {
             records[handle]!.copies[member] = copy

@@ -140,6 +140,7 @@ extension Runtime {
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [ObjectHandle] = []
         var seen = Set<ObjectHandle>()
+        let epoch = group.handlesEpoch
         let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
             do throws(P11Error) {
@@ -158,9 +159,12 @@ extension Runtime {
                     guard let values = try? member.token.readAttributes(memberSession, copy, ObjectIdentity.attributeTypes) else { continue }
                     let identity = ObjectIdentity(reading: values)
                     object = group.objects.withLock { table in
-                        // Another thread may have mapped it meanwhile.
+                        // Another thread may have mapped it meanwhile. A login change since the search began makes
+                        // the handle unfit to record (see handlesStillGood): the object is named, not recorded.
                         table.handle(member: index, copy: copy)
-                            ?? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
+                            ?? (group.handlesStillGood(since: epoch)
+                                ? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
+                                : table.object(identity: identity))
                     }
                 }
                 if let object, !group.isInfrastructure(object), seen.insert(object).inserted { results.append(object) }
@@ -203,13 +207,20 @@ extension Runtime {
         // C_DestroyObject of handle 10).
         if group.isInfrastructure(object) { throw invalid }
         if record.refind, let identity = record.identity {
-            // Found again on each member in service that has no copy recorded (no lock held while they answer).
+            // Found again on each member in service that has no copy recorded (no lock held while they answer);
+            // recorded only if no login change came meanwhile, used for this call either way.
+            let epoch = group.handlesEpoch
+            var foundNow = record.copies
             for member in group.membersInService where record.copies[member.index] == nil {
                 guard let s = try? session.memberSession(member),
                       let found = try? member.token.findObjects(s, identity.template).first else { continue }
-                group.objects.withLock { $0.setCopy(object, member: member.index, copy: found) }
+                foundNow[member.index] = found
+                group.objects.withLock { table in
+                    if group.handlesStillGood(since: epoch) { table.setCopy(object, member: member.index, copy: found) }
+                }
             }
             record = group.objects.withLock({ $0[object] }) ?? record
+            for (index, copy) in foundNow.enumerated() where record.copies[index] == nil { record.copies[index] = copy }
             // Found on no member: invisible now (a private object with nobody logged in), as on one token.
             if record.copies.allSatisfy({ $0 == nil }) { throw invalid }
         }
