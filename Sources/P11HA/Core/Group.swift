@@ -28,17 +28,6 @@ public final class Group: @unchecked Sendable {
             return try body()
         }
     }
-    /// The login epoch to compare with `handlesStillGood(since:)`: read before asking members for handles.
-    var handlesEpoch: UInt64 { loginEpoch.load(ordering: .acquiring) }
-
-    /// Whether member handles found since `epoch` may be recorded: no login change began or ended meanwhile (a
-    /// logout renumbers private objects in SoftHSM, and `loginEnded` forgets the recorded ones; a handle found
-    /// before it and recorded after it would name another object, or a second virtual handle for one). Read
-    /// under the object table's lock, so that the logout's forgetting comes after any write this lets through.
-    func handlesStillGood(since epoch: UInt64) -> Bool {
-        epoch % 2 == 0 && loginEpoch.load(ordering: .acquiring) == epoch
-    }
-
     /// The application's login ended (C_Logout, or its last session closed): the PIN kept for returning members
     /// goes, and token objects are found again by identity at their next use (a module may renumber them).
     func loginEnded() {

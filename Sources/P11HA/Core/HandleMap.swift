@@ -94,6 +94,12 @@ struct ObjectTable {
     }
 
     /// Attaches a member's copy, found by search, to the object with the same identity that lacks one there.
+    /// Counts the ends of the application's login (`forgetCopiesForRefind`). A member handle asked for before one
+    /// and recorded after it would be stale (a logout renumbers private objects in SoftHSM): it would name another
+    /// object, or give one object a second virtual handle at the next search. Handles are recorded only if this
+    /// has not moved since they were asked for, read under the same lock as the recording.
+    private(set) var generation: UInt64 = 0
+
     /// The first object known by `identity`, without recording anything.
     func object(identity: ObjectIdentity) -> ObjectHandle? {
         byIdentity[identity]?.first
@@ -162,6 +168,7 @@ struct ObjectTable {
     /// After the application's login ended: token objects whose identity is known are found again by it at
     /// their next use; the members' old handles are dropped.
     mutating func forgetCopiesForRefind() {
+        generation += 1
         for (handle, record) in records where record.owner == nil && record.identity != nil {
             for (member, copy) in record.copies.enumerated() {
                 if let copy, byCopy[CopyKey(member: member, handle: copy)] == handle { byCopy[CopyKey(member: member, handle: copy)] = nil }

@@ -140,7 +140,7 @@ extension Runtime {
         if session.state.withLock({ $0.search != nil }) { throw P11Error.operationActive }
         var results: [ObjectHandle] = []
         var seen = Set<ObjectHandle>()
-        let epoch = group.handlesEpoch
+        let generation = group.objects.withLock { $0.generation }
         let found = try fanOut.everyMember(of: group, group.membersInService, onFault: .failed, session: session) { (member) throws(P11Error) in
             let s = try session.memberSession(member)
             do throws(P11Error) {
@@ -159,10 +159,10 @@ extension Runtime {
                     guard let values = try? member.token.readAttributes(memberSession, copy, ObjectIdentity.attributeTypes) else { continue }
                     let identity = ObjectIdentity(reading: values)
                     object = group.objects.withLock { table in
-                        // Another thread may have mapped it meanwhile. A login change since the search began makes
-                        // the handle unfit to record (see handlesStillGood): the object is named, not recorded.
+                        // Another thread may have mapped it meanwhile. A login that ended since the search began makes
+                        // the handle unfit to record (see ObjectTable.generation): the object is named, not recorded.
                         table.handle(member: index, copy: copy)
-                            ?? (group.handlesStillGood(since: epoch)
+                            ?? (table.generation == generation
                                 ? table.attach(member: index, copy: copy, identity: identity, memberCount: group.members.count)
                                 : table.object(identity: identity))
                     }
@@ -208,15 +208,15 @@ extension Runtime {
         if group.isInfrastructure(object) { throw invalid }
         if record.refind, let identity = record.identity {
             // Found again on each member in service that has no copy recorded (no lock held while they answer);
-            // recorded only if no login change came meanwhile, used for this call either way.
-            let epoch = group.handlesEpoch
+            // recorded only if the login did not end meanwhile, used for this call either way.
+            let generation = group.objects.withLock { $0.generation }
             var foundNow = record.copies
             for member in group.membersInService where record.copies[member.index] == nil {
                 guard let s = try? session.memberSession(member),
                       let found = try? member.token.findObjects(s, identity.template).first else { continue }
                 foundNow[member.index] = found
                 group.objects.withLock { table in
-                    if group.handlesStillGood(since: epoch) { table.setCopy(object, member: member.index, copy: found) }
+                    if table.generation == generation { table.setCopy(object, member: member.index, copy: found) }
                 }
             }
             record = group.objects.withLock({ $0[object] }) ?? record
