@@ -1,12 +1,12 @@
 // Deterministic stand-ins for randomness and cryptography: a seeded generator and a keyed hash, nothing secret.
 
-/// SplitMix64: one 64-bit state, so a run replays exactly from its seed.
-struct SplitMix64: Sendable {
+/// SplitMix64: one 64-bit state, so a run replays exactly from its seed. Public for the tests' seeded runs.
+public struct SplitMix64: Sendable {
     private var state: UInt64
 
-    init(seed: UInt64) { state = seed }
+    public init(seed: UInt64) { state = seed }
 
-    mutating func next() -> UInt64 {
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         return mix64(state)
     }

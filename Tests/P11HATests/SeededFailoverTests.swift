@@ -14,18 +14,9 @@ let failoverSeeds: [UInt64] = {
     return Array(1...max(1, count))
 }()
 
-/// A small generator of our own, so a seed means the same run on every machine.
-struct SeededRandom {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+/// The fake's generator (the same SplitMix64 as before, so a seed means the same run), with draws below a bound.
+extension SplitMix64 {
     mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-    mutating func chance(_ percent: Int) -> Bool { below(100) < percent }
 }
 
 @Suite struct SeededFailover {
@@ -42,7 +33,7 @@ struct SeededRandom {
 
     /// One run; the first broken promise, or nil.
     func run(seed: UInt64) throws -> String? {
-        var random = SeededRandom(state: seed)
+        var random = SplitMix64(seed: seed)
         let fake = try FakeGroup(members: 3, seed: seed)
         let runtime = fake.runtime
         let session = try fake.userSession()
@@ -181,7 +172,7 @@ func readWholeFile(_ path: String) throws -> [UInt8] {
 }
 
 extension Array {
-    func randomElement(using random: inout SeededRandom) -> Element? {
+    func randomElement(using random: inout SplitMix64) -> Element? {
         isEmpty ? nil : self[random.below(count)]
     }
 }
