@@ -64,50 +64,64 @@ public struct MemberSurvey: Sendable {
     public let replicationKey: Bool
     /// Token objects p11ha manages (without its own); private ones only counted when logged in.
     public let objectCount: Int?
-    /// The journal's generation (needs a login); nil when unknown.
-    public let generation: UInt64?
-    /// The identities of the member's token objects, to tell whether members agree.
-    let identities: Set<String>
+    /// The replication records it holds (private ones counted only when logged in); nil when unknown.
+    public let records: Int?
+    /// Against the union of every reachable member's records: whether it holds what they say, and the objects it
+    /// lacks that no reachable member can give it.
+    public let agrees: Bool
+    public let missing: [String]
+    public let unrepairable: [String]
+    public let unrecorded: Int
 }
 
 extension Runtime {
-    /// Probes every member of a group: reachable, replication key, objects, journal (with a PIN).
+    /// Probes every member of a group: reachable, replication key, objects, and how it stands against the union of
+    /// the members' replication records (private objects only with a PIN).
     public func survey(_ group: Group, userPIN: Secret?) -> [MemberSurvey] {
-        group.members.map { member in
+        var reached: [ReplicaKeeper.Reached] = []
+        var loggedIn: [Int: Bool] = [:]
+        var problems: [Int: String] = [:]
+        var keys: [Int: Bool] = [:]
+        var counts: [Int: Int] = [:]
+        defer { for r in reached { r.member.token.closeSession(r.session) } }
+        for member in group.members {
             do throws(P11Error) {
                 let session = try member.token.openSession(readWrite: false)
-                defer { member.token.closeSession(session) }
-                var loggedIn = false
+                reached.append(ReplicaKeeper.Reached(member: member, session: session))
                 if let pin = member.ownPIN ?? userPIN {
                     do throws(P11Error) {
                         try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
-                        loggedIn = true
-                    } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {
-                        loggedIn = true
-                    }
+                    } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
+                    loggedIn[member.index] = true
                 }
-                let key = try ReplicationKey.find(on: member.token, session)
-                let objects = try ObjectCopy.inventory(member, session, replicationKey: key)
-                var generation: UInt64? = nil
-                if loggedIn {
-                    var total: UInt64 = 0
-                    for kind in Journal.Kind.allCases { total += try Journal.read(on: member.token, session, kind).generation }
-                    generation = total
-                }
-                if loggedIn { try? member.token.logout(session) }
-                return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
-                                    problem: nil, replicationKey: key != nil, objectCount: objects.count, generation: generation,
-                                    identities: Set(objects.map { "\($0.identity)" }))
+                keys[member.index] = try ReplicationKey.find(on: member.token, session) != nil
+                counts[member.index] = try ObjectCopy.inventory(member, session, replicationKey: nil).count
             } catch {
-                return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: false,
-                                    problem: "\(error)", replicationKey: false, objectCount: nil, generation: nil, identities: [])
+                problems[member.index] = "\(error)"
+                reached.removeAll { $0.member === member }
             }
+        }
+        // Members compared alike: with a PIN every one is logged in, without none is.
+        let allLoggedIn = reached.allSatisfy { loggedIn[$0.member.index] == true }
+        let standings = (try? replicas.standings(reached, in: group, loggedIn: allLoggedIn)) ?? [:]
+        return group.members.map { member in
+            if let problem = problems[member.index] {
+                return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: false,
+                                    problem: problem, replicationKey: false, objectCount: nil, records: nil, agrees: false,
+                                    missing: [], unrepairable: [], unrecorded: 0)
+            }
+            let standing = standings[member.index]
+            return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
+                                problem: standing == nil ? "could not be compared" : nil, replicationKey: keys[member.index] ?? false,
+                                objectCount: counts[member.index], records: standing?.records, agrees: standing?.agrees ?? false,
+                                missing: standing?.missing ?? [], unrepairable: standing?.unrepairable ?? [],
+                                unrecorded: standing?.unrecorded ?? 0)
         }
     }
 
-    /// Whether every reachable member holds the same objects.
+    /// Whether every reachable member holds what the records say (no object missing, none to destroy, no
+    /// attribute differing) and nothing is left that cannot be repaired.
     public func membersAgree(_ surveys: [MemberSurvey]) -> Bool {
-        let sets = surveys.filter(\.reachable).map(\.identities)
-        return sets.allSatisfy { $0 == sets.first }
+        surveys.filter(\.reachable).allSatisfy { $0.agrees && $0.unrepairable.isEmpty }
     }
 }

@@ -85,8 +85,9 @@ struct Status: ParsableCommand {
             Members are probed now, from this process. Their last failure and recovery come from the status file \
             the module's processes keep in lock-dir; a status file that is not this user's or root's (or of the \
             directory's group, where it is shared), or a link, is not shown but flagged. Without a user PIN, private \
-            objects are not counted and the journal generation is not shown. Exit status: 0 when every member is \
-            reachable, holds the replication key and all agree; 1 otherwise (a degraded group, or a status file \
+            objects and records are not compared. Members agree when each holds what the union of their replication \
+            records says (no object missing, none left to destroy, no attribute differing) and no object is left \
+            that cannot be repaired (named). Exit status: 0 when every member is reachable, holds the replication key and all agree; 1 otherwise (a degraded group, or a status file \
             flagged); 2 for a configuration error.
             """)
 
@@ -95,12 +96,15 @@ struct Status: ParsableCommand {
     var group: String?
     @Flag(name: .long, help: "Print JSON (one object with a 'groups' array).")
     var json = false
-    @Option(name: .customLong("pin-source"), help: "Read the user PIN from file:PATH to count private objects and read journals.")
+    @Option(name: .customLong("pin-source"), help: "Read the user PIN from file:PATH to compare private objects and records too.")
     var pinSource: String?
 
     struct MemberJSON: Codable {
         let name: String, uri: String, standby: Bool, reachable: Bool
-        let problem: String?, replicationKey: Bool, objects: Int?, generation: UInt64?
+        let problem: String?, replicationKey: Bool, objects: Int?, records: Int?
+        /// Against the union of the members' records: objects it lacks, those that cannot be repaired, objects no
+        /// record describes.
+        let missing: [String], unrepairable: [String], unrecorded: Int
         let health: String?, lastFailure: Int64?, lastFailureReason: String?, lastRecovery: Int64?
         /// What each live process using the group sees of this member now (from the status file), when it has
         /// seen it fail: a member out of service in an application's process makes the group degraded, even
@@ -181,7 +185,8 @@ struct Status: ParsableCommand {
             }
             return MemberJSON(name: name, uri: printable(s.uri), standby: s.standby, reachable: s.reachable,
                               problem: s.problem.map(printable), replicationKey: s.replicationKey, objects: s.objectCount,
-                              generation: s.generation, health: r?.health, lastFailure: r?.lastFailure,
+                              records: s.records, missing: s.missing.map(printable), unrepairable: s.unrepairable.map(printable),
+                              unrecorded: s.unrecorded, health: r?.health, lastFailure: r?.lastFailure,
                               lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery, processes: processes)
         }
         return GroupJSON(name: printable(g.name), label: printable(g.label), slot: g.slotID, membersAgree: agree, healthy: healthy,
@@ -198,9 +203,12 @@ struct Status: ParsableCommand {
             var line = "  \(m.name)\(m.standby ? " (standby)" : ""): \(m.reachable ? "reachable" : "UNREACHABLE (\(m.problem ?? "?"))")"
             if m.reachable {
                 line += ", \(m.objects.map(String.init) ?? "?") objects, replication key \(m.replicationKey ? "present" : "MISSING")"
-                if let generation = m.generation { line += ", journal generation \(generation)" }
+                if let records = m.records { line += ", \(records) replication records" }
+                if m.unrecorded > 0 { line += ", \(m.unrecorded) objects no record describes (made outside p11ha: left alone)" }
             }
             print(line)
+            for name in m.unrepairable { print("    CANNOT BE REPAIRED: \(name)") }
+            for name in m.missing where !m.unrepairable.contains(where: { $0.hasPrefix(name) }) { print("    missing (repaired at its next recovery or catch-up): \(name)") }
             if let failed = m.lastFailure {
                 print("    last failed \(timestamp(failed))\(m.lastFailureReason.map { ": \($0)" } ?? "")")
             }

@@ -197,15 +197,41 @@ import Testing
     }
 }
 
-@Suite struct TheJournalFormat {
-    @Test("a journal survives encoding, changes included; damaged bytes are refused")
+@Suite struct TheRecordFormat {
+    func record(_ operation: ReplicaRecord.Operation, _ ms: UInt64, writer: UInt64 = 1, _ attributes: [Attribute] = []) -> ReplicaRecord {
+        let fingerprint = Fingerprint([Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_VALUE, [1, 2, 3])])
+        return ReplicaRecord(stamp: Stamp(milliseconds: ms, counter: 0, writer: writer), operation: operation,
+                             object: ObjectUID(fingerprint: fingerprint, attributes: [], occurrence: 0), fingerprint: fingerprint,
+                             attributes: attributes, isPrivate: true)
+    }
+
+    @Test("a record survives encoding; damaged bytes are refused")
     func roundTrip() {
-        var journal = Journal()
-        journal.generation = 42
-        journal.changes = [Journal.Change(generation: 41, identity: dataObject("old"), template: [Attribute(CKA_LABEL, Array("new".utf8))])]
-        #expect(Journal(decoding: journal.encoded()) == journal)
-        #expect(Journal(decoding: Array("p11ha-journal 1 x\n".utf8)) == nil)
-        #expect(Journal(decoding: Array("p11ha-journal 1 3\n2 zz -\n".utf8)) == nil)
-        #expect(Journal(decoding: []) == nil)
+        let original = record(.set, 42, [Attribute(CKA_LABEL, Array("new".utf8)), Attribute(CKA_ID, [])])
+        let decoded = ReplicaRecord(decoding: original.encoded())
+        #expect(decoded?.stamp == original.stamp && decoded?.object == original.object && decoded?.operation == .set)
+        #expect(decoded?.fingerprint == original.fingerprint && decoded?.attributes == original.attributes && decoded?.isPrivate == true)
+        #expect(ReplicaRecord(decoding: Array("p11ha-record 1 create x\n".utf8)) == nil)
+        #expect(ReplicaRecord(decoding: Array(String(decoding: original.encoded(), as: UTF8.self).replacingOccurrences(of: "set", with: "sot").utf8)) == nil)
+        #expect(ReplicaRecord(decoding: []) == nil)
+    }
+
+    @Test("records merge by union in any order: the greatest stamp wins an attribute, a destroy is final")
+    func ledgerRules() {
+        let label = { (text: String) in [Attribute(CKA_LABEL, Array(text.utf8))] }
+        let records = [record(.create, 1, label("a")), record(.set, 5, writer: 2, label("from host 2")),
+                       record(.set, 5, writer: 1, label("from host 1")), record(.set, 3, label("older"))]
+        var orders = [records, records.reversed(), [records[2], records[0], records[3], records[1]]]
+        orders.append(records + records)
+        let ledgers = orders.map { Ledger($0) }
+        let uid = records[0].object
+        for ledger in ledgers {
+            #expect(ledger.objects[uid]?.template == label("from host 2"), "stamp (5, writer 2) is the greatest")
+            #expect(ledger.objects[uid]?.isLive == true)
+        }
+        var ended = Ledger(records)
+        ended.add(record(.destroy, 2))
+        ended.add(record(.set, 9, label("after the destroy")))
+        #expect(ended.objects[uid]?.isLive == false, "a destroy is never undone, whatever comes after")
     }
 }

@@ -48,14 +48,24 @@ public final class Group: @unchecked Sendable {
         var readWriteSessions = 0
     }
 
-    /// Serializes journal updates and resynchronizations among this host's processes.
+    /// Serializes bringing members up to date among this host's processes (hosts are kept apart by each member's
+    /// lease).
     let hostLock: HostLock
+    /// What the members' replication records say the token holds, as far as this process has read them.
+    let ledger = Mutex(Ledger())
+    /// Set when the members in service should be caught up with each other's records (after a login, or a
+    /// member's return); the recovery worker does it.
+    let catchUpWanted = Atomic<Bool>(false)
+    /// Stamps this process's records.
+    package let replicaClock: ReplicaClock
     /// Where processes record their members' failures and recoveries for operators.
     public let statusFile: StatusFile
 
     /// `lockWait`: how long the host lock is waited for, as long as a member call may take (Config.boundedWait).
-    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String, lockWait: Duration) {
+    init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String, lockWait: Duration,
+         replicaClock: ReplicaClock = ReplicaClock()) {
         self.slotID = slotID
+        self.replicaClock = replicaClock
         self.config = config
         self.members = members
         self.mechanisms = Self.commonMechanisms(members.filter { $0.isInService && $0.connected.load(ordering: .acquiring) })
@@ -72,7 +82,7 @@ public final class Group: @unchecked Sendable {
         do throws(HostFileProblem) {
             _ = try directory.open()
         } catch {
-            Log.event(.error, error.event, "group=\(config.name) path=\(error.path) reason=\"\(error.reason)\" effect=\"no coordination with this host's other processes: journal records and returning members wait until it is usable\"")
+            Log.event(.error, error.event, "group=\(config.name) path=\(error.path) reason=\"\(error.reason)\" effect=\"no coordination with this host's other processes: returning members wait until it is usable\"")
         }
         for member in members {
             member.onHealthChange = { [unowned self] in self.publish($0) }
@@ -134,11 +144,11 @@ public final class Group: @unchecked Sendable {
         return nil
     }
 
-    /// p11ha's replication key and journal are infrastructure, not the application's: searches through the
-    /// group skip them.
+    /// p11ha's replication key, records and leases are infrastructure, not the application's: searches through
+    /// the group skip them.
     func isInfrastructure(_ object: ObjectHandle) -> Bool {
         guard let identity = objects.withLock({ $0[object]?.identity }) else { return false }
-        return identity.isReplicationKey || identity.isJournal
+        return identity.isReplicationKey || identity.isInfrastructure
     }
 
     public var membersInService: [Member] { members.filter(\.isInService) }

@@ -21,6 +21,8 @@ public struct MemberHistory: Sendable {
     public var lastFailureReason: String? = nil
     public var lastRecovery: Int64? = nil
     public var failures = 0
+    /// Objects the last repair could not give the member (named; see `ReplicaKeeper.Repair`).
+    public var unrepairable: [String] = []
 }
 
 /// Seconds since the epoch, for operators' records.

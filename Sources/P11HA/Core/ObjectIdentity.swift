@@ -68,9 +68,9 @@ package struct ObjectIdentity: Hashable, CustomStringConvertible {
     package var classValue: CK_OBJECT_CLASS { objectClass.flatMap { Attribute(CKA_CLASS, $0).ulongValue } ?? CK_OBJECT_CLASS.max }
     package var isKey: Bool { classValue == CKO_SECRET_KEY || classValue == CKO_PRIVATE_KEY }
 
-    /// p11ha's own objects, not the application's: each member keeps its own journal; the replication key is
-    /// set up by `p11hactl domain`.
-    package var isJournal: Bool { classValue == CKO_DATA && label.map { Journal.labels.contains(String(decoding: $0, as: UTF8.self)) } == true }
+    /// p11ha's own data objects, not the application's: replication records, leases, the previous format's
+    /// journals (the replication key, set up by `p11hactl domain`, is told apart by `isReplicationKey`).
+    package var isInfrastructure: Bool { P11HA.isInfrastructure(objectClass: objectClass, label: label) }
     package var isReplicationKey: Bool { classValue == CKO_SECRET_KEY && id == ReplicationKey.id }
 
     package var description: String {

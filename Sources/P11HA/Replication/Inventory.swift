@@ -17,7 +17,7 @@ package enum ObjectCopy {
         var result: [Inventoried] = []
         for handle in try member.token.findObjects(session, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
             let identity = ObjectIdentity(naming: try member.token.readAttributes(session, handle, ObjectIdentity.nameTypes))
-            if identity.isJournal { continue }
+            if identity.isInfrastructure { continue }
             let facts = try member.token.readAttributes(session, handle, [CKA_EXTRACTABLE, CKA_MODULUS, CKA_EC_POINT, CKA_VALUE])
             let extractable = facts[0] == [1]
             var material = facts[1] ?? facts[2]

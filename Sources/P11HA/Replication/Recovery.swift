@@ -1,6 +1,6 @@
 // Recovery: a background worker probes members out of service; one that answers is logged in, brought up to
-// date from an up-to-date peer (its journal says what it missed), given back its sessions, and only then
-// returned to service.
+// date from the union of the members' replication records, given back its sessions, and only then returned to
+// service. The same worker brings members in service up to date after a login or a return (catch-up).
 import CInterop
 import Glibc
 import Synchronization
@@ -62,70 +62,126 @@ final class Recovery: @unchecked Sendable {
     private let groups: [Group]
     private let sessions: SessionTable
     private let fanOut: FanOut
-    /// Writes the journal records that waited for the host lock.
-    private let journal: JournalKeeper
+    private let replicas: ReplicaKeeper
 
     init(worker: RecoveryWorker, groups: [Group], sessions: SessionTable, fanOut: FanOut) {
         self.worker = worker
         self.groups = groups
         self.sessions = sessions
         self.fanOut = fanOut
-        self.journal = JournalKeeper(fanOut: fanOut)
+        self.replicas = ReplicaKeeper(fanOut: fanOut)
         worker.attach(self)
         for group in groups {
-            // Work left for the host lock is this worker's: a write's journal record, a status update.
+            // Work left for the host lock is this worker's: a status update.
             group.hostLock.onDeferredWork { [weak worker] in worker?.wake() }
         }
     }
 
-    /// One pass: the work that waited for the host lock, then every member out of service; returns whether any
-    /// work still waits or any member is still out.
+    /// One pass: every member out of service, then a catch-up of the members in service where one is asked for;
+    /// returns whether any work still waits or any member is still out.
     func recoverMembers() -> Bool {
         var pending = false
         for group in groups {
-            // Journal records first: a member compared with journals that lack them could be taken for up to date.
-            // While they wait (the lock is still busy), no member of the group returns.
-            if journal.writeDeferred(group, waitingUpTo: group.hostLock.wait, cancelled: { worker.stopping }) { pending = true }
             if !group.statusFile.flush(group, waitingUpTo: Self.statusWait) { pending = true }
-            if group.hostLock.hasDeferredWork {
-                if group.members.contains(where: { !$0.isInService }) { pending = true }
-                continue
-            }
             for member in group.members where !member.isInService {
                 recover(member, in: group)
                 if !member.isInService { pending = true }
             }
+            if group.catchUpWanted.exchange(false, ordering: .acquiringAndReleasing) {
+                if !catchUp(group) {
+                    group.catchUpWanted.store(true, ordering: .releasing)
+                    pending = true
+                }
+            }
         }
         return pending
+    }
+
+    /// Asks for a catch-up of the group's members in service (after a login, or a member's return): records other
+    /// processes or hosts wrote while this one could not see them are merged into every member.
+    func requestCatchUp(_ group: Group) {
+        group.catchUpWanted.store(true, ordering: .releasing)
+        worker.wake()
     }
 
     /// How long the worker waits for the status file's lock: another process updates it in a moment, and an
     /// update that waits longer is tried again at the next pass.
     static let statusWait: Duration = .milliseconds(100)
 
-    /// At shutdown: one more short try at what waits for the host lock; what still cannot be written is logged.
+    /// At shutdown: one more short try at the status file.
     func finishHostWork() {
-        for group in groups {
-            let lock = group.hostLock
-            if journal.writeDeferred(group, waitingUpTo: min(lock.wait, .milliseconds(250))) {
-                let left = lock.takeDeferred(Journal.Kind.allCases).count
-                Log.event(.warning, "journal-not-updated", "group=\(group.name) writes=\(left) reason=\"the host lock \(lock.path) could not be had before C_Finalize\"")
+        for group in groups { _ = group.statusFile.flush(group, waitingUpTo: Self.statusWait) }
+    }
+
+    /// How long a lease on a member lasts: a repair that would outlast it stops and is taken up again later.
+    static let leaseDuration: Duration = .seconds(60)
+
+    /// Brings each member in service up to date with the union of the records of all members in service, each
+    /// under its lease, while it goes on serving. Returns whether it is done (false: try again at the next pass,
+    /// as when another process held a lease, or a pass changed something and must be followed by one that
+    /// changes nothing).
+    func catchUp(_ group: Group) -> Bool {
+        var settled = true
+        let result = group.hostLock.withLock(for: "catching up members in service", waitingUpTo: group.hostLock.wait,
+                                             cancelled: { worker.stopping }) { () -> Bool in
+            group.loginChanges.withLock { _ -> Bool in
+                let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
+                // With the SO logged in, the user's objects are not visible: nothing is concluded then.
+                if group.login.withLock({ $0.userType != nil }) && !loggedIn { return true }
+                var reached: [ReplicaKeeper.Reached] = []
+                defer { for r in reached { r.member.token.closeSession(r.session) } }
+                for member in group.membersInService {
+                    guard let s = try? member.token.openSession(readWrite: true) else { continue }
+                    reached.append(ReplicaKeeper.Reached(member: member, session: s))
+                }
+                guard reached.count > 1 || group.members.count == 1 else { return true }
+                var done = true
+                for target in reached {
+                    guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
+                        done = false
+                        continue
+                    }
+                    defer { lease.release() }
+                    do throws(P11Error) {
+                        let report = try replicas.repair(target, peers: reached.filter { $0.member !== target.member }, in: group,
+                                                         loggedIn: loggedIn, lease: lease)
+                        if report.changedAnything || !report.complete { done = false }
+                        if report.changedAnything || !report.unrepairable.isEmpty {
+                            Log.event(.info, "member-caught-up", "group=\(group.name) member=\(target.member.name) \(report)")
+                        }
+                        logUnrepairable(report, target.member, group)
+                    } catch where error.isMemberFault {
+                        fanOut.fail(target.member, error)
+                    } catch {
+                        done = false
+                        Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
+                    }
+                }
+                return done
             }
-            _ = group.statusFile.flush(group, waitingUpTo: Self.statusWait)
         }
+        if result != true { settled = false }
+        return settled
+    }
+
+    private func logUnrepairable(_ report: ReplicaKeeper.Repair, _ member: Member, _ group: Group) {
+        member.history.withLock { $0.unrepairable = report.unrepairable }
+        for name in report.unrepairable {
+            Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\(name)")
+        }
+        if !report.unrepairable.isEmpty { group.publish(member) }
     }
 
     private func recover(_ member: Member, in group: Group) {
         guard let restarted = probe(member) else { return }
         let before = fanOut.beginRecovery(member)
-        let outcome: Resync
         // One session, logged in, stays open until the member is back: the member's login lasts as long as the
         // application has a session there, and the sessions reattach opens must find it logged in.
         let session: MemberSession
-        let kinds: [Journal.Kind]
+        let loggedIn: Bool
         do throws(P11Error) {
             session = try member.token.openSession(readWrite: true)
-            kinds = try logIn(member, session, group)
+            loggedIn = try logIn(member, session, group)
         } catch {
             fanOut.abandonRecovery(member, before: before)
             let level: LogLevel = error.rv == CKR_USER_NOT_LOGGED_IN ? .info : .warning
@@ -133,19 +189,25 @@ final class Recovery: @unchecked Sendable {
             return
         }
         defer { member.token.closeSession(session) }
+        let report: ReplicaKeeper.Repair
         do throws(P11Error) {
-            // Never without the lock: when another process holds it past the wait (or it is refused), this round is
-            // skipped, logged once, and the member is tried again at the next probe.
-            guard let resynced = try group.hostLock.withLock(for: "bringing \(member.name) up to date", waitingUpTo: group.hostLock.wait,
-                                                             cancelled: { worker.stopping },
-                                                             { () throws(P11Error) -> Resync in try resynchronize(member, session, kinds, in: group) }) else {
+            // Never without the host lock and the member's lease: when another process holds either, this round is
+            // skipped, and the member is tried again at the next probe.
+            let repaired = try group.hostLock.withLock(for: "bringing \(member.name) up to date", waitingUpTo: group.hostLock.wait,
+                                                       cancelled: { worker.stopping }) { () throws(P11Error) -> ReplicaKeeper.Repair? in
+                try group.loginChanges.withLock { _ throws(P11Error) -> ReplicaKeeper.Repair? in
+                    guard loggedIn == group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_USER) }) else { return nil }
+                    return try resynchronize(member, session, loggedIn: loggedIn, in: group)
+                }
+            }
+            guard let attempted = repaired, let repaired = attempted else {
                 fanOut.abandonRecovery(member, before: before)
                 return
             }
-            outcome = resynced
-            if case .waitFor(let ahead) = outcome {
+            report = repaired
+            guard report.complete else {
                 fanOut.abandonRecovery(member, before: before)
-                Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) reason=\"\(ahead) is ahead of it and not in service yet\"")
+                Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) \(report)")
                 return
             }
             try reattach(member, in: group, restarted: restarted)
@@ -157,11 +219,7 @@ final class Recovery: @unchecked Sendable {
         // It returns in the application's login state of this moment: a login or logout since it was brought up
         // to date (both take this lock) sends it round once more.
         let returned = group.loginChanges.withLock { _ -> Bool in
-            let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
-            guard loggedIn == kinds.contains(.private) else { return false }
-            // A write made meanwhile whose record waits for the host lock: the member may lack it, and its journal
-            // would not say so; it returns after the record is written (the next pass).
-            guard !group.hostLock.hasDeferredWork else { return false }
+            guard loggedIn == group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_USER) }) else { return false }
             fanOut.returnToService(member, in: group)
             return true
         }
@@ -170,14 +228,10 @@ final class Recovery: @unchecked Sendable {
             worker.wake()
             return
         }
-        Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(outcome.text)")
-        if case .ahead(_, let behind) = outcome {
-            // It holds writes they missed: they leave service to be brought up to date from it (it serves now, so
-            // the group is never left without a member).
-            for (peer, generation) in behind {
-                fanOut.markStale(peer, reason: "journal generation \(generation) behind \(member.name)'s")
-            }
-        }
+        logUnrepairable(report, member, group)
+        Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(report)")
+        // What it held that the others lack (written by processes that could reach only it) reaches them now.
+        if group.members.count > 1 { group.catchUpWanted.store(true, ordering: .releasing) }
     }
 
     /// Whether the member answers again (restarting its module when it has to); nil while it does not.
@@ -215,125 +269,50 @@ final class Recovery: @unchecked Sendable {
         }
     }
 
-    /// What bringing a member up to date came to.
-    enum Resync {
-        case done(String)
-        /// It holds writes its peers in service missed: it serves as it is, and they must be brought up to date.
-        case ahead(String, behind: [(Member, UInt64)])
-        /// No member is in service, and one that answers is ahead of it: that one must return first.
-        case waitFor(String)
-
-        var text: String {
-            switch self {
-            case .done(let text), .ahead(let text, _), .waitFor(let text): text
-            }
+    /// Brings a returning member up to date (see `ReplicaKeeper.repair`) under its lease, from the members in
+    /// service; with none in service, from every other member that answers, so that the first to return holds
+    /// the union of what they hold. Nil when another claimant holds the lease.
+    private func resynchronize(_ member: Member, _ session: MemberSession, loggedIn: Bool,
+                               in group: Group) throws(P11Error) -> ReplicaKeeper.Repair? {
+        guard let lease = try Lease.acquire(member, session, clock: group.replicaClock, duration: Self.leaseDuration) else {
+            Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) reason=\"another process holds its lease\"")
+            return nil
         }
-    }
-
-    /// Brings a returning member up to date from the up-to-date peer; returns what was done, for the log.
-    /// `kinds`: the journals the application's login state lets it read (the public one alone before a login: a
-    /// member returned so is compared again after the login, which reads them all).
-    private func resynchronize(_ member: Member, _ session: MemberSession, _ kinds: [Journal.Kind],
-                               in group: Group) throws(P11Error) -> Resync {
+        defer { lease.release() }
         var peers = group.members.filter { $0.isInService && $0 !== member }
-        let journal = try Journals.read(on: member.token, session, kinds)
-        if peers.isEmpty {
-            // None in service: of the members that answer, the one with the highest generation returns first, as it
-            // is; the others are then brought up to date from it. Returning any other would lose what it lacks.
-            peers = group.members.filter { $0 !== member && $0.connected.load(ordering: .acquiring) }
-            var newest: (Member, UInt64)? = nil
-            for peer in peers {
-                guard let s = try? peer.token.openSession(readWrite: false) else { continue }
-                defer { peer.token.closeSession(s) }
-                guard (try? logIn(peer, s, group)) != nil, let j = try? Journals.read(on: peer.token, s, kinds) else { continue }
-                if j.generation > (newest?.1 ?? 0) { newest = (peer, j.generation) }
-            }
-            if let (peer, generation) = newest, generation > journal.generation { return .waitFor(peer.name) }
-            return .done("resynced=no reason=\"no member in service; newest of those that answer\" generation=\(journal.generation)")
-        }
-        // The up-to-date peer: the highest generation, active members first.
-        var best: (Member, MemberSession, Journals)? = nil
-        var generations: [(Member, UInt64)] = []
-        var opened: [(Member, MemberSession)] = []
-        defer { for (peer, s) in opened { peer.token.closeSession(s) } }
+        if peers.isEmpty { peers = group.members.filter { $0 !== member && $0.connected.load(ordering: .acquiring) } }
+        var reached: [ReplicaKeeper.Reached] = []
+        defer { for r in reached { r.member.token.closeSession(r.session) } }
         for peer in peers.sorted(by: { !$0.isStandby && $1.isStandby }) {
             do throws(P11Error) {
                 let s = try peer.token.openSession(readWrite: false)
-                opened.append((peer, s))
-                _ = try logIn(peer, s, group)
-                let j = try Journals.read(on: peer.token, s, kinds)
-                generations.append((peer, j.generation))
-                if best == nil || j.generation > best!.2.generation { best = (peer, s, j) }
+                reached.append(ReplicaKeeper.Reached(member: peer, session: s))
+                guard try logIn(peer, s, group) == loggedIn else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
             } catch where error.isMemberFault {
-                fanOut.fail(peer, error)
-            }
+                if peer.isInService { fanOut.fail(peer, error) }
+            } catch {}
         }
-        guard let (source, sourceSession, sourceJournal) = best else { return .done("resynced=no reason=\"no peer answered\"") }
-        if journal.generation > sourceJournal.generation {
-            // It holds writes the others missed (made while they were away, by this process or another).
-            let behind = generations.filter { $0.1 < journal.generation }
-            return .ahead("resynced=no reason=\"ahead of its peers\" generation=\(journal.generation)", behind: behind)
-        }
-        if journal.generation == sourceJournal.generation {
-            return .done("resynced=no reason=\"missed no write\" generation=\(journal.generation)")
-        }
-        var changed = 0
-        for kind in kinds {
-            let mine = journal.byKind[kind]?.generation ?? 0
-            for change in sourceJournal.byKind[kind]?.changes ?? [] where change.generation > mine {
-                for object in try member.token.findObjects(session, change.identity) {
-                    if (try? member.token.setAttributeValues(session, object, change.template)) != nil { changed += 1 }
-                }
-            }
-        }
-        let keyHere = try ReplicationKey.find(on: member.token, session)
-        let keyThere = try ReplicationKey.find(on: source.token, sourceSession)
-        let mine = try ObjectCopy.inventory(member, session, replicationKey: keyHere)
-        let theirs = try ObjectCopy.inventory(source, sourceSession, replicationKey: keyThere)
-        var copied = 0, destroyed = 0, uncopyable = 0
-        let theirMaterial = Dictionary(theirs.map { ($0.identity, $0.material) }, uniquingKeysWith: { a, _ in a })
-        for object in mine where theirMaterial[object.identity] == nil
-            || (theirMaterial[object.identity]! != nil && object.material != nil && theirMaterial[object.identity]! != object.material) {
-            // Destroyed while it was away (or a different key under the same name): it must not come back.
-            try member.token.destroyObject(session, object.handle)
-            destroyed += 1
-        }
-        let kept = Set(mine.filter { o in theirMaterial[o.identity].map { $0 == nil || o.material == nil || $0 == o.material } ?? false }.map(\.identity))
-        for object in theirs where !kept.contains(object.identity) {
-            let isKey = object.identity.isKey
-            if isKey && (!object.extractable || keyHere == nil || keyThere == nil) {
-                uncopyable += 1
-                Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\"\(object.identity)\" reason=\"not extractable, or no replication key\"")
-                continue
-            }
-            var replicationKeys: [Int: MemberObject] = [:]
-            replicationKeys[member.index] = keyHere
-            replicationKeys[source.index] = keyThere
-            try ObjectCopy.copy(object.handle, from: source, sourceSession, to: member, session, wrapped: isKey, replicationKeys: replicationKeys)
-            copied += 1
-        }
-        // Only a complete copy takes the source's generation: one that lacks objects stays behind, so that it is
-        // never the source another member is made identical to (which would destroy what it lacks there).
-        if uncopyable == 0 { try sourceJournal.write(on: member.token, session) }
-        Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) from=\(source.name) copied=\(copied) destroyed=\(destroyed) changed=\(changed) uncopyable=\(uncopyable) generation=\(sourceJournal.generation)")
-        return .done(uncopyable == 0 ? "resynced=yes generation=\(sourceJournal.generation)"
-                                     : "resynced=partly uncopyable=\(uncopyable) generation=\(journal.generation)")
+        let report = try replicas.repair(ReplicaKeeper.Reached(member: member, session: session), peers: reached, in: group,
+                                         loggedIn: loggedIn, lease: lease)
+        Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) \(report)")
+        return report
     }
 
     /// Puts the member in the login state the application has now: logged in as the user (its own PIN, else
-    /// the application's, kept since C_Login), or public when nobody is logged in. Returns the journals that
-    /// state can read. With the SO logged in (whose PIN p11ha does not keep), it waits for a user or none.
-    private func logIn(_ member: Member, _ session: MemberSession, _ group: Group) throws(P11Error) -> [Journal.Kind] {
+    /// the application's, kept since C_Login), or public when nobody is logged in. Returns whether it is logged
+    /// in (private records and objects are visible). With the SO logged in (whose PIN p11ha does not keep), it
+    /// waits for a user or none.
+    private func logIn(_ member: Member, _ session: MemberSession, _ group: Group) throws(P11Error) -> Bool {
         let (userType, appPIN) = group.login.withLock { ($0.userType, $0.pin?.copy()) }
         switch userType {
         case nil:
-            return [.public]
+            return false
         case CK_USER_TYPE(CKU_USER):
             guard let pin = member.ownPIN ?? appPIN else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
             do throws(P11Error) {
                 try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: pin)
             } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
-            return Journal.Kind.allCases
+            return true
         default:
             throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN))
         }

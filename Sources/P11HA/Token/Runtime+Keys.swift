@@ -13,12 +13,12 @@ extension Runtime {
             guard let plan = try replicator.plan(session, source: source, isToken: isToken) else {
                 // Alone in service now, it must still be able to travel to the others when they return.
                 let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(lastExtractable(template)) : template)
-                return record([(source.index, key)], in: session, isToken: isToken)
+                return try record([(source.index, key)], in: session, isToken: isToken)
             }
             let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(lastExtractable(template)))
             do throws(P11Error) {
                 let copies = try replicator.carry(session, source: source, key: key, plan: plan)
-                return record([(source.index, key)] + copies, in: session, isToken: isToken)
+                return try record([(source.index, key)] + copies, in: session, isToken: isToken)
             } catch {
                 try? source.token.destroyObject(sourceSession, key)
                 throw error
@@ -40,8 +40,8 @@ extension Runtime {
             guard let plan = try replicator.plan(session, source: source, isToken: publicIsToken || privateIsToken) else {
                 let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
                                                              privateTemplate: session.group.members.count > 1 ? wrappableTemplate(lastExtractable(privateTemplate)) : privateTemplate)
-                return (record([(source.index, pub)], in: session, isToken: publicIsToken),
-                        record([(source.index, priv)], in: session, isToken: privateIsToken))
+                return try recordPair([(source.index, pub)], [(source.index, priv)], in: session,
+                                      publicIsToken: publicIsToken, privateIsToken: privateIsToken, handle: handle)
             }
             let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
                                                          privateTemplate: wrappableTemplate(lastExtractable(privateTemplate)))
@@ -62,8 +62,8 @@ extension Runtime {
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 privateCopies = privateCopies.filter { withPublic.contains($0.0) }
-                return (record([(source.index, pub)] + publicCopies, in: session, isToken: publicIsToken),
-                        record([(source.index, priv)] + privateCopies, in: session, isToken: privateIsToken))
+                return try recordPair([(source.index, pub)] + publicCopies, [(source.index, priv)] + privateCopies, in: session,
+                                      publicIsToken: publicIsToken, privateIsToken: privateIsToken, handle: handle)
             } catch {
                 for (index, copy) in privateCopies {
                     let member = session.group.members[index]
@@ -73,6 +73,19 @@ extension Runtime {
                 try? source.token.destroyObject(sourceSession, priv)
                 throw error
             }
+        }
+    }
+
+    /// Records both halves of a generated pair: when the private half cannot be recorded (its copies are then
+    /// destroyed), the public half goes too, so that the application is never left with half a pair.
+    private func recordPair(_ pub: [(Int, MemberObject)], _ priv: [(Int, MemberObject)], in session: VirtualSession,
+                            publicIsToken: Bool, privateIsToken: Bool, handle: SessionHandle) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
+        let publicHandle = try record(pub, in: session, isToken: publicIsToken)
+        do throws(P11Error) {
+            return (publicHandle, try record(priv, in: session, isToken: privateIsToken))
+        } catch {
+            try? destroyObject(handle, publicHandle)
+            throw error
         }
     }
 
@@ -101,7 +114,7 @@ extension Runtime {
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
         }
-        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
+        return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
                       withoutSource: membersWithoutCopy(source, in: session.group))
     }
 
@@ -114,7 +127,7 @@ extension Runtime {
         let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
             try member.token.deriveKey(s, mechanism, baseKey: key, template)
         }
-        return record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
+        return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
                       withoutSource: membersWithoutCopy(source, in: session.group))
     }
 }

@@ -11,7 +11,7 @@ extension Runtime {
         } undo: { member, object in
             if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, object) }
         }
-        return record(copies, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
+        return try record(copies, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false)
     }
 
     /// C_CopyObject, replayed on every member that holds the original.
@@ -26,7 +26,7 @@ extension Runtime {
         }
         // A copy is a token object if asked for, else it inherits the original's CKA_TOKEN.
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? (try? isTokenObject(object, in: session)) ?? false
-        return record(copies, in: session, isToken: isToken, withoutSource: membersWithoutCopy(source, in: session.group))
+        return try record(copies, in: session, isToken: isToken, withoutSource: membersWithoutCopy(source, in: session.group))
     }
 
     public func destroyObject(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) {
@@ -35,6 +35,9 @@ extension Runtime {
         let group = session.group
         let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
         let withoutCopy = membersWithoutCopy(source, in: group)
+        // A token object's identity is read before it goes: its record (a tombstone) names it.
+        let isToken = group.objects.withLock { $0[object]?.owner == nil }
+        let identified = isToken ? try identifyForWrite(source, in: session) : nil
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
         var lost: [Member] = []
@@ -49,11 +52,14 @@ extension Runtime {
             if !lost.isEmpty { diverged(session, object, lost: lost, write: "destroy", error) }
             throw error
         }
-        let isToken = group.objects.withLock { table in
-            defer { for (index, _) in destroyed { table.removeCopy(object, member: index) } }
-            return table[object]?.owner == nil
+        group.objects.withLock { table in
+            for (index, _) in destroyed { table.removeCopy(object, member: index) }
         }
-        if isToken { journalWrite(session, on: destroyed.map(\.0) + withoutCopy) }
+        if let (uid, description) = identified {
+            let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
+                                          fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
+            try writeRecord(tombstone, session, on: destroyed.map(\.0) + withoutCopy)
+        }
     }
 
     public func objectSize(_ handle: SessionHandle, _ object: ObjectHandle) throws(P11Error) -> CK_ULONG {
@@ -85,6 +91,7 @@ extension Runtime {
         // return), and what the attributes were (to set them back where the change succeeded if a later member
         // refuses it; not if one of them cannot be read). A token object's write needs the identity; a session
         // object's goes on without the read.
+        let identified = isToken ? try identifyForWrite(source, in: session) : nil
         let identityCount = ObjectIdentity.attributeTypes.count
         let read = { () throws(P11Error) -> [[UInt8]?] in
             try self.onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
@@ -113,20 +120,23 @@ extension Runtime {
             if !unrestored.isEmpty { diverged(session, object, lost: unrestored, write: "attribute change", error) }
             throw error
         }
-        guard let before else { return }
+        guard let before, let (uid, description) = identified else { return }
         group.objects.withLock { $0.replaceIdentity(object, before.changed(by: template)) }
-        journalWrite(session, on: changed.map(\.0) + withoutCopy, change: (before.template, template))
+        // A change of what the object is made of (a data object's value) changes its fingerprint: read anew.
+        let material = Set(Fingerprint.materialTypes(description.fingerprint.objectClass))
+        let fingerprint = template.contains(where: { material.contains($0.type) })
+            ? try identifyForWrite(source, in: session).1.fingerprint : description.fingerprint
+        let change = ReplicaRecord(stamp: group.replicaClock.next(), operation: .set, object: uid, fingerprint: fingerprint,
+                                   attributes: template, isPrivate: description.isPrivate)
+        try writeRecord(change, session, on: changed.map(\.0) + withoutCopy)
     }
 
     /// A write that failed part-way and could not be undone where it succeeded: the members that kept it differ
-    /// from what the application was told. They leave service to be brought up to date from the others, whose
-    /// journals count one write more so that they are the ones taken for up to date; the log and the status
-    /// file (`p11hactl status`) say which.
+    /// from what the application was told (no record was written). They leave service to be brought back to
+    /// what the records say; the log and the status file (`p11hactl status`) say which.
     private func diverged(_ session: VirtualSession, _ object: ObjectHandle, lost: [Member], write: String, _ error: P11Error) {
         let group = session.group
-        let kept = group.membersInService.filter { member in !lost.contains { $0 === member } }.map(\.index)
         Log.event(.warning, "write-diverged", "group=\(group.name) write=\"\(write)\" members=\(lost.map(\.name)) reason=\"\(error)\"")
-        if !kept.isEmpty { journalWrite(session, on: kept) }
         for member in lost { fanOut.markStale(member, reason: "\(write) failed part-way and could not be undone: \(error)") }
     }
 
@@ -245,34 +255,76 @@ extension Runtime {
 
     /// Members in service that hold no copy of an object only some members have (a key that could not be copied
     /// to them, or one a token made alone: SoftHSM keeps the object a failed C_CreateObject began). A write to it
-    /// passes them by with nothing to miss: they are journaled with the members that made it, not marked stale.
+    /// passes them by with nothing to miss: the write's record goes to them with the members that made it; they
+    /// are not marked stale.
     func membersWithoutCopy(_ copies: [MemberObject?], in group: Group) -> [Int] {
         group.membersInService.filter { copies[$0.index] == nil }.map(\.index)
     }
 
-    /// Journals a write to token objects on `members`. The journal is read and written in the session's member
-    /// sessions; where the application has an operation under way in this session (a digest kept active by
-    /// CKR_BUFFER_TOO_SMALL, a signature in parts), a token that allows one operation per session (SoftHSM)
-    /// refuses the journal's search with CKR_OPERATION_ACTIVE, and the member would be marked stale for the
-    /// application's ordinary use. Then the journal is written in sessions of its own, opened for it and closed.
-    func journalWrite(_ session: VirtualSession, on members: [Int], change: (identity: [Attribute], template: [Attribute])? = nil) {
+    /// Runs `body` with member sessions to read and write records in: the application's session's; or, while it
+    /// has an operation under way there (a digest kept active by CKR_BUFFER_TOO_SMALL, a signature in parts), on a
+    /// token that allows one operation per session (SoftHSM refuses searches then with CKR_OPERATION_ACTIVE),
+    /// sessions of its own, opened for it and closed.
+    func withRecordSessions<T>(_ session: VirtualSession, _ body: ((Member) -> MemberSession?) throws(P11Error) -> T) throws(P11Error) -> T {
         let busy = session.state.withLock { state in state.operations.contains { $0 != nil } }
-        guard busy else { return journal.record(session, on: members, change: change) }
-        let group = session.group
-        let aside = VirtualSession(handle: sessions.newHandle(), group: group, readWrite: true,
-                                   memberSessions: [MemberSession?](repeating: nil, count: group.members.count))
-        journal.record(aside, on: members, change: change)
-        for (index, memberSession) in aside.state.withLock({ $0.memberSessions }).enumerated() {
-            if let memberSession { group.members[index].token.closeSession(memberSession) }
+        guard busy else { return try body { try? session.memberSession($0) } }
+        var opened: [Int: MemberSession] = [:]
+        defer { for (index, s) in opened { session.group.members[index].token.closeSession(s) } }
+        return try body { member in
+            if let s = opened[member.index] { return s }
+            guard let s = try? member.token.openSession(readWrite: true) else { return nil }
+            opened[member.index] = s
+            return s
         }
     }
 
-    /// Records newly made copies (by member index) as one virtual object; a token object's write is journaled, on
-    /// the members that made it and on those in service that could not (`withoutSource`: they hold no copy of the
-    /// object it was made from, which only some members have), who missed nothing.
-    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool, withoutSource: [Int] = []) -> ObjectHandle {
+    /// The identity and description of a token object the application writes to, read from its first copy in
+    /// service (see `ReplicaKeeper.identify`).
+    func identifyForWrite(_ copies: [MemberObject?], in session: VirtualSession) throws(P11Error) -> (ObjectUID, ReplicaKeeper.Description) {
         let group = session.group
-        if isToken { journalWrite(session, on: made.map(\.0) + withoutSource) }
+        return try withRecordSessions(session) { (sessionFor) throws(P11Error) in
+            try fanOut.onOneMember(group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
+                guard let s = sessionFor(member) else { throw P11Error.deviceError }
+                return try replicas.identify(group, member, s, copies[member.index]!)
+            }
+        }
+    }
+
+    /// Writes a write's record on `members` (those that made the write and those in service that hold no copy of
+    /// what it was made from); a member that came into service while the write was under way did not get it and
+    /// is brought up to date.
+    func writeRecord(_ record: ReplicaRecord, _ session: VirtualSession, on members: [Int]) throws(P11Error) {
+        let group = session.group
+        try withRecordSessions(session) { (sessionFor) throws(P11Error) in
+            try replicas.write(record, in: group, on: members, session: sessionFor)
+        }
+        for member in group.membersInService where !members.contains(member.index) {
+            fanOut.markStale(member, reason: "missed a write made while it was returning")
+        }
+    }
+
+    /// Records newly made copies (by member index) as one virtual object; a token object's creation is recorded
+    /// on the members that made it and on those in service that could not (`withoutSource`: they hold no copy of
+    /// the object it was made from, which only some members have), who missed nothing. When no member takes the
+    /// record, the copies are destroyed and the write fails: an object no record describes would never be
+    /// carried to a member that missed it.
+    func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool, withoutSource: [Int] = []) throws(P11Error) -> ObjectHandle {
+        let group = session.group
+        if isToken, let (first, copy) = made.first {
+            do throws(P11Error) {
+                let creation = try withRecordSessions(session) { (sessionFor) throws(P11Error) -> ReplicaRecord in
+                    guard let s = sessionFor(group.members[first]) else { throw P11Error.deviceError }
+                    return try replicas.creation(group, group.members[first], s, copy)
+                }
+                try writeRecord(creation, session, on: made.map(\.0) + withoutSource)
+            } catch {
+                for (index, copy) in made {
+                    let member = group.members[index]
+                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
+                }
+                throw error
+            }
+        }
         var copies = [MemberObject?](repeating: nil, count: group.members.count)
         for (index, copy) in made { copies[index] = copy }
         // A token object's identity is read now, while its handles are good: a module may renumber them later

@@ -120,7 +120,8 @@ extension Runtime {
             $0.userType = userType
             $0.pin = pin?.copy()
         }
-        if userType == CK_USER_TYPE(CKU_USER) { journal.checkGenerations(group, session) }
+        // Records other processes wrote while this one was not logged in (private ones were invisible) are merged.
+        if userType == CK_USER_TYPE(CKU_USER) { recovery.requestCatchUp(group) }
     }
 
     public func logout(_ handle: SessionHandle) throws(P11Error) {

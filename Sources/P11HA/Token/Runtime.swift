@@ -95,7 +95,7 @@ public final class Runtime: @unchecked Sendable {
     let sessions: SessionTable
     /// Runs work on members; the one place their health changes.
     let fanOut: FanOut
-    let journal: JournalKeeper
+    package let replicas: ReplicaKeeper
     let replicator: Replicator
     let recovery: Recovery
 
@@ -106,7 +106,7 @@ public final class Runtime: @unchecked Sendable {
         self.sessions = sessions
         let worker = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
         self.fanOut = FanOut(recovery: worker, recoveryWait: config.boundedWait)
-        self.journal = JournalKeeper(fanOut: fanOut)
+        self.replicas = ReplicaKeeper(fanOut: fanOut)
         self.replicator = Replicator(fanOut: fanOut, generatedKeys: config.generatedKeys)
         self.recovery = Recovery(worker: worker, groups: groups, sessions: sessions, fanOut: fanOut)
     }
@@ -127,7 +127,8 @@ public final class Runtime: @unchecked Sendable {
     /// Connects every member's token; a member whose configuration cannot work fails the start, naming its
     /// line; one that does not answer now starts failed, and recovery takes it in when it answers.
     public static func start(_ config: Config, afterFork: Bool = false,
-                             backends: BackendFactory? = nil, backgroundRecovery: Bool = true) throws(StartError) -> Runtime {
+                             backends: BackendFactory? = nil, backgroundRecovery: Bool = true,
+                             replicaClock: ReplicaClock? = nil) throws(StartError) -> Runtime {
         Log.configure(config.log, level: config.logLevel, facility: config.logFacility)
         let makeBackend = backends ?? moduleBackends(config)
         var groups: [Group] = []
@@ -178,7 +179,8 @@ public final class Runtime: @unchecked Sendable {
                 members.append(member)
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
-                                lockDirectory: config.lockDirectory, lockWait: config.boundedWait))
+                                lockDirectory: config.lockDirectory, lockWait: config.boundedWait,
+                                replicaClock: replicaClock ?? ReplicaClock()))
         }
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")

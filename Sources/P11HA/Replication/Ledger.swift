@@ -1,0 +1,152 @@
+// The ledger: what the union of the members' records says the token holds (pure: no member is called here),
+// and how one member's objects pair with it, which is what bringing a member up to date repairs.
+import CInterop
+
+/// The objects the records describe. Merge is union, so every process that has read the same records computes
+/// the same ledger, whatever order it read them in.
+package struct Ledger: Sendable {
+    package private(set) var records: [Stamp: ReplicaRecord] = [:]
+    package private(set) var objects: [ObjectUID: ObjectState] = [:]
+
+    package struct ObjectState: Sendable, Equatable {
+        /// What the object is: the fingerprint of its latest record (a change of a data object's value changes it).
+        package var fingerprint: Fingerprint
+        var fingerprintStamp: Stamp? = nil
+        package var isPrivate: Bool
+        /// Each replicated attribute with the stamp of the record that set it: the greatest stamp wins.
+        package var attributes: [CK_ATTRIBUTE_TYPE: (value: [UInt8], stamp: Stamp)]
+        package var created = false
+        package var destroyed = false
+
+        package var isLive: Bool { created && !destroyed }
+        package var template: [Attribute] { attributes.keys.sorted().map { Attribute($0, attributes[$0]!.value) } }
+
+        package static func == (a: ObjectState, b: ObjectState) -> Bool {
+            a.fingerprint == b.fingerprint && a.isPrivate == b.isPrivate && a.created == b.created && a.destroyed == b.destroyed
+                && a.template == b.template
+        }
+    }
+
+    package init(_ records: some Sequence<ReplicaRecord> = []) {
+        for record in records { add(record) }
+    }
+
+    /// Adds a record; returns whether it was new.
+    @discardableResult
+    package mutating func add(_ record: ReplicaRecord) -> Bool {
+        guard records[record.stamp] == nil else { return false }
+        records[record.stamp] = record
+        var state = objects[record.object]
+            ?? ObjectState(fingerprint: record.fingerprint, isPrivate: record.isPrivate, attributes: [:])
+        if record.operation != .destroy, state.fingerprintStamp.map({ $0 < record.stamp }) ?? true {
+            state.fingerprint = record.fingerprint
+            state.fingerprintStamp = record.stamp
+        }
+        switch record.operation {
+        case .create, .set:
+            if record.operation == .create { state.created = true }
+            for attribute in record.attributes {
+                if let old = state.attributes[attribute.type], old.stamp > record.stamp { continue }
+                state.attributes[attribute.type] = (attribute.value, record.stamp)
+            }
+        case .destroy:
+            state.destroyed = true
+        }
+        objects[record.object] = state
+        return true
+    }
+
+    package mutating func merge(_ other: Ledger) {
+        for record in other.records.values { add(record) }
+    }
+
+    /// Live objects (created, not destroyed) with this fingerprint, in identity order.
+    func live(_ fingerprint: Fingerprint) -> [ObjectUID] {
+        objects.filter { $0.value.isLive && $0.value.fingerprint == fingerprint }.keys.sorted()
+    }
+
+    /// The identity of an object the application writes to: the live one with its fingerprint and attributes if
+    /// the records know it; else the one an adoption would give it (so that every host names it alike).
+    func identity(of fingerprint: Fingerprint, attributes: [Attribute]) -> ObjectUID {
+        let sorted = attributes.sorted { $0.type < $1.type }
+        let candidates = live(fingerprint)
+        if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
+        if let only = candidates.first, candidates.count == 1 { return only }
+        return ObjectUID(fingerprint: fingerprint, attributes: sorted, occurrence: 0)
+    }
+
+    /// A new object's identity: the next occurrence of its fingerprint and attributes.
+    func newIdentity(_ fingerprint: Fingerprint, attributes: [Attribute]) -> ObjectUID {
+        var occurrence = 0
+        while true {
+            let uid = ObjectUID(fingerprint: fingerprint, attributes: attributes, occurrence: occurrence)
+            guard let state = objects[uid], state.isLive else { return uid }
+            occurrence += 1
+        }
+    }
+}
+
+extension Ledger.ObjectState {
+    /// Whether an object with these attributes (sorted) has this state's replicated values.
+    func agrees(with attributes: [Attribute]) -> Bool {
+        attributes.allSatisfy { a in self.attributes[a.type].map { $0.value == a.value } ?? true }
+    }
+
+    /// The attributes of `actual` to set so that it has this state's values.
+    func corrections(to actual: [Attribute]) -> [Attribute] {
+        template.filter { wanted in actual[wanted.type].map { $0.value != wanted.value } ?? true }
+    }
+}
+
+/// One object on one member, as a repair sees it.
+package struct MemberCopy: Sendable {
+    package let handle: MemberObject
+    package let fingerprint: Fingerprint
+    /// Its values of the replicated attribute types (those of `ReplicaRecord.replicatedTypes` and any set since).
+    package let attributes: [Attribute]
+    package let isPrivate: Bool
+    package let extractable: Bool
+}
+
+/// How a member's objects stand against the ledger.
+package struct Pairing: Sendable {
+    /// Live objects and their copy on the member.
+    package var copies: [ObjectUID: MemberCopy] = [:]
+    /// Live objects the member lacks.
+    package var missing: [ObjectUID] = []
+    /// Copies to destroy: of destroyed objects, and second copies of one object.
+    package var surplus: [(MemberCopy, reason: String)] = []
+    /// Objects no record describes (made outside p11ha, or by a write whose records no member took): left alone.
+    package var unrecorded: [MemberCopy] = []
+
+    /// Pairs `objects` with the live objects of `ledger`: objects of one fingerprint first with the live ones whose
+    /// attributes they already have, then in order (their attributes are corrected); what is left over of a
+    /// fingerprint the ledger knows is surplus.
+    package init(_ objects: [MemberCopy], with ledger: Ledger, visibleOnly isVisible: (Ledger.ObjectState) -> Bool = { _ in true }) {
+        var byFingerprint: [Fingerprint: [MemberCopy]] = [:]
+        for object in objects { byFingerprint[object.fingerprint, default: []].append(object) }
+        var known = Set<Fingerprint>()
+        var liveByFingerprint: [Fingerprint: [ObjectUID]] = [:]
+        for (uid, state) in ledger.objects where isVisible(state) {
+            known.insert(state.fingerprint)
+            if state.isLive { liveByFingerprint[state.fingerprint, default: []].append(uid) }
+        }
+        for fingerprint in known {
+            var left = (byFingerprint[fingerprint] ?? []).sorted { $0.handle.raw < $1.handle.raw }
+            var wanted = (liveByFingerprint[fingerprint] ?? []).sorted()
+            for uid in wanted {
+                let state = ledger.objects[uid]!
+                if let index = left.firstIndex(where: { state.agrees(with: $0.attributes) && state.corrections(to: $0.attributes).isEmpty }) {
+                    copies[uid] = left.remove(at: index)
+                }
+            }
+            wanted.removeAll { copies[$0] != nil }
+            for uid in wanted {
+                if left.isEmpty { missing.append(uid) } else { copies[uid] = left.removeFirst() }
+            }
+            let reason = (liveByFingerprint[fingerprint] ?? []).isEmpty ? "destroyed" : "second copy"
+            surplus += left.map { ($0, reason) }
+        }
+        for (fingerprint, list) in byFingerprint where !known.contains(fingerprint) { unrecorded += list }
+    }
+}

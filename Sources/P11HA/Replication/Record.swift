@@ -1,0 +1,317 @@
+// Replication records: one small immutable token object per write on each member, never replaced in place, so
+// that writers on any number of hosts never overwrite each other and members merge by union.
+import CInterop
+import Glibc
+import Synchronization
+
+/// An object's identity, the same on every member and across restarts: drawn from what the object is (its
+/// fingerprint and the attributes it was made with), so two hosts that name one object name it alike.
+package struct ObjectUID: Hashable, Comparable, Sendable, CustomStringConvertible {
+    package let high: UInt64
+    package let low: UInt64
+
+    package static func < (a: ObjectUID, b: ObjectUID) -> Bool { (a.high, a.low) < (b.high, b.low) }
+    package var description: String { hex64(high) + hex64(low) }
+
+    /// `occurrence` tells apart objects made alike on purpose (the n-th live one with the same fingerprint and
+    /// attributes); identical objects found on members before p11ha (or copied twice by an older version) are
+    /// merged into one.
+    package init(fingerprint: Fingerprint, attributes: [Attribute], occurrence: Int) {
+        let bytes = encodeAttributes(fingerprint.attributes) + [0xFF] + encodeAttributes(attributes.sorted { $0.type < $1.type })
+            + withUnsafeBytes(of: UInt64(occurrence).bigEndian) { Array($0) }
+        high = digest64(bytes, seed: 0x7031_3168_6121_0001)
+        low = digest64(bytes, seed: 0x7031_3168_6121_0002)
+    }
+
+    init(high: UInt64, low: UInt64) {
+        self.high = high
+        self.low = low
+    }
+
+    init?(parsing text: Substring) {
+        guard text.count == 32, let high = UInt64(text.prefix(16), radix: 16), let low = UInt64(text.suffix(16), radix: 16) else { return nil }
+        self.init(high: high, low: low)
+    }
+}
+
+/// When a record was written, as a hybrid logical clock: wall-clock milliseconds, a counter that keeps one
+/// writer's records in order when its clock stands still or steps back, and the writer. Totally ordered: the
+/// rule for concurrent changes of one attribute is "the greatest stamp wins", the same on every member.
+package struct Stamp: Hashable, Comparable, Sendable, CustomStringConvertible {
+    package let milliseconds: UInt64
+    package let counter: UInt64
+    package let writer: UInt64
+
+    package static func < (a: Stamp, b: Stamp) -> Bool {
+        (a.milliseconds, a.counter, a.writer) < (b.milliseconds, b.counter, b.writer)
+    }
+
+    package var description: String { "\(milliseconds).\(counter).\(hex64(writer))" }
+}
+
+/// What an object is, whatever it is called: class and type, and its material as far as it can be compared
+/// without leaving the member in clear (public values, a data object's or certificate's value, the digest of a
+/// key's wrapped form under the replication key). Copies of one object on different members have the same one.
+package struct Fingerprint: Hashable, Sendable {
+    /// Sorted by type.
+    package let attributes: [Attribute]
+    private let encoded: [UInt8]
+
+    package init(_ attributes: [Attribute]) {
+        self.attributes = attributes.sorted { $0.type < $1.type }
+        encoded = encodeAttributes(self.attributes)
+    }
+
+    package static func == (a: Fingerprint, b: Fingerprint) -> Bool { a.encoded == b.encoded }
+    package func hash(into hasher: inout Hasher) { hasher.combine(encoded) }
+
+    /// A pseudo-attribute (vendor-defined range) holding the digest of a key's wrapped form.
+    static let wrappedDigest = CK_ATTRIBUTE_TYPE(0x8000_0000) | 0x7068_6100
+
+    package var objectClass: CK_OBJECT_CLASS { attributes[CKA_CLASS]?.ulongValue ?? CK_OBJECT_CLASS.max }
+    package var isKey: Bool { objectClass == CKO_SECRET_KEY || objectClass == CKO_PRIVATE_KEY }
+
+    /// The material attributes read per class (never a secret or private key's value).
+    static func materialTypes(_ objectClass: CK_OBJECT_CLASS) -> [CK_ATTRIBUTE_TYPE] {
+        switch objectClass {
+        case CK_OBJECT_CLASS(CKO_DATA): [CKA_APPLICATION, CKA_OBJECT_ID, CKA_VALUE]
+        case CK_OBJECT_CLASS(CKO_CERTIFICATE): [CKA_CERTIFICATE_TYPE, CKA_VALUE]
+        case CK_OBJECT_CLASS(CKO_PUBLIC_KEY): [CKA_KEY_TYPE, CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT]
+        case CK_OBJECT_CLASS(CKO_PRIVATE_KEY): [CKA_KEY_TYPE, CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EXTRACTABLE]
+        case CK_OBJECT_CLASS(CKO_SECRET_KEY): [CKA_KEY_TYPE, CKA_CHECK_VALUE, CKA_EXTRACTABLE]
+        default: []
+        }
+    }
+
+    /// The object's fingerprint, read on the member that holds it. A key with no public value is wrapped under the
+    /// replication key (`replicationKey`), and only the digest of the wrapped form is kept.
+    package static func read(on token: any TokenBackend, _ session: MemberSession, _ object: MemberObject,
+                             replicationKey: MemberObject?) throws(P11Error) -> Fingerprint {
+        guard let classBytes = try token.readAttributes(session, object, [CKA_CLASS])[0],
+              let objectClass = Attribute(CKA_CLASS, classBytes).ulongValue else {
+            throw P11Error.generalError
+        }
+        var attributes = [Attribute(CKA_CLASS, classBytes)]
+        let types = materialTypes(objectClass)
+        var extractable = false
+        for (type, value) in zip(types, try token.readAttributes(session, object, types)) {
+            guard let value else { continue }
+            if type == CKA_EXTRACTABLE { extractable = value == [1]; continue }
+            if type == CKA_CHECK_VALUE, value.isEmpty { continue }
+            attributes.append(Attribute(type, value))
+        }
+        let hasPublicValue = attributes[CKA_MODULUS] != nil
+        if (objectClass == CKO_SECRET_KEY || objectClass == CKO_PRIVATE_KEY), !hasPublicValue, extractable, let replicationKey,
+           object != replicationKey,
+           var blob = try? ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object) {
+            // RFC 5649 is deterministic: copies of one key wrap alike under the shared key. Only a digest is kept.
+            let digest = withUnsafeBytes(of: digest64(blob, seed: 1).bigEndian) { Array($0) }
+                + withUnsafeBytes(of: digest64(blob, seed: 2).bigEndian) { Array($0) }
+            for i in blob.indices { blob[i] = 0 }
+            // The check value is not kept beside it: SoftHSM sets one on made keys, not on unwrapped copies.
+            attributes.removeAll { $0.type == CKA_CHECK_VALUE }
+            attributes.append(Attribute(wrappedDigest, digest))
+        } else if objectClass == CKO_SECRET_KEY {
+            // Without the wrapped form, no check value either (see above): copies must compare alike.
+            attributes.removeAll { $0.type == CKA_CHECK_VALUE }
+        }
+        return Fingerprint(attributes)
+    }
+}
+
+/// One write, as recorded on the members.
+package struct ReplicaRecord: Sendable {
+    package enum Operation: String, Sendable {
+        /// The object exists, with these attributes (also an object adopted at its first sync).
+        case create
+        /// These attributes were set.
+        case set
+        /// The object was destroyed: it never exists again (a tombstone).
+        case destroy
+    }
+
+    package let stamp: Stamp
+    package let operation: Operation
+    package let object: ObjectUID
+    package let fingerprint: Fingerprint
+    /// create: the replicated attributes; set: the template set; destroy: none.
+    package let attributes: [Attribute]
+    /// Records of private objects are private objects themselves (they name labels and IDs).
+    package let isPrivate: Bool
+
+    static let label = "p11ha record"
+    static let application = "p11ha"
+
+    /// The attributes a create records, and that members are made to agree on.
+    static let replicatedTypes: [CK_ATTRIBUTE_TYPE] = [CKA_LABEL, CKA_ID]
+
+    func encoded() -> [UInt8] {
+        let head = "p11ha-record 1 \(operation.rawValue) \(object) \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(isPrivate ? 1 : 0)\n"
+        return Array((head + hexEncode(encodeAttributes(fingerprint.attributes)) + "\n" + hexEncode(encodeAttributes(attributes)) + "\n").utf8)
+    }
+
+    package init(stamp: Stamp, operation: Operation, object: ObjectUID, fingerprint: Fingerprint, attributes: [Attribute], isPrivate: Bool) {
+        self.stamp = stamp
+        self.operation = operation
+        self.object = object
+        self.fingerprint = fingerprint
+        self.attributes = attributes
+        self.isPrivate = isPrivate
+    }
+
+    init?(decoding bytes: [UInt8]) {
+        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
+        guard lines.count >= 3 else { return nil }
+        let head = lines[0].split(separator: " ")
+        guard head.count == 8, head[0] == "p11ha-record", head[1] == "1", let operation = Operation(rawValue: String(head[2])),
+              let object = ObjectUID(parsing: head[3]), let ms = UInt64(head[4]), let counter = UInt64(head[5]),
+              let writer = UInt64(head[6], radix: 16), head[7] == "0" || head[7] == "1",
+              let fingerprint = hexDecode(lines[1]).flatMap(decodeAttributes), let attributes = hexDecode(lines[2]).flatMap(decodeAttributes)
+        else { return nil }
+        self.init(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), operation: operation, object: object,
+                  fingerprint: Fingerprint(fingerprint), attributes: attributes, isPrivate: head[7] == "1")
+    }
+
+    static func searchTemplate(isPrivate: Bool?) -> [Attribute] {
+        var template = [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array(label.utf8))]
+        if let isPrivate { template.append(Attribute(CKA_PRIVATE, bool: isPrivate)) }
+        return template
+    }
+}
+
+extension ReplicaRecord {
+    /// Writes the record on a member: one new token object.
+    func write(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) {
+        _ = try token.createObject(session, Self.searchTemplate(isPrivate: isPrivate) + [
+            Attribute(CKA_APPLICATION, Array(Self.application.utf8)), Attribute(CKA_VALUE, encoded()),
+        ])
+    }
+
+    /// Every record on the member that the session can see, with its handle. A record that cannot be decoded is
+    /// skipped (logged once per reading): it cannot be what any writer of this format made.
+    static func readAll(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
+        var result: [(MemberObject, ReplicaRecord)] = []
+        var unreadable = 0
+        for handle in try token.findObjects(session, searchTemplate(isPrivate: nil)) {
+            let value = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
+            if let record = ReplicaRecord(decoding: value) { result.append((handle, record)) } else { unreadable += 1 }
+        }
+        if unreadable > 0 { Log.event(.warning, "replication-record-unreadable", "count=\(unreadable)") }
+        return result
+    }
+}
+
+/// Makes the stamps of one process's writes: after every stamp it has made or seen, and never twice the same.
+public final class ReplicaClock: Sendable {
+    public let writer: UInt64
+    private let now: @Sendable () -> UInt64
+    private let last = Mutex<(milliseconds: UInt64, counter: UInt64)>((0, 0))
+
+    /// `now`: milliseconds of the wall clock (tests give a clock of their own, so that a seed replays exactly).
+    public init(writer: UInt64? = nil, now: (@Sendable () -> UInt64)? = nil) {
+        self.writer = writer ?? randomUInt64()
+        self.now = now ?? {
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            return UInt64(max(0, ts.tv_sec)) * 1_000 + UInt64(max(0, ts.tv_nsec)) / 1_000_000
+        }
+    }
+
+    package func next() -> Stamp {
+        let wall = now()
+        let (ms, counter) = last.withLock { last -> (UInt64, UInt64) in
+            if wall > last.milliseconds { last = (wall, 0) } else { last.counter += 1 }
+            return last
+        }
+        return Stamp(milliseconds: ms, counter: counter, writer: writer)
+    }
+
+    /// Keeps later stamps after one seen on a member (another writer's clock may be ahead).
+    package func witness(_ stamp: Stamp) {
+        last.withLock { last in
+            if stamp.milliseconds > last.milliseconds || (stamp.milliseconds == last.milliseconds && stamp.counter > last.counter) {
+                last = (stamp.milliseconds, stamp.counter)
+            }
+        }
+    }
+
+    /// Wall-clock milliseconds as this clock reads them (leases expire by it).
+    package var milliseconds: UInt64 { now() }
+}
+
+func hex64(_ value: UInt64) -> String {
+    let text = String(value, radix: 16)
+    return String(repeating: "0", count: 16 - text.count) + text
+}
+
+/// A 64-bit digest (FNV-1a, then a SplitMix64 finalizer): tells copies apart, not a cryptographic hash.
+func digest64(_ bytes: [UInt8], seed: UInt64) -> UInt64 {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325 ^ seed
+    for b in bytes { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+    h ^= h >> 30; h = h &* 0xBF58_476D_1CE4_E5B9
+    h ^= h >> 27; h = h &* 0x94D0_49BB_1331_11EB
+    return h ^ (h >> 31)
+}
+
+func randomUInt64() -> UInt64 { UInt64.random(in: .min ... .max) }
+
+func encodeAttributes(_ attributes: [Attribute]) -> [UInt8] {
+    var out: [UInt8] = []
+    for a in attributes {
+        out += withUnsafeBytes(of: UInt64(a.type).bigEndian) { Array($0) }
+        out += withUnsafeBytes(of: UInt32(a.value.count).bigEndian) { Array($0) }
+        out += a.value
+    }
+    return out
+}
+
+func decodeAttributes(_ bytes: [UInt8]) -> [Attribute]? {
+    var result: [Attribute] = []
+    var i = 0
+    while i < bytes.count {
+        guard i + 12 <= bytes.count else { return nil }
+        let type = bytes[i..<i + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let length = Int(bytes[i + 8..<i + 12].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        i += 12
+        guard i + length <= bytes.count else { return nil }
+        result.append(Attribute(CK_ATTRIBUTE_TYPE(type), Array(bytes[i..<i + length])))
+        i += length
+    }
+    return result
+}
+
+/// The previous format's journals (a write count per member, replaced in place): found on a member at its first
+/// sync, they are removed once what the member holds is adopted.
+enum Journal {
+    static let labels: Set<String> = ["p11ha journal", "p11ha public journal"]
+}
+
+func hexEncode(_ bytes: [UInt8]) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count * 2)
+    for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+    return String(decoding: out.isEmpty ? Array("-".utf8) : out, as: UTF8.self)
+}
+
+func hexDecode(_ text: Substring) -> [UInt8]? {
+    if text == "-" { return [] }
+    let chars = Array(text.utf8)
+    guard chars.count % 2 == 0 else { return nil }
+    func value(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 48...57: c - 48
+        case 97...102: c - 87
+        default: nil
+        }
+    }
+    var out: [UInt8] = []
+    out.reserveCapacity(chars.count / 2)
+    var i = 0
+    while i < chars.count {
+        guard let hi = value(chars[i]), let lo = value(chars[i + 1]) else { return nil }
+        out.append(hi << 4 | lo)
+        i += 2
+    }
+    return out
+}

@@ -1,0 +1,410 @@
+// Keeps the members convergent: records each write to token objects on the members (one record per member),
+// and repairs a member from the union of every reachable member's records (under a lease held on that member).
+import CInterop
+import Glibc
+
+/// Reading and writing the records of the application's writes, and the group's view of them (`Group.ledger`).
+package final class ReplicaKeeper: Sendable {
+    private let fanOut: FanOut
+
+    init(fanOut: FanOut) { self.fanOut = fanOut }
+
+    // MARK: the application's writes
+
+    /// What a write's record says of an object: read on a member that holds it.
+    struct Description {
+        let fingerprint: Fingerprint
+        let attributes: [Attribute]
+        let isPrivate: Bool
+    }
+
+    func describe(_ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> Description {
+        let replicationKey = try? ReplicationKey.find(on: member.token, session)
+        let fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        let types = ReplicaRecord.replicatedTypes + [CKA_PRIVATE]
+        let values = try member.token.readAttributes(session, copy, types)
+        var attributes: [Attribute] = []
+        for (type, value) in zip(ReplicaRecord.replicatedTypes, values) { attributes.append(Attribute(type, value ?? [])) }
+        return Description(fingerprint: fingerprint, attributes: attributes, isPrivate: values.last??.first == 1)
+    }
+
+    /// Reads the member's records into the group's ledger: the records it holds that this process has not seen.
+    func refreshLedger(_ group: Group, from member: Member, _ session: MemberSession) throws(P11Error) {
+        let records = try ReplicaRecord.readAll(on: member.token, session)
+        group.ledger.withLock { ledger in
+            for (_, record) in records where ledger.add(record) { group.replicaClock.witness(record.stamp) }
+        }
+    }
+
+    /// The identity of an existing object the application writes to, from its copy on a member in service: the
+    /// group's ledger is read from that member first if it does not know the object's fingerprint.
+    func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> (ObjectUID, Description) {
+        let description = try describe(member, session, copy)
+        let known = group.ledger.withLock { !$0.live(description.fingerprint).isEmpty }
+        if !known { try refreshLedger(group, from: member, session) }
+        let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }
+        return (uid, description)
+    }
+
+    /// A new object's record, from its first copy.
+    func creation(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> ReplicaRecord {
+        let d = try describe(member, session, copy)
+        let uid = group.ledger.withLock { $0.newIdentity(d.fingerprint, attributes: d.attributes) }
+        return ReplicaRecord(stamp: group.replicaClock.next(), operation: .create, object: uid, fingerprint: d.fingerprint,
+                             attributes: d.attributes, isPrivate: d.isPrivate)
+    }
+
+    /// Writes `record` on `members` (in the given member sessions). A member that cannot take it while others
+    /// did is stale (it is brought up to date from their records). Throws when no member took it: the write is
+    /// then not acknowledged (its caller undoes what it can).
+    func write(_ record: ReplicaRecord, in group: Group, on members: [Int], session: (Member) -> MemberSession?) throws(P11Error) {
+        var failed: [(Member, P11Error)] = []
+        var written = 0
+        for index in members {
+            let member = group.members[index]
+            guard let s = session(member) else { continue }
+            do throws(P11Error) {
+                try record.write(on: member.token, s)
+                written += 1
+            } catch {
+                failed.append((member, error))
+            }
+        }
+        if written == 0, let (_, error) = failed.first {
+            Log.event(.warning, "replication-record-failed", "group=\(group.name) object=\(record.object) reason=\"\(error)\"")
+            throw error.isMemberFault ? P11Error.deviceError : error
+        }
+        for (member, error) in failed { fanOut.markStale(member, reason: "missed a write's record: \(error)") }
+        group.ledger.withLock { _ = $0.add(record) }
+    }
+
+    // MARK: bringing a member up to date
+
+    /// What a repair came to, for the log and `p11hactl status`.
+    package struct Repair: CustomStringConvertible {
+        var copied = 0, destroyed = 0, changed = 0, recordsWritten = 0, adopted = 0
+        /// Live objects the member lacks that no reachable member can give it (none holds a copy, or the key is
+        /// not extractable, or a member has no replication key).
+        package var unrepairable: [String] = []
+        /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
+        var retry = 0
+        var unrecorded = 0
+
+        package var complete: Bool { retry == 0 }
+        var changedAnything: Bool { copied + destroyed + changed + recordsWritten + adopted > 0 }
+        package var description: String {
+            "copied=\(copied) destroyed=\(destroyed) changed=\(changed) records=\(recordsWritten) adopted=\(adopted) unrepairable=\(unrepairable.count) retry=\(retry) unrecorded=\(unrecorded)"
+        }
+    }
+
+    /// A member with a session open on it, logged in as the application is.
+    package struct Reached {
+        package let member: Member
+        package let session: MemberSession
+        package init(member: Member, session: MemberSession) {
+            self.member = member
+            self.session = session
+        }
+    }
+
+    /// Brings `target` up to date with the union of the records of `target` and `peers`: the records it lacks
+    /// are written to it, copies of destroyed objects and second copies are destroyed, attribute changes it
+    /// missed are applied (the greatest stamp wins), objects it lacks are copied from a peer that holds them.
+    /// Objects no record describes are left alone, except at a member's first sync (no record on it, or the
+    /// previous format's journal): then they are adopted. `loggedIn`: private records and objects are visible.
+    /// Called under the target's lease.
+    package func repair(_ target: Reached, peers: [Reached], in group: Group, loggedIn: Bool,
+                lease: Lease? = nil) throws(P11Error) -> Repair {
+        var report = Repair()
+        let visible: (Ledger.ObjectState) -> Bool = { loggedIn || !$0.isPrivate }
+        // The union of the records, and which ones the target holds.
+        let targetRecords = try ReplicaRecord.readAll(on: target.member.token, target.session)
+        let held = Set(targetRecords.map(\.1.stamp))
+        try refreshLedger(group, from: target.member, target.session)
+        for peer in peers {
+            do throws(P11Error) { try refreshLedger(group, from: peer.member, peer.session) } catch where !error.isMemberFault {}
+        }
+        var views: [Int: [MemberCopy]] = [:]
+        func view(_ reached: Reached) throws(P11Error) -> [MemberCopy] {
+            if let v = views[reached.member.index] { return v }
+            let ledger = group.ledger.withLock { $0 }
+            let v = try enumerate(reached, ledger: ledger)
+            views[reached.member.index] = v
+            return v
+        }
+        // First sync: what the member held before p11ha (or under the previous format) is adopted, nothing lost.
+        var oldJournals: [MemberObject] = []
+        for label in Journal.labels.sorted() {
+            oldJournals += try target.member.token.findObjects(target.session, [Attribute(CKA_CLASS, ulong: CKO_DATA),
+                                                                                Attribute(CKA_LABEL, Array(label.utf8))])
+        }
+        // Only with every record visible (logged in): without, a member's private records would be missed.
+        if loggedIn && (targetRecords.isEmpty || !oldJournals.isEmpty) {
+            report.adopted = try adopt(target, in: group, view: try view(target))
+            views[target.member.index] = nil
+        }
+        let ledger = group.ledger.withLock { $0 }
+        let pairing = Pairing(try view(target), with: ledger, visibleOnly: visible)
+        report.unrecorded = pairing.unrecorded.count
+        let token = target.member.token
+        for (copy, _) in pairing.surplus {
+            try lease?.check()
+            try token.destroyObject(target.session, copy.handle)
+            report.destroyed += 1
+        }
+        for (uid, copy) in pairing.copies {
+            let corrections = ledger.objects[uid]!.corrections(to: copy.attributes)
+            guard !corrections.isEmpty else { continue }
+            try lease?.check()
+            try token.setAttributeValues(target.session, copy.handle, corrections)
+            report.changed += 1
+        }
+        for uid in pairing.missing.sorted() {
+            let state = ledger.objects[uid]!
+            var source: (Reached, MemberCopy)? = nil
+            for peer in peers {
+                guard let peerView = try? view(peer) else { continue }
+                if let copy = Pairing(peerView, with: ledger, visibleOnly: visible).copies[uid] { source = (peer, copy); break }
+            }
+            let name = describeObject(uid, state)
+            guard let (peer, copy) = source else {
+                report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
+                continue
+            }
+            try lease?.check()
+            do throws(P11Error) {
+                try self.copy(copy, state: state, from: peer, to: target)
+                report.copied += 1
+            } catch where error.isMemberFault {
+                throw error
+            } catch where error.rv == CKR_KEY_UNEXTRACTABLE || error.rv == CKR_KEY_NOT_WRAPPABLE || error.rv == CKR_FUNCTION_FAILED {
+                report.unrepairable.append(name + " reason=\"not extractable under the replication key (\(error))\"")
+            } catch {
+                // The holder's copy changed under us (another process): tried again at the next pass.
+                report.retry += 1
+            }
+        }
+        // The records it lacks, last: a member that holds a record holds what it describes, or was repaired to.
+        for record in ledger.records.values.sorted(by: { $0.stamp < $1.stamp }) where !held.contains(record.stamp) {
+            guard loggedIn || !record.isPrivate else { continue }
+            try lease?.check()
+            try record.write(on: token, target.session)
+            report.recordsWritten += 1
+        }
+        for handle in oldJournals { try? token.destroyObject(target.session, handle) }
+        return report
+    }
+
+    /// Records every unrecorded object of the member as created (identities drawn from what they are, so that
+    /// another host adopting the same objects names them alike, and identical copies merge).
+    private func adopt(_ target: Reached, in group: Group, view: [MemberCopy]) throws(P11Error) -> Int {
+        let ledger = group.ledger.withLock { $0 }
+        let pairing = Pairing(view, with: ledger)
+        var adopted = 0
+        var seen = Set<ObjectUID>()
+        for copy in pairing.unrecorded {
+            let attributes = copy.attributes.filter { ReplicaRecord.replicatedTypes.contains($0.type) }
+            let uid = ObjectUID(fingerprint: copy.fingerprint, attributes: attributes, occurrence: 0)
+            guard seen.insert(uid).inserted else { continue }
+            let record = ReplicaRecord(stamp: group.replicaClock.next(), operation: .create, object: uid, fingerprint: copy.fingerprint,
+                                       attributes: attributes, isPrivate: copy.isPrivate)
+            try record.write(on: target.member.token, target.session)
+            group.ledger.withLock { _ = $0.add(record) }
+            adopted += 1
+        }
+        if adopted > 0 { Log.event(.info, "objects-adopted", "group=\(group.name) member=\(target.member.name) objects=\(adopted)") }
+        return adopted
+    }
+
+    /// The member's token objects (not p11ha's own), each with its fingerprint and replicated attributes.
+    func enumerate(_ reached: Reached, ledger: Ledger) throws(P11Error) -> [MemberCopy] {
+        let token = reached.member.token
+        let s = reached.session
+        let replicationKey = try ReplicationKey.find(on: token, s)
+        var extraTypes = Set<CK_ATTRIBUTE_TYPE>()
+        for state in ledger.objects.values { extraTypes.formUnion(state.attributes.keys) }
+        let types = ReplicaRecord.replicatedTypes + extraTypes.subtracting(ReplicaRecord.replicatedTypes).sorted()
+        var result: [MemberCopy] = []
+        for handle in try token.findObjects(s, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
+            let head = try token.readAttributes(s, handle, [CKA_CLASS, CKA_LABEL, CKA_PRIVATE, CKA_EXTRACTABLE])
+            if isInfrastructure(objectClass: head[0], label: head[1]) { continue }
+            let fingerprint = try Fingerprint.read(on: token, s, handle, replicationKey: replicationKey)
+            let values = try token.readAttributes(s, handle, types)
+            // An attribute the object does not have reads as nil; it is compared as empty.
+            let attributes = zip(types, values).map { Attribute($0, $1 ?? []) }
+            result.append(MemberCopy(handle: handle, fingerprint: fingerprint, attributes: attributes,
+                                     isPrivate: head[2] == [1], extractable: head[3] == [1]))
+        }
+        return result
+    }
+
+    /// Copies a live object to the target: a key wrapped under the replication key, anything else by value; with
+    /// the ledger's values of the replicated attributes.
+    private func copy(_ copy: MemberCopy, state: Ledger.ObjectState, from source: Reached, to target: Reached) throws(P11Error) {
+        let wanted = state.template.filter { !$0.value.isEmpty || ReplicaRecord.replicatedTypes.contains($0.type) }
+        func overridden(_ template: [Attribute]) -> [Attribute] {
+            template.filter { a in !wanted.contains { $0.type == a.type } } + wanted.filter { !$0.value.isEmpty }
+        }
+        if copy.fingerprint.isKey {
+            guard let sourceKey = try ReplicationKey.find(on: source.member.token, source.session),
+                  let targetKey = try ReplicationKey.find(on: target.member.token, target.session) else {
+                throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
+            }
+            var blob = try ReplicationKey.wrap(on: source.member.token, source.session, replicationKey: sourceKey, key: copy.handle)
+            defer { for i in blob.indices { blob[i] = 0 } }
+            let template = overridden(try ReplicaAttributes.template(on: source.member.token, source.session, copy.handle))
+            _ = try target.member.token.unwrapKey(target.session, ReplicationKey.wrapMechanism, unwrappingKey: targetKey,
+                                                  wrapped: blob, template)
+        } else {
+            let template = overridden(try ReplicaAttributes.byValueTemplate(on: source.member.token, source.session, copy.handle))
+            _ = try target.member.token.createObject(target.session, template)
+        }
+    }
+
+    func describeObject(_ uid: ObjectUID, _ state: Ledger.ObjectState) -> String {
+        let names: [CK_OBJECT_CLASS: String] = [CKO_DATA: "data", CKO_CERTIFICATE: "certificate", CKO_PUBLIC_KEY: "public key",
+                                                CKO_PRIVATE_KEY: "private key", CKO_SECRET_KEY: "secret key"]
+        let label = state.attributes[CKA_LABEL].map { String(decoding: $0.value, as: UTF8.self) } ?? ""
+        let id = (state.attributes[CKA_ID]?.value ?? []).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+        return "\(names[state.fingerprint.objectClass] ?? "object") label=\"\(label)\" id=\(id) uid=\(uid)"
+    }
+}
+
+/// p11ha's own objects on a member: records, leases, the previous format's journals (and the replication key,
+/// told apart by its identity).
+func isInfrastructure(objectClass: [UInt8]?, label: [UInt8]?) -> Bool {
+    guard let objectClass, Attribute(CKA_CLASS, objectClass).ulongValue == CKO_DATA, let label else { return false }
+    return infrastructureLabels.contains(String(decoding: label, as: UTF8.self))
+}
+
+let infrastructureLabels: Set<String> = Journal.labels.union([ReplicaRecord.label, Lease.label])
+
+/// A lease on one member, held through the member itself: whoever holds it is the only one repairing that member
+/// (copying to it, destroying on it), so two hosts never copy the same object to one member twice. A claim is a
+/// public data object; among the live claims the one with the smallest stamp holds the lease. Claims expire, so
+/// a claimant that died blocks others for at most `duration`.
+package final class Lease {
+    static let label = "p11ha lease"
+    let member: Member
+    let session: MemberSession
+    let clock: ReplicaClock
+    let stamp: Stamp
+    let expires: UInt64
+    private var claim: MemberObject?
+
+    struct Claim {
+        let stamp: Stamp
+        let expires: UInt64
+    }
+
+    private init(member: Member, session: MemberSession, clock: ReplicaClock, stamp: Stamp, expires: UInt64) {
+        self.member = member
+        self.session = session
+        self.clock = clock
+        self.stamp = stamp
+        self.expires = expires
+    }
+
+    /// Claims the member's lease; nil when another claimant holds it (then nothing is left behind).
+    package static func acquire(_ member: Member, _ session: MemberSession, clock: ReplicaClock, duration: Duration) throws(P11Error) -> Lease? {
+        let stamp = clock.next()
+        let expires = stamp.milliseconds + UInt64(duration.milliseconds)
+        let lease = Lease(member: member, session: session, clock: clock, stamp: stamp, expires: expires)
+        let token = member.token
+        lease.claim = try token.createObject(session, [
+            Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: false),
+            Attribute(CKA_LABEL, Array(label.utf8)), Attribute(CKA_APPLICATION, Array(ReplicaRecord.application.utf8)),
+            Attribute(CKA_VALUE, Array("p11ha-lease 1 \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(expires)".utf8)),
+        ])
+        let now = clock.milliseconds
+        var heldByOther = false
+        for handle in try token.findObjects(session, [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))])
+        where handle != lease.claim {
+            guard let value = try? token.readAttributes(session, handle, [CKA_VALUE])[0], let other = parse(value) else { continue }
+            if other.expires < now || other.stamp.writer == clock.writer {
+                // Expired, or this process's own claim left by a repair that could not remove it.
+                try? token.destroyObject(session, handle)
+                continue
+            }
+            if other.stamp < stamp { heldByOther = true }
+        }
+        if heldByOther {
+            lease.release()
+            return nil
+        }
+        return lease
+    }
+
+    static func parse(_ value: [UInt8]) -> Claim? {
+        let fields = String(decoding: value, as: UTF8.self).split(separator: " ")
+        guard fields.count == 6, fields[0] == "p11ha-lease", fields[1] == "1", let ms = UInt64(fields[2]), let counter = UInt64(fields[3]),
+              let writer = UInt64(fields[4], radix: 16), let expires = UInt64(fields[5]) else { return nil }
+        return Claim(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), expires: expires)
+    }
+
+    /// Before each change to the member: the lease must still hold for a while (a margin for the change itself).
+    func check() throws(P11Error) {
+        if clock.milliseconds + 1_000 > expires {
+            Log.event(.warning, "lease-lapsed", "member=\(member.name)")
+            throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
+        }
+    }
+
+    package func release() {
+        if let claim { try? member.token.destroyObject(session, claim) }
+        claim = nil
+    }
+}
+
+extension ReplicaKeeper {
+    /// How a member stands against the union of the records, without changing anything (`p11hactl status`).
+    package struct Standing: Sendable {
+        package var records = 0
+        /// Live objects it lacks, named; those no reachable member can give it are also in `unrepairable`.
+        package var missing: [String] = []
+        package var unrepairable: [String] = []
+        /// Copies of destroyed objects and second copies.
+        package var surplus = 0
+        /// Copies whose attributes differ from the records'.
+        package var differing = 0
+        package var unrecorded = 0
+
+        package var agrees: Bool { missing.isEmpty && surplus == 0 && differing == 0 }
+    }
+
+    /// The standing of each reached member (by member index).
+    package func standings(_ reached: [Reached], in group: Group, loggedIn: Bool) throws(P11Error) -> [Int: Standing] {
+        var counts: [Int: Int] = [:]
+        for r in reached {
+            counts[r.member.index] = try ReplicaRecord.readAll(on: r.member.token, r.session).count
+            try refreshLedger(group, from: r.member, r.session)
+        }
+        let ledger = group.ledger.withLock { $0 }
+        let visible: (Ledger.ObjectState) -> Bool = { loggedIn || !$0.isPrivate }
+        var pairings: [Int: Pairing] = [:]
+        var views: [Int: [MemberCopy]] = [:]
+        for r in reached {
+            views[r.member.index] = try enumerate(r, ledger: ledger)
+            pairings[r.member.index] = Pairing(views[r.member.index]!, with: ledger, visibleOnly: visible)
+        }
+        var result: [Int: Standing] = [:]
+        for r in reached {
+            let pairing = pairings[r.member.index]!
+            var standing = Standing(records: counts[r.member.index] ?? 0, surplus: pairing.surplus.count, unrecorded: pairing.unrecorded.count)
+            standing.differing = pairing.copies.filter { !ledger.objects[$0.key]!.corrections(to: $0.value.attributes).isEmpty }.count
+            for uid in pairing.missing.sorted() {
+                let state = ledger.objects[uid]!
+                let name = describeObject(uid, state)
+                standing.missing.append(name)
+                let holders = pairings.filter { $0.value.copies[uid] != nil }
+                if holders.isEmpty {
+                    standing.unrepairable.append(name + " reason=\"no member in reach holds it\"")
+                } else if state.fingerprint.isKey, !holders.contains(where: { $0.value.copies[uid]!.extractable }) {
+                    standing.unrepairable.append(name + " reason=\"not extractable: it cannot travel under the replication key\"")
+                }
+            }
+            result[r.member.index] = standing
+        }
+        return result
+    }
+}
