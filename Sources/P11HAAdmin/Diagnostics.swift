@@ -72,6 +72,8 @@ public struct MemberSurvey: Sendable {
     public let missing: [String]
     public let unrepairable: [String]
     public let unrecorded: Int
+    /// Objects no record describes are not alike on every reachable member.
+    public let unrecordedDiffer: Bool
 }
 
 extension Runtime {
@@ -95,7 +97,7 @@ extension Runtime {
                     loggedIn[member.index] = true
                 }
                 keys[member.index] = try ReplicationKey.find(on: member.token, session) != nil
-                counts[member.index] = try ObjectCopy.inventory(member, session, replicationKey: nil).count
+                counts[member.index] = try ObjectCopy.inventory(member, session, replicationKey: nil).filter { !$0.identity.isReplicationKey }.count
             } catch {
                 problems[member.index] = "\(error)"
                 reached.removeAll { $0.member === member }
@@ -108,14 +110,14 @@ extension Runtime {
             if let problem = problems[member.index] {
                 return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: false,
                                     problem: problem, replicationKey: false, objectCount: nil, records: nil, agrees: false,
-                                    missing: [], unrepairable: [], unrecorded: 0)
+                                    missing: [], unrepairable: [], unrecorded: 0, unrecordedDiffer: false)
             }
             let standing = standings[member.index]
             return MemberSurvey(name: member.name, uri: member.config.displayURI, standby: member.isStandby, reachable: true,
                                 problem: standing == nil ? "could not be compared" : nil, replicationKey: keys[member.index] ?? false,
                                 objectCount: counts[member.index], records: standing?.records, agrees: standing?.agrees ?? false,
                                 missing: standing?.missing ?? [], unrepairable: standing?.unrepairable ?? [],
-                                unrecorded: standing?.unrecorded ?? 0)
+                                unrecorded: standing?.unrecorded ?? 0, unrecordedDiffer: standing?.unrecordedDiffer ?? false)
         }
     }
 

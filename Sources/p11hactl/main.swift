@@ -104,7 +104,7 @@ struct Status: ParsableCommand {
         let problem: String?, replicationKey: Bool, objects: Int?, records: Int?
         /// Against the union of the members' records: objects it lacks, those that cannot be repaired, objects no
         /// record describes.
-        let missing: [String], unrepairable: [String], unrecorded: Int
+        let missing: [String], unrepairable: [String], unrecorded: Int, unrecordedDiffer: Bool
         let health: String?, lastFailure: Int64?, lastFailureReason: String?, lastRecovery: Int64?
         /// What each live process using the group sees of this member now (from the status file), when it has
         /// seen it fail: a member out of service in an application's process makes the group degraded, even
@@ -186,7 +186,7 @@ struct Status: ParsableCommand {
             return MemberJSON(name: name, uri: printable(s.uri), standby: s.standby, reachable: s.reachable,
                               problem: s.problem.map(printable), replicationKey: s.replicationKey, objects: s.objectCount,
                               records: s.records, missing: s.missing.map(printable), unrepairable: s.unrepairable.map(printable),
-                              unrecorded: s.unrecorded, health: r?.health, lastFailure: r?.lastFailure,
+                              unrecorded: s.unrecorded, unrecordedDiffer: s.unrecordedDiffer, health: r?.health, lastFailure: r?.lastFailure,
                               lastFailureReason: r?.reason, lastRecovery: r?.lastRecovery, processes: processes)
         }
         return GroupJSON(name: printable(g.name), label: printable(g.label), slot: g.slotID, membersAgree: agree, healthy: healthy,
@@ -204,7 +204,9 @@ struct Status: ParsableCommand {
             if m.reachable {
                 line += ", \(m.objects.map(String.init) ?? "?") objects, replication key \(m.replicationKey ? "present" : "MISSING")"
                 if let records = m.records { line += ", \(records) replication records" }
-                if m.unrecorded > 0 { line += ", \(m.unrecorded) objects no record describes (made outside p11ha: left alone)" }
+                if m.unrecorded > 0 {
+                    line += ", \(m.unrecorded) objects no record describes (made outside p11ha: left alone\(m.unrecordedDiffer ? "; NOT ALIKE ON EVERY MEMBER, p11hactl sync copies them" : ""))"
+                }
             }
             print(line)
             for name in m.unrepairable { print("    CANNOT BE REPAIRED: \(name)") }

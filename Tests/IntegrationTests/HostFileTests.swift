@@ -66,7 +66,7 @@ struct StatusReport: Decodable {
     }
     struct Member: Decodable {
         let name: String
-        let generation: UInt64?
+        let records: Int?
     }
     let groups: [Group]
 }
@@ -100,12 +100,12 @@ func statusReport(_ members: Members, pin: Bool = true) throws -> (ProcessResult
     return (result, report)
 }
 
-/// Each member's journal generation, read by p11hactl with the user PIN.
-func journalGenerations(_ members: Members) throws -> [UInt64] {
+/// How many replication records each member holds, read by p11hactl with the user PIN.
+func recordCounts(_ members: Members) throws -> [Int] {
     let (result, report) = try statusReport(members)
-    let generations = report.groups.first?.members.compactMap(\.generation) ?? []
-    guard generations.count == members.count else { throw SupportError("no generation for every member:\n\(result.output)") }
-    return generations
+    let counts = report.groups.first?.members.compactMap(\.records) ?? []
+    guard counts.count == members.count else { throw SupportError("no record count for every member:\n\(result.output)") }
+    return counts
 }
 
 func hostFileNames(_ members: Members) throws -> HostFileNames {
@@ -206,7 +206,7 @@ func controlCharacters(in text: String) -> [String] {
 @Suite("A local user cannot turn p11ha's host files against it", .serialized,
        .enabled(if: getuid() == 0, "makes local users and runs commands as them: needs root, as CI has"))
 struct HostFilesAgainstALocalUser {
-    @Test("links an unprivileged user planted at the lock and status names in a shared sticky lock-dir touch no file outside it and delay no call; the journal records follow once the links are gone")
+    @Test("links an unprivileged user planted at the lock and status names in a shared sticky lock-dir touch no file outside it and delay no call; every write's record is on every member at once")
     func plantedLinks() throws {
         let shared = try SharedDirectory()
         let rootFiles = try RootFiles()
@@ -217,7 +217,7 @@ struct HostFilesAgainstALocalUser {
             let linked = try attacker.run("ln", ["-s", target, link])
             try #require(linked.status == 0, "the attacker could not plant \(link):\n\(linked.output)")
         }
-        let before = try journalGenerations(members)
+        let before = try recordCounts(members)
 
         let flagged = try p11hactl(["status"], members)
         #expect(flagged.status == 1 && flagged.stdout.contains("STATUS FILE NOT SHOWN") && flagged.stdout.contains("a symbolic link"),
@@ -229,22 +229,20 @@ struct HostFilesAgainstALocalUser {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s:\n\(members.log)")
         }
         #expect(rootFiles.touched.isEmpty, "files outside the lock directory changed: \(rootFiles.touched)")
-        #expect(try journalGenerations(members) == before, "a journal was written without the lock")
-        let log = members.log
-        #expect(log.contains("host-file-refused") && log.contains("path=\(names.lock) reason=\"a symbolic link\""), "\(log)")
-        #expect(log.contains("host-lock-busy") && log.contains("deferred=yes"), "\(log)")
+        // Records need no lock: each write's is on every member already.
+        let during = try recordCounts(members)
+        #expect(during == before.map { $0 + Int(writes) }, "every member holds the \(writes) writes' records: \(before) -> \(during)")
+        try waitUntil("the catch-up after the login meets the refused lock:\n\(members.log)", timeout: 20) {
+            members.log.contains("host-file-refused") && members.log.contains("path=\(names.lock) reason=\"a symbolic link\"")
+        }
 
-        // The attacker lets go: the records that waited are written by the application's recovery worker.
         let removed = try attacker.run("rm", ["-f", names.lock, names.status, names.statusLock])
         try #require(removed.status == 0, "\(removed.output)")
-        try waitUntil("the deferred journal records are written:\n\(members.log)", timeout: 20) {
-            members.log.contains("journal-recorded-late")
-        }
         let finished = try client.finishAndWait()
         #expect(finished.status == 0, "timed_writes failed:\n\(finished.output)")
         #expect(client.durations.contains { $0.call == "C_Finalize" && $0.seconds <= 2 }, "\(finished.output)")
-        let after = try journalGenerations(members)
-        #expect(after == before.map { $0 + writes }, "every member counts the \(writes) writes: \(before) -> \(after)")
+        let after = try recordCounts(members)
+        #expect(after == before.map { $0 + Int(writes) }, "every member holds the \(writes) writes' records: \(before) -> \(after)")
         #expect(rootFiles.touched.isEmpty, "files outside the lock directory changed: \(rootFiles.touched)")
     }
 
@@ -259,7 +257,7 @@ struct HostFilesAgainstALocalUser {
         try #require(planted.status == 0, "\(planted.output)")
         let holder = try attacker.start("flock", [names.lock, "sleep", "300"], in: members.dir)
         try waitUntil("the attacker holds its lock file", timeout: 10) { FileManager.default.fileExists(atPath: names.lock) }
-        let before = try journalGenerations(members)
+        let before = try recordCounts(members)
 
         for arguments in [["status"], ["status", "--json"]] {
             let shown = try p11hactl(arguments, members)
@@ -274,17 +272,16 @@ struct HostFilesAgainstALocalUser {
         for (call, seconds) in client.durations {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s:\n\(members.log)")
         }
-        #expect(members.log.contains("path=\(names.lock) reason=\"owned by uid \(attacker.uid)"), "\(members.log)")
-        #expect(try journalGenerations(members) == before)
+        try waitUntil("the catch-up after the login meets the planted lock:\n\(members.log)", timeout: 20) {
+            members.log.contains("path=\(names.lock) reason=\"owned by uid \(attacker.uid)")
+        }
+        #expect(try recordCounts(members) == before.map { $0 + Int(writes) }, "records need no lock")
 
         holder.killTree()
         let removed = try attacker.run("rm", ["-f", names.lock])
         try #require(removed.status == 0, "\(removed.output)")
-        try waitUntil("the deferred journal records are written:\n\(members.log)", timeout: 20) {
-            members.log.contains("journal-recorded-late")
-        }
         #expect(try client.finishAndWait().status == 0)
-        #expect(try journalGenerations(members) == before.map { $0 + writes })
+        #expect(try recordCounts(members) == before.map { $0 + Int(writes) })
     }
 
     @Test("p11hactl status shows a status file of root's with control characters in its fields escaped, never raw")
@@ -305,7 +302,7 @@ struct HostFilesAgainstALocalUser {
         }
     }
 
-    @Test("a lock another process holds delays a write by the operation-timeout at most, and later writes not at all; the journal follows once it is released")
+    @Test("a lock another process holds delays no write: each write's record is on every member at once; the catch-up waits for the lock")
     func heldLock() throws {
         let shared = try SharedDirectory(mode: 0o700)
         let members = try hostFileMembers(lockDir: shared.path)
@@ -314,27 +311,27 @@ struct HostFilesAgainstALocalUser {
                                  output: members.dir + "/flock.out", errors: members.dir + "/flock.err")
         defer { holder.killTree() }
         try waitUntil("the lock is held", timeout: 10) { FileManager.default.fileExists(atPath: names.lock) }
-        let before = try journalGenerations(members)
+        let before = try recordCounts(members)
 
         let client = try TimedWrites(members)
         let writes = try client.waitForWrites()
         let creates = client.durations.filter { $0.call == "C_CreateObject" }.map(\.seconds)
         try #require(creates.count == Int(writes), "\(client.process.output)")
-        #expect(creates[0] >= 0.9 && creates[0] <= 2, "the first write waits for the lock up to the operation-timeout (1 s): \(creates[0]) s")
-        #expect(creates.dropFirst().allSatisfy { $0 < 0.8 }, "later writes join the records already waiting, without waiting: \(creates)")
+        #expect(creates.allSatisfy { $0 < 0.8 }, "no write waits for the lock (1 s wait): \(creates)")
         for (call, seconds) in client.durations {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s")
         }
-        #expect(members.log.contains("host-lock-busy") && members.log.contains("held by another process"), "\(members.log)")
-        #expect(try journalGenerations(members) == before)
+        #expect(try recordCounts(members) == before.map { $0 + Int(writes) })
+        try waitUntil("the catch-up after the login waits for the lock:\n\(members.log)", timeout: 20) {
+            members.log.contains("host-lock-busy") && members.log.contains("held by another process")
+        }
 
         holder.killTree()
-        try waitUntil("the deferred journal records are written:\n\(members.log)", timeout: 20) {
-            members.log.contains("journal-recorded-late group=\(members.group) writes=\(writes)")
+        try waitUntil("the catch-up takes the lock once it is free:\n\(members.log)", timeout: 20) {
+            members.log.contains("host-lock-available")
         }
         #expect(try client.finishAndWait().status == 0)
-        #expect(try journalGenerations(members) == before.map { $0 + writes })
-        #expect(members.log.contains("host-lock-available"), "\(members.log)")
+        #expect(try recordCounts(members) == before.map { $0 + Int(writes) })
     }
 
     @Test("an unprivileged application's default lock directory is /tmp/p11ha-UID, made 0700; planted first by another user, or as a link, it is refused with lock-dir-refused")

@@ -15,7 +15,7 @@ import Testing
             let reachable: Bool
             let replicationKey: Bool
             let objects: Int?
-            let generation: UInt64?
+            let records: Int?
             let lastFailure: Int64?
             let lastFailureReason: String?
             let lastRecovery: Int64?
@@ -73,7 +73,7 @@ import Testing
         #expect(group.name == members.group && group.healthy && group.membersAgree)
         #expect(group.members.map(\.name) == members.tokenLabels)
         for member in group.members {
-            #expect(member.reachable && member.replicationKey && member.generation != nil, "\(member)")
+            #expect(member.reachable && member.replicationKey && member.records != nil, "\(member)")
             #expect(member.lastFailure != nil && member.lastRecovery != nil, "\(member.name) failed and recovered: \(member)")
         }
         #expect(!result.output.contains(members.userPIN))

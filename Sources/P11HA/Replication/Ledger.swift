@@ -16,6 +16,8 @@ package struct Ledger: Sendable {
         /// Each replicated attribute with the stamp of the record that set it: the greatest stamp wins.
         package var attributes: [CK_ATTRIBUTE_TYPE: (value: [UInt8], stamp: Stamp)]
         package var created = false
+        /// Created by a write through p11ha (not only adopted).
+        var written = false
         package var destroyed = false
 
         package var isLive: Bool { created && !destroyed }
@@ -43,8 +45,9 @@ package struct Ledger: Sendable {
             state.fingerprintStamp = record.stamp
         }
         switch record.operation {
-        case .create, .set:
-            if record.operation == .create { state.created = true }
+        case .create, .adopt, .set:
+            if record.operation != .set { state.created = true }
+            if record.operation == .create { state.written = true }
             for attribute in record.attributes {
                 if let old = state.attributes[attribute.type], old.stamp > record.stamp { continue }
                 state.attributes[attribute.type] = (attribute.value, record.stamp)
@@ -75,12 +78,14 @@ package struct Ledger: Sendable {
         return ObjectUID(fingerprint: fingerprint, attributes: sorted, occurrence: 0)
     }
 
-    /// A new object's identity: the next occurrence of its fingerprint and attributes.
+    /// A new object's identity: the next occurrence of its fingerprint and attributes among those written through
+    /// p11ha. One only adopted is this very object, adopted by a repair while its write was under way: the same
+    /// identity, so the two records name one object.
     func newIdentity(_ fingerprint: Fingerprint, attributes: [Attribute]) -> ObjectUID {
         var occurrence = 0
         while true {
             let uid = ObjectUID(fingerprint: fingerprint, attributes: attributes, occurrence: occurrence)
-            guard let state = objects[uid], state.isLive else { return uid }
+            guard let state = objects[uid], state.isLive, state.written else { return uid }
             occurrence += 1
         }
     }

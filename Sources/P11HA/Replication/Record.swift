@@ -122,8 +122,12 @@ package struct Fingerprint: Hashable, Sendable {
 /// One write, as recorded on the members.
 package struct ReplicaRecord: Sendable {
     package enum Operation: String, Sendable {
-        /// The object exists, with these attributes (also an object adopted at its first sync).
+        /// The object was made through p11ha, with these attributes.
         case create
+        /// The object was found on a member at its first sync, made outside p11ha (its identity is drawn from what it
+        /// is, occurrence 0: a host that adopts it too, or a write that records it as created meanwhile, names it
+        /// alike).
+        case adopt
         /// These attributes were set.
         case set
         /// The object was destroyed: it never exists again (a tombstone).

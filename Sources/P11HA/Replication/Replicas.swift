@@ -206,7 +206,7 @@ package final class ReplicaKeeper: Sendable {
             let attributes = copy.attributes.filter { ReplicaRecord.replicatedTypes.contains($0.type) }
             let uid = ObjectUID(fingerprint: copy.fingerprint, attributes: attributes, occurrence: 0)
             guard seen.insert(uid).inserted else { continue }
-            let record = ReplicaRecord(stamp: group.replicaClock.next(), operation: .create, object: uid, fingerprint: copy.fingerprint,
+            let record = ReplicaRecord(stamp: group.replicaClock.next(), operation: .adopt, object: uid, fingerprint: copy.fingerprint,
                                        attributes: attributes, isPrivate: copy.isPrivate)
             try record.write(on: target.member.token, target.session)
             group.ledger.withLock { _ = $0.add(record) }
@@ -368,8 +368,11 @@ extension ReplicaKeeper {
         /// Copies whose attributes differ from the records'.
         package var differing = 0
         package var unrecorded = 0
+        /// Objects no record describes that not every reachable member holds alike (made on one member outside
+        /// p11ha): the members do not agree, though no record says which is right (`p11hactl sync` copies them).
+        package var unrecordedDiffer = false
 
-        package var agrees: Bool { missing.isEmpty && surplus == 0 && differing == 0 }
+        package var agrees: Bool { missing.isEmpty && surplus == 0 && differing == 0 && !unrecordedDiffer }
     }
 
     /// The standing of each reached member (by member index).
@@ -387,10 +390,18 @@ extension ReplicaKeeper {
             views[r.member.index] = try enumerate(r, ledger: ledger)
             pairings[r.member.index] = Pairing(views[r.member.index]!, with: ledger, visibleOnly: visible)
         }
+        var unrecorded: [[Fingerprint: Int]] = []
+        for r in reached {
+            var counts: [Fingerprint: Int] = [:]
+            for copy in pairings[r.member.index]!.unrecorded { counts[copy.fingerprint, default: 0] += 1 }
+            unrecorded.append(counts)
+        }
+        let unrecordedDiffer = unrecorded.dropFirst().contains { $0 != unrecorded.first }
         var result: [Int: Standing] = [:]
         for r in reached {
             let pairing = pairings[r.member.index]!
-            var standing = Standing(records: counts[r.member.index] ?? 0, surplus: pairing.surplus.count, unrecorded: pairing.unrecorded.count)
+            var standing = Standing(records: counts[r.member.index] ?? 0, surplus: pairing.surplus.count, unrecorded: pairing.unrecorded.count,
+                                    unrecordedDiffer: unrecordedDiffer)
             standing.differing = pairing.copies.filter { !ledger.objects[$0.key]!.corrections(to: $0.value.attributes).isEmpty }.count
             for uid in pairing.missing.sorted() {
                 let state = ledger.objects[uid]!
