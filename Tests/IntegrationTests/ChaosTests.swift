@@ -119,8 +119,9 @@ struct Chaos {
     }
 }
 
-/// What happened when, for failure messages: kills, restarts, key steps and p11ha's log lines.
-private final class Timeline: @unchecked Sendable {
+/// What happened when, for failure messages: kills, restarts, key steps and p11ha's log lines (also the
+/// multi-writer test's fault schedule).
+final class Timeline: @unchecked Sendable {
     private let start = Date()
     private let lock = NSLock()
     /// Guarded by `lock`.

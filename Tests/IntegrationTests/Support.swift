@@ -189,13 +189,19 @@ func pinFile(_ members: Members, _ name: String, _ pin: String) throws -> String
 /// environment to start from (the members' own by default).
 func scenario(_ name: String, _ members: Members, module: String = Paths.debugModule,
               base: [String: String]? = nil, timeout: Double = 120) throws -> ProcessResult {
+    try runProcess(Paths.scenarioDriver, [name, module], environment: scenarioEnvironment(members, base: base), timeout: timeout)
+}
+
+/// `base` (the members' own environment by default) with what p11ha-scenario reads: the group's token, PINs, the
+/// member tokens' labels and SoftHSM's module.
+func scenarioEnvironment(_ members: Members, base: [String: String]? = nil) -> [String: String] {
     var environment = base ?? members.environment
     environment["P11HA_TEST_TOKEN"] = members.group
     environment["P11HA_TEST_PIN"] = members.userPIN
     environment["P11HA_TEST_SO_PIN"] = members.soPIN
     environment["P11HA_TEST_MEMBERS"] = members.tokenLabels.joined(separator: ",")
     environment["SOFTHSM_MODULE"] = Paths.softhsmModule
-    return try runProcess(Paths.scenarioDriver, [name, module], environment: environment, timeout: timeout)
+    return environment
 }
 
 /// p11hactl from the debug build, with the members' environment unless another is given.

@@ -40,6 +40,8 @@ let scenarios: [String: (Module) -> Void] = [
     "fuzz-settle": fuzzSettleScenario,
     "member-crash": memberCrashScenario,
     "lifecycle": lifecycleScenario,
+    "writer": writerScenario,
+    "member-inventory": memberInventoryScenario,
 ]
 guard let scenario = scenarios[arguments[1]] else { fatal("unknown scenario \(arguments[1])") }
 scenario(Module(path: arguments[2]))
