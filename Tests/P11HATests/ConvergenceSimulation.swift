@@ -39,12 +39,13 @@ let deterministicHashing = getenv("SWIFT_DETERMINISTIC_HASHING") != nil
 func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt64(String(cString: $0)) } }
 
 @Suite struct ConvergenceSimulation {
-    /// One seed's end: its broken guarantees' kinds (none when it held), its story when told, and its fingerprint.
+    /// One seed's end: its broken guarantees' kinds (none when it held), its story when told, and its fingerprint
+    /// when asked for.
     struct SeedOutcome: Sendable {
         let seed: UInt64
         let kinds: [String]
         let report: String?
-        let fingerprint: UInt64
+        let fingerprint: UInt64?
     }
 
     @Test("hosts that write to the same members through faults and partitions leave them, after every heal, holding each acknowledged object once under its acknowledged label, and no acknowledged destroy")
@@ -53,6 +54,8 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
         let workers = replaying ? 1 : min(simulationWorkers, convergenceSeeds.count)
         let outcomes = Synchronization.Mutex<[SeedOutcome]>([])
         let errors = Synchronization.Mutex<[String]>([])
+        // One line per seed, to compare two runs (another process, other workers) seed by seed.
+        let fingerprints = getenv("P11HA_SIM_FINGERPRINTS").map { String(cString: $0) }
         let start = monotonicNanos()
         DispatchQueue.concurrentPerform(iterations: workers) { worker in
             do {
@@ -70,7 +73,7 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
                         report = simulation.report(problems) + (replaying ? "\n--- p11ha log (every host) ---\n" + place.log() : "")
                     }
                     let outcome = SeedOutcome(seed: seed, kinds: Set(problems.map(\.kind)).sorted(), report: report,
-                                              fingerprint: simulation.fingerprint)
+                                              fingerprint: fingerprints == nil ? nil : simulation.fingerprint)
                     outcomes.withLock { $0.append(outcome) }
                 }
             } catch {
@@ -80,9 +83,8 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
         let seconds = Double(monotonicNanos() - start) / 1e9
         #expect(errors.withLock { $0 }.isEmpty, "\(errors.withLock { $0 })")
         let all = outcomes.withLock { $0 }.sorted { $0.seed < $1.seed }
-        if let path = getenv("P11HA_SIM_FINGERPRINTS").map({ String(cString: $0) }) {
-            // One line per seed, to compare two runs (another process, other workers) seed by seed.
-            let text = all.map { "\($0.seed) \(String($0.fingerprint, radix: 16)) \($0.kinds.joined(separator: ","))\n" }.joined()
+        if let path = fingerprints {
+            let text = all.map { "\($0.seed) \(String($0.fingerprint ?? 0, radix: 16)) \($0.kinds.joined(separator: ","))\n" }.joined()
             let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             if fd >= 0 {
                 _ = Array(text.utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
