@@ -40,17 +40,30 @@ func mix64(_ x: UInt64) -> UInt64 {
 }
 
 /// Two 64-bit lanes over length-prefixed parts, so ("ab", "c") and ("a", "bc") differ.
+/// Written as plain loops over buffers: a simulation hashes every wrapped key, and in a debug build a closure call
+/// and an iterator per byte made this a tenth of a run's time.
 private func absorbParts(_ parts: [[UInt8]]) -> (UInt64, UInt64) {
     var a: UInt64 = 0xCBF2_9CE4_8422_2325
     var b: UInt64 = 0x6A09_E667_F3BC_C908
-    func absorb(_ byte: UInt8) {
-        a = (a ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
-        b = ((b ^ a) &* 0x9E37_79B9_7F4A_7C15)
-        b = (b << 29) | (b >> 35)
-    }
     for part in parts {
-        withUnsafeBytes(of: UInt64(part.count).littleEndian) { for byte in $0 { absorb(byte) } }
-        for byte in part { absorb(byte) }
+        // The length first, as its eight little-endian bytes.
+        let length = UInt64(part.count)
+        var shift: UInt64 = 0
+        while shift < 64 {
+            a = (a ^ ((length >> shift) & 0xFF)) &* 0x0000_0100_0000_01B3
+            b = (b ^ a) &* 0x9E37_79B9_7F4A_7C15
+            b = (b << 29) | (b >> 35)
+            shift += 8
+        }
+        part.withUnsafeBufferPointer { bytes in
+            var index = 0
+            while index < bytes.count {
+                a = (a ^ UInt64(bytes[index])) &* 0x0000_0100_0000_01B3
+                b = (b ^ a) &* 0x9E37_79B9_7F4A_7C15
+                b = (b << 29) | (b >> 35)
+                index += 1
+            }
+        }
     }
     return (a, b)
 }

@@ -116,7 +116,12 @@ public final class FakeToken: TokenBackend {
                 connection.restart()
                 connection.connected = true
                 connection.crashesSeen = crashes
-            } else if !connection.connected || connection.crashesSeen != crashes {
+            } else if !connection.connected {
+                // The module never started (the token did not answer at connect): this is its first start, as
+                // ModuleBackend's reconnect starts a module its connect could not.
+                connection.connected = true
+                connection.crashesSeen = crashes
+            } else if connection.crashesSeen != crashes {
                 // A crashed module stays uninitialized until it is started afresh.
                 throw P11Error.member(CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED))
             }

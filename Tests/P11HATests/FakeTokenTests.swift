@@ -475,6 +475,18 @@ private func waitUntil(_ condition: () -> Bool) {
         #expect(answer { _ = try token.openSession(readWrite: false) } == CKR_CRYPTOKI_NOT_INITIALIZED)
     }
 
+    @Test("a connection whose connect failed starts its module at the next reconnect, as a module member's does")
+    func reconnectAfterFailedConnect() throws {
+        let store = FakeTokenStore(seed: 37)
+        let token = store.connection()
+        store.faults.crash()
+        #expect(throws: ConnectFailure.self) { try token.connect() }
+        #expect(answer { try token.reconnect(restartingModule: false) } == CKR_DEVICE_ERROR)
+        store.faults.revive()
+        try token.reconnect(restartingModule: false)
+        _ = try token.openSession(readWrite: false)
+    }
+
     @Test("a hidden object is missing from the next searches asked, then found again, and stays usable by handle")
     func hiddenObjects() throws {
         let store = FakeTokenStore(seed: 36)
