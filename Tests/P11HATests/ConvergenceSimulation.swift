@@ -275,6 +275,9 @@ final class Simulation {
     let hostCount: Int
     private let steps: Int
     private var step = 0
+    /// Moves a quarter of a second per step: stamps differ from step to step, and a lease (60 s) left behind by a
+    /// failed release expires within a run of 240 steps or so.
+    private let clock = SimulatedClock()
     private let tellsP11HALog: Bool
 
     /// - hosts, members: nil draws them from the seed (2–5 hosts, 2–4 members).
@@ -294,7 +297,7 @@ final class Simulation {
         for (number, directory) in place.hostDirectories.prefix(hostCount).enumerated() {
             emptyDirectory(directory)
             let config = try place.config(host: number, members: stores, logLevel: logLevel)
-            hosts.append(try SimulatedHost(number: number, stores: stores, config: config))
+            hosts.append(try SimulatedHost(number: number, stores: stores, config: config, clock: clock))
         }
         for host in hosts { logIn(host) }
     }
@@ -307,6 +310,7 @@ final class Simulation {
         defer { finish() }
         while step < steps {
             step += 1
+            clock.advance(by: 250)
             if let problems = randomStep(), !problems.isEmpty { return problems }
         }
         step += 1

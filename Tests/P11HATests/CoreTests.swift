@@ -223,13 +223,13 @@ import Testing
                        record(.set, 5, writer: 1, label("from host 1")), record(.set, 3, label("older"))]
         var orders = [records, records.reversed(), [records[2], records[0], records[3], records[1]]]
         orders.append(records + records)
-        let ledgers = orders.map { Ledger($0) }
+        let ledgers = orders.map { P11HA.Ledger($0) }
         let uid = records[0].object
         for ledger in ledgers {
             #expect(ledger.objects[uid]?.template == label("from host 2"), "stamp (5, writer 2) is the greatest")
             #expect(ledger.objects[uid]?.isLive == true)
         }
-        var ended = Ledger(records)
+        var ended = P11HA.Ledger(records)
         ended.add(record(.destroy, 2))
         ended.add(record(.set, 9, label("after the destroy")))
         #expect(ended.objects[uid]?.isLive == false, "a destroy is never undone, whatever comes after")

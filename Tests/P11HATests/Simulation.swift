@@ -20,11 +20,14 @@ final class SimulatedHost {
     /// The objects this process has a handle for, by ledger number: those it made, and those a search gave it.
     var known: [Int: ObjectHandle] = [:]
 
-    init(number: Int, stores: [FakeTokenStore], config: Config) throws {
+    let clock: SimulatedClock
+
+    init(number: Int, stores: [FakeTokenStore], config: Config, clock: SimulatedClock) throws {
         self.number = number
         self.stores = stores
         self.config = config
-        (runtime, links) = try Self.start(config, stores)
+        self.clock = clock
+        (runtime, links) = try Self.start(config, stores, writer: UInt64(number) << 32, clock: clock)
     }
 
     /// A configuration for a host's process: `directory` is its lock directory, its alone.
@@ -44,20 +47,25 @@ final class SimulatedHost {
         return try Config.parse(text, path: directory + "/p11ha.conf")
     }
 
-    private static func start(_ config: Config, _ stores: [FakeTokenStore]) throws -> (Runtime, [FakeToken]) {
+    private static func start(_ config: Config, _ stores: [FakeTokenStore], writer: UInt64, clock: SimulatedClock) throws -> (Runtime, [FakeToken]) {
         var links: [FakeToken] = []
         let runtime = try Runtime.start(config, backends: { member, _, _ in
             let link = stores.first { $0.label == member.uri.tokenLabel }!.connection()
             links.append(link)
             return link
-        }, backgroundRecovery: false)
+        }, backgroundRecovery: false, replicaClock: ReplicaClock(writer: writer, now: { clock.milliseconds }))
         return (runtime, links)
     }
+
+    /// Each process its own writer identity (a restarted one a new one, as a real process draws it at random).
+    private var writer: UInt64 { UInt64(number) << 32 | UInt64(restarts) }
+    private var restarts = 0
 
     /// The process ends and a new one starts on the host: new connections, no session, no handle known.
     func restart() throws {
         runtime.shutdown()
-        (runtime, links) = try Self.start(config, stores)
+        restarts += 1
+        (runtime, links) = try Self.start(config, stores, writer: writer, clock: clock)
         session = nil
         known = [:]
     }
@@ -251,4 +259,11 @@ func emptyDirectory(_ path: String) {
         if name == "." || name == ".." { continue }
         unlinkat(fd, name, 0)
     }
+}
+
+/// The simulation's wall clock: moved by the run, so that records' stamps (and leases' expiry) replay exactly.
+final class SimulatedClock: @unchecked Sendable {
+    private let lock = Mutex(UInt64(1_000_000))
+    var milliseconds: UInt64 { lock.withLock { $0 } }
+    func advance(by ms: UInt64) { lock.withLock { $0 += ms } }
 }

@@ -56,6 +56,13 @@ public final class Group: @unchecked Sendable {
     /// Set when the members in service should be caught up with each other's records (after a login, or a
     /// member's return); the recovery worker does it.
     let catchUpWanted = Atomic<Bool>(false)
+    /// Set when the members' records should be looked at (after a login).
+    let watchWanted = Atomic<Bool>(false)
+    /// The records this process has read or written on each member, by handle (so that only new ones are read),
+    /// valid while the member's epoch and the object table's generation hold (a restart or a logout renumbers).
+    let recordCache = Mutex<[Int: RecordCache]>([:])
+    /// When the members' records were last looked at for writes of other processes (`Recovery.watch`).
+    let lastWatch = Atomic<UInt64>(0)
     /// Stamps this process's records.
     package let replicaClock: ReplicaClock
     /// Where processes record their members' failures and recoveries for operators.
@@ -189,4 +196,11 @@ public final class Group: @unchecked Sendable {
             return (entry.type, info)
         }
     }
+}
+
+/// One member's records as this process knows them.
+struct RecordCache {
+    var epoch: Int
+    var generation: UInt64
+    var stamps: [MemberObject: Stamp] = [:]
 }

@@ -132,7 +132,9 @@ package struct Pairing: Sendable {
         for object in objects { byFingerprint[object.fingerprint, default: []].append(object) }
         var known = Set<Fingerprint>()
         var liveByFingerprint: [Fingerprint: [ObjectUID]] = [:]
-        for (uid, state) in ledger.objects where isVisible(state) {
+        // Only objects whose creation (or adoption) a record says: a change recorded without it (its creation not
+        // read yet, or an object no record describes) says nothing about what copies should exist.
+        for (uid, state) in ledger.objects where isVisible(state) && state.created {
             known.insert(state.fingerprint)
             if state.isLive { liveByFingerprint[state.fingerprint, default: []].append(uid) }
         }

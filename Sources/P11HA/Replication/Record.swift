@@ -101,9 +101,17 @@ package struct Fingerprint: Hashable, Sendable {
             attributes.append(Attribute(type, value))
         }
         let hasPublicValue = attributes[CKA_MODULUS] != nil
+        var wrapped: [UInt8]? = nil
         if (objectClass == CKO_SECRET_KEY || objectClass == CKO_PRIVATE_KEY), !hasPublicValue, extractable, let replicationKey,
-           object != replicationKey,
-           var blob = try? ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object) {
+           object != replicationKey {
+            do throws(P11Error) {
+                wrapped = try ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object)
+            } catch where error.isMemberFault || error.rv == CKR_OPERATION_ACTIVE || error.rv == CKR_USER_NOT_LOGGED_IN {
+                // Not the key's doing: no fingerprint now rather than a weaker one than its copies have.
+                throw error
+            } catch {}
+        }
+        if var blob = wrapped {
             // RFC 5649 is deterministic: copies of one key wrap alike under the shared key. Only a digest is kept.
             let digest = withUnsafeBytes(of: digest64(blob, seed: 1).bigEndian) { Array($0) }
                 + withUnsafeBytes(of: digest64(blob, seed: 2).bigEndian) { Array($0) }
@@ -185,18 +193,20 @@ package struct ReplicaRecord: Sendable {
 
 extension ReplicaRecord {
     /// Writes the record on a member: one new token object.
-    func write(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) {
-        _ = try token.createObject(session, Self.searchTemplate(isPrivate: isPrivate) + [
+    @discardableResult
+    func write(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> MemberObject {
+        try token.createObject(session, Self.searchTemplate(isPrivate: isPrivate) + [
             Attribute(CKA_APPLICATION, Array(Self.application.utf8)), Attribute(CKA_VALUE, encoded()),
         ])
     }
 
     /// Every record on the member that the session can see, with its handle. A record that cannot be decoded is
     /// skipped (logged once per reading): it cannot be what any writer of this format made.
-    static func readAll(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
+    static func readAll(on token: any TokenBackend, _ session: MemberSession,
+                        skipping known: [MemberObject: Stamp] = [:]) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
         var result: [(MemberObject, ReplicaRecord)] = []
         var unreadable = 0
-        for handle in try token.findObjects(session, searchTemplate(isPrivate: nil)) {
+        for handle in try token.findObjects(session, searchTemplate(isPrivate: nil)) where known[handle] == nil {
             let value = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
             if let record = ReplicaRecord(decoding: value) { result.append((handle, record)) } else { unreadable += 1 }
         }

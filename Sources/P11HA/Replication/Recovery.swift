@@ -17,6 +17,9 @@ final class RecoveryWorker: @unchecked Sendable {
     let background: Bool
     private weak var recovery: Recovery?
 
+    /// How often an idle worker looks for writes of other processes that left members apart.
+    var watchInterval: Duration { max(interval * 10, .seconds(1)) }
+
     init(interval: Duration, background: Bool = true) {
         self.interval = interval
         self.background = background
@@ -49,8 +52,9 @@ final class RecoveryWorker: @unchecked Sendable {
                 guard !stopped.load(ordering: .acquiring), let recovery else { return }
                 pending = recovery.recoverMembers()
             }
-            // A short pause after a wake-up lets a burst of failures settle; then probe every interval.
-            signal.wait(timeout: pending ? interval : nil)
+            // A short pause after a wake-up lets a burst of failures settle; then probe every interval. Idle, it
+            // looks at the members' records now and then (`Recovery.watch`).
+            signal.wait(timeout: pending ? interval : watchInterval)
         }
     }
 }
@@ -87,6 +91,12 @@ final class Recovery: @unchecked Sendable {
                 recover(member, in: group)
                 if !member.isInService { pending = true }
             }
+            let now = monotonicNanos()
+            if group.watchWanted.exchange(false, ordering: .acquiringAndReleasing)
+                || now &- group.lastWatch.load(ordering: .acquiring) >= UInt64(worker.watchInterval.milliseconds) * 1_000_000 {
+                group.lastWatch.store(now, ordering: .releasing)
+                watch(group)
+            }
             if group.catchUpWanted.exchange(false, ordering: .acquiringAndReleasing) {
                 if !catchUp(group) {
                     group.catchUpWanted.store(true, ordering: .releasing)
@@ -97,12 +107,37 @@ final class Recovery: @unchecked Sendable {
         return pending
     }
 
-    /// Asks for a catch-up of the group's members in service (after a login, or a member's return): records other
-    /// processes or hosts wrote while this one could not see them are merged into every member.
-    func requestCatchUp(_ group: Group) {
-        group.catchUpWanted.store(true, ordering: .releasing)
+    /// Asks for a look at the members' records (after a login, when private records become visible).
+    func requestWatch(_ group: Group) {
+        group.watchWanted.store(true, ordering: .releasing)
         worker.wake()
     }
+
+    /// Looks at the records of the members in service (reading only those this process has not read) and asks
+    /// for a catch-up when they are apart: a member lacks a record another holds (a write of another process or
+    /// host that did not reach it), or another process recently changed an attribute (two changes of one
+    /// attribute side by side can reach members in different orders; the catch-up applies the greater stamp).
+    func watch(_ group: Group) {
+        let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
+        var heldBy: [Set<Stamp>] = []
+        var recentChange = false
+        let recent = group.replicaClock.milliseconds &- Self.recentChange
+        for member in group.membersInService {
+            if worker.stopping { return }
+            guard let s = try? member.token.openSession(readWrite: false) else { continue }
+            defer { member.token.closeSession(s) }
+            guard let (held, new) = try? replicas.refreshLedger(group, from: member, s) else { continue }
+            heldBy.append(held)
+            recentChange = recentChange || new.contains { $0.operation == .set && $0.stamp.milliseconds >= recent }
+        }
+        let union = heldBy.reduce(into: Set<Stamp>()) { $0.formUnion($1) }
+        // Private records are visible only logged in: compared alike, the sets differ only by what a member lacks.
+        let apart = loggedIn || group.login.withLock({ $0.userType == nil }) ? heldBy.contains { $0 != union } : false
+        if apart || recentChange { group.catchUpWanted.store(true, ordering: .releasing) }
+    }
+
+    /// How recent (ms) another process's attribute change must be to call for a catch-up.
+    static let recentChange: UInt64 = 60_000
 
     /// How long the worker waits for the status file's lock: another process updates it in a moment, and an
     /// update that waits longer is tried again at the next pass.
@@ -137,6 +172,7 @@ final class Recovery: @unchecked Sendable {
                 guard reached.count > 1 || group.members.count == 1 else { return true }
                 var done = true
                 for target in reached {
+                    if worker.stopping { return false }
                     guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
                         done = false
                         continue
@@ -144,7 +180,7 @@ final class Recovery: @unchecked Sendable {
                     defer { lease.release() }
                     do throws(P11Error) {
                         let report = try replicas.repair(target, peers: reached.filter { $0.member !== target.member }, in: group,
-                                                         loggedIn: loggedIn, lease: lease)
+                                                         loggedIn: loggedIn, lease: lease, cancelled: { worker.stopping })
                         if report.changedAnything || !report.complete { done = false }
                         if report.changedAnything || !report.unrepairable.isEmpty {
                             Log.event(.info, "member-caught-up", "group=\(group.name) member=\(target.member.name) \(report)")
@@ -293,7 +329,7 @@ final class Recovery: @unchecked Sendable {
             } catch {}
         }
         let report = try replicas.repair(ReplicaKeeper.Reached(member: member, session: session), peers: reached, in: group,
-                                         loggedIn: loggedIn, lease: lease)
+                                         loggedIn: loggedIn, lease: lease, cancelled: { worker.stopping })
         Log.event(.info, "member-resynced", "group=\(group.name) member=\(member.name) \(report)")
         return report
     }

@@ -18,8 +18,19 @@ package final class ReplicaKeeper: Sendable {
         let isPrivate: Bool
     }
 
+    /// The member's replication key (see `Member.replicationKeyCache`); nil when two looks find none.
+    func replicationKey(_ member: Member, _ session: MemberSession) throws(P11Error) -> MemberObject? {
+        let epoch = member.epoch.load(ordering: .acquiring)
+        if let cached = member.replicationKeyCache.withLock({ $0 }), cached.epoch == epoch { return cached.handle }
+        var found = try ReplicationKey.find(on: member.token, session)
+        if found == nil { found = try ReplicationKey.find(on: member.token, session) }
+        guard let found else { return nil }
+        member.replicationKeyCache.withLock { $0 = (epoch, found) }
+        return found
+    }
+
     func describe(_ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> Description {
-        let replicationKey = try? ReplicationKey.find(on: member.token, session)
+        let replicationKey = try replicationKey(member, session)
         let fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
         let types = ReplicaRecord.replicatedTypes + [CKA_PRIVATE]
         let values = try member.token.readAttributes(session, copy, types)
@@ -28,11 +39,41 @@ package final class ReplicaKeeper: Sendable {
         return Description(fingerprint: fingerprint, attributes: attributes, isPrivate: values.last??.first == 1)
     }
 
-    /// Reads the member's records into the group's ledger: the records it holds that this process has not seen.
-    func refreshLedger(_ group: Group, from member: Member, _ session: MemberSession) throws(P11Error) {
-        let records = try ReplicaRecord.readAll(on: member.token, session)
+    /// Reads the member's records into the group's ledger (only those at handles this process has not read
+    /// yet). Returns the stamps the member holds, and the records new to the ledger.
+    @discardableResult
+    func refreshLedger(_ group: Group, from member: Member, _ session: MemberSession) throws(P11Error) -> (held: Set<Stamp>, new: [ReplicaRecord]) {
+        let epoch = member.epoch.load(ordering: .acquiring)
+        let generation = group.objects.withLock { $0.generation }
+        var cache = group.recordCache.withLock { $0[member.index] }.flatMap { $0.epoch == epoch && $0.generation == generation ? $0 : nil }
+            ?? RecordCache(epoch: epoch, generation: generation)
+        let handles = Set(try member.token.findObjects(session, ReplicaRecord.searchTemplate(isPrivate: nil)))
+        // Records gone since (compacted): forgotten here, never concluded from.
+        cache.stamps = cache.stamps.filter { handles.contains($0.key) }
+        let fresh = try ReplicaRecord.readAll(on: member.token, session, skipping: cache.stamps)
+        var new: [ReplicaRecord] = []
         group.ledger.withLock { ledger in
-            for (_, record) in records where ledger.add(record) { group.replicaClock.witness(record.stamp) }
+            for (handle, record) in fresh {
+                cache.stamps[handle] = record.stamp
+                if ledger.add(record) {
+                    new.append(record)
+                    group.replicaClock.witness(record.stamp)
+                }
+            }
+        }
+        let held = Set(cache.stamps.values)
+        group.recordCache.withLock { $0[member.index] = cache }
+        return (held, new)
+    }
+
+    /// Notes a record this process wrote on a member at `handle`.
+    func noteWritten(_ record: ReplicaRecord, at handle: MemberObject, on member: Member, in group: Group) {
+        let epoch = member.epoch.load(ordering: .acquiring)
+        let generation = group.objects.withLock { $0.generation }
+        group.recordCache.withLock { caches in
+            guard var cache = caches[member.index], cache.epoch == epoch, cache.generation == generation else { return }
+            cache.stamps[handle] = record.stamp
+            caches[member.index] = cache
         }
     }
 
@@ -64,7 +105,7 @@ package final class ReplicaKeeper: Sendable {
             let member = group.members[index]
             guard let s = session(member) else { continue }
             do throws(P11Error) {
-                try record.write(on: member.token, s)
+                noteWritten(record, at: try record.write(on: member.token, s), on: member, in: group)
                 written += 1
             } catch {
                 failed.append((member, error))
@@ -114,13 +155,16 @@ package final class ReplicaKeeper: Sendable {
     /// previous format's journal): then they are adopted. `loggedIn`: private records and objects are visible.
     /// Called under the target's lease.
     package func repair(_ target: Reached, peers: [Reached], in group: Group, loggedIn: Bool,
-                lease: Lease? = nil) throws(P11Error) -> Repair {
+                lease: Lease? = nil, cancelled: () -> Bool = { false }) throws(P11Error) -> Repair {
         var report = Repair()
+        // Before each change: the lease still held, and no shutdown under way (C_Finalize waits for the pass).
+        func mayChange() throws(P11Error) {
+            if cancelled() { throw P11Error(CK_RV(CKR_FUNCTION_CANCELED)) }
+            try lease?.check()
+        }
         let visible: (Ledger.ObjectState) -> Bool = { loggedIn || !$0.isPrivate }
         // The union of the records, and which ones the target holds.
-        let targetRecords = try ReplicaRecord.readAll(on: target.member.token, target.session)
-        let held = Set(targetRecords.map(\.1.stamp))
-        try refreshLedger(group, from: target.member, target.session)
+        let held = try refreshLedger(group, from: target.member, target.session).held
         for peer in peers {
             do throws(P11Error) { try refreshLedger(group, from: peer.member, peer.session) } catch where !error.isMemberFault {}
         }
@@ -139,7 +183,7 @@ package final class ReplicaKeeper: Sendable {
                                                                                 Attribute(CKA_LABEL, Array(label.utf8))])
         }
         // Only with every record visible (logged in): without, a member's private records would be missed.
-        if loggedIn && (targetRecords.isEmpty || !oldJournals.isEmpty) {
+        if loggedIn && (held.isEmpty || !oldJournals.isEmpty) {
             report.adopted = try adopt(target, in: group, view: try view(target))
             views[target.member.index] = nil
         }
@@ -148,14 +192,14 @@ package final class ReplicaKeeper: Sendable {
         report.unrecorded = pairing.unrecorded.count
         let token = target.member.token
         for (copy, _) in pairing.surplus {
-            try lease?.check()
+            try mayChange()
             try token.destroyObject(target.session, copy.handle)
             report.destroyed += 1
         }
         for (uid, copy) in pairing.copies {
             let corrections = ledger.objects[uid]!.corrections(to: copy.attributes)
             guard !corrections.isEmpty else { continue }
-            try lease?.check()
+            try mayChange()
             try token.setAttributeValues(target.session, copy.handle, corrections)
             report.changed += 1
         }
@@ -171,7 +215,7 @@ package final class ReplicaKeeper: Sendable {
                 report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
                 continue
             }
-            try lease?.check()
+            try mayChange()
             do throws(P11Error) {
                 try self.copy(copy, state: state, from: peer, to: target)
                 report.copied += 1
@@ -187,8 +231,8 @@ package final class ReplicaKeeper: Sendable {
         // The records it lacks, last: a member that holds a record holds what it describes, or was repaired to.
         for record in ledger.records.values.sorted(by: { $0.stamp < $1.stamp }) where !held.contains(record.stamp) {
             guard loggedIn || !record.isPrivate else { continue }
-            try lease?.check()
-            try record.write(on: token, target.session)
+            try mayChange()
+            noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group)
             report.recordsWritten += 1
         }
         for handle in oldJournals { try? token.destroyObject(target.session, handle) }
@@ -208,7 +252,7 @@ package final class ReplicaKeeper: Sendable {
             guard seen.insert(uid).inserted else { continue }
             let record = ReplicaRecord(stamp: group.replicaClock.next(), operation: .adopt, object: uid, fingerprint: copy.fingerprint,
                                        attributes: attributes, isPrivate: copy.isPrivate)
-            try record.write(on: target.member.token, target.session)
+            noteWritten(record, at: try record.write(on: target.member.token, target.session), on: target.member, in: group)
             group.ledger.withLock { _ = $0.add(record) }
             adopted += 1
         }
@@ -220,7 +264,11 @@ package final class ReplicaKeeper: Sendable {
     func enumerate(_ reached: Reached, ledger: Ledger) throws(P11Error) -> [MemberCopy] {
         let token = reached.member.token
         let s = reached.session
-        let replicationKey = try ReplicationKey.find(on: token, s)
+        let replicationKey = try self.replicationKey(reached.member, s)
+        // Without it, keys' fingerprints would be weaker than the records': nothing could be paired rightly.
+        if replicationKey == nil, ledger.objects.values.contains(where: { $0.fingerprint.attributes[Fingerprint.wrappedDigest] != nil }) {
+            throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
+        }
         var extraTypes = Set<CK_ATTRIBUTE_TYPE>()
         for state in ledger.objects.values { extraTypes.formUnion(state.attributes.keys) }
         let types = ReplicaRecord.replicatedTypes + extraTypes.subtracting(ReplicaRecord.replicatedTypes).sorted()
@@ -317,10 +365,9 @@ package final class Lease {
             Attribute(CKA_VALUE, Array("p11ha-lease 1 \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(expires)".utf8)),
         ])
         let now = clock.milliseconds
+        lease.lastLook = now
         var heldByOther = false
-        for handle in try token.findObjects(session, [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))])
-        where handle != lease.claim {
-            guard let value = try? token.readAttributes(session, handle, [CKA_VALUE])[0], let other = parse(value) else { continue }
+        for (handle, other) in try claims(on: token, session) where handle != lease.claim {
             if other.expires < now || other.stamp.writer == clock.writer {
                 // Expired, or this process's own claim left by a repair that could not remove it.
                 try? token.destroyObject(session, handle)
@@ -342,12 +389,34 @@ package final class Lease {
         return Claim(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), expires: expires)
     }
 
-    /// Before each change to the member: the lease must still hold for a while (a margin for the change itself).
+    /// Before each change to the member: the lease must still hold for a while (a margin for the change itself),
+    /// and, looked at again every second, no earlier claim may have appeared (a claimant whose search ran before
+    /// this claim was made, with a clock behind this one's, also believes it holds the lease: the later stamp
+    /// gives way at its next look).
     func check() throws(P11Error) {
-        if clock.milliseconds + 1_000 > expires {
+        let now = clock.milliseconds
+        if now + 1_000 > expires {
             Log.event(.warning, "lease-lapsed", "member=\(member.name)")
             throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
         }
+        guard now >= lastLook + 1_000 else { return }
+        lastLook = now
+        for claim in try Self.claims(on: member.token, session) where claim.1.stamp < stamp && claim.1.expires >= now
+            && claim.1.stamp.writer != clock.writer {
+            Log.event(.info, "lease-yielded", "member=\(member.name)")
+            throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
+        }
+    }
+
+    private var lastLook: UInt64 = 0
+
+    /// The claims on the member, with their handles.
+    static func claims(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> [(MemberObject, Claim)] {
+        var result: [(MemberObject, Claim)] = []
+        for handle in try token.findObjects(session, [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_LABEL, Array(label.utf8))]) {
+            if let value = try? token.readAttributes(session, handle, [CKA_VALUE])[0], let claim = parse(value) { result.append((handle, claim)) }
+        }
+        return result
     }
 
     package func release() {
@@ -378,10 +447,7 @@ extension ReplicaKeeper {
     /// The standing of each reached member (by member index).
     package func standings(_ reached: [Reached], in group: Group, loggedIn: Bool) throws(P11Error) -> [Int: Standing] {
         var counts: [Int: Int] = [:]
-        for r in reached {
-            counts[r.member.index] = try ReplicaRecord.readAll(on: r.member.token, r.session).count
-            try refreshLedger(group, from: r.member, r.session)
-        }
+        for r in reached { counts[r.member.index] = try refreshLedger(group, from: r.member, r.session).held.count }
         let ledger = group.ledger.withLock { $0 }
         let visible: (Ledger.ObjectState) -> Bool = { loggedIn || !$0.isPrivate }
         var pairings: [Int: Pairing] = [:]

@@ -120,8 +120,9 @@ extension Runtime {
             $0.userType = userType
             $0.pin = pin?.copy()
         }
-        // Records other processes wrote while this one was not logged in (private ones were invisible) are merged.
-        if userType == CK_USER_TYPE(CKU_USER) { recovery.requestCatchUp(group) }
+        // Records other processes wrote while this one was not logged in (private ones were invisible) are looked
+        // at, and the members caught up with each other if they are apart.
+        if userType == CK_USER_TYPE(CKU_USER) { recovery.requestWatch(group) }
     }
 
     public func logout(_ handle: SessionHandle) throws(P11Error) {
