@@ -603,8 +603,10 @@ final class Simulation {
         var settled = false
         while !settled && rounds < 10 {
             rounds += 1
+            // Time passes as in a real heal: each process looks at the members' records (its watch interval).
+            clock.advance(by: UInt64(hosts[0].runtime.recovery.worker.watchInterval.milliseconds))
             for host in hosts { _ = host.runtime.recovery.recoverMembers() }
-            settled = hosts.allSatisfy { $0.membersOutOfService.isEmpty }
+            settled = hosts.allSatisfy { $0.membersOutOfService.isEmpty && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) }
         }
         ledger.heals += 1
         note("full heal \(ledger.heals): \(rounds) rounds; members by host: \(hosts.map(\.healthText))")

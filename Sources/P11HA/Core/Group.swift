@@ -61,7 +61,8 @@ public final class Group: @unchecked Sendable {
     /// The records this process has read or written on each member, by handle (so that only new ones are read),
     /// valid while the member's epoch and the object table's generation hold (a restart or a logout renumbers).
     let recordCache = Mutex<[Int: RecordCache]>([:])
-    /// When the members' records were last looked at for writes of other processes (`Recovery.watch`).
+    /// When (replica clock, ms) the members' records were last looked at for writes of other processes
+    /// (`Recovery.watch`).
     let lastWatch = Atomic<UInt64>(0)
     /// Stamps this process's records.
     package let replicaClock: ReplicaClock

@@ -91,9 +91,9 @@ final class Recovery: @unchecked Sendable {
                 recover(member, in: group)
                 if !member.isInService { pending = true }
             }
-            let now = monotonicNanos()
+            let now = group.replicaClock.milliseconds
             if group.watchWanted.exchange(false, ordering: .acquiringAndReleasing)
-                || now &- group.lastWatch.load(ordering: .acquiring) >= UInt64(worker.watchInterval.milliseconds) * 1_000_000 {
+                || now &- group.lastWatch.load(ordering: .acquiring) >= UInt64(worker.watchInterval.milliseconds) {
                 group.lastWatch.store(now, ordering: .releasing)
                 watch(group)
             }
@@ -121,7 +121,8 @@ final class Recovery: @unchecked Sendable {
         let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
         var heldBy: [Set<Stamp>] = []
         var recentChange = false
-        let recent = group.replicaClock.milliseconds &- Self.recentChange
+        // Within three watch intervals: every process that watches sees it while it is recent.
+        let recent = group.replicaClock.milliseconds &- 3 * UInt64(worker.watchInterval.milliseconds)
         for member in group.membersInService {
             if worker.stopping { return }
             guard let s = try? member.token.openSession(readWrite: false) else { continue }
@@ -136,8 +137,6 @@ final class Recovery: @unchecked Sendable {
         if apart || recentChange { group.catchUpWanted.store(true, ordering: .releasing) }
     }
 
-    /// How recent (ms) another process's attribute change must be to call for a catch-up.
-    static let recentChange: UInt64 = 60_000
 
     /// How long the worker waits for the status file's lock: another process updates it in a moment, and an
     /// update that waits longer is tried again at the next pass.

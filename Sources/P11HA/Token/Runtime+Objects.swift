@@ -33,10 +33,11 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let group = session.group
-        let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
+        let isToken = group.objects.withLock { $0[object]?.owner == nil }
+        let source = try completeCopies(of: object, try copies(of: object, in: session, invalid: .objectHandleInvalid),
+                                        in: session, isToken: isToken)
         let withoutCopy = membersWithoutCopy(source, in: group)
         // A token object's identity is read before it goes: its record (a tombstone) names it.
-        let isToken = group.objects.withLock { $0[object]?.owner == nil }
         let identified = isToken ? try identifyForWrite(source, in: session) : nil
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
@@ -84,9 +85,10 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let group = session.group
-        let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
-        let withoutCopy = membersWithoutCopy(source, in: group)
         let isToken = group.objects.withLock { $0[object]?.owner == nil }
+        let source = try completeCopies(of: object, try copies(of: object, in: session, invalid: .objectHandleInvalid),
+                                        in: session, isToken: isToken)
+        let withoutCopy = membersWithoutCopy(source, in: group)
         // In one read: the identity before the change (so that a member that misses it can apply it on its
         // return), and what the attributes were (to set them back where the change succeeded if a later member
         // refuses it; not if one of them cannot be read). A token object's write needs the identity; a session
@@ -251,6 +253,27 @@ extension Runtime {
         return try fanOut.onOneMember(session.group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
             try read(member, try session.memberSession(member), copies[member.index]!)
         }
+    }
+
+    /// Before a write to a token object: its copy on each member in service this process has none recorded for,
+    /// looked for by identity (a search that missed it, or a member that returned with it). The write's record goes
+    /// to members without a copy as to members that missed nothing: one that holds a copy must get the write too.
+    func completeCopies(of object: ObjectHandle, _ copies: [MemberObject?], in session: VirtualSession, isToken: Bool) throws(P11Error) -> [MemberObject?] {
+        let group = session.group
+        guard isToken, let identity = group.objects.withLock({ $0[object]?.identity }) else { return copies }
+        var result = copies
+        let generation = group.objects.withLock { $0.generation }
+        for member in group.membersInService where result[member.index] == nil {
+            guard let s = try? session.memberSession(member),
+                  let found = try? member.token.findObjects(s, identity.template), found.count == 1 else { continue }
+            result[member.index] = found[0]
+            group.objects.withLock { table in
+                if table.generation == generation && table.handle(member: member.index, copy: found[0]) == nil {
+                    table.setCopy(object, member: member.index, copy: found[0])
+                }
+            }
+        }
+        return result
     }
 
     /// Members in service that hold no copy of an object only some members have (a key that could not be copied
