@@ -125,7 +125,7 @@ final class Recovery: @unchecked Sendable {
         let recent = group.replicaClock.milliseconds &- 3 * UInt64(worker.watchInterval.milliseconds)
         for member in group.membersInService {
             if worker.stopping { return }
-            guard let s = try? member.token.openSession(readWrite: false) else { continue }
+            guard let s = reach(member, readWrite: false) else { continue }
             defer { member.token.closeSession(s) }
             guard let (held, new) = try? replicas.refreshLedger(group, from: member, s) else { continue }
             heldBy.append(held)
@@ -164,12 +164,14 @@ final class Recovery: @unchecked Sendable {
                 if group.login.withLock({ $0.userType != nil }) && !loggedIn { return true }
                 var reached: [ReplicaKeeper.Reached] = []
                 defer { for r in reached { r.member.token.closeSession(r.session) } }
+                var done = true
                 for member in group.membersInService {
-                    guard let s = try? member.token.openSession(readWrite: true) else { continue }
+                    guard let s = reach(member, readWrite: true) else {
+                        done = false
+                        continue
+                    }
                     reached.append(ReplicaKeeper.Reached(member: member, session: s))
                 }
-                guard reached.count > 1 || group.members.count == 1 else { return true }
-                var done = true
                 for target in reached {
                     if worker.stopping { return false }
                     guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
@@ -197,6 +199,17 @@ final class Recovery: @unchecked Sendable {
         }
         if result != true { settled = false }
         return settled
+    }
+
+    /// A session on a member in service, for the worker; a member that cannot open one and fails a probe too
+    /// leaves service (the evidence rule: one failed call alone proves nothing).
+    private func reach(_ member: Member, readWrite: Bool) -> MemberSession? {
+        do throws(P11Error) {
+            return try member.token.openSession(readWrite: readWrite)
+        } catch {
+            if error.isMemberFault, (try? member.token.tokenInfo()) == nil { fanOut.fail(member, error) }
+            return nil
+        }
     }
 
     private func logUnrepairable(_ report: ReplicaKeeper.Repair, _ member: Member, _ group: Group) {
