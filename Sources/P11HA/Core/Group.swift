@@ -56,6 +56,9 @@ public final class Group: @unchecked Sendable {
     /// Set when the members in service should be caught up with each other's records (after a login, or a
     /// member's return); the recovery worker does it.
     let catchUpWanted = Atomic<Bool>(false)
+    /// Whether a member of the group has shown its replication key to this process: keys' fingerprints then carry
+    /// their wrapped form, and a member where it cannot be found describes none.
+    let replicationKeySeen = Atomic<Bool>(false)
     /// Set when the members' records should be looked at (after a login).
     let watchWanted = Atomic<Bool>(false)
     /// The records this process has read or written on each member, by handle (so that only new ones are read),

@@ -26,12 +26,20 @@ package final class ReplicaKeeper: Sendable {
         if found == nil { found = try ReplicationKey.find(on: member.token, session) }
         guard let found else { return nil }
         member.replicationKeyCache.withLock { $0 = (epoch, found) }
+        member.group?.replicationKeySeen.store(true, ordering: .releasing)
         return found
     }
 
     func describe(_ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> Description {
         let replicationKey = try replicationKey(member, session)
         let fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        if replicationKey == nil, member.group?.replicationKeySeen.load(ordering: .acquiring) == true, fingerprint.isKey,
+           fingerprint.attributes[CKA_MODULUS] == nil,
+           try member.token.readAttributes(session, copy, [CKA_EXTRACTABLE])[0] == [1] {
+            // The group has a replication key, but two looks here found none (a search that briefly missed it):
+            // this key's fingerprint would lack the wrapped form its copies have. Another member describes it.
+            throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
+        }
         let types = ReplicaRecord.replicatedTypes + [CKA_PRIVATE]
         let values = try member.token.readAttributes(session, copy, types)
         var attributes: [Attribute] = []

@@ -333,11 +333,20 @@ extension Runtime {
     /// carried to a member that missed it.
     func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool, withoutSource: [Int] = []) throws(P11Error) -> ObjectHandle {
         let group = session.group
-        if isToken, let (first, copy) = made.first {
+        if isToken, !made.isEmpty {
             do throws(P11Error) {
+                // Described on the first member that can (see ReplicaKeeper.describe).
                 let creation = try withRecordSessions(session) { (sessionFor) throws(P11Error) -> ReplicaRecord in
-                    guard let s = sessionFor(group.members[first]) else { throw P11Error.deviceError }
-                    return try replicas.creation(group, group.members[first], s, copy)
+                    var failure = P11Error.deviceError
+                    for (index, copy) in made {
+                        guard let s = sessionFor(group.members[index]) else { continue }
+                        do throws(P11Error) {
+                            return try replicas.creation(group, group.members[index], s, copy)
+                        } catch where error.isMemberFault {
+                            failure = error
+                        }
+                    }
+                    throw failure
                 }
                 try writeRecord(creation, session, on: made.map(\.0) + withoutSource)
             } catch {
