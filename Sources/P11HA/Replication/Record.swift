@@ -106,10 +106,13 @@ package struct Fingerprint: Hashable, Sendable {
            object != replicationKey {
             do throws(P11Error) {
                 wrapped = try ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object)
-            } catch where error.isMemberFault || error.rv == CKR_OPERATION_ACTIVE || error.rv == CKR_USER_NOT_LOGGED_IN {
-                // Not the key's doing: no fingerprint now rather than a weaker one than its copies have.
+            } catch where error.rv == CKR_KEY_UNEXTRACTABLE || error.rv == CKR_KEY_NOT_WRAPPABLE {
+                // The key's own doing, on every copy alike: it is told apart without its wrapped form.
+            } catch {
+                // Anything else (a fault, a handle gone stale, a busy session) is not the key's: no fingerprint now
+                // rather than a weaker one than its copies have.
                 throw error
-            } catch {}
+            }
         }
         if var blob = wrapped {
             // RFC 5649 is deterministic: copies of one key wrap alike under the shared key. Only a digest is kept.

@@ -309,6 +309,9 @@ final class Recovery: @unchecked Sendable {
         guard member.token.callsUnderWay == 0 else { return nil }
         do throws(P11Error) {
             try member.token.reconnect(restartingModule: true)
+            // Every handle of the member is new: what was kept by handle (its replication key, the records read)
+            // goes with the epoch.
+            member.epoch.add(1, ordering: .acquiringAndReleasing)
             member.connected.store(true, ordering: .releasing)
             _ = try member.token.tokenInfo()
             return true

@@ -274,7 +274,8 @@ package final class ReplicaKeeper: Sendable {
         let s = reached.session
         let replicationKey = try self.replicationKey(reached.member, s)
         // Without it, keys' fingerprints would be weaker than the records': nothing could be paired rightly.
-        if replicationKey == nil, ledger.objects.values.contains(where: { $0.fingerprint.attributes[Fingerprint.wrappedDigest] != nil }) {
+        if replicationKey == nil, reached.member.group?.replicationKeySeen.load(ordering: .acquiring) == true
+            || ledger.objects.values.contains(where: { $0.fingerprint.attributes[Fingerprint.wrappedDigest] != nil }) {
             throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
         }
         var extraTypes = Set<CK_ATTRIBUTE_TYPE>()
@@ -282,8 +283,10 @@ package final class ReplicaKeeper: Sendable {
         let types = ReplicaRecord.replicatedTypes + extraTypes.subtracting(ReplicaRecord.replicatedTypes).sorted()
         var result: [MemberCopy] = []
         for handle in try token.findObjects(s, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
-            let head = try token.readAttributes(s, handle, [CKA_CLASS, CKA_LABEL, CKA_PRIVATE, CKA_EXTRACTABLE])
+            let head = try token.readAttributes(s, handle, [CKA_CLASS, CKA_LABEL, CKA_PRIVATE, CKA_EXTRACTABLE, CKA_ID])
             if isInfrastructure(objectClass: head[0], label: head[1]) { continue }
+            // The replication key, whatever handle a search gave it: never an application's object.
+            if ObjectIdentity(objectClass: head[0], id: head[4]).isReplicationKey { continue }
             let fingerprint = try Fingerprint.read(on: token, s, handle, replicationKey: replicationKey)
             let values = try token.readAttributes(s, handle, types)
             // An attribute the object does not have reads as nil; it is compared as empty.
