@@ -107,6 +107,12 @@ final class Recovery: @unchecked Sendable {
         return pending
     }
 
+    /// Asks for a catch-up of the members in service.
+    func requestCatchUp(_ group: Group) {
+        group.catchUpWanted.store(true, ordering: .releasing)
+        worker.wake()
+    }
+
     /// Asks for a look at the members' records (after a login, when private records become visible).
     func requestWatch(_ group: Group) {
         group.watchWanted.store(true, ordering: .releasing)

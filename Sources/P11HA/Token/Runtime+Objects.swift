@@ -59,7 +59,7 @@ extension Runtime {
         if let (uid, description) = identified {
             let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
                                           fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
-            try writeRecord(tombstone, session, on: destroyed.map(\.0) + withoutCopy)
+            try writeRecord(tombstone, session, on: destroyed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
         }
     }
 
@@ -130,7 +130,7 @@ extension Runtime {
             ? try identifyForWrite(source, in: session).1.fingerprint : description.fingerprint
         let change = ReplicaRecord(stamp: group.replicaClock.next(), operation: .set, object: uid, fingerprint: fingerprint,
                                    attributes: template, isPrivate: description.isPrivate)
-        try writeRecord(change, session, on: changed.map(\.0) + withoutCopy)
+        try writeRecord(change, session, on: changed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
     }
 
     /// A write that failed part-way and could not be undone where it succeeded: the members that kept it differ
@@ -316,7 +316,7 @@ extension Runtime {
     /// Writes a write's record on `members` (those that made the write and those in service that hold no copy of
     /// what it was made from); a member that came into service while the write was under way did not get it and
     /// is brought up to date.
-    func writeRecord(_ record: ReplicaRecord, _ session: VirtualSession, on members: [Int]) throws(P11Error) {
+    func writeRecord(_ record: ReplicaRecord, _ session: VirtualSession, on members: [Int], withoutCopy: [Int] = []) throws(P11Error) {
         let group = session.group
         try withRecordSessions(session) { (sessionFor) throws(P11Error) in
             try replicas.write(record, in: group, on: members, session: sessionFor)
@@ -324,6 +324,9 @@ extension Runtime {
         for member in group.membersInService where !members.contains(member.index) {
             fanOut.markStale(member, reason: "missed a write made while it was returning")
         }
+        // A member in service with no copy known here took the record without the write: it may hold a copy
+        // this process could not find (renamed by another process meanwhile). The catch-up settles it.
+        if !withoutCopy.isEmpty { recovery.requestCatchUp(group) }
     }
 
     /// Records newly made copies (by member index) as one virtual object; a token object's creation is recorded
