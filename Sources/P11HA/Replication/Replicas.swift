@@ -33,6 +33,14 @@ package final class ReplicaKeeper: Sendable {
     func describe(_ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> Description {
         let replicationKey = try replicationKey(member, session)
         let fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        if replicationKey == nil, let group = member.group, !group.replicationKeySeen.load(ordering: .acquiring) {
+            // Not seen yet in this process: another member's answer says whether the group has one.
+            for other in group.membersInService where other !== member {
+                guard let s = try? other.token.openSession(readWrite: false) else { continue }
+                defer { other.token.closeSession(s) }
+                if (try? self.replicationKey(other, s)) != nil { break }
+            }
+        }
         if replicationKey == nil, member.group?.replicationKeySeen.load(ordering: .acquiring) == true, fingerprint.isKey,
            fingerprint.attributes[CKA_MODULUS] == nil,
            try member.token.readAttributes(session, copy, [CKA_EXTRACTABLE])[0] == [1] {
