@@ -75,6 +75,10 @@ package struct Ledger: Sendable {
         let candidates = live(fingerprint)
         if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
         if let only = candidates.first, candidates.count == 1 { return only }
+        if let weak = objects.filter({ $0.value.isLive && $0.value.fingerprint.isWeakForm(of: fingerprint) && $0.value.agrees(with: sorted) })
+            .keys.sorted().first {
+            return weak
+        }
         return ObjectUID(fingerprint: fingerprint, attributes: sorted, occurrence: 0)
     }
 
@@ -155,5 +159,16 @@ package struct Pairing: Sendable {
             surplus += left.map { ($0, reason) }
         }
         for (fingerprint, list) in byFingerprint where !known.contains(fingerprint) { unrecorded += list }
+        // A key recorded without its wrapped form (the replication key could not be found when it was described)
+        // is paired with an object no record describes that is its stronger form, by its attributes.
+        for uid in missing.sorted() {
+            let state = ledger.objects[uid]!
+            guard state.fingerprint.isKey, state.fingerprint.attributes[Fingerprint.wrappedDigest] == nil else { continue }
+            if let index = unrecorded.firstIndex(where: { state.fingerprint.isWeakForm(of: $0.fingerprint) && state.agrees(with: $0.attributes)
+                && state.corrections(to: $0.attributes).isEmpty }) {
+                copies[uid] = unrecorded.remove(at: index)
+                missing.removeAll { $0 == uid }
+            }
+        }
     }
 }

@@ -69,6 +69,13 @@ package struct Fingerprint: Hashable, Sendable {
     static let wrappedDigest = CK_ATTRIBUTE_TYPE(0x8000_0000) | 0x7068_6100
 
     package var objectClass: CK_OBJECT_CLASS { attributes[CKA_CLASS]?.ulongValue ?? CK_OBJECT_CLASS.max }
+
+    /// Whether this is `other` without its wrapped form: the same key read where the replication key could not
+    /// be found.
+    func isWeakForm(of other: Fingerprint) -> Bool {
+        attributes[Self.wrappedDigest] == nil && other.attributes[Self.wrappedDigest] != nil
+            && attributes == other.attributes.filter { $0.type != Self.wrappedDigest }
+    }
     package var isKey: Bool { objectClass == CKO_SECRET_KEY || objectClass == CKO_PRIVATE_KEY }
 
     /// The material attributes read per class (never a secret or private key's value).
