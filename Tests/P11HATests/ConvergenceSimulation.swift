@@ -603,10 +603,14 @@ final class Simulation {
         var settled = false
         while !settled && rounds < 10 {
             rounds += 1
+            // The applications are back too: one that could not log in while members failed logs in now (private
+            // objects and records are visible, and so repairable, only to a process logged in).
+            for host in hosts { logIn(host) }
             // Time passes as in a real heal: each process looks at the members' records (its watch interval).
             clock.advance(by: UInt64(hosts[0].runtime.recovery.worker.watchInterval.milliseconds))
             for host in hosts { _ = host.runtime.recovery.recoverMembers() }
-            settled = hosts.allSatisfy { $0.membersOutOfService.isEmpty && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) }
+            settled = hosts.allSatisfy { $0.session != nil && $0.membersOutOfService.isEmpty
+                && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring) }
         }
         ledger.heals += 1
         note("full heal \(ledger.heals): \(rounds) rounds; members by host: \(hosts.map(\.healthText))")

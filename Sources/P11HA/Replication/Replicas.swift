@@ -63,10 +63,11 @@ package final class ReplicaKeeper: Sendable {
         let generation = group.objects.withLock { $0.generation }
         var cache = group.recordCache.withLock { $0[member.index] }.flatMap { $0.epoch == epoch && $0.generation == generation ? $0 : nil }
             ?? RecordCache(epoch: epoch, generation: generation)
-        let handles = Set(try member.token.findObjects(session, ReplicaRecord.searchTemplate(isPrivate: nil)))
+        let found = try member.token.findObjects(session, ReplicaRecord.searchTemplate(isPrivate: nil))
+        let handles = Set(found)
         // Records gone since (compacted): forgotten here, never concluded from.
         cache.stamps = cache.stamps.filter { handles.contains($0.key) }
-        let fresh = try ReplicaRecord.readAll(on: member.token, session, skipping: cache.stamps)
+        let fresh = try ReplicaRecord.readAll(on: member.token, session, handles: found.filter { cache.stamps[$0] == nil })
         var new: [ReplicaRecord] = []
         group.ledger.withLock { ledger in
             for (handle, record) in fresh {
