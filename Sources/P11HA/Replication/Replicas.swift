@@ -183,7 +183,9 @@ package final class ReplicaKeeper: Sendable {
         // The union of the records, and which ones the target holds.
         let held = try refreshLedger(group, from: target.member, target.session).held
         for peer in peers {
-            do throws(P11Error) { try refreshLedger(group, from: peer.member, peer.session) } catch where !error.isMemberFault {}
+            // A peer that cannot be read is not the target's fault: the repair is incomplete (the peer may hold
+            // tombstones the target must apply) and is tried again.
+            do throws(P11Error) { try refreshLedger(group, from: peer.member, peer.session) } catch { report.retry += 1 }
         }
         var views: [Int: [MemberCopy]] = [:]
         func view(_ reached: Reached) throws(P11Error) -> [MemberCopy] {
@@ -232,9 +234,21 @@ package final class ReplicaKeeper: Sendable {
                 report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
                 continue
             }
+            let carried: Carried
+            do throws(P11Error) {
+                carried = try self.carry(copy, state: state, from: peer, to: target)
+            } catch where error.rv == CKR_KEY_UNEXTRACTABLE || error.rv == CKR_KEY_NOT_WRAPPABLE || error.rv == CKR_FUNCTION_FAILED {
+                report.unrepairable.append(name + " reason=\"not extractable under the replication key (\(error))\"")
+                continue
+            } catch {
+                // The holder's doing (a fault, or its copy changed under us by another process), never the target's:
+                // tried again at the next pass.
+                report.retry += 1
+                continue
+            }
             try mayChange()
             do throws(P11Error) {
-                try self.copy(copy, state: state, from: peer, to: target)
+                try place(carried, on: target)
                 report.copied += 1
             } catch where error.isMemberFault {
                 throw error
@@ -308,24 +322,52 @@ package final class ReplicaKeeper: Sendable {
 
     /// Copies a live object to the target: a key wrapped under the replication key, anything else by value; with
     /// the ledger's values of the replicated attributes.
-    private func copy(_ copy: MemberCopy, state: Ledger.ObjectState, from source: Reached, to target: Reached) throws(P11Error) {
+    /// What travels to a member that lacks an object: a key wrapped under the replication key (with the target's
+    /// replication key to unwrap it), or a template by value; with the ledger's values of the replicated attributes.
+    final class Carried {
+        private(set) var wrapped: [UInt8]?
+        let unwrappingKey: MemberObject?
+        let template: [Attribute]
+
+        init(wrapped: [UInt8]?, unwrappingKey: MemberObject?, template: [Attribute]) {
+            self.wrapped = wrapped
+            self.unwrappingKey = unwrappingKey
+            self.template = template
+        }
+
+        /// The wrapped key is zeroed whatever way the copy ends (this is its one owner).
+        deinit {
+            wrapped?.withUnsafeMutableBufferPointer { buffer in
+                for i in buffer.indices { buffer[i] = 0 }
+            }
+        }
+    }
+
+    /// The source's part of a copy (calls only the source, and finds the target's replication key).
+    private func carry(_ copy: MemberCopy, state: Ledger.ObjectState, from source: Reached, to target: Reached) throws(P11Error) -> Carried {
         let wanted = state.template.filter { !$0.value.isEmpty || ReplicaRecord.replicatedTypes.contains($0.type) }
         func overridden(_ template: [Attribute]) -> [Attribute] {
             template.filter { a in !wanted.contains { $0.type == a.type } } + wanted.filter { !$0.value.isEmpty }
         }
         if copy.fingerprint.isKey {
-            guard let sourceKey = try ReplicationKey.find(on: source.member.token, source.session),
-                  let targetKey = try ReplicationKey.find(on: target.member.token, target.session) else {
+            guard let sourceKey = try replicationKey(source.member, source.session),
+                  let targetKey = try? replicationKey(target.member, target.session) else {
                 throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
             }
-            var blob = try ReplicationKey.wrap(on: source.member.token, source.session, replicationKey: sourceKey, key: copy.handle)
-            defer { for i in blob.indices { blob[i] = 0 } }
+            let blob = try ReplicationKey.wrap(on: source.member.token, source.session, replicationKey: sourceKey, key: copy.handle)
             let template = overridden(try ReplicaAttributes.template(on: source.member.token, source.session, copy.handle))
-            _ = try target.member.token.unwrapKey(target.session, ReplicationKey.wrapMechanism, unwrappingKey: targetKey,
-                                                  wrapped: blob, template)
+            return Carried(wrapped: blob, unwrappingKey: targetKey, template: template)
+        }
+        return Carried(wrapped: nil, unwrappingKey: nil,
+                       template: overridden(try ReplicaAttributes.byValueTemplate(on: source.member.token, source.session, copy.handle)))
+    }
+
+    /// The target's part of a copy.
+    private func place(_ carried: Carried, on target: Reached) throws(P11Error) {
+        if let blob = carried.wrapped, let key = carried.unwrappingKey {
+            _ = try target.member.token.unwrapKey(target.session, ReplicationKey.wrapMechanism, unwrappingKey: key, wrapped: blob, carried.template)
         } else {
-            let template = overridden(try ReplicaAttributes.byValueTemplate(on: source.member.token, source.session, copy.handle))
-            _ = try target.member.token.createObject(target.session, template)
+            _ = try target.member.token.createObject(target.session, carried.template)
         }
     }
 
@@ -363,7 +405,30 @@ package final class Lease {
     struct Claim {
         let stamp: Stamp
         let expires: UInt64
+        /// The claimant's host (its boot ID) and process, so that a claim of a process of this host that died is
+        /// taken away at once rather than at its expiry.
+        var host = ""
+        var pid: Int32 = 0
+
+        var claimantIsDeadHere: Bool {
+            host == Lease.thisHost && !host.isEmpty && pid > 0 && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH
+        }
     }
+
+    /// This boot of this host and this PID namespace (process IDs mean something only within one): the boot ID
+    /// and the namespace's link, "" when either is unreadable (claims then only expire).
+    static let thisHost: String = {
+        let fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return "" }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let n = read(fd, &buffer, 64)
+        var link = [CChar](repeating: 0, count: 64)
+        let m = readlink("/proc/self/ns/pid", &link, 63)
+        guard n > 0, m > 0 else { return "" }
+        let namespace = String(decoding: link.prefix(m).map { UInt8(bitPattern: $0) }.filter { $0 > 32 && $0 < 127 }, as: UTF8.self)
+        return String(decoding: buffer.prefix(n).filter { $0 > 32 && $0 < 127 }, as: UTF8.self) + "/" + namespace
+    }()
 
     private init(member: Member, session: MemberSession, clock: ReplicaClock, stamp: Stamp, expires: UInt64) {
         self.member = member
@@ -382,14 +447,15 @@ package final class Lease {
         lease.claim = try token.createObject(session, [
             Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: false),
             Attribute(CKA_LABEL, Array(label.utf8)), Attribute(CKA_APPLICATION, Array(ReplicaRecord.application.utf8)),
-            Attribute(CKA_VALUE, Array("p11ha-lease 1 \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(expires)".utf8)),
+            Attribute(CKA_VALUE, Array("p11ha-lease 1 \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(expires) \(thisHost.isEmpty ? "-" : thisHost) \(getpid())".utf8)),
         ])
         let now = clock.milliseconds
         lease.lastLook = now
         var heldByOther = false
         for (handle, other) in try claims(on: token, session) where handle != lease.claim {
-            if other.expires < now || other.stamp.writer == clock.writer {
-                // Expired, or this process's own claim left by a repair that could not remove it.
+            if other.expires < now || other.stamp.writer == clock.writer || other.claimantIsDeadHere {
+                // Expired, this process's own claim left by a repair that could not remove it, or the claim of a
+                // process of this host that is gone.
                 try? token.destroyObject(session, handle)
                 continue
             }
@@ -404,9 +470,10 @@ package final class Lease {
 
     static func parse(_ value: [UInt8]) -> Claim? {
         let fields = String(decoding: value, as: UTF8.self).split(separator: " ")
-        guard fields.count == 6, fields[0] == "p11ha-lease", fields[1] == "1", let ms = UInt64(fields[2]), let counter = UInt64(fields[3]),
-              let writer = UInt64(fields[4], radix: 16), let expires = UInt64(fields[5]) else { return nil }
-        return Claim(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), expires: expires)
+        guard fields.count == 8, fields[0] == "p11ha-lease", fields[1] == "1", let ms = UInt64(fields[2]), let counter = UInt64(fields[3]),
+              let writer = UInt64(fields[4], radix: 16), let expires = UInt64(fields[5]), let pid = Int32(fields[7]) else { return nil }
+        return Claim(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), expires: expires,
+                     host: fields[6] == "-" ? "" : String(fields[6]), pid: pid)
     }
 
     /// Before each change to the member: the lease must still hold for a while (a margin for the change itself),
@@ -422,7 +489,7 @@ package final class Lease {
         guard now >= lastLook + 1_000 else { return }
         lastLook = now
         for claim in try Self.claims(on: member.token, session) where claim.1.stamp < stamp && claim.1.expires >= now
-            && claim.1.stamp.writer != clock.writer {
+            && claim.1.stamp.writer != clock.writer && !claim.1.claimantIsDeadHere {
             Log.event(.info, "lease-yielded", "member=\(member.name)")
             throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
         }
