@@ -134,7 +134,7 @@ struct ProcessFaults {
         #expect(!failures.isEmpty, "no call failed while every member was down:\n\(shortOutput(result))")
         let memberFaults: Set<String> = ["0x00000030", "0x00000031", "0x00000032", "0x000000e0", "0x00000005"]
         let otherErrors = failures.filter { line in !memberFaults.contains(where: { line.hasSuffix($0) }) }
-        #expect(otherErrors.isEmpty, "errors other than a member fault (a lost session or handle?):\n\(otherErrors.joined(separator: "\n"))")
+        #expect(otherErrors.isEmpty, "errors other than a member fault (a lost session or handle?):\n\(otherErrors.joined(separator: "\n"))\n\(((try? String(contentsOfFile: servers.log, encoding: .utf8)) ?? "").split(separator: "\n").filter { $0.contains("DEBUG") || $0.contains("warning") }.joined(separator: "\n"))")
         let opsAfter = reportLines(result.stdout).last.flatMap(opsCount(inLine:)) ?? 0
         let opsDuring = duringOutage.flatMap(opsCount(inLine:)) ?? 0
         #expect(opsAfter > opsDuring, "the session signed nothing after the members returned:\n\(shortOutput(result))\n\(logExcerpt(servers))")

@@ -75,7 +75,8 @@ package struct Ledger: Sendable {
         let candidates = live(fingerprint)
         if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
         if let only = candidates.first, candidates.count == 1 { return only }
-        if let weak = objects.filter({ $0.value.isLive && $0.value.fingerprint.isWeakForm(of: fingerprint) && $0.value.agrees(with: sorted) })
+        if let weak = objects.filter({ $0.value.isLive && $0.value.agrees(with: sorted)
+                && ($0.value.fingerprint.isWeakForm(of: fingerprint) || fingerprint.isWeakForm(of: $0.value.fingerprint)) })
             .keys.sorted().first {
             return weak
         }
@@ -152,6 +153,19 @@ package struct Pairing: Sendable {
                 }
             }
             wanted.removeAll { copies[$0] != nil }
+            if fingerprint.isWeak {
+                // Different keys can look alike here: only attributes pair them; what is left is another key (left
+                // alone, as if no record described it), unless it is a destroyed one by its attributes too.
+                missing += wanted
+                for copy in left {
+                    let destroyed = ledger.objects.values.contains { state in
+                        state.created && state.destroyed && state.fingerprint == fingerprint && state.agrees(with: copy.attributes)
+                            && state.corrections(to: copy.attributes).isEmpty
+                    }
+                    if destroyed { surplus.append((copy, "destroyed")) } else { unrecorded.append(copy) }
+                }
+                continue
+            }
             for uid in wanted {
                 if left.isEmpty { missing.append(uid) } else { copies[uid] = left.removeFirst() }
             }
@@ -161,11 +175,13 @@ package struct Pairing: Sendable {
         for (fingerprint, list) in byFingerprint where !known.contains(fingerprint) { unrecorded += list }
         // A key recorded without its wrapped form (the replication key could not be found when it was described)
         // is paired with an object no record describes that is its stronger form, by its attributes.
+        // So is a key recorded with it and read here without it (a member that cannot wrap this way).
         for uid in missing.sorted() {
             let state = ledger.objects[uid]!
-            guard state.fingerprint.isKey, state.fingerprint.attributes[Fingerprint.wrappedDigest] == nil else { continue }
-            if let index = unrecorded.firstIndex(where: { state.fingerprint.isWeakForm(of: $0.fingerprint) && state.agrees(with: $0.attributes)
-                && state.corrections(to: $0.attributes).isEmpty }) {
+            guard state.fingerprint.isKey else { continue }
+            if let index = unrecorded.firstIndex(where: {
+                (state.fingerprint.isWeakForm(of: $0.fingerprint) || $0.fingerprint.isWeakForm(of: state.fingerprint))
+                    && state.agrees(with: $0.attributes) && state.corrections(to: $0.attributes).isEmpty }) {
                 copies[uid] = unrecorded.remove(at: index)
                 missing.removeAll { $0 == uid }
             }

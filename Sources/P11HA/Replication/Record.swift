@@ -70,9 +70,15 @@ package struct Fingerprint: Hashable, Sendable {
 
     package var objectClass: CK_OBJECT_CLASS { attributes[CKA_CLASS]?.ulongValue ?? CK_OBJECT_CLASS.max }
 
+    /// A key told apart by nothing but its class, type and parameters (no public value, no wrapped form): two
+    /// different keys can have it, so copies are paired with such a key by their attributes alone.
+    package var isWeak: Bool {
+        isKey && attributes[Self.wrappedDigest] == nil && attributes[CKA_MODULUS] == nil && attributes[CKA_CHECK_VALUE] == nil
+    }
+
     /// Whether this is `other` without its wrapped form: the same key read where the replication key could not
-    /// be found.
-    func isWeakForm(of other: Fingerprint) -> Bool {
+    /// be found or used.
+    package func isWeakForm(of other: Fingerprint) -> Bool {
         attributes[Self.wrappedDigest] == nil && other.attributes[Self.wrappedDigest] != nil
             && attributes == other.attributes.filter { $0.type != Self.wrappedDigest }
     }
@@ -113,8 +119,10 @@ package struct Fingerprint: Hashable, Sendable {
            object != replicationKey {
             do throws(P11Error) {
                 wrapped = try ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object)
-            } catch where error.rv == CKR_KEY_UNEXTRACTABLE || error.rv == CKR_KEY_NOT_WRAPPABLE {
-                // The key's own doing, on every copy alike: it is told apart without its wrapped form.
+            } catch where [CKR_KEY_UNEXTRACTABLE, CKR_KEY_NOT_WRAPPABLE, CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID,
+                           CKR_FUNCTION_NOT_SUPPORTED].contains(error.rv) {
+                // The key's own doing, on every copy alike, or a member that cannot wrap this way (p11-kit 0.24's client
+                // refuses AES key wrap): told apart without its wrapped form (see `isWeakForm`).
             } catch {
                 // Anything else (a fault, a handle gone stale, a busy session) is not the key's: no fingerprint now
                 // rather than a weaker one than its copies have.

@@ -20,7 +20,7 @@ package final class ReplicaKeeper: Sendable {
 
     /// The member's replication key (see `Member.replicationKeyCache`); nil when two looks find none.
     func replicationKey(_ member: Member, _ session: MemberSession) throws(P11Error) -> MemberObject? {
-        let epoch = member.epoch.load(ordering: .acquiring)
+        let epoch = member.handleEra
         if let cached = member.replicationKeyCache.withLock({ $0 }), cached.epoch == epoch { return cached.handle }
         var found = try ReplicationKey.find(on: member.token, session)
         if found == nil { found = try ReplicationKey.find(on: member.token, session) }
@@ -59,7 +59,7 @@ package final class ReplicaKeeper: Sendable {
     /// yet). Returns the stamps the member holds, and the records new to the ledger.
     @discardableResult
     func refreshLedger(_ group: Group, from member: Member, _ session: MemberSession) throws(P11Error) -> (held: Set<Stamp>, new: [ReplicaRecord]) {
-        let epoch = member.epoch.load(ordering: .acquiring)
+        let epoch = member.handleEra
         let generation = group.objects.withLock { $0.generation }
         var cache = group.recordCache.withLock { $0[member.index] }.flatMap { $0.epoch == epoch && $0.generation == generation ? $0 : nil }
             ?? RecordCache(epoch: epoch, generation: generation)
@@ -85,7 +85,7 @@ package final class ReplicaKeeper: Sendable {
 
     /// Notes a record this process wrote on a member at `handle`.
     func noteWritten(_ record: ReplicaRecord, at handle: MemberObject, on member: Member, in group: Group) {
-        let epoch = member.epoch.load(ordering: .acquiring)
+        let epoch = member.handleEra
         let generation = group.objects.withLock { $0.generation }
         group.recordCache.withLock { caches in
             guard var cache = caches[member.index], cache.epoch == epoch, cache.generation == generation else { return }
