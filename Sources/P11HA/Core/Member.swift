@@ -44,7 +44,7 @@ public final class Member: @unchecked Sendable {
     /// Moves when recovery restarts the member's module (its handles are all new), and with the epoch: what is
     /// kept by member handle is valid for one value of `handleEra`.
     let restarts = Atomic<Int>(0)
-    var handleEra: Int { epoch.load(ordering: .acquiring) &* 65_536 &+ restarts.load(ordering: .acquiring) }
+    package var handleEra: Int { epoch.load(ordering: .acquiring) &* 65_536 &+ restarts.load(ordering: .acquiring) }
     /// The replication key's handle here, once found, with the epoch it was found in (a public object: its handle
     /// holds until the member leaves service). Looked up once, so that a search that briefly misses it (another
     /// process rewriting objects) never makes a key's fingerprint weaker than its copies'.

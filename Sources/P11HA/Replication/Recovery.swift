@@ -113,12 +113,10 @@ final class Recovery: @unchecked Sendable {
         worker.wake()
     }
 
-    /// Asks for a look at the members' records (after a login, when private records become visible), at the
-    /// worker's next pass; the worker is not started for it. (Started at the login, its session on each remote
-    /// member, opened before an outage of every member, was followed by one CKR_KEY_HANDLE_INVALID to the
-    /// application after the members returned, in 2 runs of 3 of the all-members-down test; not understood.)
+    /// Asks for a look at the members' records (after a login, when private records become visible).
     func requestWatch(_ group: Group) {
         group.watchWanted.store(true, ordering: .releasing)
+        worker.wake()
     }
 
     /// Looks at the records of the members in service (reading only those this process has not read) and asks

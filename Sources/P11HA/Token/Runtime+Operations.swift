@@ -11,6 +11,10 @@ extension Runtime {
                         key: ObjectHandle?, replaying parts: [[UInt8]] = [],
                         suspects: inout FanOut.Suspects) throws(P11Error) -> Int {
         let group = session.group
+        // The members in service when the copies were read (taken first): one that returns meanwhile (waited for
+        // below) had its copies found again as it returned, and after a module restart an old handle may name
+        // another key there (seen: CKR_KEY_FUNCTION_NOT_PERMITTED on a public key after every member returned).
+        var servingThen = Set(group.membersInService.map(\.index))
         var copies = try key.map { (k) throws(P11Error) in try self.copies(of: k, in: session, invalid: .keyHandleInvalid) }
         var refreshed = Set<Int>()
         var excluded = suspects.indices
@@ -22,6 +26,11 @@ extension Runtime {
                 member = try fanOut.awaitingRecovery(group) { () throws(P11Error) in try group.pick(holding: copies, excluding: excluded) }
             } catch {
                 throw fanOut.verdict(on: suspects, otherwise: refused ?? error)
+            }
+            if let key, !servingThen.contains(member.index) {
+                servingThen = Set(group.membersInService.map(\.index))
+                copies = try self.copies(of: key, in: session, invalid: .keyHandleInvalid)
+                if copies?[member.index] == nil { excluded.insert(member.index); continue }
             }
             member.inFlight.add(1, ordering: .relaxed)
             do throws(P11Error) {
