@@ -44,6 +44,6 @@ import Testing
         let check = try faultScenario("resync-check", members)
         #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
         let log = members.log
-        #expect(log.contains("member-resynced") && log.contains("member=member-c"), "\(log)")
+        #expect(log.contains("member-caught-up") && log.contains("member=member-c"), "\(log)")
     }
 }

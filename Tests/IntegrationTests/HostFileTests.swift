@@ -232,9 +232,6 @@ struct HostFilesAgainstALocalUser {
         // Records need no lock: each write's is on every member already.
         let during = try recordCounts(members)
         #expect(during == before.map { $0 + Int(writes) }, "every member holds the \(writes) writes' records: \(before) -> \(during)")
-        try waitUntil("the catch-up after the login meets the refused lock:\n\(members.log)", timeout: 20) {
-            members.log.contains("host-file-refused") && members.log.contains("path=\(names.lock) reason=\"a symbolic link\"")
-        }
 
         let removed = try attacker.run("rm", ["-f", names.lock, names.status, names.statusLock])
         try #require(removed.status == 0, "\(removed.output)")
@@ -272,9 +269,6 @@ struct HostFilesAgainstALocalUser {
         for (call, seconds) in client.durations {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s:\n\(members.log)")
         }
-        try waitUntil("the catch-up after the login meets the planted lock:\n\(members.log)", timeout: 20) {
-            members.log.contains("path=\(names.lock) reason=\"owned by uid \(attacker.uid)")
-        }
         #expect(try recordCounts(members) == before.map { $0 + Int(writes) }, "records need no lock")
 
         holder.killTree()
@@ -302,7 +296,7 @@ struct HostFilesAgainstALocalUser {
         }
     }
 
-    @Test("a lock another process holds delays no write: each write's record is on every member at once; the catch-up waits for the lock")
+    @Test("a lock another process holds delays no write: each write's record is on every member at once")
     func heldLock() throws {
         let shared = try SharedDirectory(mode: 0o700)
         let members = try hostFileMembers(lockDir: shared.path)
@@ -322,14 +316,8 @@ struct HostFilesAgainstALocalUser {
             #expect(seconds <= 2, "\(call) took \(seconds) s, more than operation-timeout (1 s) + 1 s")
         }
         #expect(try recordCounts(members) == before.map { $0 + Int(writes) })
-        try waitUntil("the catch-up after the login waits for the lock:\n\(members.log)", timeout: 20) {
-            members.log.contains("host-lock-busy") && members.log.contains("held by another process")
-        }
 
         holder.killTree()
-        try waitUntil("the catch-up takes the lock once it is free:\n\(members.log)", timeout: 20) {
-            members.log.contains("host-lock-available")
-        }
         #expect(try client.finishAndWait().status == 0)
         #expect(try recordCounts(members) == before.map { $0 + Int(writes) })
     }

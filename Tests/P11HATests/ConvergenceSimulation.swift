@@ -31,8 +31,8 @@ let simulationWorkers: Int = {
 /// to tell failures of replication between writers from those of searches that miss objects.
 let simulationHidings = environmentNumber("P11HA_SIM_HIDINGS") != 0
 
-/// Whether this process hashes with a fixed seed: p11ha iterates dictionaries in places (Journals.write writes the
-/// private and public journals in the order of a [Kind: Journal]), and without it that order changes from process
+/// Whether this process hashes with a fixed seed: p11ha iterates dictionaries in places (a repair pairs a member's
+/// objects fingerprint by fingerprint, in a dictionary's order), and without it that order changes from process
 /// to process and from dictionary to dictionary, so that a seed's run may differ.
 let deterministicHashing = getenv("SWIFT_DETERMINISTIC_HASHING") != nil
 
@@ -107,10 +107,9 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
     }
 
     /// Only with SWIFT_DETERMINISTIC_HASHING: Swift seeds each dictionary's hashing afresh (per process, and per
-    /// dictionary storage within one), and p11ha's order of some member calls follows a dictionary's (Journals.write
-    /// writes the private and public journals in the order of a [Kind: Journal]): then even one process's two runs of
-    /// a seed can make the same steps with the same answers, yet leave the journals at other object numbers or
-    /// generate a key on another member.
+    /// dictionary storage within one), and p11ha's order of some member calls follows a dictionary's (a repair's
+    /// pairing and copies): then even one process's two runs of a seed can make the same steps with the same
+    /// answers, yet leave objects at other object numbers.
     @Test("a seed replays exactly: the same steps, answers and members' contents twice over",
           .enabled(if: deterministicHashing, "SWIFT_DETERMINISTIC_HASHING=1 (scripts/simulate sets it)"))
     func seedsReplay() throws {
@@ -275,7 +274,7 @@ final class Simulation {
     let hostCount: Int
     private let steps: Int
     private var step = 0
-    /// Moves a quarter of a second per step: stamps differ from step to step, and a lease (60 s) left behind by a
+    /// Moves a quarter of a second per step: stamps differ from step to step, and a lease (30 s) left behind by a
     /// failed release expires within a run of 240 steps or so.
     private let clock = SimulatedClock()
     private let tellsP11HALog: Bool

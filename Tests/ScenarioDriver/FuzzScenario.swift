@@ -100,7 +100,7 @@ func fuzzEpisodeScenario(_ m: Module) {
 }
 
 /// Whether SoftHSM, asked directly in this process (the instance p11ha's members use), answers the search
-/// p11ha's journal makes on `label`'s token with CKR_GENERAL_ERROR: SoftHSM 2.6.1 keeps the half-made object of a
+/// p11ha's records make on `label`'s token with CKR_GENERAL_ERROR: SoftHSM 2.6.1 keeps the half-made object of a
 /// C_CreateObject it refused (an invalid attribute), and every search of the process's sessions on that token can
 /// then fail. A member out of service for that is out for its own bug, not p11ha's.
 func searchesFailDirectly(on label: String) -> Bool {
@@ -110,7 +110,7 @@ func searchesFailDirectly(on label: String) -> Bool {
     var session: CK_SESSION_HANDLE = 0
     guard direct.f.C_OpenSession!(memberSlot, CK_FLAGS(CKF_SERIAL_SESSION), nil, nil, &session) == CKR_OK else { return false }
     defer { _ = direct.f.C_CloseSession!(session) }
-    let journal = Template().add(CKA_CLASS, ulong: CKO_DATA).add(CKA_LABEL, string: "p11ha journal")
+    let journal = Template().add(CKA_CLASS, ulong: CKO_DATA).add(CKA_LABEL, string: "p11ha record")
     var rv = direct.f.C_FindObjectsInit!(session, &journal.attributes, journal.count)
     if rv == CKR_OK {
         var handles = [CK_OBJECT_HANDLE](repeating: 0, count: 16)

@@ -88,8 +88,8 @@ public final class Group: @unchecked Sendable {
         self.hostLock = HostLock(file: HostFileLock(directory: directory, name: base + ".lock"), group: config.name, wait: lockWait)
         self.statusFile = StatusFile(directory: directory, name: base + ".status")
         // The default directory is made now, and any directory verified, so that a refusal is in the log from the
-        // start. A refused directory leaves the group without coordination: what needs the lock waits (journal
-        // records, bringing members up to date) and is done once the directory is usable.
+        // start. A refused directory leaves the group without coordination: what needs the lock waits (bringing
+        // members up to date) and is done once the directory is usable.
         do throws(HostFileProblem) {
             _ = try directory.open()
         } catch {

@@ -266,7 +266,8 @@ package final class ReplicaKeeper: Sendable {
             noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group)
             report.recordsWritten += 1
         }
-        for handle in oldJournals { try? token.destroyObject(target.session, handle) }
+        // The previous format's journals go once what the member holds is adopted (only logged in: see above).
+        if loggedIn { for handle in oldJournals { try? token.destroyObject(target.session, handle) } }
         return report
     }
 

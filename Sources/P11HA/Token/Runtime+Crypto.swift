@@ -173,7 +173,7 @@ extension Runtime {
                     session.endOperation(kind)
                     // A token may keep the operation active past an error that ends it (SoftHSM, after
                     // CKR_FUNCTION_NOT_SUPPORTED from a multi-part update of RSA): ended there too, or the next search
-                    // or journal write in that session would find CKR_OPERATION_ACTIVE.
+                    // or record write in that session would find CKR_OPERATION_ACTIVE.
                     if error.fromMember, let s = try? session.memberSession(member) {
                         session.endStrayOperations(on: member, s, only: [kind])
                     }

@@ -213,7 +213,7 @@ extension Runtime {
     func copies(of object: ObjectHandle, in session: VirtualSession, invalid: P11Error) throws(P11Error) -> [MemberObject?] {
         let group = session.group
         guard var record = group.objects.withLock({ $0[object] }) else { throw invalid }
-        // p11ha's own objects (the replication key, the journals) are not the application's: searches skip them,
+        // p11ha's own objects (the replication key, the records, the leases) are not the application's: searches skip them,
         // and the handles a search gave them internally are refused like any handle p11ha never gave. Before, a
         // guessed handle destroyed the replication key on every member (fuzzer seed 11961027084769893313:
         // C_DestroyObject of handle 10).

@@ -123,30 +123,23 @@ extension Runtime {
         // Records other processes wrote while this one was not logged in (private ones were invisible) are looked
         // at, and the members caught up with each other if they are apart.
         if userType == CK_USER_TYPE(CKU_USER) {
-            // A member that holds fewer records than another missed writes (another process's, made while it was
-            // away from that process): it leaves service now, so that no request reaches it before it is brought up
-            // to date. Records are only ever added, so fewer is evidence; it is looked at twice (a store can hide
-            // objects for a moment). Members apart otherwise (as many records, not the same) are the watch's.
-            behindInRecords(group, session)
+            // Members holding different numbers of records are apart (another process wrote while one of them was
+            // away from it): a catch-up starts now, in the background. They stay in service meanwhile: a member
+            // with no copy of an object is never asked for it (the object table holds the copies found). Members
+            // apart otherwise (as many records, not the same) are the watch's.
+            if recordCountsDiffer(group, session) { recovery.requestCatchUp(group) }
             recovery.requestWatch(group)
         }
     }
 
-    private func behindInRecords(_ group: Group, _ session: VirtualSession) {
-        func counts() -> [(Member, Int)] {
-            group.membersInService.compactMap { member in
-                guard let s = try? session.memberSession(member),
-                      let found = try? member.token.findObjects(s, ReplicaRecord.searchTemplate(isPrivate: nil)) else { return nil }
-                return (member, found.count)
-            }
+    private func recordCountsDiffer(_ group: Group, _ session: VirtualSession) -> Bool {
+        var counts = Set<Int>()
+        for member in group.membersInService {
+            guard let s = try? session.memberSession(member),
+                  let found = try? member.token.findObjects(s, ReplicaRecord.searchTemplate(isPrivate: nil)) else { continue }
+            counts.insert(found.count)
         }
-        let first = counts()
-        guard let most = first.map(\.1).max(), first.contains(where: { $0.1 < most }) else { return }
-        let second = Dictionary(counts().map { (ObjectIdentifier($0.0), $0.1) }, uniquingKeysWith: { a, _ in a })
-        let mostAgain = second.values.max() ?? most
-        for (member, count) in first where count < most && (second[ObjectIdentifier(member)] ?? mostAgain) < mostAgain {
-            fanOut.markStale(member, reason: "holds \(second[ObjectIdentifier(member)] ?? count) replication records where another holds \(mostAgain)")
-        }
+        return counts.count > 1
     }
 
     public func logout(_ handle: SessionHandle) throws(P11Error) {
