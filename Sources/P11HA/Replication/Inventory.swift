@@ -16,7 +16,9 @@ package enum ObjectCopy {
                            replicationKey: MemberObject?) throws(P11Error) -> [Inventoried] {
         var result: [Inventoried] = []
         for handle in try member.token.findObjects(session, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
-            let identity = ObjectIdentity(naming: try member.token.readAttributes(session, handle, ObjectIdentity.nameTypes))
+            // An object another process destroys between the search and the read is not counted.
+            guard let names = try? member.token.readAttributes(session, handle, ObjectIdentity.nameTypes) else { continue }
+            let identity = ObjectIdentity(naming: names)
             if identity.isInfrastructure { continue }
             let facts = try member.token.readAttributes(session, handle, [CKA_EXTRACTABLE, CKA_MODULUS, CKA_EC_POINT, CKA_VALUE])
             let extractable = facts[0] == [1]

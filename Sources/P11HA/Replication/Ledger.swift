@@ -63,6 +63,15 @@ package struct Ledger: Sendable {
         for record in other.records.values { add(record) }
     }
 
+    /// Whether the ledger knows the object with this fingerprint and attributes (for a weak fingerprint, only one
+    /// whose attributes agree counts).
+    func knows(_ fingerprint: Fingerprint, attributes: [Attribute]) -> Bool {
+        let candidates = live(fingerprint)
+        if !fingerprint.isWeak { return !candidates.isEmpty }
+        let sorted = attributes.sorted { $0.type < $1.type }
+        return candidates.contains { objects[$0]!.agrees(with: sorted) }
+    }
+
     /// Live objects (created, not destroyed) with this fingerprint, in identity order.
     func live(_ fingerprint: Fingerprint) -> [ObjectUID] {
         objects.filter { $0.value.isLive && $0.value.fingerprint == fingerprint }.keys.sorted()
@@ -74,7 +83,10 @@ package struct Ledger: Sendable {
         let sorted = attributes.sorted { $0.type < $1.type }
         let candidates = live(fingerprint)
         if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
-        if let only = candidates.first, candidates.count == 1 { return only }
+        // One candidate whose attributes differ is this object renamed by another writer, when the fingerprint tells
+        // objects apart; a weak one does not (every EC private key of one curve behind a member that cannot wrap has
+        // it): naming another key there would make a destroy's tombstone destroy that key.
+        if let only = candidates.first, candidates.count == 1, !fingerprint.isWeak { return only }
         if let weak = objects.filter({ $0.value.isLive && $0.value.agrees(with: sorted)
                 && ($0.value.fingerprint.isWeakForm(of: fingerprint) || fingerprint.isWeakForm(of: $0.value.fingerprint)) })
             .keys.sorted().first {

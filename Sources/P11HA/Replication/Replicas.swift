@@ -98,7 +98,7 @@ package final class ReplicaKeeper: Sendable {
     /// group's ledger is read from that member first if it does not know the object's fingerprint.
     func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> (ObjectUID, Description) {
         let description = try describe(member, session, copy)
-        let known = group.ledger.withLock { !$0.live(description.fingerprint).isEmpty }
+        let known = group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) }
         if !known { try refreshLedger(group, from: member, session) }
         let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }
         return (uid, description)
@@ -311,12 +311,24 @@ package final class ReplicaKeeper: Sendable {
         let types = ReplicaRecord.replicatedTypes + extraTypes.subtracting(ReplicaRecord.replicatedTypes).sorted()
         var result: [MemberCopy] = []
         for handle in try token.findObjects(s, [Attribute(CKA_TOKEN, bool: true)]) where handle != replicationKey {
-            let head = try token.readAttributes(s, handle, [CKA_CLASS, CKA_LABEL, CKA_PRIVATE, CKA_EXTRACTABLE, CKA_ID])
+            // An object another process destroys between the search and the read is simply not there any more.
+            let head: [[UInt8]?]
+            do throws(P11Error) {
+                head = try token.readAttributes(s, handle, [CKA_CLASS, CKA_LABEL, CKA_PRIVATE, CKA_EXTRACTABLE, CKA_ID])
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                continue
+            }
             if isInfrastructure(objectClass: head[0], label: head[1]) { continue }
             // The replication key, whatever handle a search gave it: never an application's object.
             if ObjectIdentity(objectClass: head[0], id: head[4]).isReplicationKey { continue }
-            let fingerprint = try Fingerprint.read(on: token, s, handle, replicationKey: replicationKey)
-            let values = try token.readAttributes(s, handle, types)
+            let fingerprint: Fingerprint
+            let values: [[UInt8]?]
+            do throws(P11Error) {
+                fingerprint = try Fingerprint.read(on: token, s, handle, replicationKey: replicationKey)
+                values = try token.readAttributes(s, handle, types)
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID || error.rv == CKR_KEY_HANDLE_INVALID {
+                continue
+            }
             // An attribute the object does not have reads as nil; it is compared as empty.
             let attributes = zip(types, values).map { Attribute($0, $1 ?? []) }
             result.append(MemberCopy(handle: handle, fingerprint: fingerprint, attributes: attributes,
