@@ -609,7 +609,8 @@ final class Simulation {
             clock.advance(by: UInt64(hosts[0].runtime.recovery.worker.watchInterval.milliseconds))
             for host in hosts { _ = host.runtime.recovery.recoverMembers() }
             settled = hosts.allSatisfy { $0.session != nil && $0.membersOutOfService.isEmpty
-                && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring) }
+                && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring)
+                && $0.runtime.groups[0].catchUpAgainAt.load(ordering: .acquiring) == 0 }
         }
         ledger.heals += 1
         note("full heal \(ledger.heals): \(rounds) rounds; members by host: \(hosts.map(\.healthText))")

@@ -59,6 +59,8 @@ public final class Group: @unchecked Sendable {
     /// Whether a member of the group has shown its replication key to this process: keys' fingerprints then carry
     /// their wrapped form, and a member where it cannot be found describes none.
     let replicationKeySeen = Atomic<Bool>(false)
+    /// When (replica clock, ms) a catch-up is to be made again because objects had no holder in reach (0: none).
+    let catchUpAgainAt = Atomic<UInt64>(0)
     /// Set when the members' records should be looked at (after a login).
     let watchWanted = Atomic<Bool>(false)
     /// The records this process has read or written on each member, by handle (so that only new ones are read),

@@ -63,13 +63,10 @@ package struct Ledger: Sendable {
         for record in other.records.values { add(record) }
     }
 
-    /// Whether the ledger knows the object with this fingerprint and attributes (for a weak fingerprint, only one
-    /// whose attributes agree counts).
+    /// Whether the ledger knows a live object with this fingerprint and these attributes.
     func knows(_ fingerprint: Fingerprint, attributes: [Attribute]) -> Bool {
-        let candidates = live(fingerprint)
-        if !fingerprint.isWeak { return !candidates.isEmpty }
         let sorted = attributes.sorted { $0.type < $1.type }
-        return candidates.contains { objects[$0]!.agrees(with: sorted) }
+        return live(fingerprint).contains { objects[$0]!.agrees(with: sorted) }
     }
 
     /// Live objects (created, not destroyed) with this fingerprint, in identity order.
@@ -83,10 +80,10 @@ package struct Ledger: Sendable {
         let sorted = attributes.sorted { $0.type < $1.type }
         let candidates = live(fingerprint)
         if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
-        // One candidate whose attributes differ is this object renamed by another writer, when the fingerprint tells
-        // objects apart; a weak one does not (every EC private key of one curve behind a member that cannot wrap has
-        // it): naming another key there would make a destroy's tombstone destroy that key.
-        if let only = candidates.first, candidates.count == 1, !fingerprint.isWeak { return only }
+        // A candidate whose attributes differ is never taken for this object: two objects can share a fingerprint
+        // (data objects of one value; every EC private key of one curve behind a member that cannot wrap), and
+        // naming another one would make a destroy's tombstone destroy it (seen: an acknowledged data object lost on
+        // every member). The caller reads the records first (`knows`), so a rename by another writer is known.
         if let weak = objects.filter({ $0.value.isLive && $0.value.agrees(with: sorted)
                 && ($0.value.fingerprint.isWeakForm(of: fingerprint) || fingerprint.isWeakForm(of: $0.value.fingerprint)) })
             .keys.sorted().first {

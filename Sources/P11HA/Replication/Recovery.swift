@@ -97,6 +97,11 @@ final class Recovery: @unchecked Sendable {
                 group.lastWatch.store(now, ordering: .releasing)
                 watch(group)
             }
+            let again = group.catchUpAgainAt.load(ordering: .acquiring)
+            if again != 0 && now >= again {
+                group.catchUpAgainAt.store(0, ordering: .releasing)
+                group.catchUpWanted.store(true, ordering: .releasing)
+            }
             if group.catchUpWanted.exchange(false, ordering: .acquiringAndReleasing) {
                 if !catchUp(group) {
                     group.catchUpWanted.store(true, ordering: .releasing)
@@ -226,6 +231,10 @@ final class Recovery: @unchecked Sendable {
     private let workerSessions = Mutex<[ObjectIdentifier: (era: Int, session: MemberSession)]>([:])
 
     private func logUnrepairable(_ report: ReplicaKeeper.Repair, _ member: Member, _ group: Group) {
+        if report.noHolder > 0 {
+            // Looked for again a watch interval later, not at once (a truly lost object would keep the worker busy).
+            group.catchUpAgainAt.store(group.replicaClock.milliseconds + UInt64(worker.watchInterval.milliseconds), ordering: .releasing)
+        }
         member.history.withLock { $0.unrepairable = report.unrepairable }
         for name in report.unrepairable {
             Log.event(.warning, "member-resync-incomplete", "group=\(group.name) member=\(member.name) object=\(name)")

@@ -147,6 +147,9 @@ package final class ReplicaKeeper: Sendable {
         /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
         var retry = 0
         var unrecorded = 0
+        /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
+        /// moment), so they are looked for again later.
+        package var noHolder = 0
 
         package var complete: Bool { retry == 0 }
         var changedAnything: Bool { copied + destroyed + changed + recordsWritten + adopted > 0 }
@@ -232,6 +235,7 @@ package final class ReplicaKeeper: Sendable {
             let name = describeObject(uid, state)
             guard let (peer, copy) = source else {
                 report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
+                report.noHolder += 1
                 continue
             }
             let carried: Carried
