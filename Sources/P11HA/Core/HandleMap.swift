@@ -64,6 +64,9 @@ struct ObjectTable {
         /// Its copies are to be found again by identity (handles a module may have renumbered: SoftHSM gives
         /// private objects new handles after a logout).
         var refind = false
+        /// Its replication identity, once known (made here, or named at a first write): the records of its later
+        /// writes name it by this, whatever it has been renamed to since.
+        var uid: ObjectUID? = nil
     }
 
     struct CopyKey: Hashable {
@@ -135,6 +138,10 @@ struct ObjectTable {
         records[handle]!.copies[member] = nil
         byCopy[CopyKey(member: member, handle: copy)] = nil
         if records[handle]!.copies.allSatisfy({ $0 == nil }) { remove(handle) }
+    }
+
+    mutating func setUID(_ handle: ObjectHandle, _ uid: ObjectUID) {
+        if records[handle] != nil { records[handle]!.uid = uid }
     }
 
     /// Sets (or clears) the copy of an object on one member, as found again after the member returned.

@@ -96,8 +96,10 @@ package final class ReplicaKeeper: Sendable {
 
     /// The identity of an existing object the application writes to, from its copy on a member in service: the
     /// group's ledger is read from that member first if it does not know the object's fingerprint.
-    func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> (ObjectUID, Description) {
+    func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject,
+                  known uid: ObjectUID? = nil) throws(P11Error) -> (ObjectUID, Description) {
         let description = try describe(member, session, copy)
+        if let uid { return (uid, description) }
         let known = group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) }
         if !known { try refreshLedger(group, from: member, session) }
         let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }

@@ -38,7 +38,7 @@ extension Runtime {
                                         in: session, isToken: isToken)
         let withoutCopy = membersWithoutCopy(source, in: group)
         // A token object's identity is read before it goes: its record (a tombstone) names it.
-        let identified = isToken ? try identifyForWrite(source, in: session) : nil
+        let identified = isToken ? try identifyForWrite(object, source, in: session) : nil
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
         var lost: [Member] = []
@@ -93,7 +93,7 @@ extension Runtime {
         // return), and what the attributes were (to set them back where the change succeeded if a later member
         // refuses it; not if one of them cannot be read). A token object's write needs the identity; a session
         // object's goes on without the read.
-        let identified = isToken ? try identifyForWrite(source, in: session) : nil
+        let identified = isToken ? try identifyForWrite(object, source, in: session) : nil
         let identityCount = ObjectIdentity.attributeTypes.count
         let read = { () throws(P11Error) -> [[UInt8]?] in
             try self.onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
@@ -127,7 +127,7 @@ extension Runtime {
         // A change of what the object is made of (a data object's value) changes its fingerprint: read anew.
         let material = Set(Fingerprint.materialTypes(description.fingerprint.objectClass))
         let fingerprint = template.contains(where: { material.contains($0.type) })
-            ? try identifyForWrite(source, in: session).1.fingerprint : description.fingerprint
+            ? try identifyForWrite(object, source, in: session).1.fingerprint : description.fingerprint
         let change = ReplicaRecord(stamp: group.replicaClock.next(), operation: .set, object: uid, fingerprint: fingerprint,
                                    attributes: template, isPrivate: description.isPrivate)
         try writeRecord(change, session, on: changed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
@@ -303,14 +303,17 @@ extension Runtime {
 
     /// The identity and description of a token object the application writes to, read from its first copy in
     /// service (see `ReplicaKeeper.identify`).
-    func identifyForWrite(_ copies: [MemberObject?], in session: VirtualSession) throws(P11Error) -> (ObjectUID, ReplicaKeeper.Description) {
+    func identifyForWrite(_ object: ObjectHandle, _ copies: [MemberObject?], in session: VirtualSession) throws(P11Error) -> (ObjectUID, ReplicaKeeper.Description) {
         let group = session.group
-        return try withRecordSessions(session) { (sessionFor) throws(P11Error) in
+        let known = group.objects.withLock { $0[object]?.uid }
+        let identified = try withRecordSessions(session) { (sessionFor) throws(P11Error) in
             try fanOut.onOneMember(group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
                 guard let s = sessionFor(member) else { throw P11Error.deviceError }
-                return try replicas.identify(group, member, s, copies[member.index]!)
+                return try replicas.identify(group, member, s, copies[member.index]!, known: known)
             }
         }
+        if known == nil { group.objects.withLock { $0.setUID(object, identified.0) } }
+        return identified
     }
 
     /// Writes a write's record on `members` (those that made the write and those in service that hold no copy of
@@ -336,6 +339,7 @@ extension Runtime {
     /// carried to a member that missed it.
     func record(_ made: [(Int, MemberObject)], in session: VirtualSession, isToken: Bool, withoutSource: [Int] = []) throws(P11Error) -> ObjectHandle {
         let group = session.group
+        var createdUID: ObjectUID? = nil
         if isToken, !made.isEmpty {
             do throws(P11Error) {
                 // Described on the first member that can (see ReplicaKeeper.describe).
@@ -352,6 +356,7 @@ extension Runtime {
                     throw failure
                 }
                 try writeRecord(creation, session, on: made.map(\.0) + withoutSource)
+                createdUID = creation.object
             } catch {
                 for (index, copy) in made {
                     let member = group.members[index]
@@ -371,7 +376,7 @@ extension Runtime {
             return ObjectIdentity(reading: values)
         } : nil
         return group.objects.withLock {
-            $0.insert(ObjectTable.Record(copies: copies, identity: identity, owner: isToken ? nil : session.handle))
+            $0.insert(ObjectTable.Record(copies: copies, identity: identity, owner: isToken ? nil : session.handle, uid: createdUID))
         }
     }
 
