@@ -117,7 +117,9 @@ package final class ReplicaKeeper: Sendable {
     /// Writes `record` on `members` (in the given member sessions). A member that cannot take it while others
     /// did is stale (it is brought up to date from their records). Throws when no member took it: the write is
     /// then not acknowledged (its caller undoes what it can).
-    func write(_ record: ReplicaRecord, in group: Group, on members: [Int], session: (Member) -> MemberSession?) throws(P11Error) {
+    /// Returns whether a member that answers took the write but not its record (it is caught up, not taken out).
+    @discardableResult
+    func write(_ record: ReplicaRecord, in group: Group, on members: [Int], session: (Member) -> MemberSession?) throws(P11Error) -> Bool {
         var failed: [(Member, P11Error)] = []
         var written = 0
         for index in members {
@@ -134,8 +136,19 @@ package final class ReplicaKeeper: Sendable {
             Log.event(.warning, "replication-record-failed", "group=\(group.name) object=\(record.object) reason=\"\(error)\"")
             throw error.isMemberFault ? P11Error.deviceError : error
         }
-        for (member, error) in failed { fanOut.markStale(member, reason: "missed a write's record: \(error)") }
+        var catchUp = false
+        for (member, error) in failed {
+            // It holds the write but not the record. A member that misses its deadline or fails a probe leaves
+            // service; one that answers a probe (a fault-class code alone is no evidence) stays, and a catch-up gives
+            // it the record.
+            if error.timedOut || !error.isMemberFault || (try? member.token.tokenInfo()) == nil {
+                fanOut.markStale(member, reason: "missed a write's record: \(error)")
+            } else {
+                catchUp = true
+            }
+        }
         group.ledger.withLock { _ = $0.add(record) }
+        return catchUp
     }
 
     // MARK: bringing a member up to date

@@ -321,9 +321,10 @@ extension Runtime {
     /// is brought up to date.
     func writeRecord(_ record: ReplicaRecord, _ session: VirtualSession, on members: [Int], withoutCopy: [Int] = []) throws(P11Error) {
         let group = session.group
-        try withRecordSessions(session) { (sessionFor) throws(P11Error) in
+        let catchUp = try withRecordSessions(session) { (sessionFor) throws(P11Error) -> Bool in
             try replicas.write(record, in: group, on: members, session: sessionFor)
         }
+        if catchUp { recovery.requestCatchUp(group) }
         for member in group.membersInService where !members.contains(member.index) {
             fanOut.markStale(member, reason: "missed a write made while it was returning")
         }
