@@ -48,7 +48,7 @@ public final class Member: @unchecked Sendable {
     /// The replication key's handle here, once found, with the epoch it was found in (a public object: its handle
     /// holds until the member leaves service). Looked up once, so that a search that briefly misses it (another
     /// process rewriting objects) never makes a key's fingerprint weaker than its copies'.
-    let replicationKeyCache = Mutex<(epoch: Int, handle: MemberObject)?>(nil)
+    let replicationKeyCache = Mutex<(epoch: Int, generation: UInt64, handle: MemberObject)?>(nil)
     /// Operations in progress on this member (from init to their last call): the scheduler's load measure.
     public let inFlight = Atomic<Int>(0)
     /// Operations this member has been given since initialization.

@@ -20,19 +20,32 @@ package final class ReplicaKeeper: Sendable {
 
     /// The member's replication key (see `Member.replicationKeyCache`); nil when two looks find none.
     func replicationKey(_ member: Member, _ session: MemberSession) throws(P11Error) -> MemberObject? {
+        // Valid for one era of the member's handles and one login (a token may renumber private objects at a
+        // logout, and `p11hactl domain` may have made the key private).
         let epoch = member.handleEra
-        if let cached = member.replicationKeyCache.withLock({ $0 }), cached.epoch == epoch { return cached.handle }
+        let generation = member.group?.objects.withLock { $0.generation } ?? 0
+        if let cached = member.replicationKeyCache.withLock({ $0 }), cached.epoch == epoch, cached.generation == generation {
+            return cached.handle
+        }
         var found = try ReplicationKey.find(on: member.token, session)
         if found == nil { found = try ReplicationKey.find(on: member.token, session) }
         guard let found else { return nil }
-        member.replicationKeyCache.withLock { $0 = (epoch, found) }
+        member.replicationKeyCache.withLock { $0 = (epoch, generation, found) }
         member.group?.replicationKeySeen.store(true, ordering: .releasing)
         return found
     }
 
     func describe(_ member: Member, _ session: MemberSession, _ copy: MemberObject) throws(P11Error) -> Description {
-        let replicationKey = try replicationKey(member, session)
-        let fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        var replicationKey = try replicationKey(member, session)
+        let fingerprint: Fingerprint
+        do throws(P11Error) {
+            fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        } catch where error.rv == CKR_WRAPPING_KEY_HANDLE_INVALID {
+            // The kept handle went stale (renumbered): looked up again, once.
+            member.replicationKeyCache.withLock { $0 = nil }
+            replicationKey = try self.replicationKey(member, session)
+            fingerprint = try Fingerprint.read(on: member.token, session, copy, replicationKey: replicationKey)
+        }
         if replicationKey == nil, let group = member.group, !group.replicationKeySeen.load(ordering: .acquiring) {
             // Not seen yet in this process: another member's answer says whether the group has one.
             for other in group.membersInService where other !== member {
