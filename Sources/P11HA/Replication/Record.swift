@@ -218,15 +218,14 @@ extension ReplicaRecord {
         ])
     }
 
-    /// Every record on the member that the session can see, with its handle. A record that cannot be decoded is
-    /// skipped (logged once per reading): it cannot be what any writer of this format made.
-    static func readAll(on token: any TokenBackend, _ session: MemberSession,
-                        handles: [MemberObject]? = nil) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
+    /// The records at `handles` (those of one search: a second search may answer differently for a moment), with
+    /// their handles. A record that cannot be decoded is skipped (logged once per reading): it cannot be what any
+    /// writer of this format made.
+    static func read(on token: any TokenBackend, _ session: MemberSession,
+                     handles: [MemberObject]) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
         var result: [(MemberObject, ReplicaRecord)] = []
         var unreadable = 0
-        let list: [MemberObject]
-        if let handles { list = handles } else { list = try token.findObjects(session, searchTemplate(isPrivate: nil)) }
-        for handle in list {
+        for handle in handles {
             let value = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
             if let record = ReplicaRecord(decoding: value) { result.append((handle, record)) } else { unreadable += 1 }
         }

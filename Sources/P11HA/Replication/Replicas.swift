@@ -80,7 +80,7 @@ package final class ReplicaKeeper: Sendable {
         let handles = Set(found)
         // Records gone since (compacted): forgotten here, never concluded from.
         cache.stamps = cache.stamps.filter { handles.contains($0.key) }
-        let fresh = try ReplicaRecord.readAll(on: member.token, session, handles: found.filter { cache.stamps[$0] == nil })
+        let fresh = try ReplicaRecord.read(on: member.token, session, handles: found.filter { cache.stamps[$0] == nil })
         var new: [ReplicaRecord] = []
         group.ledger.withLock { ledger in
             for (handle, record) in fresh {
