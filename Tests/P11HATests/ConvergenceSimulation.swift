@@ -63,7 +63,7 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
                 var told = 0
                 for index in stride(from: worker, to: convergenceSeeds.count, by: workers) {
                     let seed = convergenceSeeds[index]
-                    let simulation = try Simulation(seed: seed, place: place, logLevel: replaying ? .info : .error)
+                    let simulation = try Simulation(seed: seed, place: place, logLevel: replaying ? .debug : .error)
                     let problems = simulation.run()
                     // The first few failures of each worker are told in full (the smallest seeds among them are shown);
                     // the rest are counted.

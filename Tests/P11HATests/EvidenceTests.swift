@@ -227,17 +227,54 @@ import Testing
         #expect(fake.members.allSatisfy { $0.isInService })
     }
 
-    @Test("a destroy a later member refuses cannot be undone: the members that destroyed leave service and get the object back")
-    func destroyDiverged() throws {
+    @Test("a destroy holds once its record is written: a member that then refuses to destroy its copy leaves service and loses the copy on its return")
+    func destroyHoldsOnceRecorded() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("gone"))
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_ACTION_PROHIBITED)), on: [.destroyObject], times: 1)
+        try fake.runtime.destroyObject(session, object)
+        #expect(fake.health(0) == .inService && fake.health(1) == .inService && fake.health(2) == .stale)
+        fake.recover()
+        #expect(fake.members.allSatisfy { $0.isInService })
+        for store in 0..<3 { #expect(fake.objects(labelled: "gone", on: store) == 0, "member \(store)") }
+    }
+
+    @Test("a destroy whose record no member takes fails and leaves the object on every member")
+    func destroyUnrecordedFails() throws {
         let fake = try FakeGroup()
         let session = try fake.userSession()
         let object = try fake.runtime.createObject(session, dataObject("kept"))
-        fake.stores[2].faults.inject(.error(CK_RV(CKR_ACTION_PROHIBITED)), on: [.destroyObject], times: 1)
-        #expect(throws: P11Error.member(CK_RV(CKR_ACTION_PROHIBITED))) { try fake.runtime.destroyObject(session, object) }
-        #expect(fake.health(0) == .stale && fake.health(1) == .stale && fake.health(2) == .inService)
-        fake.recover()
-        #expect(fake.members.allSatisfy { $0.isInService })
+        for store in fake.stores { store.faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1) }
+        #expect(throws: P11Error.self) { try fake.runtime.destroyObject(session, object) }
         for store in 0..<3 { #expect(fake.objects(labelled: "kept", on: store) == 1, "member \(store)") }
+        try fake.runtime.destroyObject(session, object)
+        for store in 0..<3 { #expect(fake.objects(labelled: "kept", on: store) == 0, "member \(store)") }
+    }
+
+    @Test("an object that may not be destroyed answers CKR_ACTION_PROHIBITED and stays, with no tombstone written")
+    func destroyProhibited() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("fixed") + [Attribute(CKA_DESTROYABLE, bool: false)])
+        #expect(throws: P11Error.member(CK_RV(CKR_ACTION_PROHIBITED))) { try fake.runtime.destroyObject(session, object) }
+        #expect(fake.members.allSatisfy { $0.isInService })
+        fake.recover()
+        for store in 0..<3 { #expect(fake.objects(labelled: "fixed", on: store) == 1, "member \(store)") }
+    }
+
+    @Test("an attribute change whose record no member takes fails and is set back on every member")
+    func attributeChangeUnrecordedUndone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("before"))
+        for store in fake.stores { store.faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1) }
+        #expect(throws: P11Error.self) {
+            try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
+        }
+        for store in 0..<3 {
+            #expect(fake.objects(labelled: "before", on: store) == 1 && fake.objects(labelled: "after", on: store) == 0, "member \(store)")
+        }
     }
 
     @Test("a session object whose every holder restarted is gone: its handle answers CKR_KEY_HANDLE_INVALID, never another object")

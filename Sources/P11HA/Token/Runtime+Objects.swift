@@ -37,8 +37,45 @@ extension Runtime {
         let source = try completeCopies(of: object, try copies(of: object, in: session, invalid: .objectHandleInvalid),
                                         in: session, isToken: isToken)
         let withoutCopy = membersWithoutCopy(source, in: group)
-        // A token object's identity is read before it goes: its record (a tombstone) names it.
-        let identified = isToken ? try identifyForWrite(object, source, in: session) : nil
+        guard isToken else {
+            // A session object: no record; a member that refuses after another destroyed it differs from the rest.
+            try destroyEverywhere(object, source, in: session)
+            return
+        }
+        // A token object's destroy is decided by its record, a tombstone, written before any copy goes: a destroy
+        // cannot be undone, so one whose record no member took must leave the object where it was (before, the
+        // copies went first, and a tombstone that failed after them lost an object the application was told still
+        // exists: simulation seeds 3815, 7178, 8406, 8773). The members' own refusal is asked first: the
+        // tombstone cannot be taken back either.
+        let (uid, description) = try identifyForWrite(object, source, in: session)
+        let destroyable = try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
+            try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_DESTROYABLE)])
+        }
+        if destroyable.first??.first == 0 { throw P11Error.member(CK_RV(CKR_ACTION_PROHIBITED)) }
+        let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
+                                      fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
+        try writeRecord(tombstone, session, on: group.membersInService.map(\.index), withoutCopy: withoutCopy)
+        // Written: the destroy holds. A holder that does not destroy its copy now is brought to the tombstone
+        // before it serves again; no search reaches the copy meanwhile.
+        let holders = group.membersInService.filter { source[$0.index] != nil }
+        for member in holders {
+            let copy = source[member.index]!
+            do throws(P11Error) {
+                try member.token.destroyObject(try session.memberSession(member), copy)
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                // Gone already (another process's destroy): the tombstone's repair finds no copy to destroy.
+            } catch where session.isClosed && error.isSessionLoss {
+                // The application closed its session meanwhile: the member is not at fault; a catch-up destroys it.
+                recovery.requestCatchUp(group)
+            } catch {
+                fanOut.markStale(member, reason: "missed a destroy whose record was written: \(error)")
+            }
+            group.objects.withLock { $0.removeCopy(object, member: member.index) }
+        }
+    }
+
+    private func destroyEverywhere(_ object: ObjectHandle, _ source: [MemberObject?], in session: VirtualSession) throws(P11Error) {
+        let group = session.group
         // A destroy cannot be undone: where it succeeded before a later member refused it (the members disagree),
         // those members lost an object the application still has.
         var lost: [Member] = []
@@ -55,11 +92,6 @@ extension Runtime {
         }
         group.objects.withLock { table in
             for (index, _) in destroyed { table.removeCopy(object, member: index) }
-        }
-        if let (uid, description) = identified {
-            let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
-                                          fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
-            try writeRecord(tombstone, session, on: destroyed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
         }
     }
 
@@ -126,11 +158,31 @@ extension Runtime {
         group.objects.withLock { $0.replaceIdentity(object, before.changed(by: template)) }
         // A change of what the object is made of (a data object's value) changes its fingerprint: read anew.
         let material = Set(Fingerprint.materialTypes(description.fingerprint.objectClass))
-        let fingerprint = template.contains(where: { material.contains($0.type) })
-            ? try identifyForWrite(object, source, in: session).1.fingerprint : description.fingerprint
-        let change = ReplicaRecord(stamp: group.replicaClock.next(), operation: .set, object: uid, fingerprint: fingerprint,
-                                   attributes: template, isPrivate: description.isPrivate)
-        try writeRecord(change, session, on: changed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
+        do {
+            let fingerprint = template.contains(where: { material.contains($0.type) })
+                ? try identifyForWrite(object, source, in: session).1.fingerprint : description.fingerprint
+            let change = ReplicaRecord(stamp: group.replicaClock.next(), operation: .set, object: uid, fingerprint: fingerprint,
+                                       attributes: template, isPrivate: description.isPrivate)
+            try writeRecord(change, session, on: changed.map(\.0) + withoutCopy, withoutCopy: withoutCopy)
+        } catch {
+            // No member took the record: the change is set back where it was made, as when a member refuses it
+            // (before, it stayed, unrecorded, while the application was told it failed: simulation seed 3815).
+            var unrestored: [Member] = []
+            for (index, _) in changed {
+                let member = group.members[index]
+                guard let restore, let copy = source[index], let s = try? session.memberSession(member),
+                      (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
+                    unrestored.append(member)
+                    continue
+                }
+            }
+            if unrestored.isEmpty {
+                group.objects.withLock { $0.replaceIdentity(object, before) }
+            } else {
+                diverged(session, object, lost: unrestored, write: "attribute change", error)
+            }
+            throw error
+        }
     }
 
     /// A write that failed part-way and could not be undone where it succeeded: the members that kept it differ
