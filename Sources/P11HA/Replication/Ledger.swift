@@ -19,6 +19,9 @@ package struct Ledger: Sendable {
         /// Created by a write through p11ha (not only adopted).
         var written = false
         package var destroyed = false
+        /// The fingerprints its tombstones name: a key first described without its wrapped form (no replication key
+        /// found yet) is named by the stronger form its copies have when it is destroyed (simulation seed 5194).
+        var tombstoneFingerprints: Set<Fingerprint> = []
 
         package var isLive: Bool { created && !destroyed }
         package var template: [Attribute] { attributes.keys.sorted().map { Attribute($0, attributes[$0]!.value) } }
@@ -54,6 +57,7 @@ package struct Ledger: Sendable {
             }
         case .destroy:
             state.destroyed = true
+            state.tombstoneFingerprints.insert(record.fingerprint)
         }
         objects[record.object] = state
         return true
@@ -150,6 +154,7 @@ package struct Pairing: Sendable {
         // read yet, or an object no record describes) says nothing about what copies should exist.
         for (uid, state) in ledger.objects where isVisible(state) && state.created {
             known.insert(state.fingerprint)
+            known.formUnion(state.tombstoneFingerprints)
             if state.isLive { liveByFingerprint[state.fingerprint, default: []].append(uid) }
         }
         for fingerprint in known {

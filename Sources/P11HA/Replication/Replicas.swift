@@ -109,12 +109,19 @@ package final class ReplicaKeeper: Sendable {
 
     /// The identity of an existing object the application writes to, from its copy on a member in service: the
     /// group's ledger is read from that member first if it does not know the object's fingerprint.
+    /// One look proves nothing: an object the records seem not to describe (a store can hide them for a moment, and
+    /// then a renamed object would be named by the identity an adoption gives it, which no other record shares: a
+    /// rename or destroy lost, simulation seeds 8206 and 5735) is looked for in the records again, on this member
+    /// and on `elsewhere` (the other members in service), twice, before it is taken for an object no record describes.
     func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject,
-                  known uid: ObjectUID? = nil) throws(P11Error) -> (ObjectUID, Description) {
+                  known uid: ObjectUID? = nil, elsewhere: [(Member, MemberSession)] = []) throws(P11Error) -> (ObjectUID, Description) {
         let description = try describe(member, session, copy)
         if let uid { return (uid, description) }
-        let known = group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) }
-        if !known { try refreshLedger(group, from: member, session) }
+        let knows = { group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) } }
+        if !knows() { try refreshLedger(group, from: member, session) }
+        for (other, otherSession) in (elsewhere + [(member, session)] + elsewhere) where !knows() {
+            _ = try? refreshLedger(group, from: other, otherSession)
+        }
         let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }
         return (uid, description)
     }
@@ -221,6 +228,10 @@ package final class ReplicaKeeper: Sendable {
                 if !(try refreshLedger(group, from: peer.member, peer.session).held.isEmpty) { peersHoldRecords = true }
             } catch {
                 report.retry += 1
+                // Evidence against the peer itself: it fails a probe too (its module restarted behind this process,
+                // say). It leaves service and is brought back; left in, every catch-up would stop at it for ever
+                // (simulation seed 8967: a tombstone never applied).
+                if error.isMemberFault, (try? peer.member.token.tokenInfo()) == nil { fanOut.fail(peer.member, error) }
             }
         }
         var views: [Int: [MemberCopy]] = [:]

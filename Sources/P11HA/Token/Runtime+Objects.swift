@@ -361,7 +361,10 @@ extension Runtime {
         let identified = try withRecordSessions(session) { (sessionFor) throws(P11Error) in
             try fanOut.onOneMember(group, holding: copies, choice: .first, session: session) { (member) throws(P11Error) in
                 guard let s = sessionFor(member) else { throw P11Error.deviceError }
-                return try replicas.identify(group, member, s, copies[member.index]!, known: known)
+                let elsewhere = known != nil ? [] : group.membersInService.filter { $0 !== member }.compactMap { other in
+                    sessionFor(other).map { (other, $0) }
+                }
+                return try replicas.identify(group, member, s, copies[member.index]!, known: known, elsewhere: elsewhere)
             }
         }
         if known == nil { group.objects.withLock { $0.setUID(object, identified.0) } }
