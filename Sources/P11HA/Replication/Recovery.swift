@@ -181,6 +181,19 @@ final class Recovery: @unchecked Sendable {
                         done = false
                         continue
                     }
+                    // Logged in as the application is: a member's login ends with its last session, or with a
+                    // module restart behind this process; the application's calls may not have met that yet, and
+                    // a catch-up without it failed with CKR_USER_NOT_LOGGED_IN at every pass (seed 12954).
+                    do throws(P11Error) {
+                        guard try logIn(member, s, group) == loggedIn else {
+                            done = false
+                            continue
+                        }
+                    } catch {
+                        if error.isMemberFault, (try? member.token.tokenInfo()) == nil { fanOut.fail(member, error) }
+                        done = false
+                        continue
+                    }
                     reached.append(ReplicaKeeper.Reached(member: member, session: s))
                 }
                 for target in reached {

@@ -112,15 +112,18 @@ package final class ReplicaKeeper: Sendable {
     /// One look proves nothing: an object the records seem not to describe (a store can hide them for a moment, and
     /// then a renamed object would be named by the identity an adoption gives it, which no other record shares: a
     /// rename or destroy lost, simulation seeds 8206 and 5735) is looked for in the records again, on this member
-    /// and on `elsewhere` (the other members in service), twice, before it is taken for an object no record describes.
+    /// and on `elsewhere` (the other members in service), three times more, before it is taken for an object no
+    /// record describes.
     func identify(_ group: Group, _ member: Member, _ session: MemberSession, _ copy: MemberObject,
                   known uid: ObjectUID? = nil, elsewhere: [(Member, MemberSession)] = []) throws(P11Error) -> (ObjectUID, Description) {
         let description = try describe(member, session, copy)
         if let uid { return (uid, description) }
         let knows = { group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) } }
         if !knows() { try refreshLedger(group, from: member, session) }
-        for (other, otherSession) in (elsewhere + [(member, session)] + elsewhere) where !knows() {
-            _ = try? refreshLedger(group, from: other, otherSession)
+        for _ in 0..<3 where !knows() {
+            for (other, otherSession) in elsewhere + [(member, session)] where !knows() {
+                _ = try? refreshLedger(group, from: other, otherSession)
+            }
         }
         let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }
         return (uid, description)
@@ -267,10 +270,26 @@ package final class ReplicaKeeper: Sendable {
         let pairing = Pairing(try view(target), with: ledger, visibleOnly: visible)
         report.unrecorded = pairing.unrecorded.count
         let token = target.member.token
+        let targetView = try view(target)
         for (copy, reason) in pairing.surplus {
             try mayChange()
+            // One look proves nothing: two processes' views of a SoftHSM store differ for a moment, and a copy
+            // counted twice was the only one (the one-host multi-writer test saw such "second copies" destroyed
+            // and copied back from a peer seconds later; once on every member, an object lost). Both copies must
+            // still answer, and a fresh search must list both, before one goes.
+            if reason == "second copy" {
+                let kept = pairing.copies.values.filter { $0.fingerprint == copy.fingerprint }.map(\.handle)
+                let answers = { (handle: MemberObject) in (try? token.readAttributes(target.session, handle, [CKA_CLASS])) != nil }
+                let listed = Set((try? token.findObjects(target.session, [Attribute(CKA_CLASS, ulong: copy.fingerprint.objectClass),
+                                                                           Attribute(CKA_TOKEN, bool: true)])) ?? [])
+                guard listed.contains(copy.handle), answers(copy.handle),
+                      kept.contains(where: { listed.contains($0) && answers($0) }) else {
+                    report.retry += 1
+                    continue
+                }
+            }
             try token.destroyObject(target.session, copy.handle)
-            Log.event(.debug, "repair-destroyed", "group=\(group.name) member=\(target.member.name) label=\"\(copy.attributes[CK_ATTRIBUTE_TYPE(CKA_LABEL)].map { String(decoding: $0.value, as: UTF8.self) } ?? "")\" reason=\"\(reason)\"")
+            Log.event(.info, "repair-destroyed", "group=\(group.name) member=\(target.member.name) label=\"\(copy.attributes[CK_ATTRIBUTE_TYPE(CKA_LABEL)].map { String(decoding: $0.value, as: UTF8.self) } ?? "")\" reason=\"\(reason)\"")
             report.destroyed += 1
         }
         for (uid, copy) in pairing.copies {
@@ -293,6 +312,17 @@ package final class ReplicaKeeper: Sendable {
                 report.noHolder += 1
                 continue
             }
+            // Not there after all? Another process may have copied it since the target was enumerated (it held
+            // the lease before this one), or the enumeration missed it: an object of its class, label and ID that
+            // the enumeration did not list means the copy waits for the next pass (two processes copied one key to
+            // one member seconds apart in the multi-writer test).
+            let probe = [Attribute(CKA_CLASS, ulong: state.fingerprint.objectClass), Attribute(CKA_TOKEN, bool: true)]
+                + state.template.filter { [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)].contains($0.type) }
+            let enumerated = Set(targetView.map(\.handle))
+            if let present = try? token.findObjects(target.session, probe), present.contains(where: { !enumerated.contains($0) }) {
+                report.retry += 1
+                continue
+            }
             let carried: Carried
             do throws(P11Error) {
                 carried = try self.carry(copy, state: state, from: peer, to: target)
@@ -311,7 +341,7 @@ package final class ReplicaKeeper: Sendable {
             try mayChange()
             do throws(P11Error) {
                 try place(carried, on: target)
-                Log.event(.debug, "repair-copied", "group=\(group.name) member=\(target.member.name) from=\(peer.member.name) \(name)")
+                Log.event(.info, "repair-copied", "group=\(group.name) member=\(target.member.name) from=\(peer.member.name) \(name)")
                 report.copied += 1
             } catch where error.isMemberFault {
                 throw error

@@ -63,7 +63,14 @@ extension Runtime {
             do throws(P11Error) {
                 try member.token.destroyObject(try session.memberSession(member), copy)
             } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
-                // Gone already (another process's destroy): the tombstone's repair finds no copy to destroy.
+                // Our handle names nothing there now: gone already (another process's destroy), or a copy a repair
+                // replaced (a second copy made while a search missed the first, then one of the two destroyed).
+                // Looked for again by identity; and a catch-up applies the tombstone to whatever is left (seed
+                // 10387: a copy stayed, the members agreeing on their records, so nothing else would repair it).
+                if let again = refreshCopy(of: object, on: member, in: session), let s = try? session.memberSession(member) {
+                    try? member.token.destroyObject(s, again)
+                }
+                recovery.requestCatchUp(group)
             } catch where session.isClosed && error.isSessionLoss {
                 // The application closed its session meanwhile: the member is not at fault; a catch-up destroys it.
                 recovery.requestCatchUp(group)
@@ -142,9 +149,11 @@ extension Runtime {
         let changed: [(Int, Void)]
         do {
             changed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
-                try member.token.setAttributeValues(s, copy, template)
+                try onFreshCopy(of: object, on: member, in: session, copy) { (copy) throws(P11Error) in
+                    try member.token.setAttributeValues(s, copy, template)
+                }
             } undo: { member, s, _ in
-                guard let restore, let copy = source[member.index],
+                guard let restore, let copy = group.objects.withLock({ $0[object]?.copies[member.index] }) ?? source[member.index],
                       (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
                     unrestored.append(member)
                     return
@@ -170,7 +179,7 @@ extension Runtime {
             var unrestored: [Member] = []
             for (index, _) in changed {
                 let member = group.members[index]
-                guard let restore, let copy = source[index], let s = try? session.memberSession(member),
+                guard let restore, let copy = group.objects.withLock({ $0[object]?.copies[index] }) ?? source[index], let s = try? session.memberSession(member),
                       (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
                     unrestored.append(member)
                     continue
@@ -454,6 +463,20 @@ extension Runtime {
             if let found { $0.setCopy(object, member: member.index, copy: found) }
         }
         return found
+    }
+
+    /// Runs a write on a member's copy; when the member says the handle names nothing (a repair replaced that
+    /// copy: a second copy made while a search missed the first, then one of the two destroyed), on the copy found
+    /// there again by identity, once. Before, such writes failed with CKR_OBJECT_HANDLE_INVALID and were undone
+    /// on the members that had taken them.
+    func onFreshCopy<T>(of object: ObjectHandle, on member: Member, in session: VirtualSession, _ copy: MemberObject,
+                        _ write: (MemberObject) throws(P11Error) -> T) throws(P11Error) -> T {
+        do {
+            return try write(copy)
+        } catch where error.rv == CKR_OBJECT_HANDLE_INVALID && error.fromMember {
+            guard let again = refreshCopy(of: object, on: member, in: session), again != copy else { throw error }
+            return try write(again)
+        }
     }
 
     func isTokenObject(_ object: ObjectHandle, in session: VirtualSession) throws(P11Error) -> Bool {
