@@ -13,7 +13,7 @@ struct MultiWriter {
         _ = try members.throughFaultModule(extraGlobal: fastRecovery)
         let host1 = try WriterHost("host1", members)
         let host2 = try WriterHost("host2", members)
-        let outcome = try runWriters(members, [("h1", host1), ("h2", host2)], seconds: 42, recoveryTimeout: 25, schedule: [
+        let outcome = try runWriters(members, [("h1", host1), ("h2", host2)], seconds: 42, recoveryTimeout: 40, schedule: [
             FaultStep(at: 5, "member-b down for both hosts") { try host1.down("member-b"); try host2.down("member-b") },
             FaultStep(at: 12, "member-b back for both hosts") { try host1.up("member-b"); try host2.up("member-b") },
             FaultStep(at: 16, "member-c down for host1 only (host2 keeps writing to it)") { try host1.down("member-c") },
@@ -23,7 +23,7 @@ struct MultiWriter {
             },
             FaultStep(at: 36, "partition healed") { try host1.up("member-b"); try host1.up("member-c"); try host2.up("member-a") },
         ])
-        outcome.expectConverged(knownIssue: "issue 10: now and then one or two acknowledged objects of about a thousand end on no member")
+        outcome.expectConverged(knownIssue: "issue 10: after the partition, repairs sometimes take longer than the wait for every member to be back and p11hactl status to say they agree")
     }
 
     @Test("one host, two writer processes sharing its lock-dir, a member away 10 s; once it is back, each member holds exactly what the writers were told")
@@ -160,10 +160,10 @@ struct MultiWriterOutcome {
     let story: String
 
     /// Prints the story and the figures, and fails with the figures unless the members converged.
-    /// `knownIssue`: the convergence checks are recorded as a known issue (reported, never counted as passed): the
-    /// two-host run still ends, now and then, with an object or two (of about a thousand) no member holds, held by
-    /// some members only, or destroyed and back, after writes that answered CKR_OBJECT_HANDLE_INVALID (issue 10,
-    /// not resolved).
+    /// `knownIssue`: when the members are back and agree in time, the audit is strict; when they are not (the
+    /// two-host run's repairs, about 800 records and 100 objects per member after the partition, sometimes take
+    /// longer than the wait), that is recorded as a known issue (reported, never counted as passed) and the audit
+    /// is held to the bounds below.
     /// `statusIssue`: only the members' agreement in time (p11hactl status) is the known issue; the audit is strict.
     func expectConverged(knownIssue: String? = nil, statusIssue: String? = nil) {
         print(story)
@@ -183,13 +183,18 @@ struct MultiWriterOutcome {
             #expect(converged, "\(audit.report)")
             return
         }
+        // Back and agreeing in time: the members must hold exactly what the writers were told.
+        if recovered {
+            #expect(converged, "\(audit.report)")
+            return
+        }
         withKnownIssue(Comment(rawValue: knownIssue), isIntermittent: true) {
             #expect(recovered, "the members did not all come back and agree in time; \(audit.figures)")
             #expect(converged, "\(audit.report)")
         }
-        // What holds already, checked strictly: nothing is there twice, no rename undone, no unknown object; at most 2
-        // acknowledged objects missing, 2 destroyed ones back, 2 differing between members (before: 30-53 lost,
-        // 26-49 back, 23-119 twice in every run).
+        // Not back in time (still repairing): what must hold at every moment, checked strictly: nothing is there
+        // twice, no rename undone, no unknown object; at most 2 acknowledged objects missing somewhere, 2 destroyed
+        // ones back, 2 differing between members (before records: 30-53 lost, 26-49 back, 23-119 twice in every run).
         #expect(audit.lost.count <= 2 && audit.divergent.count <= 2 && audit.resurrected.count <= 2 && audit.staleLabels.isEmpty
                 && audit.duplicated.isEmpty && audit.unknown.isEmpty, "\(audit.report)")
     }
