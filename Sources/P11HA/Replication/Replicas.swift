@@ -586,6 +586,15 @@ package final class Lease {
             }
             if other.stamp < stamp { heldByOther = true }
         }
+        // One look proves nothing: a search on SoftHSM misses objects now and then while another process writes the
+        // token, and a claim missed here let two processes copy one object to one member seconds apart (the
+        // one-host multi-writer test). A second search must agree before the lease is taken.
+        if !heldByOther {
+            heldByOther = try claims(on: token, session).contains { handle, other in
+                handle != lease.claim && other.stamp < stamp && other.expires >= now && other.stamp.writer != clock.writer
+                    && !other.claimantIsDeadHere
+            }
+        }
         if heldByOther {
             lease.release()
             return nil
