@@ -298,6 +298,21 @@ package final class ReplicaKeeper: Sendable {
             try token.setAttributeValues(target.session, copy.handle, corrections)
             report.changed += 1
         }
+        // The target's objects that its enumeration did not list, by class, label and ID: listed again once, before
+        // the first copy (one search, not one per copy).
+        var appearedNames: Set<[UInt8]>? = nil
+        func appeared() throws(P11Error) -> Set<[UInt8]> {
+            if let appearedNames { return appearedNames }
+            let enumerated = Set(targetView.map(\.handle))
+            var names = Set<[UInt8]>()
+            for handle in (try? token.findObjects(target.session, [Attribute(CKA_TOKEN, bool: true)])) ?? [] where !enumerated.contains(handle) {
+                guard let values = try? token.readAttributes(target.session, handle, [CKA_CLASS, CKA_LABEL, CKA_ID]),
+                      let objectClass = values[0].flatMap({ Attribute(CKA_CLASS, $0).ulongValue }) else { continue }
+                names.insert(Self.name(objectClass, [Attribute(CKA_LABEL, values[1] ?? []), Attribute(CKA_ID, values[2] ?? [])]))
+            }
+            appearedNames = names
+            return names
+        }
         for uid in pairing.missing.sorted() {
             let state = ledger.objects[uid]!
             var source: (Reached, MemberCopy)? = nil
@@ -315,10 +330,7 @@ package final class ReplicaKeeper: Sendable {
             // the lease before this one), or the enumeration missed it: an object of its class, label and ID that
             // the enumeration did not list means the copy waits for the next pass (two processes copied one key to
             // one member seconds apart in the multi-writer test).
-            let probe = [Attribute(CKA_CLASS, ulong: state.fingerprint.objectClass), Attribute(CKA_TOKEN, bool: true)]
-                + state.template.filter { [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)].contains($0.type) }
-            let enumerated = Set(targetView.map(\.handle))
-            if let present = try? token.findObjects(target.session, probe), present.contains(where: { !enumerated.contains($0) }) {
+            if try appeared().contains(Self.name(state.fingerprint.objectClass, state.template)) {
                 report.retry += 1
                 continue
             }
@@ -468,6 +480,16 @@ package final class ReplicaKeeper: Sendable {
                        template: overridden(try ReplicaAttributes.byValueTemplate(on: source.member.token, source.session, copy.handle)))
     }
 
+    /// An object's class, label and ID as one key.
+    private static func name(_ objectClass: CK_ULONG, _ attributes: [Attribute]) -> [UInt8] {
+        var key = withUnsafeBytes(of: objectClass) { Array($0) }
+        for type in [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)] {
+            let value = attributes[type]?.value ?? []
+            key += withUnsafeBytes(of: UInt32(value.count)) { Array($0) } + value
+        }
+        return key
+    }
+
     /// Whether two handles on a member name two objects: a marker label set through `a` must not show through
     /// `b`. When it does (one object), `a`'s label is set back; a label changed meanwhile by an application is
     /// put right by its record at the next repair. An object whose label cannot be set is taken for one.
@@ -481,7 +503,7 @@ package final class ReplicaKeeper: Sendable {
         guard (try? token.setAttributeValues(target.session, a, [Attribute(label, marker)])) != nil else { return false }
         let seen = try? token.readAttributes(target.session, b, [label])[0]
         if seen == marker || seen == nil {
-            try token.setAttributeValues(target.session, a, [Attribute(label, before ?? [])])
+            try token.setAttributeValues(target.session, a, [Attribute(label, before)])
             return false
         }
         return true
