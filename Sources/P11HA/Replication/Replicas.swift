@@ -96,6 +96,27 @@ package final class ReplicaKeeper: Sendable {
         return (held, new)
     }
 
+    /// Reads a member's records into the group's ledger (for `p11hactl sync`).
+    package func readRecords(_ group: Group, from member: Member, _ session: MemberSession) throws(P11Error) {
+        try refreshLedger(group, from: member, session)
+    }
+
+    /// Whether the records describe an object of this fingerprint, live or destroyed: then its copies are the
+    /// records' to repair, never an operator's copy to make (`p11hactl sync`).
+    package func recordsDescribe(_ group: Group, _ fingerprint: Fingerprint) -> Bool {
+        group.ledger.withLock { ledger in
+            ledger.objects.values.contains { $0.created && ($0.fingerprint == fingerprint || $0.tombstoneFingerprints.contains(fingerprint)) }
+        }
+    }
+
+    /// What the records read so far say (for `p11hactl sync --dry-run`).
+    package func ledger(of group: Group) -> Ledger { group.ledger.withLock { $0 } }
+
+    /// An object's fingerprint as the records name it (for `p11hactl sync`).
+    package func fingerprint(of member: Member, _ session: MemberSession, _ object: MemberObject) throws(P11Error) -> Fingerprint {
+        try describe(member, session, object).fingerprint
+    }
+
     /// Notes a record this process wrote on a member at `handle`.
     func noteWritten(_ record: ReplicaRecord, at handle: MemberObject, on member: Member, in group: Group) {
         let epoch = member.handleEra
@@ -183,7 +204,7 @@ package final class ReplicaKeeper: Sendable {
         /// not extractable, or a member has no replication key).
         package var unrepairable: [String] = []
         /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
-        var retry = 0
+        package var retry = 0
         var unrecorded = 0
         /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
         /// moment), so they are looked for again later.
@@ -298,21 +319,6 @@ package final class ReplicaKeeper: Sendable {
             try token.setAttributeValues(target.session, copy.handle, corrections)
             report.changed += 1
         }
-        // The target's objects that its enumeration did not list, by class, label and ID: listed again once, before
-        // the first copy (one search, not one per copy).
-        var appearedNames: Set<[UInt8]>? = nil
-        func appeared() throws(P11Error) -> Set<[UInt8]> {
-            if let appearedNames { return appearedNames }
-            let enumerated = Set(targetView.map(\.handle))
-            var names = Set<[UInt8]>()
-            for handle in (try? token.findObjects(target.session, [Attribute(CKA_TOKEN, bool: true)])) ?? [] where !enumerated.contains(handle) {
-                guard let values = try? token.readAttributes(target.session, handle, [CKA_CLASS, CKA_LABEL, CKA_ID]),
-                      let objectClass = values[0].flatMap({ Attribute(CKA_CLASS, $0).ulongValue }) else { continue }
-                names.insert(Self.name(objectClass, [Attribute(CKA_LABEL, values[1] ?? []), Attribute(CKA_ID, values[2] ?? [])]))
-            }
-            appearedNames = names
-            return names
-        }
         for uid in pairing.missing.sorted() {
             let state = ledger.objects[uid]!
             var source: (Reached, MemberCopy)? = nil
@@ -330,7 +336,10 @@ package final class ReplicaKeeper: Sendable {
             // the lease before this one), or the enumeration missed it: an object of its class, label and ID that
             // the enumeration did not list means the copy waits for the next pass (two processes copied one key to
             // one member seconds apart in the multi-writer test).
-            if try appeared().contains(Self.name(state.fingerprint.objectClass, state.template)) {
+            let probe = [Attribute(CKA_CLASS, ulong: state.fingerprint.objectClass), Attribute(CKA_TOKEN, bool: true)]
+                + state.template.filter { [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)].contains($0.type) }
+            let enumerated = Set(targetView.map(\.handle))
+            if let present = try? token.findObjects(target.session, probe), present.contains(where: { !enumerated.contains($0) }) {
                 report.retry += 1
                 continue
             }
@@ -398,7 +407,7 @@ package final class ReplicaKeeper: Sendable {
     }
 
     /// The member's token objects (not p11ha's own), each with its fingerprint and replicated attributes.
-    func enumerate(_ reached: Reached, ledger: Ledger) throws(P11Error) -> [MemberCopy] {
+    package func enumerate(_ reached: Reached, ledger: Ledger) throws(P11Error) -> [MemberCopy] {
         let token = reached.member.token
         let s = reached.session
         let replicationKey = try self.replicationKey(reached.member, s)
@@ -478,16 +487,6 @@ package final class ReplicaKeeper: Sendable {
         }
         return Carried(wrapped: nil, unwrappingKey: nil,
                        template: overridden(try ReplicaAttributes.byValueTemplate(on: source.member.token, source.session, copy.handle)))
-    }
-
-    /// An object's class, label and ID as one key.
-    private static func name(_ objectClass: CK_ULONG, _ attributes: [Attribute]) -> [UInt8] {
-        var key = withUnsafeBytes(of: objectClass) { Array($0) }
-        for type in [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)] {
-            let value = attributes[type]?.value ?? []
-            key += withUnsafeBytes(of: UInt32(value.count)) { Array($0) } + value
-        }
-        return key
     }
 
     /// Whether two handles on a member name two objects: a marker label set through `a` must not show through
@@ -586,6 +585,9 @@ package final class Lease {
     }
 
     /// Claims the member's lease; nil when another claimant holds it (then nothing is left behind).
+    /// How long a repairer's claim lives: longer than any one change a repair makes, re-checked before each.
+    package static let repairDuration: Duration = .seconds(30)
+
     package static func acquire(_ member: Member, _ session: MemberSession, clock: ReplicaClock, duration: Duration) throws(P11Error) -> Lease? {
         let stamp = clock.next()
         let expires = stamp.milliseconds + UInt64(duration.milliseconds)
