@@ -22,6 +22,9 @@ public struct SyncReport: Sendable {
     public var uncopyable: [Problem] = []
     public var conflicts: [Problem] = []
     public var objectCount = 0
+    /// Changes the replication records call for that were not made (a dry run), or objects a repair could not
+    /// bring or must try again.
+    public var repairsPending = 0
 }
 
 extension Runtime {
@@ -50,6 +53,57 @@ extension Runtime {
         }
 
         var report = SyncReport()
+        // The records first: every member is brought to what the replication records say, as a returning member
+        // is (copies, destroys, attribute changes, under each member's lease), so that an object destroyed through
+        // p11ha is never copied back from a member that missed the destroy, nor a renamed one copied under its old
+        // label. What follows copies only objects no record describes (made outside p11ha).
+        for member in members {
+            do throws(P11Error) { try replicas.readRecords(group, from: member, sessions[member.index]!) } catch {
+                throw SyncError(description: "\(member.name): reading its replication records: \(error)")
+            }
+        }
+        let reached = members.map { ReplicaKeeper.Reached(member: $0, session: sessions[$0.index]!) }
+        for target in reached {
+            let peers = reached.filter { $0.member !== target.member }
+            if dryRun {
+                let ledger = replicas.ledger(of: group)
+                guard let view = try? replicas.enumerate(target, ledger: ledger) else { continue }
+                let pairing = Pairing(view, with: ledger)
+                let changes = pairing.copies.filter { !ledger.objects[$0.key]!.corrections(to: $0.value.attributes).isEmpty }.count
+                if !pairing.missing.isEmpty || !pairing.surplus.isEmpty || changes > 0 {
+                    progress("\(target.member.name): would be repaired from the replication records: \(pairing.missing.count) to copy, \(pairing.surplus.count) to destroy, \(changes) to change")
+                }
+                report.repairsPending += pairing.missing.count + pairing.surplus.count + changes
+                continue
+            }
+            let lease: Lease?
+            do throws(P11Error) {
+                lease = try Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Lease.repairDuration)
+            } catch {
+                throw SyncError(description: "\(target.member.name): taking its lease: \(error)")
+            }
+            guard let lease else {
+                throw SyncError(description: "\(target.member.name): another process holds its lease (it is being repaired): try again")
+            }
+            defer { lease.release() }
+            do throws(P11Error) {
+                let repair = try replicas.repair(target, peers: peers, in: group, loggedIn: true, lease: lease)
+                progress("\(target.member.name): repaired from the replication records: \(repair)")
+                report.repairsPending += repair.unrepairable.count + repair.retry
+            } catch {
+                throw SyncError(description: "\(target.member.name): repair from the replication records: \(error)")
+            }
+        }
+        // What the repairs left, looked at again.
+        if !dryRun {
+            for member in members {
+                do {
+                    inventories[member.index] = try ObjectCopy.inventory(member, sessions[member.index]!, replicationKey: replicationKeys[member.index])
+                } catch {
+                    throw SyncError(description: "\(member.name): \(error)")
+                }
+            }
+        }
         var byIdentity: [ObjectIdentity: [Int: [Inventoried]]] = [:]
         var order: [ObjectIdentity] = []
         for member in members {
@@ -75,6 +129,12 @@ extension Runtime {
             guard let sourceIndex = holders.keys.sorted().first else { continue }
             let source = group.members[sourceIndex]
             let original = holders[sourceIndex]![0]
+            // An object the records describe (live, renamed since, or destroyed) is the repair's above.
+            if members.contains(where: { holders[$0.index] == nil }),
+               let fingerprint = try? replicas.fingerprint(of: source, sessions[sourceIndex]!, original.handle),
+               replicas.recordsDescribe(group, fingerprint) {
+                continue
+            }
             let isKey = identity.isKey
             for target in members where holders[target.index] == nil {
                 if isKey && !original.extractable {

@@ -361,6 +361,9 @@ struct Sync: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy to each member the token objects it lacks; report conflicts and what cannot be copied.",
         discussion: """
+            First every member is brought to what the replication records say, as a returning member is (under \
+            its lease): objects destroyed through p11ha are destroyed, never copied back, renamed ones renamed. \
+            Then objects no record describes (made outside p11ha) are copied. \
             Keys travel wrapped under the group's replication key (only extractable ones can); certificates, \
             public keys and data objects by value. Objects with the same class, key type, label and ID but \
             different key material on two members are conflicts: reported, never overwritten. Exits 1 when an \
@@ -390,7 +393,9 @@ struct Sync: ParsableCommand {
         for problem in report.uncopyable { print("cannot copy: \(problem.object): \(problem.detail)") }
         for problem in report.conflicts { print("conflict: \(problem.object): \(problem.detail)") }
         let verb = dryRun ? "would copy" : "copied"
-        print("group \(group.name): \(report.objectCount) objects, \(verb) \(report.copies.count), \(report.uncopyable.count) cannot be copied, \(report.conflicts.count) conflicts")
+        let pending = report.repairsPending > 0
+            ? (dryRun ? ", \(report.repairsPending) changes the replication records call for" : ", \(report.repairsPending) left to the next repair") : ""
+        print("group \(group.name): \(report.objectCount) objects, \(verb) \(report.copies.count), \(report.uncopyable.count) cannot be copied, \(report.conflicts.count) conflicts\(pending)")
         if !report.uncopyable.isEmpty || !report.conflicts.isEmpty { throw ExitCode(1) }
     }
 }

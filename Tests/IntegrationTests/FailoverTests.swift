@@ -32,6 +32,32 @@ import Testing
         #expect(members.log.contains("no answer within the operation-timeout"), "\(members.log)")
     }
 
+    @Test("p11hactl sync brings a member that missed writes to the replication records: an object destroyed meanwhile is destroyed there, never copied back; a renamed one is renamed, never copied under its old label")
+    func syncFollowsTheRecords() throws {
+        let members = try Members()
+        let control = try members.throughFaultModule(extraGlobal: ["recovery-interval = 1m"])
+        let writes = try faultScenario("writes-while-down", members)
+        try #require(writes.status == 0, "\(writes.stdout)\(writes.stderr)")
+        try inject("ok", into: control, member: "member-c")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        let dry = try p11hactl(["sync", "--group", members.group, "--dry-run", "--pin-source", pin], members,
+                               environment: members.faultEnvironment)
+        #expect(dry.stdout.contains("member-c: would be repaired from the replication records"), "\(dry.output)")
+        #expect(!dry.stdout.contains("would copy ["), "objects the records describe are never an operator's copy:\n\(dry.output)")
+        let sync = try p11hactl(["sync", "--group", members.group, "--pin-source", pin], members,
+                                environment: members.faultEnvironment)
+        #expect(sync.status == 0, "\(sync.output)")
+        #expect(sync.stdout.contains("member-c: repaired from the replication records"), "\(sync.output)")
+        for token in ["member-a", "member-b", "member-c"] {
+            let list = try PKCS11Tool(module: Paths.softhsmModule, token: token, members: members)(["-O"], login: true)
+            #expect(!list.stdout.contains("resync-doomed"), "\(token) holds the object destroyed while member-c was away:\n\(list.stdout)")
+            #expect(!list.stdout.contains("resync-old-name"), "\(token) holds the renamed object under its old label:\n\(list.stdout)")
+            #expect(list.stdout.components(separatedBy: "resync-new-name").count == 2, "\(token): the renamed object once:\n\(list.stdout)")
+            #expect(list.stdout.contains("'resync-new'"), "\(token) holds the object made while member-c was away:\n\(list.stdout)")
+        }
+        #expect(!(dry.output + sync.output).contains(members.userPIN))
+    }
+
     @Test("a member that missed writes while another process ran is brought up to date by the next process; destroyed objects stay destroyed")
     func resyncAcrossProcesses() throws {
         let members = try Members()

@@ -116,7 +116,7 @@ extension Ledger.ObjectState {
     }
 
     /// The attributes of `actual` to set so that it has this state's values.
-    func corrections(to actual: [Attribute]) -> [Attribute] {
+    package func corrections(to actual: [Attribute]) -> [Attribute] {
         template.filter { wanted in actual[wanted.type].map { $0.value != wanted.value } ?? true }
     }
 }

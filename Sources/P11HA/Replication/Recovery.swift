@@ -160,7 +160,7 @@ final class Recovery: @unchecked Sendable {
     }
 
     /// How long a lease on a member lasts: a repair that would outlast it stops and is taken up again later.
-    static let leaseDuration: Duration = .seconds(30)
+    static let leaseDuration = Lease.repairDuration
 
     /// Brings each member in service up to date with the union of the records of all members in service, each
     /// under its lease, while it goes on serving. Returns whether it is done (false: try again at the next pass,
