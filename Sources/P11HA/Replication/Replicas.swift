@@ -319,7 +319,6 @@ package final class ReplicaKeeper: Sendable {
             try token.setAttributeValues(target.session, copy.handle, corrections)
             report.changed += 1
         }
-        var brought = Set<ObjectUID>()
         for uid in pairing.missing.sorted() {
             let state = ledger.objects[uid]!
             var source: (Reached, MemberCopy)? = nil
@@ -364,7 +363,6 @@ package final class ReplicaKeeper: Sendable {
                 try place(carried, on: target)
                 Log.event(.info, "repair-copied", "group=\(group.name) member=\(target.member.name) from=\(peer.member.name) \(name)")
                 report.copied += 1
-                brought.insert(uid)
             } catch where error.isMemberFault {
                 throw error
             } catch where [CKR_KEY_UNEXTRACTABLE, CKR_KEY_NOT_WRAPPABLE, CKR_FUNCTION_FAILED, CKR_MECHANISM_INVALID,
@@ -376,12 +374,7 @@ package final class ReplicaKeeper: Sendable {
             }
         }
         // The records it lacks, last: a member that holds a record holds what it describes, or was repaired to.
-        // Not those of an object it still lacks (no holder in reach, a copy to retry): its record counts would
-        // then match its peers' and no login or watch would ask for the catch-up that brings it (seed 29115: an
-        // object missing from one member for good).
-        let lacking = Set(pairing.missing).subtracting(brought)
         for record in ledger.records.values.sorted(by: { $0.stamp < $1.stamp }) where !held.contains(record.stamp) {
-            if record.operation != .destroy && lacking.contains(record.object) { continue }
             guard loggedIn || !record.isPrivate else { continue }
             try mayChange()
             noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group)
