@@ -45,11 +45,9 @@ extension Runtime {
                     try member.token.login(session, userType: CK_USER_TYPE(CKU_USER), pin: member.ownPIN ?? userPIN)
                 } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
                 replicationKeys[member.index] = try ReplicationKey.find(on: member.token, session)
-                inventories[member.index] = try ObjectCopy.inventory(member, session, replicationKey: replicationKeys[member.index])
             } catch {
                 throw SyncError(description: "\(member.name): \(error)")
             }
-            progress("\(member.name): \(inventories[member.index]!.count) token objects")
         }
 
         var report = SyncReport()
@@ -94,15 +92,14 @@ extension Runtime {
                 throw SyncError(description: "\(target.member.name): repair from the replication records: \(error)")
             }
         }
-        // What the repairs left, looked at again.
-        if !dryRun {
-            for member in members {
-                do {
-                    inventories[member.index] = try ObjectCopy.inventory(member, sessions[member.index]!, replicationKey: replicationKeys[member.index])
-                } catch {
-                    throw SyncError(description: "\(member.name): \(error)")
-                }
+        // What the repairs left (what is there, for a dry run).
+        for member in members {
+            do {
+                inventories[member.index] = try ObjectCopy.inventory(member, sessions[member.index]!, replicationKey: replicationKeys[member.index])
+            } catch {
+                throw SyncError(description: "\(member.name): \(error)")
             }
+            progress("\(member.name): \(inventories[member.index]!.count) token objects")
         }
         var byIdentity: [ObjectIdentity: [Int: [Inventoried]]] = [:]
         var order: [ObjectIdentity] = []

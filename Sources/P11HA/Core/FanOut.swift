@@ -225,8 +225,17 @@ final class FanOut: @unchecked Sendable {
     }
 
     /// A cheap call any working member answers.
-    private func answersProbe(_ member: Member) -> Bool {
+    func answersProbe(_ member: Member) -> Bool {
         (try? member.token.tokenInfo()) != nil
+    }
+
+    /// The evidence rule for work beside the application's calls (repairs, catch-ups): a member that answered a
+    /// fault-class code leaves service only when it fails a probe too. Returns whether it left.
+    @discardableResult
+    func failUnlessItAnswersProbe(_ member: Member, _ error: P11Error) -> Bool {
+        if answersProbe(member) { return false }
+        fail(member, error)
+        return true
     }
 }
 

@@ -210,7 +210,7 @@ final class Recovery: @unchecked Sendable {
                         // A fault-class answer alone is no evidence (SoftHSM answers searches CKR_GENERAL_ERROR after a
                         // refused C_CreateObject left a half-made object): the member leaves service only if it fails a
                         // probe too; otherwise the catch-up is tried again.
-                        if (try? target.member.token.tokenInfo()) == nil { fanOut.fail(target.member, error) } else { done = false }
+                        if !fanOut.failUnlessItAnswersProbe(target.member, error) { done = false }
                     } catch {
                         done = false
                         Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
@@ -236,7 +236,7 @@ final class Recovery: @unchecked Sendable {
             workerSessions.withLock { $0[ObjectIdentifier(member)] = (era, session) }
             return session
         } catch {
-            if error.isMemberFault, (try? member.token.tokenInfo()) == nil { fanOut.fail(member, error) }
+            if error.isMemberFault { fanOut.failUnlessItAnswersProbe(member, error) }
             return nil
         }
     }
@@ -375,7 +375,7 @@ final class Recovery: @unchecked Sendable {
                 reached.append(ReplicaKeeper.Reached(member: peer, session: s))
                 guard try logIn(peer, s, group) == loggedIn else { throw P11Error(CK_RV(CKR_USER_NOT_LOGGED_IN)) }
             } catch where error.isMemberFault {
-                if peer.isInService, (try? peer.token.tokenInfo()) == nil { fanOut.fail(peer, error) }
+                if peer.isInService { fanOut.failUnlessItAnswersProbe(peer, error) }
             } catch {}
         }
         let report = try replicas.repair(ReplicaKeeper.Reached(member: member, session: session), peers: reached, in: group,

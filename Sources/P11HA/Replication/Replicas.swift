@@ -185,7 +185,7 @@ package final class ReplicaKeeper: Sendable {
             // It holds the write but not the record. A member that misses its deadline or fails a probe leaves
             // service; one that answers a probe (a fault-class code alone is no evidence) stays, and a catch-up gives
             // it the record.
-            if error.timedOut || !error.isMemberFault || (try? member.token.tokenInfo()) == nil {
+            if error.timedOut || !error.isMemberFault || !fanOut.answersProbe(member) {
                 fanOut.markStale(member, reason: "missed a write's record: \(error)")
             } else {
                 catchUp = true
@@ -255,7 +255,7 @@ package final class ReplicaKeeper: Sendable {
                 // Evidence against the peer itself: it fails a probe too (its module restarted behind this process,
                 // say). It leaves service and is brought back; left in, every catch-up would stop at it for ever
                 // (simulation seed 8967: a tombstone never applied).
-                if error.isMemberFault, (try? peer.member.token.tokenInfo()) == nil { fanOut.fail(peer.member, error) }
+                if error.isMemberFault { fanOut.failUnlessItAnswersProbe(peer.member, error) }
             }
         }
         var views: [Int: [MemberCopy]] = [:]

@@ -145,6 +145,11 @@ extension Runtime {
         let restore: [Attribute]? = old.flatMap { old in
             old.contains(where: { $0 == nil }) ? nil : zip(template, old).map { Attribute($0.type, $1!) }
         }
+        // Sets the old values back on a member's copy (the one found again if `onFreshCopy` replaced it).
+        let setBack = { (member: Member, s: MemberSession) -> Bool in
+            guard let restore, let copy = group.objects.withLock({ $0[object]?.copies[member.index] }) ?? source[member.index] else { return false }
+            return (try? member.token.setAttributeValues(s, copy, restore)) != nil
+        }
         var unrestored: [Member] = []
         let changed: [(Int, Void)]
         do {
@@ -153,11 +158,7 @@ extension Runtime {
                     try member.token.setAttributeValues(s, copy, template)
                 }
             } undo: { member, s, _ in
-                guard let restore, let copy = group.objects.withLock({ $0[object]?.copies[member.index] }) ?? source[member.index],
-                      (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
-                    unrestored.append(member)
-                    return
-                }
+                if !setBack(member, s) { unrestored.append(member) }
             }
         } catch {
             if !unrestored.isEmpty { diverged(session, object, lost: unrestored, write: "attribute change", error) }
@@ -176,14 +177,9 @@ extension Runtime {
         } catch {
             // No member took the record: the change is set back where it was made, as when a member refuses it
             // (before, it stayed, unrecorded, while the application was told it failed: simulation seed 3815).
-            var unrestored: [Member] = []
-            for (index, _) in changed {
-                let member = group.members[index]
-                guard let restore, let copy = group.objects.withLock({ $0[object]?.copies[index] }) ?? source[index], let s = try? session.memberSession(member),
-                      (try? member.token.setAttributeValues(s, copy, restore)) != nil else {
-                    unrestored.append(member)
-                    continue
-                }
+            let unrestored = changed.map { group.members[$0.0] }.filter { member in
+                guard let s = try? session.memberSession(member) else { return true }
+                return !setBack(member, s)
             }
             if unrestored.isEmpty {
                 group.objects.withLock { $0.replaceIdentity(object, before) }
