@@ -7,7 +7,7 @@ import Synchronization
 
 /// One case per `TokenBackend` method, to aim faults at and to count calls by.
 public enum FakeCall: String, CaseIterable, Sendable {
-    case connect, reconnect, disconnect
+    case connect, reconnect, restartModule, disconnect
     case tokenInfo, mechanismList, mechanismInfo
     case openSession, closeSession, login, logout, initPIN, setPIN
     case createObject, copyObject, destroyObject, objectSize, attributeValues, setAttributeValues, findObjects
@@ -29,6 +29,11 @@ public enum FakeFault: Sendable, Equatable {
     /// The token (or connection) goes down: this and every later call answer CKR_DEVICE_ERROR until `revive()`;
     /// then each connection answers CKR_CRYPTOKI_NOT_INITIALIZED until `reconnect(restartingModule: true)`.
     case crash
+    /// This call and every later one through the scope answer the code until the module restarts
+    /// (`FakeToken.restartModule`) or `clearFaults()`: a module whose own state for the token broke in one
+    /// process, as SoftHSM's does after it read a token file while another process rewrote it. The rule fires
+    /// once; the scope then stays wedged by its own state.
+    case wedge(CK_RV)
 }
 
 /// Scripted faults, the down/up state and call counters of one scope: a whole token (`FakeTokenStore.faults`,
@@ -55,6 +60,8 @@ public final class FakeFaults: Sendable {
         var hanging = 0
         var isDown = false
         var crashes = 0
+        /// Set by a `.wedge` fault: every call answers it until `unwedge()`.
+        var wedgedWith: CK_RV? = nil
     }
 
     let state: Mutex<State>
@@ -78,8 +85,16 @@ public final class FakeFaults: Sendable {
         state.withLock {
             $0.rules = []
             $0.hangGeneration &+= 1
+            $0.wedgedWith = nil
         }
     }
+
+    /// Ends a `.wedge`: the module restarted.
+    func unwedge() {
+        state.withLock { $0.wedgedWith = nil }
+    }
+
+    public var isWedged: Bool { state.withLock { $0.wedgedWith != nil } }
 
     /// Lets every call hung now go on (new calls matching a `.hang` rule still hang).
     public func releaseHangs() {
@@ -127,6 +142,7 @@ public final class FakeFaults: Sendable {
     /// Applies the rules matching this call: sleeps through latencies, blocks in hangs, crashes the scope.
     /// Throws what the call must answer instead of doing its work.
     func apply(_ call: FakeCall, kind: OperationKind?) throws(P11Error) {
+        if let rv = state.withLock({ $0.wedgedWith }) { throw P11Error.member(rv) }
         let fired = state.withLock { state -> [FakeFault] in
             var fired: [FakeFault] = []
             var index = 0
@@ -139,7 +155,10 @@ public final class FakeFaults: Sendable {
                     continue
                 }
                 fired.append(rule.fault)
-                if let remaining = rule.remaining {
+                if case .wedge = rule.fault {
+                    // Once wedged, the scope stays so by its own state, not by the rule.
+                    state.rules.remove(at: index)
+                } else if let remaining = rule.remaining {
                     if remaining <= 1 {
                         state.rules.remove(at: index)
                     } else {
@@ -168,6 +187,9 @@ public final class FakeFaults: Sendable {
                 throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
             case .hangThenProceed:
                 waitForRelease()
+            case .wedge(let rv):
+                state.withLock { $0.wedgedWith = rv }
+                throw P11Error.member(rv)
             }
         }
     }

@@ -49,12 +49,17 @@ public final class FakeToken: TokenBackend {
     let state: Mutex<Connection>
     private let underWay = Atomic<Int>(0)
 
-    public init(store: FakeTokenStore) {
+    /// The module instance this connection is a token of, shared with other tokens' connections (nil: its own).
+    public let module: FakeModule?
+
+    public init(store: FakeTokenStore, module: FakeModule? = nil) {
         self.store = store
+        self.module = module
         number = store.newConnectionNumber()
         faults = FakeFaults(seed: mix64(store.seed ^ UInt64(number) &* 0x51ED))
         let base = CK_ULONG(number) << 16
         state = Mutex(Connection(nextHandle: base + 1, nextSession: base + 1))
+        module?.add(self)
     }
 
     // MARK: the gate
@@ -125,6 +130,27 @@ public final class FakeToken: TokenBackend {
                 // A crashed module stays uninitialized until it is started afresh.
                 throw P11Error.member(CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED))
             }
+        }
+    }
+
+    public var moduleName: String { module?.name ?? "fake \(store.label) connection \(number)" }
+
+    /// Ends every session, login and handle of every connection in the module (and their wedges), as a real
+    /// module's C_Finalize and C_Initialize do.
+    public func restartModule() throws(P11Error) {
+        store.faults.record(.restartModule)
+        faults.record(.restartModule)
+        try checkUp()
+        for connection in module?.connections ?? [self] { connection.restartedWithModule() }
+    }
+
+    private func restartedWithModule() {
+        faults.unwedge()
+        let crashes = (store: store.faults.crashes, own: faults.crashes)
+        state.withLock { connection in
+            connection.restart()
+            connection.connected = true
+            connection.crashesSeen = crashes
         }
     }
 

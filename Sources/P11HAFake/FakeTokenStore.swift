@@ -53,7 +53,7 @@ public final class FakeTokenStore: Sendable {
     }
 
     /// A new connection to this token: one process (or host) using it.
-    public func connection() -> FakeToken { FakeToken(store: self) }
+    public func connection(module: FakeModule? = nil) -> FakeToken { FakeToken(store: self, module: module) }
 
     // MARK: cross-process inconsistency
 
@@ -116,4 +116,18 @@ public final class FakeTokenStore: Sendable {
         defer { state.nextID += 1 }
         return state.nextID
     }
+}
+
+/// One module instance in one process whose tokens are several fake tokens (as the tokens of one SoftHSM
+/// configuration are slots of one module): restarting it restarts every connection in it.
+public final class FakeModule: Sendable {
+    public let name: String
+    private struct Weak: @unchecked Sendable { weak var token: FakeToken? }
+    private let members = Mutex<[Weak]>([])
+
+    public init(name: String) { self.name = name }
+
+    func add(_ token: FakeToken) { members.withLock { $0.append(Weak(token: token)) } }
+
+    var connections: [FakeToken] { members.withLock { $0.compactMap(\.token) } }
 }

@@ -88,12 +88,16 @@ struct file_key {
     struct timespec mtime, ctime;
 };
 
-enum verb { VERB_OK, VERB_FAIL, VERB_FAIL_AFTER, VERB_HANG };
+enum verb { VERB_OK, VERB_FAIL, VERB_FAIL_AFTER, VERB_HANG, VERB_WEDGE };
+
+/* Successful C_Initialize calls of this process: a wedge holds until the next one. */
+static unsigned long starts;
 
 struct command {
     enum verb verb;
     CK_RV code;
     unsigned long let_through; /* fail-after: matching calls still to let through */
+    unsigned long wedged_start; /* wedge: the value of `starts` when this version of the file was read */
     int every_function;        /* no function listed */
     unsigned char functions[FUNCTION_COUNT];
 };
@@ -379,6 +383,10 @@ static struct command parse_command(char *text, const char *label)
                parse_code(words[2], &parsed.code)) {
         parsed.verb = VERB_FAIL_AFTER;
         first_function = 3;
+    } else if (strcmp(words[0], "wedge") == 0 && count >= 2 && parse_code(words[1], &parsed.code)) {
+        parsed.verb = VERB_WEDGE;
+        parsed.wedged_start = __atomic_load_n(&starts, __ATOMIC_ACQUIRE);
+        first_function = 2;
     } else if (strcmp(words[0], "hang") == 0) {
         parsed.verb = VERB_HANG;
         first_function = 1;
@@ -510,6 +518,10 @@ static enum decision decide(const char *control_dir, const char *label, enum fun
         case VERB_HANG:
             decision = HANG;
             break;
+        case VERB_WEDGE:
+            if (command->wedged_start == __atomic_load_n(&starts, __ATOMIC_ACQUIRE))
+                decision = INJECT;
+            break;
         case VERB_OK:
             break;
         }
@@ -603,8 +615,10 @@ static CK_RV fy_C_Initialize(CK_VOID_PTR init_args)
 {
     load_settings();
     CK_RV rv = CALL_TARGET(C_Initialize, (init_args));
-    if (rv == CKR_OK)
+    if (rv == CKR_OK) {
         forget_sessions_and_labels();
+        __atomic_add_fetch(&starts, 1, __ATOMIC_ACQ_REL);
+    }
     return rv;
 }
 

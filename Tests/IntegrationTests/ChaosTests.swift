@@ -119,6 +119,45 @@ struct Chaos {
     }
 }
 
+@Suite("A broken module", .serialized)
+struct BrokenModule {
+    @Test("a member whose module answers CKR_GENERAL_ERROR to every call in one process (as SoftHSM 2.6.1 does once it read a token file mid-rewrite) comes back by a restart of the module, and four signing threads see no error, while the members sharing the module restart with it")
+    func wedgedMemberComesBack() throws {
+        let members = try Members()
+        let control = try members.throughFaultModule(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 300ms"])
+        let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        let signLoop = try buildCExample("sign_loop", into: members.dir).path
+        let log = members.dir + "/p11ha.log"
+        let workload = try Started(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "10", "4"],
+                                   environment: members.faultEnvironment,
+                                   output: members.dir + "/sign_loop.out", errors: members.dir + "/sign_loop.err")
+        defer { workload.killTree() }
+        try waitForSignatures(workload)
+        // Only this process's module is wedged: the line holds until the process initializes faulty.so again.
+        try inject("wedge CKR_GENERAL_ERROR", into: control, member: "member-b")
+        let text = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        try waitUntil("p11ha restarts the module (module-restarted in p11ha.log):\n\(text())", timeout: 8) {
+            text().contains(" module-restarted ")
+        }
+        let restartedAt = reportLines(workload.output).count
+        let result = try #require(workload.wait(seconds: 30), "sign_loop did not finish within 30 s of its 10:\n\(workload.output)")
+        #expect(result.status == 0, "sign_loop saw errors (status \(result.status)):\n\(shortOutput(result))\n\(text())")
+        #expect(result.stdout.contains(", 0 errors"), "\(result.stdout)")
+        let events = { (event: String) in text().split(separator: "\n").filter { $0.contains(" \(event) ") && $0.contains(" member=member-b ") } }
+        #expect(events("member-failed").contains { $0.contains("CKR_GENERAL_ERROR") }, "\(text())")
+        #expect(!events("member-recovered").isEmpty, "\(text())")
+        // Every member serves after the restart, member-b included.
+        let lines = reportLines(result.stdout)
+        if restartedAt < lines.count, let before = servedCounts(inLine: lines[restartedAt]), let after = lines.last.flatMap(servedCounts(inLine:)),
+           before.count == 3, after.count == 3 {
+            #expect((0..<3).allSatisfy { after[$0] > before[$0] }, "a member served nothing after the restart:\n\(result.stdout)\n\(text())")
+        } else {
+            Issue.record("no served= counts after the restart in sign_loop's output:\n\(shortOutput(result))")
+        }
+    }
+}
+
 /// What happened when, for failure messages: kills, restarts, key steps and p11ha's log lines (also the
 /// multi-writer test's fault schedule).
 final class Timeline: @unchecked Sendable {

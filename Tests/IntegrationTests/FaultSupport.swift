@@ -185,7 +185,8 @@ private func routeMember(_ line: String, through module: String) -> String {
     return "\(key) = \(parts[0])?\(query.joined(separator: "&"))"
 }
 
-/// Checks a command against faulty.c's language: ok | fail CODE [F...] | fail-after N CODE [F...] | hang [F...].
+/// Checks a command against faulty.c's language: ok | fail CODE [F...] | fail-after N CODE [F...] | wedge CODE [F...] |
+/// hang [F...].
 private func checkFaultCommand(_ command: String) throws {
     let lines = command.split(separator: "\n")
     guard lines.count <= 1 else { throw SupportError("a fault command is one line: '\(command)'") }
@@ -203,7 +204,7 @@ private func checkFaultCommand(_ command: String) throws {
     switch verb {
     case "ok" where words.count == 1:
         return
-    case "fail" where words.count >= 2 && isCode(words[1]):
+    case "fail" where words.count >= 2 && isCode(words[1]), "wedge" where words.count >= 2 && isCode(words[1]):
         functions = words.dropFirst(2)
     case "fail-after" where words.count >= 3 && isNumber(words[1]) && isCode(words[2]):
         functions = words.dropFirst(3)
@@ -211,7 +212,7 @@ private func checkFaultCommand(_ command: String) throws {
         functions = words.dropFirst(1)
     default:
         throw SupportError(
-            "'\(command)' is not a fault command (ok | fail CODE [C_Function ...] | fail-after N CODE [C_Function ...] | hang [C_Function ...])")
+            "'\(command)' is not a fault command (ok | fail CODE [C_Function ...] | fail-after N CODE [C_Function ...] | wedge CODE [C_Function ...] | hang [C_Function ...])")
     }
     if let unknown = functions.first(where: { !pkcs11FunctionNames.contains($0) }) {
         throw SupportError("'\(unknown)' in '\(command)' is not a PKCS#11 2.40 function name")

@@ -20,8 +20,13 @@ final class FakeGroup {
     /// - operationTimeout: nil runs member calls on the caller's thread (no deadline, no worker threads).
     /// - backgroundRecovery: false leaves recovery to the test (`recover()`): with no deadline either, the run
     ///   is single-threaded and a seed replays exactly.
+    /// This process's connection to each store, in member order.
+    let connections: [FakeToken]
+
+    /// - sharedModule: the members are tokens of one module instance (as the tokens of one SoftHSM configuration
+    ///   are), which restarts as one.
     init(members count: Int = 3, seed: UInt64 = 1, operationTimeout: String? = nil, backgroundRecovery: Bool = false,
-         replicationKey: Bool = true, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
+         replicationKey: Bool = true, sharedModule: Bool = false, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
         var template = Array("/tmp/p11ha-unit.XXXXXX".utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
         directory = String(cString: made)
@@ -43,9 +48,11 @@ final class FakeGroup {
             """
         let config = try Config.parse(text, path: directory + "/p11ha.conf")
         let timeout = config.operationTimeout
+        let module = sharedModule ? FakeModule(name: "one fake module") : nil
+        let connections = stores.map { $0.connection(module: module) }
+        self.connections = connections
         runtime = try Runtime.start(config, backends: { member, _, _ in
-            let store = stores.first { $0.label == member.uri.tokenLabel }!
-            let token = store.connection()
+            let token = connections[stores.firstIndex { $0.label == member.uri.tokenLabel }!]
             return timeout.map { DeadlineBackend(token, timeout: $0) } ?? token
         }, backgroundRecovery: backgroundRecovery)
     }

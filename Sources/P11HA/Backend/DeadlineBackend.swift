@@ -33,6 +33,12 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
         try run { [base] () throws(P11Error) in try base.reconnect(restartingModule: restartingModule) }
     }
 
+    public var moduleName: String { base.moduleName }
+
+    public func restartModule() throws(P11Error) {
+        try run { [base] () throws(P11Error) in try base.restartModule() }
+    }
+
     /// A token with a call still inside it (past its deadline) is left as it is: finalizing a module under a
     /// call in flight can crash it (p11-kit's client aborts), and waiting for it could be for ever.
     public func disconnect() {

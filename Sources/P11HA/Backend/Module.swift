@@ -21,6 +21,8 @@ public final class LoadedModule: @unchecked Sendable {
     fileprivate let changing = Atomic<Bool>(false)
     /// Calls inside the module now (`ForkGate`).
     let inFlight = Atomic<Int>(0)
+    /// A restart of the module is under way (`ModuleRegistry.restartShared`): calls wait at `ForkGate.enter`.
+    let restarting = Atomic<Bool>(false)
     /// A call outlasted a fork's wait for it: later forks do not wait for this module until its calls end.
     let wedged = Atomic<Bool>(false)
     /// In a child: one of the parent's calls was inside the module at fork, so its locks may be held for ever
@@ -145,16 +147,48 @@ public enum ModuleRegistry {
         } ?? false
     }
 
-    private static func initialize(_ module: LoadedModule) -> CK_RV {
+    /// Finalizes and initializes again a module that p11ha started, though other members use it too: what a
+    /// module whose own state broke needs (SoftHSM, once it read a token's file while another process rewrote it,
+    /// answers every call for that token CKR_GENERAL_ERROR until then; docs/REPLICATION.md, "What the stores do").
+    /// New calls wait while it restarts; it starts only once no call is inside the module, waiting for that no
+    /// longer than the operation-timeout. Every session and object handle of every token of the module is new.
+    static func restartShared(_ module: LoadedModule) -> RestartOutcome {
+        guard module.users.withLock({ $0.initializedByUs }) else { return .notOurs }
+        return module.changingAlone { () -> RestartOutcome in
+            module.restarting.store(true, ordering: .sequentiallyConsistent)
+            defer { module.restarting.store(false, ordering: .sequentiallyConsistent) }
+            // Half the operation-timeout: the restart's own calls have the rest of the caller's deadline.
+            let deadline = monotonicNanos() + ForkGate.drainWait / 2
+            while module.inFlight.load(ordering: .sequentiallyConsistent) > 0 {
+                if monotonicNanos() >= deadline { return .busy }
+                usleep(100)
+            }
+            _ = finalize(module, gate: ForkGate.enterForRestart)
+            let rv = initialize(module, gate: ForkGate.enterForRestart)
+            return rv == CKR_OK ? .restarted : .failed(rv)
+        } ?? .busy
+    }
+
+    enum RestartOutcome: Equatable {
+        case restarted
+        /// The application started it (p11ha would finalize it under the application).
+        case notOurs
+        /// A call stayed inside it past the wait, or another start or stop was under way.
+        case busy
+        /// C_Initialize answered this.
+        case failed(CK_RV)
+    }
+
+    private static func initialize(_ module: LoadedModule, gate: (LoadedModule) -> Void = ForkGate.enter) -> CK_RV {
         var args = CK_C_INITIALIZE_ARGS()
         args.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
-        ForkGate.enter(module)
+        gate(module)
         defer { ForkGate.exit(module) }
         return withUnsafeMutablePointer(to: &args) { module.functions.pointee.C_Initialize!(UnsafeMutableRawPointer($0)) }
     }
 
-    private static func finalize(_ module: LoadedModule) -> CK_RV {
-        ForkGate.enter(module)
+    private static func finalize(_ module: LoadedModule, gate: (LoadedModule) -> Void = ForkGate.enter) -> CK_RV {
+        gate(module)
         defer { ForkGate.exit(module) }
         return module.functions.pointee.C_Finalize!(nil)
     }

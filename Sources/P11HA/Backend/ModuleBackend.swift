@@ -61,6 +61,25 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
         }
     }
 
+    /// Modules are shared by path (and by server address for remote members): see `ModuleRegistry.load`.
+    public var moduleName: String { via.map { "\(uri.modulePath) via \($0)" } ?? uri.modulePath }
+
+    public func restartModule() throws(P11Error) {
+        let module: LoadedModule
+        do throws(ConnectFailure) { module = try load() } catch { throw P11Error.member(CK_RV(CKR_DEVICE_ERROR)) }
+        switch ModuleRegistry.restartShared(module) {
+        case .restarted: break
+        case .notOurs: throw P11Error(CK_RV(CKR_FUNCTION_NOT_SUPPORTED))
+        case .busy: throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
+        case .failed(let rv): throw P11Error.member(rv)
+        }
+        do throws(ConnectFailure) {
+            slotValue.store(UInt(try locate(in: module)), ordering: .releasing)
+        } catch {
+            throw P11Error.member(CK_RV(CKR_DEVICE_ERROR))
+        }
+    }
+
     public func disconnect() {
         if let module = loaded.load(), acquired.exchange(false, ordering: .acquiringAndReleasing) {
             ModuleRegistry.release(module)

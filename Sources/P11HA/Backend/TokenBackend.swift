@@ -44,6 +44,13 @@ public protocol TokenBackend: AnyObject, Sendable {
     /// Finds the token again after it came back; `restartingModule`: start its module afresh first (a
     /// restarted device, a reconnected server). Sessions and object handles from before are then invalid.
     func reconnect(restartingModule: Bool) throws(P11Error)
+    /// Names the module instance the token belongs to: tokens with the same name share its state, its start
+    /// and its stop.
+    var moduleName: String { get }
+    /// Finalizes and initializes the token's module again, when p11ha started it (else CKR_FUNCTION_NOT_SUPPORTED,
+    /// not a member fault), and finds the token again. Every token of the module loses its sessions, login and
+    /// object handles: the core takes the others out of service first (`Recovery.restartModule`).
+    func restartModule() throws(P11Error)
     /// Lets go of the module (the last user finalizes it). Calls after this are not expected.
     func disconnect()
     /// Calls still inside the token (one past its deadline stays inside until the token returns).

@@ -21,6 +21,13 @@ final class FanOut: @unchecked Sendable {
         if member.leaveService(.failed, reason: reason) { recovery.wake() }
     }
 
+    /// A member whose module restarts for another member's sake (`Recovery.restartModule`): its sessions and
+    /// handles end with the module, and it returns through recovery at once; meanwhile it counts as returning,
+    /// so calls wait for it (`awaitingRecovery`) rather than fail.
+    func holdForModuleRestart(_ member: Member, reason: String) {
+        if member.leaveService(.recovering, reason: reason) { recovery.wake() }
+    }
+
     /// A member that did not answer when the group started.
     func startFailed(_ member: Member, reason: String) {
         member.leaveService(.failed, reason: reason)

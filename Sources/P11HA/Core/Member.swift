@@ -45,6 +45,15 @@ public final class Member: @unchecked Sendable {
     /// kept by member handle is valid for one value of `handleEra`.
     let restarts = Atomic<Int>(0)
     package var handleEra: Int { epoch.load(ordering: .acquiring) &* 65_536 &+ restarts.load(ordering: .acquiring) }
+    /// Probes in a row that answered CKR_GENERAL_ERROR: at `restartAfterProbes`, recovery restarts the module
+    /// (`Recovery.restartModule`).
+    let brokenProbes = Atomic<Int>(0)
+    /// Doubles with each restart until the member serves again: one that stays broken restarts its module, and
+    /// so interrupts the members that share it, ever more rarely.
+    let restartAfterProbes = Atomic<Int>(Member.firstRestartAfter)
+    static let firstRestartAfter = 3
+    /// Its module was restarted for another member: its next recovery finds its token and objects again.
+    let moduleRestarted = Atomic<Bool>(false)
     /// The replication key's handle here, once found, with the epoch it was found in (a public object: its handle
     /// holds until the member leaves service). Looked up once, so that a search that briefly misses it (another
     /// process rewriting objects) never makes a key's fingerprint weaker than its copies'.

@@ -311,6 +311,7 @@ final class Recovery: @unchecked Sendable {
             worker.wake()
             return
         }
+        member.restartAfterProbes.store(Member.firstRestartAfter, ordering: .releasing)
         logUnrepairable(report, member, group)
         Log.event(.info, "member-recovered", "group=\(group.name) member=\(member.name) \(report)")
         // What it held that the others lack (written by processes that could reach only it) reaches them now.
@@ -320,6 +321,15 @@ final class Recovery: @unchecked Sendable {
     /// Whether the member answers again (restarting its module when it has to); nil while it does not.
     /// Returns whether the module was restarted (its sessions and handles are then new).
     private func probe(_ member: Member) -> Bool? {
+        if member.moduleRestarted.exchange(false, ordering: .acquiringAndReleasing) {
+            // Restarted for another member: its slot is found again, and it comes back as restarted.
+            guard (try? member.token.reconnect(restartingModule: false)) != nil, (try? member.token.tokenInfo()) != nil else {
+                member.moduleRestarted.store(true, ordering: .releasing)
+                return nil
+            }
+            member.connected.store(true, ordering: .releasing)
+            return true
+        }
         if !member.connected.load(ordering: .acquiring) {
             // It did not answer at start: find its token first.
             guard (try? member.token.reconnect(restartingModule: false)) != nil else {
@@ -330,12 +340,46 @@ final class Recovery: @unchecked Sendable {
         }
         do throws(P11Error) {
             _ = try member.token.tokenInfo()
+            member.brokenProbes.store(0, ordering: .releasing)
             return false
         } catch {
+            if error.rv == CKR_GENERAL_ERROR && !error.timedOut && member.config.via == nil { return restartModule(for: member) }
             // A restarted member (CKR_CRYPTOKI_NOT_INITIALIZED) or a dead link: start its module afresh.
             guard error.rv == CKR_CRYPTOKI_NOT_INITIALIZED || member.config.via != nil else { return nil }
             return probeRestarting(member)
         }
+    }
+
+    /// An in-process member that answers its probe CKR_GENERAL_ERROR probe after probe: its module's own state is
+    /// broken, which only a restart of the module mends (SoftHSM 2.6.1 in a process that read the token's file
+    /// while another process rewrote it: every call for that token answers CKR_GENERAL_ERROR until C_Finalize
+    /// and C_Initialize; docs/REPLICATION.md, "What the stores do"). The module is usually shared (the tokens of
+    /// one SoftHSM configuration, the partitions of one HSM client): its other members leave service for the
+    /// restart, counted as returning so that calls wait for them, and come back through recovery with new
+    /// sessions and handles. A device that is down answers CKR_DEVICE_ERROR or does not answer: it never
+    /// restarts the module. Returns what `probe` does.
+    private func restartModule(for member: Member) -> Bool? {
+        let broken = member.brokenProbes.add(1, ordering: .acquiringAndReleasing).newValue
+        let threshold = member.restartAfterProbes.load(ordering: .acquiring)
+        guard broken >= threshold else { return nil }
+        member.brokenProbes.store(0, ordering: .releasing)
+        member.restartAfterProbes.store(min(threshold * 2, 64 * Member.firstRestartAfter), ordering: .releasing)
+        let module = member.token.moduleName
+        let sharing = groups.flatMap(\.members).filter { $0 !== member && $0.config.via == nil && $0.token.moduleName == module }
+        let reason = "its module restarts: \(member.name) answered \(broken) probes in a row CKR_GENERAL_ERROR"
+        for other in sharing where other.isInService { fanOut.holdForModuleRestart(other, reason: reason) }
+        do throws(P11Error) {
+            try member.token.restartModule()
+        } catch {
+            Log.event(.warning, "module-restart-failed", "module=\(module) member=\(member.name) reason=\"\(error.rv == CKR_FUNCTION_NOT_SUPPORTED ? "the application started it" : "\(error)")\"")
+            return nil
+        }
+        // Every handle of every member of the module is new.
+        for affected in [member] + sharing { affected.restarts.add(1, ordering: .acquiringAndReleasing) }
+        for other in sharing { other.moduleRestarted.store(true, ordering: .releasing) }
+        member.connected.store(true, ordering: .releasing)
+        Log.event(.warning, "module-restarted", "module=\(module) member=\(member.name) probes=\(broken) members=\(([member] + sharing).map(\.name).joined(separator: ","))")
+        return (try? member.token.tokenInfo()) != nil ? true : nil
     }
 
     /// Restarts the member's module, finds its token again and asks it; true when it answers.

@@ -83,17 +83,35 @@ public enum ForkGate {
     /// Before a call into `module`. Seen together with `prepare`'s store of `pending` (both sequentially
     /// consistent): either the fork sees this call in flight and waits for it, or this call sees the fork and
     /// waits for it.
+    /// A restart of the module (`ModuleRegistry.restartShared`) holds calls back the same way, seen together
+    /// with its store of `module.restarting`.
     @inline(__always)
     static func enter(_ module: LoadedModule) {
         while true {
             module.inFlight.add(1, ordering: .sequentiallyConsistent)
+            if !pending.load(ordering: .sequentiallyConsistent) && !module.restarting.load(ordering: .sequentiallyConsistent) { return }
+            module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
+            // Bounded: the fork or restart waits at most its drain time, then goes on.
+            let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed) + 1_000_000_000
+            while (pending.load(ordering: .acquiring) || module.restarting.load(ordering: .acquiring)) && monotonicNanos() < deadline {
+                usleep(50)
+            }
+        }
+    }
+
+    /// The restart's own C_Finalize and C_Initialize: past its gate, still waiting for a fork.
+    static func enterForRestart(_ module: LoadedModule) {
+        while true {
+            module.inFlight.add(1, ordering: .sequentiallyConsistent)
             if !pending.load(ordering: .sequentiallyConsistent) { return }
             module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
-            // Bounded: the fork waits at most its drain time, then goes on.
             let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed) + 1_000_000_000
             while pending.load(ordering: .acquiring) && monotonicNanos() < deadline { usleep(50) }
         }
     }
+
+    /// How long a fork or a module's restart waits for the calls in flight: the operation-timeout.
+    static var drainWait: UInt64 { drainNanos.load(ordering: .relaxed) }
 
     @inline(__always)
     static func exit(_ module: LoadedModule) {
