@@ -295,6 +295,13 @@ public final class FakeToken: TokenBackend {
 
     // MARK: inspection, for tests
 
+    /// The token object this connection's handle names, as the test sees the device (sensitive values included);
+    /// nil for an unknown handle or a session object.
+    public func tokenObject(_ handle: MemberObject) -> [Attribute]? {
+        guard case .token(let id) = state.withLock({ $0.handles[handle.raw] }) else { return nil }
+        return store.state.withLock { $0.objects[id]?.template }
+    }
+
     /// Whether this connection is logged in as the user (PKCS#11 keeps login per application, not per session).
     public var isUserLoggedIn: Bool { state.withLock { $0.login == .user } }
 

@@ -474,8 +474,13 @@ final class Simulation {
         switch made {
         case .success(let handle):
             if kind == .generated {
-                // The application cannot read a sensitive key's value; the test can, on the member that made it.
-                value = stores.lazy.compactMap { $0.tokenObjects(matching: self.labelTemplate(label)).first?[CK_ATTRIBUTE_TYPE(CKA_VALUE)]?.value }.first
+                // The application cannot read a sensitive key's value; the test can, on a member holding the key the
+                // application's handle names (not any object of that label: a generation that failed over can leave
+                // a half-made key of the same label on its first member until that member returns).
+                let copies = host.runtime.groups[0].objects.withLock { $0.records[handle]?.copies } ?? []
+                value = copies.enumerated().lazy.compactMap { member, copy in
+                    copy.flatMap { host.links[member].tokenObject($0)?[CK_ATTRIBUTE_TYPE(CKA_VALUE)]?.value }
+                }.first
             }
             let number = ledger.created(kind, label: label, value: value, acknowledged: true, host: host.number, step: step)
             host.known[number] = handle
@@ -615,8 +620,11 @@ final class Simulation {
             // The applications are back too: one that could not log in while members failed logs in now (private
             // objects and records are visible, and so repairable, only to a process logged in).
             for host in hosts { logIn(host) }
-            // Time passes as in a real heal: each process looks at the members' records (its watch interval).
-            clock.advance(by: UInt64(hosts[0].runtime.recovery.worker.watchInterval.milliseconds))
+            // Time passes as in a real heal: each process looks at the members' records (its watch interval); the
+            // first round lasts a scrub interval, so that each process looks at every object of every member too
+            // (the guarantees hold once the members have been in service together that long).
+            let worker = hosts[0].runtime.recovery.worker
+            clock.advance(by: UInt64((rounds == 1 ? worker.scrubInterval : worker.watchInterval).milliseconds))
             for host in hosts { _ = host.runtime.recovery.recoverMembers() }
             settled = hosts.allSatisfy { $0.session != nil && $0.membersOutOfService.isEmpty
                 && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring)

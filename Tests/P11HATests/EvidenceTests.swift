@@ -292,4 +292,27 @@ import Testing
         #expect(fake.members.allSatisfy { $0.isInService })
         #expect(throws: P11Error.keyHandleInvalid) { try fake.runtime.operationInit(.sign, session, hmac, key: key) }
     }
+
+    @Test("a login a member answers CKR_GENERAL_ERROR once or twice (SoftHSM, while other processes log in) is tried again there; one it answers so three times takes it out until recovery logs it in, and no write of the application meets it not logged in")
+    func loginFaultsOnOneMember() throws {
+        let fake = try FakeGroup()
+        fake.connections[1].faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.login], times: 2)
+        let session = try fake.userSession()
+        #expect(fake.members.allSatisfy { $0.isInService })
+        _ = try fake.runtime.createObject(session, dataObject("after-two"))
+        for store in 0..<3 { #expect(fake.objects(labelled: "after-two", on: store) == 1) }
+
+        let other = try FakeGroup(seed: 2)
+        other.connections[1].faults.inject(.error(CK_RV(CKR_GENERAL_ERROR)), on: [.login], times: 3)
+        let session2 = try other.userSession()
+        #expect(other.health(1) == .failed, "not logged in, it does not serve")
+        _ = try other.runtime.createObject(session2, dataObject("while-out"))
+        other.recover()
+        #expect(other.members.allSatisfy { $0.isInService })
+        _ = try other.runtime.createObject(session2, dataObject("after-recovery"))
+        for store in 0..<3 {
+            #expect(other.objects(labelled: "while-out", on: store) == 1, "brought up to date on its return")
+            #expect(other.objects(labelled: "after-recovery", on: store) == 1)
+        }
+    }
 }

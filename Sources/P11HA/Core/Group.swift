@@ -69,6 +69,9 @@ public final class Group: @unchecked Sendable {
     /// When (replica clock, ms) the members' records were last looked at for writes of other processes
     /// (`Recovery.watch`).
     let lastWatch = Atomic<UInt64>(0)
+    /// When (replica clock, ms) the members in service were last all looked at, object by object (`Recovery`'s
+    /// scrub); the first scrub is one interval after start.
+    let lastScrub = Atomic<UInt64>(0)
     /// Stamps this process's records.
     package let replicaClock: ReplicaClock
     /// Where processes record their members' failures and recoveries for operators.
@@ -79,6 +82,7 @@ public final class Group: @unchecked Sendable {
          replicaClock: ReplicaClock = ReplicaClock()) {
         self.slotID = slotID
         self.replicaClock = replicaClock
+        lastScrub.store(replicaClock.milliseconds, ordering: .relaxed)
         self.config = config
         self.members = members
         self.mechanisms = Self.commonMechanisms(members.filter { $0.isInService && $0.connected.load(ordering: .acquiring) })

@@ -54,6 +54,18 @@ public final class Member: @unchecked Sendable {
     static let firstRestartAfter = 3
     /// Its module was restarted for another member: its next recovery finds its token and objects again.
     let moduleRestarted = Atomic<Bool>(false)
+    /// Half-made objects left here by a write that failed over to a peer (a generated key whose carrying failed
+    /// with the member), with the module's restart count they belong to: destroyed when it returns, before it is
+    /// brought up to date (`Recovery`). No record describes them, so no repair would.
+    let orphans = Mutex<[(restarts: Int, handle: MemberObject)]>([])
+
+    /// Destroys what a failed write made here, or keeps it for recovery when the member cannot do it now.
+    func discardHalfMade(_ session: MemberSession, _ objects: [MemberObject]) {
+        for object in objects where (try? token.destroyObject(session, object)) == nil {
+            let era = restarts.load(ordering: .acquiring)
+            orphans.withLock { $0.append((era, object)) }
+        }
+    }
     /// The replication key's handle here, once found, with the epoch it was found in (a public object: its handle
     /// holds until the member leaves service). Looked up once, so that a search that briefly misses it (another
     /// process rewriting objects) never makes a key's fingerprint weaker than its copies'.

@@ -22,6 +22,9 @@ package struct Ledger: Sendable {
         /// The fingerprints its tombstones name: a key first described without its wrapped form (no replication key
         /// found yet) is named by the stronger form its copies have when it is destroyed (simulation seed 5194).
         var tombstoneFingerprints: Set<Fingerprint> = []
+        /// Every value any record gave each replicated attribute: a copy on a member that missed a change still has
+        /// one of them.
+        var pastValues: [CK_ATTRIBUTE_TYPE: Set<[UInt8]>] = [:]
 
         package var isLive: Bool { created && !destroyed }
         package var template: [Attribute] { attributes.keys.sorted().map { Attribute($0, attributes[$0]!.value) } }
@@ -52,6 +55,7 @@ package struct Ledger: Sendable {
             if record.operation != .set { state.created = true }
             if record.operation == .create { state.written = true }
             for attribute in record.attributes {
+                state.pastValues[attribute.type, default: []].insert(attribute.value)
                 if let old = state.attributes[attribute.type], old.stamp > record.stamp { continue }
                 state.attributes[attribute.type] = (attribute.value, record.stamp)
             }
@@ -84,6 +88,12 @@ package struct Ledger: Sendable {
         let sorted = attributes.sorted { $0.type < $1.type }
         let candidates = live(fingerprint)
         if let match = candidates.first(where: { objects[$0]!.agrees(with: sorted) }) { return match }
+        // A copy on a member that missed a change (a rename another process made while the member was out for it)
+        // still has values a record gave the object: the one live object of its fingerprint that once had them all
+        // is it (simulation seed 5947: named otherwise, a destroy's tombstone named nobody and the object was copied
+        // back to every member).
+        let lagging = candidates.filter { objects[$0]!.once(had: sorted) }
+        if lagging.count == 1 { return lagging[0] }
         // A candidate whose attributes differ is never taken for this object: two objects can share a fingerprint
         // (data objects of one value; every EC private key of one curve behind a member that cannot wrap), and
         // naming another one would make a destroy's tombstone destroy it (seen: an acknowledged data object lost on
@@ -113,6 +123,11 @@ extension Ledger.ObjectState {
     /// Whether an object with these attributes (sorted) has this state's replicated values.
     func agrees(with attributes: [Attribute]) -> Bool {
         attributes.allSatisfy { a in self.attributes[a.type].map { $0.value == a.value } ?? true }
+    }
+
+    /// Whether every one of these attributes has a value some record gave this object.
+    func once(had attributes: [Attribute]) -> Bool {
+        attributes.allSatisfy { a in pastValues[a.type].map { $0.contains(a.value) } ?? true }
     }
 
     /// The attributes of `actual` to set so that it has this state's values.

@@ -20,7 +20,7 @@ extension Runtime {
                 let copies = try replicator.carry(session, source: source, key: key, plan: plan)
                 return try record([(source.index, key)] + copies, in: session, isToken: isToken)
             } catch {
-                try? source.token.destroyObject(sourceSession, key)
+                source.discardHalfMade(sourceSession, [key])
                 throw error
             }
         }
@@ -69,8 +69,7 @@ extension Runtime {
                     let member = session.group.members[index]
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
-                try? source.token.destroyObject(sourceSession, pub)
-                try? source.token.destroyObject(sourceSession, priv)
+                source.discardHalfMade(sourceSession, [pub, priv])
                 throw error
             }
         }
