@@ -151,7 +151,7 @@ public enum ModuleRegistry {
     /// module whose own state broke needs (SoftHSM, once it read a token's file while another process rewrote it,
     /// answers every call for that token CKR_GENERAL_ERROR until then; docs/REPLICATION.md, "What the stores do").
     /// New calls wait while it restarts; it starts only once no call is inside the module, waiting for that no
-    /// longer than the operation-timeout. Every session and object handle of every token of the module is new.
+    /// longer than half the operation-timeout. Every session and object handle of every token of the module is new.
     static func restartShared(_ module: LoadedModule) -> RestartOutcome {
         guard module.users.withLock({ $0.initializedByUs }) else { return .notOurs }
         return module.changingAlone { () -> RestartOutcome in

@@ -86,27 +86,21 @@ public enum ForkGate {
     /// A restart of the module (`ModuleRegistry.restartShared`) holds calls back the same way, seen together
     /// with its store of `module.restarting`.
     @inline(__always)
-    static func enter(_ module: LoadedModule) {
+    static func enter(_ module: LoadedModule) { enter(module, heldByRestart: true) }
+
+    /// The restart's own C_Finalize and C_Initialize: past its gate, still waiting for a fork.
+    static func enterForRestart(_ module: LoadedModule) { enter(module, heldByRestart: false) }
+
+    @inline(__always)
+    private static func enter(_ module: LoadedModule, heldByRestart: Bool) {
+        let held = { pending.load(ordering: .sequentiallyConsistent) || (heldByRestart && module.restarting.load(ordering: .sequentiallyConsistent)) }
         while true {
             module.inFlight.add(1, ordering: .sequentiallyConsistent)
-            if !pending.load(ordering: .sequentiallyConsistent) && !module.restarting.load(ordering: .sequentiallyConsistent) { return }
+            if !held() { return }
             module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
             // Bounded: the fork or restart waits at most its drain time, then goes on.
             let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed) + 1_000_000_000
-            while (pending.load(ordering: .acquiring) || module.restarting.load(ordering: .acquiring)) && monotonicNanos() < deadline {
-                usleep(50)
-            }
-        }
-    }
-
-    /// The restart's own C_Finalize and C_Initialize: past its gate, still waiting for a fork.
-    static func enterForRestart(_ module: LoadedModule) {
-        while true {
-            module.inFlight.add(1, ordering: .sequentiallyConsistent)
-            if !pending.load(ordering: .sequentiallyConsistent) { return }
-            module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
-            let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed) + 1_000_000_000
-            while pending.load(ordering: .acquiring) && monotonicNanos() < deadline { usleep(50) }
+            while held() && monotonicNanos() < deadline { usleep(50) }
         }
     }
 
