@@ -10,18 +10,12 @@ import Testing
 struct Chaos {
     @Test("chaos: four threads sign and verify for 30 s while members die and return at random; no error, every signature verifies, no key lost or resurrected")
     func killAndRestartAtRandom() throws {
-        let members = try Members()
-        let control = try members.throughFaultModule(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 300ms"])
+        let signing = try SigningGroup()
+        let members = signing.members, control = signing.control
         let environment = members.faultEnvironment
-        let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let signLoop = try buildCExample("sign_loop", into: members.dir).path
         let kill = { (label: String) throws in try inject("fail 0x30", into: control, member: label) }
         let restart = { (label: String) throws in try inject("ok", into: control, member: label) }
-        let start = { (name: String, seconds: String, threads: String) throws -> Started in
-            try Started(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", seconds, threads], environment: environment,
-                        output: members.dir + "/\(name).out", errors: members.dir + "/\(name).err")
-        }
+        let start = signing.start
 
         let timeline = Timeline()
         let log = LogFollower(members.dir + "/p11ha.log")
@@ -123,15 +117,10 @@ struct Chaos {
 struct BrokenModule {
     @Test("a member whose module answers CKR_GENERAL_ERROR to every call in one process (as SoftHSM 2.6.1 does once it read a token file mid-rewrite) comes back by a restart of the module, and four signing threads see no error, while the members sharing the module restart with it")
     func wedgedMemberComesBack() throws {
-        let members = try Members()
-        let control = try members.throughFaultModule(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 300ms"])
-        let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
-        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
-        let signLoop = try buildCExample("sign_loop", into: members.dir).path
+        let signing = try SigningGroup()
+        let members = signing.members, control = signing.control
         let log = members.dir + "/p11ha.log"
-        let workload = try Started(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", "10", "4"],
-                                   environment: members.faultEnvironment,
-                                   output: members.dir + "/sign_loop.out", errors: members.dir + "/sign_loop.err")
+        let workload = try signing.start("sign_loop", "10", "4")
         defer { workload.killTree() }
         try waitForSignatures(workload)
         // Only this process's module is wedged: the line holds until the process initializes faulty.so again.
@@ -155,6 +144,29 @@ struct BrokenModule {
         } else {
             Issue.record("no served= counts after the restart in sign_loop's output:\n\(shortOutput(result))")
         }
+    }
+}
+
+/// Three members behind faulty.so (operation-timeout 2 s, recovery-interval 300 ms), an EC key pair "K" generated
+/// through the group, and sign_loop built to sign with it: the chaos tests' stage.
+private struct SigningGroup {
+    let members: Members
+    /// faulty.so's control directory.
+    let control: String
+    let signLoop: String
+
+    init() throws {
+        members = try Members()
+        control = try members.throughFaultModule(extraGlobal: ["operation-timeout = 2s", "recovery-interval = 300ms"])
+        let generated = try throughGroup(members, ["--keypairgen", "--key-type", "EC:prime256v1", "--label", "K", "--id", "01"])
+        try #require(generated.status == 0, "generating a key pair through the group failed:\n\(generated.output)")
+        signLoop = try buildCExample("sign_loop", into: members.dir).path
+    }
+
+    /// sign_loop signing with "K" for `seconds` on `threads` threads, its output in `name`.out and `name`.err.
+    func start(_ name: String, _ seconds: String, _ threads: String) throws -> Started {
+        try Started(signLoop, [Paths.debugModule, members.group, members.userPIN, "K", seconds, threads],
+                    environment: members.faultEnvironment, output: members.dir + "/\(name).out", errors: members.dir + "/\(name).err")
     }
 }
 

@@ -34,11 +34,7 @@ import Testing
 
     @Test("p11hactl sync brings a member that missed writes to the replication records: an object destroyed meanwhile is destroyed there, never copied back; a renamed one is renamed, never copied under its old label")
     func syncFollowsTheRecords() throws {
-        let members = try Members()
-        let control = try members.throughFaultModule(extraGlobal: ["recovery-interval = 1m"])
-        let writes = try faultScenario("writes-while-down", members)
-        try #require(writes.status == 0, "\(writes.stdout)\(writes.stderr)")
-        try inject("ok", into: control, member: "member-c")
+        let members = try membersAfterWritesWhileDown()
         let pin = try pinFile(members, "user.pin", members.userPIN)
         let dry = try p11hactl(["sync", "--group", members.group, "--dry-run", "--pin-source", pin], members,
                                environment: members.faultEnvironment)
@@ -60,11 +56,7 @@ import Testing
 
     @Test("a member that missed writes while another process ran is brought up to date by the next process; destroyed objects stay destroyed")
     func resyncAcrossProcesses() throws {
-        let members = try Members()
-        let control = try members.throughFaultModule(extraGlobal: ["recovery-interval = 1m"])
-        let writes = try faultScenario("writes-while-down", members)
-        try #require(writes.status == 0, "\(writes.stdout)\(writes.stderr)")
-        try inject("ok", into: control, member: "member-c")
+        let members = try membersAfterWritesWhileDown()
         let text = try String(contentsOfFile: members.p11haConf, encoding: .utf8)
         try members.rewriteConfig(text.replacingOccurrences(of: "recovery-interval = 1m", with: "recovery-interval = 100ms"))
         let check = try faultScenario("resync-check", members)
@@ -72,4 +64,15 @@ import Testing
         let log = members.log
         #expect(log.contains("member-caught-up") && log.contains("member=member-c"), "\(log)")
     }
+}
+
+/// Members behind faulty.so (recovery-interval 1 m) after the writes-while-down scenario: member-c missed writes,
+/// a destroy and a rename, and answers again, not yet brought up to date.
+private func membersAfterWritesWhileDown() throws -> Members {
+    let members = try Members()
+    let control = try members.throughFaultModule(extraGlobal: ["recovery-interval = 1m"])
+    let writes = try faultScenario("writes-while-down", members)
+    try #require(writes.status == 0, "\(writes.stdout)\(writes.stderr)")
+    try inject("ok", into: control, member: "member-c")
+    return members
 }
