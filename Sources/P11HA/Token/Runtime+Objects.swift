@@ -52,6 +52,9 @@ extension Runtime {
             try member.token.readAttributes(s, copy, [CK_ATTRIBUTE_TYPE(CKA_DESTROYABLE)])
         }
         if destroyable.first??.first == 0 { throw P11Error.member(CK_RV(CKR_ACTION_PROHIBITED)) }
+        // A token object goes only through a read-write session: the members would refuse it
+        // (CKR_SESSION_READ_ONLY) after the tombstone, and each would be marked stale (found by the fuzzer).
+        if !session.readWrite { throw P11Error(CK_RV(CKR_SESSION_READ_ONLY)) }
         let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
                                       fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
         try writeRecord(tombstone, session, on: group.membersInService.map(\.index), withoutCopy: withoutCopy)
