@@ -94,6 +94,18 @@ import Testing
         for store in 0..<3 { #expect(fake.objects(labelled: "doomed", on: store) == 0, "member \(store)") }
     }
 
+    @Test("an object made again after its twin was destroyed (same class, value, label and ID) is a new object: a catch-up keeps it on every member")
+    func madeAgainAfterDestroy() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        try fake.runtime.destroyObject(session, try fake.runtime.createObject(session, dataObject("config")))
+        _ = try fake.runtime.createObject(session, dataObject("config"))
+        for store in 0..<3 { #expect(fake.objects(labelled: "config", on: store) == 1, "member \(store)") }
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        for store in 0..<3 { #expect(fake.objects(labelled: "config", on: store) == 1, "member \(store) after a catch-up") }
+    }
+
     @Test("a key generated through the group is carried, wrapped, to every member and signs alike there")
     func generatedKeyReplicated() throws {
         let fake = try FakeGroup()
@@ -233,5 +245,12 @@ import Testing
         ended.add(record(.destroy, 2))
         ended.add(record(.set, 9, label("after the destroy")))
         #expect(ended.objects[uid]?.isLive == false, "a destroy is never undone, whatever comes after")
+        ended.add(record(.adopt, 12))
+        #expect(ended.objects[uid]?.isLive == false, "an adoption after the tombstone (a copy it missed) is not a new object")
+        for order in [[record(.create, 20), record(.destroy, 2)], [record(.destroy, 2), record(.create, 20)]] {
+            var again = P11HA.Ledger(records)
+            for r in order { again.add(r) }
+            #expect(again.objects[uid]?.isLive == true, "a creation later than the tombstone is the object made again")
+        }
     }
 }

@@ -18,7 +18,14 @@ package struct Ledger: Sendable {
         package var created = false
         /// Created by a write through p11ha (not only adopted).
         var written = false
-        package var destroyed = false
+        /// Dead: a tombstone is later than the latest creation through p11ha. An object made again, identical to one
+        /// destroyed (same value, label and ID), can get that one's identity in a process that never read its
+        /// tombstone; its creation's stamp is then later than the tombstone, and it is a new incarnation, live.
+        package internal(set) var destroyed = false
+        /// The greatest stamp of a creation (not an adoption: an adoption can find a copy the tombstone missed).
+        var bornStamp: Stamp? = nil
+        /// The greatest stamp of a tombstone.
+        var diedStamp: Stamp? = nil
         /// The fingerprints its tombstones name: a key first described without its wrapped form (no replication key
         /// found yet) is named by the stronger form its copies have when it is destroyed (simulation seed 5194).
         var tombstoneFingerprints: Set<Fingerprint> = []
@@ -53,16 +60,20 @@ package struct Ledger: Sendable {
         switch record.operation {
         case .create, .adopt, .set:
             if record.operation != .set { state.created = true }
-            if record.operation == .create { state.written = true }
+            if record.operation == .create {
+                state.written = true
+                if state.bornStamp.map({ $0 < record.stamp }) ?? true { state.bornStamp = record.stamp }
+            }
             for attribute in record.attributes {
                 state.pastValues[attribute.type, default: []].insert(attribute.value)
                 if let old = state.attributes[attribute.type], old.stamp > record.stamp { continue }
                 state.attributes[attribute.type] = (attribute.value, record.stamp)
             }
         case .destroy:
-            state.destroyed = true
+            if state.diedStamp.map({ $0 < record.stamp }) ?? true { state.diedStamp = record.stamp }
             state.tombstoneFingerprints.insert(record.fingerprint)
         }
+        state.destroyed = state.diedStamp.map { died in state.bornStamp.map { $0 < died } ?? true } ?? false
         objects[record.object] = state
         return true
     }
@@ -107,13 +118,15 @@ package struct Ledger: Sendable {
     }
 
     /// A new object's identity: the next occurrence of its fingerprint and attributes among those written through
-    /// p11ha. One only adopted is this very object, adopted by a repair while its write was under way: the same
-    /// identity, so the two records name one object.
+    /// p11ha or destroyed. One only adopted is this very object, adopted by a repair while its write was under way:
+    /// the same identity, so the two records name one object. One destroyed is never named again here: its
+    /// tombstone would take the new object for it (an object made again, identical to one destroyed, was lost on
+    /// every member at the next catch-up).
     func newIdentity(_ fingerprint: Fingerprint, attributes: [Attribute]) -> ObjectUID {
         var occurrence = 0
         while true {
             let uid = ObjectUID(fingerprint: fingerprint, attributes: attributes, occurrence: occurrence)
-            guard let state = objects[uid], state.isLive, state.written else { return uid }
+            guard let state = objects[uid], (state.isLive && state.written) || state.diedStamp != nil else { return uid }
             occurrence += 1
         }
     }
