@@ -5,12 +5,16 @@
 import Foundation
 import Testing
 
+/// Every process scrubs and compacts the records every 3 s whenever every member is in service for it, and keeps
+/// tombstones 2 s: compactions run beside the other writers' writes and repairs.
+let compactingOften = ["scrub-interval = 3s", "record-retention = 2s"]
+
 @Suite("Multi-writer convergence", .serialized)
 struct MultiWriter {
     @Test("two hosts write through a member down for both, a member down for one host only and a partition; once every member is back, each member holds exactly what the writers were told")
     func twoHosts() throws {
         let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
+        _ = try members.throughFaultModule(extraGlobal: fastRecovery + compactingOften)
         let host1 = try WriterHost("host1", members)
         let host2 = try WriterHost("host2", members)
         let outcome = try runWriters(members, [("h1", host1), ("h2", host2)], seconds: 42, recoveryTimeout: 40, schedule: [
@@ -29,7 +33,7 @@ struct MultiWriter {
     @Test("one host, two writer processes sharing its lock-dir, a member away 10 s; once it is back, each member holds exactly what the writers were told")
     func oneHostTwoProcesses() throws {
         let members = try Members()
-        _ = try members.throughFaultModule(extraGlobal: fastRecovery)
+        _ = try members.throughFaultModule(extraGlobal: fastRecovery + compactingOften)
         let host = try WriterHost("host", members)
         let outcome = try runWriters(members, [("p1", host), ("p2", host)], seconds: 25, recoveryTimeout: 20, schedule: [
             FaultStep(at: 5, "member-b down") { try host.down("member-b") },

@@ -195,7 +195,13 @@ struct BadValue: Sendable, CustomTestStringConvertible {
         BadValue("operation-timeout", "+5s", "must be a duration"),
         BadValue("operation-timeout", "1.5s", "must be a duration"),
         BadValue("operation-timeout", "5 s", "must be a duration"),
-        BadValue("operation-timeout", "5h", "must be a duration"),
+        BadValue("operation-timeout", "5w", "must be a duration"),
+        BadValue("operation-timeout", "2h", "out of range"),
+        BadValue("record-retention", "0", "out of range"),
+        BadValue("record-retention", "3651d", "out of range"),
+        BadValue("record-retention", "always", "must be a duration"),
+        BadValue("scrub-interval", "8d", "out of range"),
+        BadValue("scrub-interval", "500ms", "out of range"),
         BadValue("operation-timeout", "0x10", "must be a duration"),
         BadValue("operation-timeout", "ms", "must be a duration"),
         BadValue("operation-timeout", "OFF", "must be a duration"),
@@ -277,11 +283,11 @@ struct BadValue: Sendable, CustomTestStringConvertible {
 
     /// What a setting was read as.
     enum Reading: Sendable, Equatable {
-        case timeout(Duration?), interval(Duration), replayBuffer(Int)
+        case timeout(Duration?), interval(Duration), replayBuffer(Int), retention(Duration?), scrub(Duration?)
     }
 
-    @Test("the bounds themselves are accepted, with the values they say", arguments: [
-        ("operation-timeout = 1ms", Reading.timeout(.milliseconds(1))),
+    static let bounds: [(String, Reading)] = [
+        ("operation-timeout = 1ms", .timeout(.milliseconds(1))),
         ("operation-timeout = 3600", .timeout(.seconds(3600))),
         ("operation-timeout = 60m", .timeout(.seconds(3600))),
         ("operation-timeout = 3600000ms", .timeout(.seconds(3600))),
@@ -294,20 +300,30 @@ struct BadValue: Sendable, CustomTestStringConvertible {
         ("replay-buffer = 1024M", .replayBuffer(1 << 30)),
         ("replay-buffer = 1073741824", .replayBuffer(1 << 30)),
         ("replay-buffer = 64k", .replayBuffer(65536)),
-    ])
+        ("record-retention = 1s", .retention(.seconds(1))),
+        ("record-retention = 3650d", .retention(.seconds(3650 * 86_400))),
+        ("record-retention = 12h", .retention(.seconds(12 * 3600))),
+        ("record-retention = forever", .retention(nil)),
+        ("scrub-interval = 1s", .scrub(.seconds(1))),
+        ("scrub-interval = 7d", .scrub(.seconds(7 * 86_400))),
+    ]
+
+    @Test("the bounds themselves are accepted, with the values they say", arguments: bounds)
     func boundsAccepted(_ line: String, _ expected: Reading) throws {
         let config = try Config.parse("[p11ha]\n\(line)\n[group g]\nmember = \(member)\n", path: "p11ha.conf")
         let read: Reading = switch expected {
         case .timeout: .timeout(config.operationTimeout)
         case .interval: .interval(config.recoveryInterval)
         case .replayBuffer: .replayBuffer(config.replayBuffer)
+        case .retention: .retention(config.recordRetention)
+        case .scrub: .scrub(config.scrubInterval)
         }
         #expect(read == expected)
     }
 
     @Test("the range an error gives is written as the file takes it: its bounds, copied back, are accepted", arguments: [
         "operation-timeout = 61m", "operation-timeout = 0", "recovery-interval = 1ms", "recovery-interval = 61m",
-        "replay-buffer = 2g", "replay-buffer = -1",
+        "replay-buffer = 2g", "replay-buffer = -1", "record-retention = 0", "record-retention = 4000d", "scrub-interval = 8d",
     ])
     func rangeInMessageAccepted(_ line: String) throws {
         let key = String(line.prefix(while: { $0 != " " }))

@@ -106,6 +106,43 @@ import Testing
         for store in 0..<3 { #expect(fake.objects(labelled: "config", on: store) == 1, "member \(store) after a catch-up") }
     }
 
+    @Test("a compaction leaves each live object one record on every member, and a destroyed one none once its tombstone is past the retention; objects stay as they were, and another process writes nothing back")
+    func compaction() throws {
+        let settings = ["record-retention = 1s", "scrub-interval = 1s"]
+        let first = try FakeGroup(settings: settings)
+        let second = try FakeGroup(sharing: first.stores, settings: settings)
+        let session = try first.userSession()
+        let kept = try first.runtime.createObject(session, dataObject("kept"))
+        for n in 1...3 { try first.runtime.setAttributeValues(session, kept, [Attribute(CKA_LABEL, Array("kept-\(n)".utf8))]) }
+        try first.runtime.destroyObject(session, try first.runtime.createObject(session, dataObject("doomed")))
+        for store in 0..<3 { #expect(first.records(on: store) == 6, "member \(store): 4 records of kept, 2 of doomed") }
+        // The other process reads every record now: it must not write back those the compaction removes.
+        _ = try second.userSession()
+        second.recover()
+        usleep(1_100_000)
+        for _ in 0..<3 {
+            first.group.catchUpWanted.store(true, ordering: .releasing)
+            first.recover()
+        }
+        for store in 0..<3 {
+            #expect(first.records(on: store) == 1, "member \(store): one snapshot of kept")
+            #expect(first.objects(labelled: "kept-3", on: store) == 1 && first.objects(labelled: "doomed", on: store) == 0, "member \(store)")
+        }
+        for _ in 0..<3 {
+            second.group.catchUpWanted.store(true, ordering: .releasing)
+            second.recover()
+        }
+        for store in 0..<3 {
+            #expect(first.records(on: store) == 1, "member \(store) after the other process's catch-up")
+            #expect(first.objects(labelled: "kept-3", on: store) == 1 && first.objects(labelled: "doomed", on: store) == 0, "member \(store)")
+        }
+        #expect(first.members.allSatisfy(\.isInService) && second.members.allSatisfy(\.isInService))
+        // The compacted object is still the application's: renamed and destroyed through either process.
+        try first.runtime.setAttributeValues(session, kept, [Attribute(CKA_LABEL, Array("kept-4".utf8))])
+        try first.runtime.destroyObject(session, kept)
+        for store in 0..<3 { #expect(first.objects(labelled: "kept-4", on: store) == 0, "member \(store)") }
+    }
+
     @Test("a key generated through the group is carried, wrapped, to every member and signs alike there")
     func generatedKeyReplicated() throws {
         let fake = try FakeGroup()
@@ -226,6 +263,36 @@ import Testing
         #expect(ReplicaRecord(decoding: Array("p11ha-record 1 create x\n".utf8)) == nil)
         #expect(ReplicaRecord(decoding: Array(String(decoding: original.encoded(), as: UTF8.self).replacingOccurrences(of: "set", with: "sot").utf8)) == nil)
         #expect(ReplicaRecord(decoding: []) == nil)
+    }
+
+    @Test("a snapshot survives encoding and folds as the records it stands for, beside changes made meanwhile; those records are no longer written to members")
+    func snapshots() throws {
+        let label = { (text: String) in [Attribute(CKA_LABEL, Array(text.utf8))] }
+        let originals = [record(.create, 1, [Attribute(CKA_LABEL, Array("a".utf8)), Attribute(CKA_ID, [1])]),
+                         record(.set, 5, label("b")), record(.set, 3, [Attribute(CKA_ID, [2])])]
+        let uid = originals[0].object
+        let snapshot = try #require(P11HA.Ledger(originals).snapshot(of: uid, stamp: Stamp(milliseconds: 10, counter: 0, writer: 9)))
+        let decoded = try #require(ReplicaRecord(decoding: snapshot.encoded()))
+        #expect(decoded.operation == .snapshot && decoded.folded == snapshot.folded && decoded.attributes == snapshot.attributes)
+        #expect(Set(snapshot.folded?.supersedes ?? []) == Set(originals.map(\.stamp)))
+        // Changes another writer made beside the compaction: one with a stamp between the folded ones loses to the
+        // later label it would have lost to, one later wins, as without the snapshot.
+        let meanwhile = [record(.set, 4, writer: 2, label("c")), record(.set, 7, writer: 2, [Attribute(CKA_ID, [3])])]
+        let plain = P11HA.Ledger(originals + meanwhile)
+        for records in [[decoded] + meanwhile, meanwhile + [decoded] + originals, originals + meanwhile + [decoded]] {
+            let folded = P11HA.Ledger(records)
+            #expect(folded.objects[uid] == plain.objects[uid])
+            #expect(folded.objects[uid]?.template == [Attribute(CKA_LABEL, Array("b".utf8)), Attribute(CKA_ID, [3])])
+        }
+        let both = P11HA.Ledger(originals + [decoded])
+        #expect(originals.allSatisfy { !both.isReplicable($0, now: 20, retention: nil) } && both.isReplicable(decoded, now: 20, retention: nil))
+        // A destroyed object: only its tombstone is written to a member that lacks it, and only within the retention.
+        var ended = both
+        let tombstone = record(.destroy, 30)
+        ended.add(tombstone)
+        #expect(!ended.isReplicable(decoded, now: 40, retention: nil) && ended.isReplicable(tombstone, now: 40, retention: 100))
+        #expect(!ended.isReplicable(tombstone, now: 131, retention: 100) && ended.isReplicable(tombstone, now: 131, retention: nil))
+        #expect(ended.objects[uid]?.isLive == false)
     }
 
     @Test("records merge by union in any order: the greatest stamp wins an attribute, a destroy is final")

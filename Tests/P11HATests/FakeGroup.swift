@@ -25,16 +25,20 @@ final class FakeGroup {
 
     /// - sharedModule: the members are tokens of one module instance (as the tokens of one SoftHSM configuration
     ///   are), which restarts as one.
+    /// - sharing: the stores of another FakeGroup: this one is then another process (another host: its own lock
+    ///   directory) on the same members.
+    /// - settings: more lines for the [p11ha] section.
     init(members count: Int = 3, seed: UInt64 = 1, operationTimeout: String? = nil, backgroundRecovery: Bool = false,
-         replicationKey: Bool = true, sharedModule: Bool = false, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
+         replicationKey: Bool = true, sharedModule: Bool = false, sharing: [FakeTokenStore]? = nil, settings: [String] = [],
+         prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
         var template = Array("/tmp/p11ha-unit.XXXXXX".utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
         directory = String(cString: made)
-        let stores = (0..<count).map { index in
+        let stores = sharing ?? (0..<count).map { index in
             FakeTokenStore(label: "member-\(index)", serial: "SERIAL\(index)", seed: seed &* 31 &+ UInt64(index))
         }
         self.stores = stores
-        if replicationKey { try Self.setUpReplicationKey(on: stores) }
+        if replicationKey && sharing == nil { try Self.setUpReplicationKey(on: stores) }
         prepare(stores)
         let text = """
             [p11ha]
@@ -42,6 +46,7 @@ final class FakeGroup {
             lock-dir = \(directory)
             operation-timeout = \(operationTimeout ?? "off")
             recovery-interval = 20ms
+            \(settings.joined(separator: "\n"))
             [group fake]
             label = fake
             \(stores.map { "member = pkcs11:token=\($0.label)?module-path=/fake/\($0.label)" }.joined(separator: "\n"))
@@ -78,6 +83,9 @@ final class FakeGroup {
         } catch where error.rv == CKR_USER_ALREADY_LOGGED_IN {}
         return session
     }
+
+    /// How many replication records `store` holds.
+    func records(on store: Int) -> Int { objects(labelled: ReplicaRecord.label, on: store) }
 
     /// Every token object of `store` with this label (read from the store itself, not through p11ha).
     func objects(labelled label: String, on store: Int) -> Int {

@@ -53,6 +53,10 @@ public final class Group: @unchecked Sendable {
     let hostLock: HostLock
     /// What the members' replication records say the token holds, as far as this process has read them.
     let ledger = Mutex(Ledger())
+    /// Whether a member lacking `record` must be given it now (`Ledger.isReplicable`).
+    func isReplicable(_ record: ReplicaRecord, in ledger: Ledger) -> Bool {
+        ledger.isReplicable(record, now: replicaClock.milliseconds, retention: retention)
+    }
     /// Set when the members in service should be caught up with each other's records (after a login, or a
     /// member's return); the recovery worker does it.
     let catchUpWanted = Atomic<Bool>(false)
@@ -72,6 +76,11 @@ public final class Group: @unchecked Sendable {
     /// When (replica clock, ms) the members in service were last all looked at, object by object (`Recovery`'s
     /// scrub); the first scrub is one interval after start.
     let lastScrub = Atomic<UInt64>(0)
+    /// When (replica clock, ms) the records were last compacted (`Recovery.compactIfDue`); the first compaction is
+    /// one scrub interval after start.
+    let lastCompaction = Atomic<UInt64>(0)
+    /// How long tombstones are kept at least, in ms (nil: for ever); `Ledger.isReplicable`.
+    let retention: UInt64?
     /// Stamps this process's records.
     package let replicaClock: ReplicaClock
     /// Where processes record their members' failures and recoveries for operators.
@@ -79,10 +88,12 @@ public final class Group: @unchecked Sendable {
 
     /// `lockWait`: how long the host lock is waited for, as long as a member call may take (Config.boundedWait).
     init(slotID: CK_SLOT_ID, config: GroupConfig, members: [Member], lockDirectory: String, lockWait: Duration,
-         replicaClock: ReplicaClock = ReplicaClock()) {
+         replicaClock: ReplicaClock = ReplicaClock(), retention: Duration? = nil) {
         self.slotID = slotID
+        self.retention = retention.map { UInt64($0.milliseconds) }
         self.replicaClock = replicaClock
         lastScrub.store(replicaClock.milliseconds, ordering: .relaxed)
+        lastCompaction.store(replicaClock.milliseconds, ordering: .relaxed)
         self.config = config
         self.members = members
         self.mechanisms = Self.commonMechanisms(members.filter { $0.isInService && $0.connected.load(ordering: .acquiring) })

@@ -7,6 +7,8 @@ import CInterop
 package struct Ledger: Sendable {
     package private(set) var records: [Stamp: ReplicaRecord] = [:]
     package private(set) var objects: [ObjectUID: ObjectState] = [:]
+    /// Records a snapshot stands for: their fold is in it, so they are never written to a member again.
+    package private(set) var superseded = Set<Stamp>()
 
     package struct ObjectState: Sendable, Equatable {
         /// What the object is: the fingerprint of its latest record (a change of a data object's value changes it).
@@ -53,21 +55,29 @@ package struct Ledger: Sendable {
         records[record.stamp] = record
         var state = objects[record.object]
             ?? ObjectState(fingerprint: record.fingerprint, isPrivate: record.isPrivate, attributes: [:])
-        if record.operation != .destroy, state.fingerprintStamp.map({ $0 < record.stamp }) ?? true {
+        let fingerprintStamp = record.folded?.fingerprintStamp ?? record.stamp
+        if record.operation != .destroy, state.fingerprintStamp.map({ $0 < fingerprintStamp }) ?? true {
             state.fingerprint = record.fingerprint
-            state.fingerprintStamp = record.stamp
+            state.fingerprintStamp = fingerprintStamp
+        }
+        func born(_ stamp: Stamp) {
+            state.written = true
+            if state.bornStamp.map({ $0 < stamp }) ?? true { state.bornStamp = stamp }
         }
         switch record.operation {
-        case .create, .adopt, .set:
+        case .create, .adopt, .set, .snapshot:
             if record.operation != .set { state.created = true }
-            if record.operation == .create {
-                state.written = true
-                if state.bornStamp.map({ $0 < record.stamp }) ?? true { state.bornStamp = record.stamp }
+            if record.operation == .create { born(record.stamp) }
+            if let folded = record.folded {
+                if let stamp = folded.bornStamp { born(stamp) } else if folded.written { state.written = true }
+                superseded.formUnion(folded.supersedes)
             }
-            for attribute in record.attributes {
+            // A snapshot's attributes carry their own stamps.
+            let stamps = record.folded?.attributeStamps ?? Array(repeating: record.stamp, count: record.attributes.count)
+            for (attribute, stamp) in zip(record.attributes, stamps) {
                 state.pastValues[attribute.type, default: []].insert(attribute.value)
-                if let old = state.attributes[attribute.type], old.stamp > record.stamp { continue }
-                state.attributes[attribute.type] = (attribute.value, record.stamp)
+                if let old = state.attributes[attribute.type], old.stamp > stamp { continue }
+                state.attributes[attribute.type] = (attribute.value, stamp)
             }
         case .destroy:
             if state.diedStamp.map({ $0 < record.stamp }) ?? true { state.diedStamp = record.stamp }
@@ -76,6 +86,39 @@ package struct Ledger: Sendable {
         state.destroyed = state.diedStamp.map { died in state.bornStamp.map { $0 < died } ?? true } ?? false
         objects[record.object] = state
         return true
+    }
+
+    /// Whether a member that lacks this record must be given it. Not when a snapshot stands for it; not, for a
+    /// destroyed object, anything but its tombstones (they alone say what holds); not a tombstone older than the
+    /// retention (nil: kept for ever), which only a compaction with every member of the group in service removes
+    /// (`ReplicaKeeper.compact`). The rule depends only on the records and the clock, so every process applies it
+    /// alike, and no repair writes back what a compaction removed.
+    package func isReplicable(_ record: ReplicaRecord, now: UInt64, retention: UInt64?) -> Bool {
+        if superseded.contains(record.stamp) { return false }
+        guard let state = objects[record.object], state.destroyed else { return true }
+        guard record.operation == .destroy else { return false }
+        guard let retention else { return true }
+        return now < record.stamp.milliseconds || now - record.stamp.milliseconds <= retention
+    }
+
+    /// The snapshot that would stand for every record of a live object (nil when one record already does): its
+    /// attributes with their stamps, its creation's and fingerprint's stamps. Older incarnations' tombstones are
+    /// among what it supersedes.
+    package func snapshot(of uid: ObjectUID, stamp: Stamp) -> ReplicaRecord? {
+        guard let state = objects[uid], state.isLive, let fingerprintStamp = state.fingerprintStamp else { return nil }
+        let folded = records.values.filter { $0.object == uid && !superseded.contains($0.stamp) }.map(\.stamp).sorted()
+        guard folded.count > 1 else { return nil }
+        let types = state.attributes.keys.sorted()
+        return ReplicaRecord(stamp: stamp, operation: .snapshot, object: uid, fingerprint: state.fingerprint,
+                             attributes: types.map { Attribute($0, state.attributes[$0]!.value) }, isPrivate: state.isPrivate,
+                             folded: .init(written: state.written, bornStamp: state.bornStamp, fingerprintStamp: fingerprintStamp,
+                                           attributeStamps: types.map { state.attributes[$0]!.stamp }, supersedes: folded))
+    }
+
+    /// Forgets an object and its records (none is on any member any more: `ReplicaKeeper.repair`).
+    mutating func forget(_ uid: ObjectUID) {
+        objects[uid] = nil
+        records = records.filter { $0.value.object != uid }
     }
 
     package mutating func merge(_ other: Ledger) {

@@ -46,7 +46,7 @@ package struct Stamp: Hashable, Comparable, Sendable, CustomStringConvertible {
         (a.milliseconds, a.counter, a.writer) < (b.milliseconds, b.counter, b.writer)
     }
 
-    package var description: String { "\(milliseconds).\(counter).\(hex64(writer))" }
+    package var description: String { encoded }
 }
 
 /// What an object is, whatever it is called: class and type, and its material as far as it can be compared
@@ -158,6 +158,24 @@ package struct ReplicaRecord: Sendable {
         case set
         /// The object was destroyed: it never exists again (a tombstone).
         case destroy
+        /// The object's state folded from the records it supersedes (`Folded`), written by a compaction: the fold of
+        /// this record is the fold of those, whatever other records come with it.
+        case snapshot
+    }
+
+    /// What a snapshot carries beside its attributes: each attribute's own stamp (a change made beside the
+    /// compaction, with a stamp between two of the folded ones, must still win or lose as it would have against
+    /// them), the creation's stamp and the fingerprint's, and the records it stands for.
+    package struct Folded: Sendable, Equatable {
+        /// Whether a creation through p11ha (not only an adoption) is among the folded records.
+        package var written: Bool
+        /// The greatest stamp of a creation among them (a tombstone older than it ends an earlier incarnation).
+        package var bornStamp: Stamp?
+        package var fingerprintStamp: Stamp
+        /// One per attribute of the record, in order.
+        package var attributeStamps: [Stamp]
+        /// The records it supersedes: never written to a member again, and removed by a compaction.
+        package var supersedes: [Stamp]
     }
 
     package let stamp: Stamp
@@ -168,6 +186,8 @@ package struct ReplicaRecord: Sendable {
     package let attributes: [Attribute]
     /// Records of private objects are private objects themselves (they name labels and IDs).
     package let isPrivate: Bool
+    /// A snapshot's stamps and the records it supersedes (nil for every other operation).
+    package let folded: Folded?
 
     static let label = "p11ha record"
     static let application = "p11ha"
@@ -175,18 +195,29 @@ package struct ReplicaRecord: Sendable {
     /// The attributes a create records, and that members are made to agree on.
     static let replicatedTypes: [CK_ATTRIBUTE_TYPE] = [CKA_LABEL, CKA_ID]
 
+    /// A snapshot's fourth line: `written born fingerprint-stamp attribute-stamps supersedes`, stamps as
+    /// `ms.counter.writer`, lists comma-separated, "-" for none. Readers of the first version of the format skip a
+    /// snapshot as unreadable (its operation is unknown to them).
     func encoded() -> [UInt8] {
         let head = "p11ha-record 1 \(operation.rawValue) \(object) \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(isPrivate ? 1 : 0)\n"
-        return Array((head + hexEncode(encodeAttributes(fingerprint.attributes)) + "\n" + hexEncode(encodeAttributes(attributes)) + "\n").utf8)
+        var text = head + hexEncode(encodeAttributes(fingerprint.attributes)) + "\n" + hexEncode(encodeAttributes(attributes)) + "\n"
+        if let folded {
+            func list(_ stamps: [Stamp]) -> String { stamps.isEmpty ? "-" : stamps.map(\.encoded).joined(separator: ",") }
+            text += "\(folded.written ? 1 : 0) \(folded.bornStamp?.encoded ?? "-") \(folded.fingerprintStamp.encoded) "
+                + "\(list(folded.attributeStamps)) \(list(folded.supersedes))\n"
+        }
+        return Array(text.utf8)
     }
 
-    package init(stamp: Stamp, operation: Operation, object: ObjectUID, fingerprint: Fingerprint, attributes: [Attribute], isPrivate: Bool) {
+    package init(stamp: Stamp, operation: Operation, object: ObjectUID, fingerprint: Fingerprint, attributes: [Attribute], isPrivate: Bool,
+                 folded: Folded? = nil) {
         self.stamp = stamp
         self.operation = operation
         self.object = object
         self.fingerprint = fingerprint
         self.attributes = attributes
         self.isPrivate = isPrivate
+        self.folded = operation == .snapshot ? folded : nil
     }
 
     init?(decoding bytes: [UInt8]) {
@@ -198,14 +229,55 @@ package struct ReplicaRecord: Sendable {
               let writer = UInt64(head[6], radix: 16), head[7] == "0" || head[7] == "1",
               let fingerprint = hexDecode(lines[1]).flatMap(decodeAttributes), let attributes = hexDecode(lines[2]).flatMap(decodeAttributes)
         else { return nil }
+        var folded: Folded? = nil
+        if operation == .snapshot {
+            guard lines.count >= 4, let decoded = Folded(decoding: lines[3]), decoded.attributeStamps.count == attributes.count else { return nil }
+            folded = decoded
+        }
         self.init(stamp: Stamp(milliseconds: ms, counter: counter, writer: writer), operation: operation, object: object,
-                  fingerprint: Fingerprint(fingerprint), attributes: attributes, isPrivate: head[7] == "1")
+                  fingerprint: Fingerprint(fingerprint), attributes: attributes, isPrivate: head[7] == "1", folded: folded)
     }
 
     static func searchTemplate(isPrivate: Bool?) -> [Attribute] {
         var template = [Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array(label.utf8))]
         if let isPrivate { template.append(Attribute(CKA_PRIVATE, bool: isPrivate)) }
         return template
+    }
+}
+
+extension ReplicaRecord.Folded {
+    init?(decoding line: Substring) {
+        let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+        func list(_ text: Substring) -> [Stamp]? {
+            if text == "-" { return [] }
+            var stamps: [Stamp] = []
+            for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+                guard let stamp = Stamp(decoding: part) else { return nil }
+                stamps.append(stamp)
+            }
+            return stamps
+        }
+        guard fields.count == 5, fields[0] == "0" || fields[0] == "1", let fingerprintStamp = Stamp(decoding: fields[2]),
+              let attributeStamps = list(fields[3]), let supersedes = list(fields[4]) else { return nil }
+        var born: Stamp? = nil
+        if fields[1] != "-" {
+            guard let stamp = Stamp(decoding: fields[1]) else { return nil }
+            born = stamp
+        }
+        self.init(written: fields[0] == "1", bornStamp: born, fingerprintStamp: fingerprintStamp, attributeStamps: attributeStamps,
+                  supersedes: supersedes)
+    }
+}
+
+extension Stamp {
+    /// `ms.counter.writer` (the writer in hex), as a snapshot names stamps.
+    var encoded: String { "\(milliseconds).\(counter).\(hex64(writer))" }
+
+    init?(decoding text: Substring) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let ms = UInt64(parts[0]), let counter = UInt64(parts[1]), parts[2].count == 16,
+              let writer = UInt64(parts[2], radix: 16) else { return nil }
+        self.init(milliseconds: ms, counter: counter, writer: writer)
     }
 }
 

@@ -23,10 +23,13 @@ final class RecoveryWorker: @unchecked Sendable {
     /// say: a member can hold a record whose write it did not complete (a destroy whose tombstone it took but whose
     /// copy it failed to destroy, the process that knew it restarted since: simulation seed 36093), and nothing in
     /// the records tells it apart. 10 minutes at the default recovery-interval.
-    var scrubInterval: Duration { watchInterval * 30 }
+    var scrubInterval: Duration { scrub ?? watchInterval * 30 }
+    /// The configured scrub-interval (nil: 30 watch intervals).
+    private let scrub: Duration?
 
-    init(interval: Duration, background: Bool = true) {
+    init(interval: Duration, scrub: Duration? = nil, background: Bool = true) {
         self.interval = interval
+        self.scrub = scrub
         self.background = background
     }
 
@@ -152,6 +155,9 @@ final class Recovery: @unchecked Sendable {
             heldBy.append(held)
             recentChange = recentChange || new.contains { $0.operation == .set && $0.stamp.milliseconds >= recent }
         }
+        // Only the records a member must hold: those a compaction removes may be on some members for a while.
+        let ledger = group.ledger.withLock { $0 }
+        heldBy = heldBy.map { held in held.filter { ledger.records[$0].map { group.isReplicable($0, in: ledger) } ?? true } }
         let union = heldBy.reduce(into: Set<Stamp>()) { $0.formUnion($1) }
         // Private records are visible only logged in: compared alike, the sets differ only by what a member lacks.
         let apart = loggedIn || group.login.withLock({ $0.userType == nil }) ? heldBy.contains { $0 != union } : false
@@ -226,11 +232,38 @@ final class Recovery: @unchecked Sendable {
                         Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
                     }
                 }
+                if done && loggedIn { done = compactIfDue(group, reached) }
                 return done
             }
         }
         if result != true { settled = false }
         return settled
+    }
+
+    /// Compacts the group's records (`ReplicaKeeper.compact`) once per scrub interval, right after a catch-up of
+    /// every member of the group that changed nothing, under every member's lease. Returns whether nothing is left
+    /// to do (false asks for one more catch-up: the compaction changed the members, or saw a copy to destroy).
+    private func compactIfDue(_ group: Group, _ reached: [ReplicaKeeper.Reached]) -> Bool {
+        let now = group.replicaClock.milliseconds
+        guard reached.count == group.members.count,
+              now &- group.lastCompaction.load(ordering: .acquiring) >= UInt64(worker.scrubInterval.milliseconds) else { return true }
+        var leases: [Lease] = []
+        defer { for lease in leases { lease.release() } }
+        for r in reached {
+            guard let lease = try? Lease.acquire(r.member, r.session, clock: group.replicaClock, duration: Self.leaseDuration) else { return true }
+            leases.append(lease)
+        }
+        do throws(P11Error) {
+            guard let report = try replicas.compact(reached, in: group, leases: leases, cancelled: { worker.stopping }) else { return false }
+            group.lastCompaction.store(now, ordering: .releasing)
+            if report.changedAnything || report.copiesSeen {
+                Log.event(.info, "records-compacted", "group=\(group.name) \(report)")
+            }
+            return !report.changedAnything && !report.copiesSeen
+        } catch {
+            Log.event(.warning, "records-compaction-stopped", "group=\(group.name) reason=\"\(error)\"")
+            return false
+        }
     }
 
     /// The worker's own session on a member in service, opened once per era of the member's handles and kept

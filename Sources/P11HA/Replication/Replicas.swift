@@ -245,12 +245,18 @@ package final class ReplicaKeeper: Sendable {
         // The union of the records, and which ones the target holds.
         var held = try refreshLedger(group, from: target.member, target.session).held
         var peersHoldRecords = false
+        // The records every member of the group holds, when all were read: a record none holds is known only to
+        // this process (see `records-forgotten` below).
+        var heldAnywhere: Set<Stamp>? = peers.count + 1 == group.members.count ? held : nil
         for peer in peers {
             // A peer that cannot be read is not the target's fault: the repair is incomplete (the peer may hold
             // tombstones the target must apply) and is tried again.
             do throws(P11Error) {
-                if !(try refreshLedger(group, from: peer.member, peer.session).held.isEmpty) { peersHoldRecords = true }
+                let peerHeld = try refreshLedger(group, from: peer.member, peer.session).held
+                if !peerHeld.isEmpty { peersHoldRecords = true }
+                heldAnywhere?.formUnion(peerHeld)
             } catch {
+                heldAnywhere = nil
                 report.retry += 1
                 // Evidence against the peer itself: it fails a probe too (its module restarted behind this process,
                 // say). It leaves service and is brought back; left in, every catch-up would stop at it for ever
@@ -329,6 +335,17 @@ package final class ReplicaKeeper: Sendable {
                 if let copy = Pairing(peerView, with: ledger, visibleOnly: visible).copies[uid] { source = (peer, copy); break }
             }
             let name = describeObject(uid, state)
+            if source == nil, let heldAnywhere, !ledger.records.values.contains(where: { $0.object == uid && heldAnywhere.contains($0.stamp) }) {
+                // No copy and no record of it on any member of the group: a fresh process would not know it either.
+                // Its records were compacted away after its tombstone, which this process never read, expired
+                // (a process that runs longer than the retention); or they are hidden from this one look, and are
+                // read again at the next.
+                group.ledger.withLock { $0.forget(uid) }
+                Log.event(.info, "records-forgotten", "group=\(group.name) \(name) reason=\"no member holds it or a record of it\"")
+                // Nor are its records written back below (this repair's view of the ledger still holds them).
+                unsettled.insert(uid)
+                continue
+            }
             guard let (peer, copy) = source else {
                 report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
                 report.noHolder += 1
@@ -384,7 +401,7 @@ package final class ReplicaKeeper: Sendable {
         // watch asks for another repair (simulation seed 29115: once written, the records were alike everywhere,
         // the one process that knew the object was missing restarted, and it stayed missing for good).
         for record in ledger.records.values.sorted(by: { $0.stamp < $1.stamp })
-        where !held.contains(record.stamp) && !unsettled.contains(record.object) {
+        where !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger) {
             guard loggedIn || !record.isPrivate else { continue }
             try mayChange()
             noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group)
@@ -393,6 +410,109 @@ package final class ReplicaKeeper: Sendable {
         // The previous format's journals go once what the member holds is adopted (only logged in: see above).
         if loggedIn { for handle in oldJournals { try? token.destroyObject(target.session, handle) } }
         return report
+    }
+
+    /// What a compaction did.
+    package struct Compaction: CustomStringConvertible {
+        package var snapshots = 0, removed = 0, expired = 0
+        /// A copy of an object whose tombstone is past the retention was seen: the tombstone stays, and a catch-up
+        /// is due.
+        package var copiesSeen = false
+        var changedAnything: Bool { snapshots + removed + expired > 0 }
+        package var description: String {
+            "snapshots=\(snapshots) removed=\(removed) tombstones-expired=\(expired)\(copiesSeen ? " copies-of-destroyed-seen=yes" : "")"
+        }
+    }
+
+    /// Compacts the records of every member of the group: each live object with more than one record gets one
+    /// snapshot on every member, written first; then every record no member needs any more is removed from every
+    /// member (those a snapshot stands for, a destroyed object's records but its tombstones, and tombstones older
+    /// than the retention). Only with every member of the group reached (`reached`, under `leases`), and only once
+    /// their records agree in two reads; the caller has just caught every member up without changing anything.
+    /// A tombstone goes only when a search of every member for its object, besides the catch-up's, finds none.
+    /// Nil when the members' records are apart (a catch-up is due first).
+    /// Every step is safe alone: the fold of the records left is the fold of the records before, so a compaction
+    /// that stops halfway (a lease lapsed, a member failed) leaves nothing wrong, and the next one finishes it.
+    package func compact(_ reached: [Reached], in group: Group, leases: [Lease], cancelled: () -> Bool = { false }) throws(P11Error) -> Compaction? {
+        guard reached.count == group.members.count, leases.count == reached.count else { return nil }
+        func mayChange() throws(P11Error) {
+            if cancelled() { throw P11Error(CK_RV(CKR_FUNCTION_CANCELED)) }
+            for lease in leases { try lease.check() }
+        }
+        // The records of each member, read twice: both reads must show every member holding every record it needs.
+        for _ in 0..<2 {
+            var held: [Set<Stamp>] = []
+            for r in reached { held.append(try refreshLedger(group, from: r.member, r.session).held) }
+            let ledger = group.ledger.withLock { $0 }
+            let needed = held.map { stamps in Set(stamps.filter { ledger.records[$0].map { group.isReplicable($0, in: ledger) } ?? false }) }
+            let union = needed.reduce(into: Set<Stamp>()) { $0.formUnion($1) }
+            guard needed.allSatisfy({ $0 == union }) else { return nil }
+        }
+        var result = Compaction()
+        let before = group.ledger.withLock { $0 }
+        for uid in before.objects.keys.sorted() {
+            guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next()) else { continue }
+            for r in reached {
+                try mayChange()
+                noteWritten(snapshot, at: try snapshot.write(on: r.member.token, r.session), on: r.member, in: group)
+            }
+            group.ledger.withLock { _ = $0.add(snapshot) }
+            result.snapshots += 1
+        }
+        let ledger = group.ledger.withLock { $0 }
+        let now = group.replicaClock.milliseconds
+        // Tombstones past the retention go only when no member shows a copy of the object now either (the catch-up
+        // before looked at every object: this is a second look). One that does is kept, and a catch-up asked for.
+        var expiring = Set<Stamp>(), kept = Set<Stamp>()
+        for record in ledger.records.values where record.operation == .destroy && !group.isReplicable(record, in: ledger)
+            && ledger.isReplicable(record, now: now, retention: nil) {
+            let named = (ledger.objects[record.object]?.template ?? []) + record.attributes
+            if ledger.live(record.fingerprint).contains(where: { ledger.objects[$0]!.agrees(with: named) }) {
+                // A live object alike, of the same label and ID (made again after the destroy), would look like a copy
+                // left behind: the tombstone stays while it lives.
+                kept.insert(record.stamp)
+            } else if try anyCopy(of: record, ledger.objects[record.object], on: reached) {
+                kept.insert(record.stamp)
+                result.copiesSeen = true
+            } else {
+                expiring.insert(record.stamp)
+            }
+        }
+        for r in reached {
+            let cache = group.recordCache.withLock { $0[r.member.index] }
+            for (handle, stamp) in (cache?.stamps ?? [:]).sorted(by: { $0.value < $1.value }) where !kept.contains(stamp) {
+                guard let record = ledger.records[stamp], !group.isReplicable(record, in: ledger) else { continue }
+                try mayChange()
+                try r.member.token.destroyObject(r.session, handle)
+                group.recordCache.withLock { _ = $0[r.member.index]?.stamps.removeValue(forKey: handle) }
+                if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 }
+            }
+        }
+        return result
+    }
+
+    /// Whether a member shows a copy of the object a tombstone destroyed: an object of its class, with the label or
+    /// the ID the records last gave it, and the tombstone's fingerprint.
+    private func anyCopy(of tombstone: ReplicaRecord, _ state: Ledger.ObjectState?, on reached: [Reached]) throws(P11Error) -> Bool {
+        let objectClass = Attribute(CKA_CLASS, ulong: tombstone.fingerprint.objectClass)
+        // Its last label and ID, and those the tombstone names (all a fresh process knows once its other records are
+        // compacted away); a tombstone of the first format names none: then every object of its class.
+        var named = ((state?.template ?? []) + tombstone.attributes).filter { [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)].contains($0.type) }
+        named = named.enumerated().filter { i, a in !named.prefix(i).contains(a) }.map(\.1)
+        let probes = named.isEmpty ? [[objectClass, Attribute(CKA_TOKEN, bool: true)]]
+            : named.map { [objectClass, Attribute(CKA_TOKEN, bool: true), $0] }
+        for r in reached {
+            var handles = Set<MemberObject>()
+            for probe in probes { handles.formUnion(try r.member.token.findObjects(r.session, probe)) }
+            let key = try replicationKey(r.member, r.session)
+            for handle in handles {
+                let fingerprint = try? Fingerprint.read(on: r.member.token, r.session, handle, replicationKey: key)
+                if fingerprint == tombstone.fingerprint || fingerprint.map({ state?.tombstoneFingerprints.contains($0) == true }) == true {
+                    return true
+                }
+            }
+        }
+        return false
     }
 
     /// Records every unrecorded object of the member as created (identities drawn from what they are, so that

@@ -36,6 +36,11 @@ public enum ConfigBounds {
     /// 10 ms to 60 min. Probing a failed member more often than every 10 ms is a busy loop against it; a member
     /// probed less than hourly stays out long after it returned.
     public static let recoveryInterval = Duration.milliseconds(10)...Duration.seconds(3600)
+    /// 1 s to 10 years, or forever. A tombstone kept less than that could be forgotten while a member restored from
+    /// a backup still holds the object it destroyed.
+    public static let recordRetention = Duration.seconds(1)...Duration.seconds(3650 * 86_400)
+    /// 1 s to 7 days: how often every object of every member in service is looked at (and the records compacted).
+    public static let scrubInterval = Duration.seconds(1)...Duration.seconds(7 * 86_400)
     /// 0 (no replay of multi-part updates) to 1 GiB: the buffer is kept per operation in progress, in the
     /// application's memory.
     public static let replayBuffer = 0...(1 << 30)
@@ -58,6 +63,12 @@ public struct Config: Sendable {
     public var boundedWait: Duration { operationTimeout ?? .seconds(2) }
     /// How often failed members are probed.
     public var recoveryInterval: Duration = .seconds(2)
+    /// How long a destroy's tombstone is kept on the members at least (nil: for ever). docs/REPLICATION.md,
+    /// "Compaction".
+    public var recordRetention: Duration? = .seconds(30 * 86_400)
+    /// How often the recovery worker looks at every object of every member in service and compacts the records
+    /// (nil: 30 watch intervals, 10 minutes at the default recovery-interval).
+    public var scrubInterval: Duration? = nil
     /// How many bytes of a multi-part operation's updates are kept to replay it on a peer.
     public var replayBuffer = 1 << 20
     /// Where processes sharing a group coordinate (the host lock, the status file): by default a directory of this
@@ -179,6 +190,16 @@ public struct Config: Sendable {
                 case "recovery-interval":
                     config.recoveryInterval = try checkedDuration(value, key: key, bounds: ConfigBounds.recoveryInterval,
                                                                   example: "500ms, 2s or 1m", fail)
+                case "record-retention":
+                    if value == "forever" {
+                        config.recordRetention = nil
+                    } else {
+                        config.recordRetention = try checkedDuration(value, key: key, bounds: ConfigBounds.recordRetention,
+                                                                     example: "30d, 12h or forever", fail)
+                    }
+                case "scrub-interval":
+                    config.scrubInterval = try checkedDuration(value, key: key, bounds: ConfigBounds.scrubInterval,
+                                                               example: "10m, 1h or 30s", fail)
                 case "replay-buffer":
                     let bounds = ConfigBounds.replayBuffer
                     let range = "from \(sizeSetting(bounds.lowerBound)) to \(sizeSetting(bounds.upperBound))"
@@ -475,13 +496,15 @@ func splitting(_ text: String, on separator: String) -> [String] {
     return parts
 }
 
-/// `250ms`, `2s`, `1m`, or a bare number of seconds: digits only (no sign). A number too large for the
+/// `250ms`, `2s`, `1m`, `12h`, `30d`, or a bare number of seconds: digits only (no sign). A number too large for the
 /// arithmetic saturates, so that the caller's range check refuses it instead of the multiplication trapping.
 func parseDuration(_ text: String) -> Duration? {
     let (digits, millisecondsPerUnit): (Substring, Int) =
         text.hasSuffix("ms") ? (text.dropLast(2), 1)
         : text.hasSuffix("s") ? (text.dropLast(1), 1000)
         : text.hasSuffix("m") ? (text.dropLast(1), 60_000)
+        : text.hasSuffix("h") ? (text.dropLast(1), 3_600_000)
+        : text.hasSuffix("d") ? (text.dropLast(1), 86_400_000)
         : (text[...], 1000)
     guard let n = decimal(digits) else { return nil }
     let (milliseconds, overflow) = n.multipliedReportingOverflow(by: millisecondsPerUnit)
@@ -510,6 +533,8 @@ func decimal(_ text: Substring) -> Int? {
 /// `1ms`, `10ms`, `60m` for the bounds in messages, in units the file accepts.
 func durationText(_ duration: Duration) -> String {
     let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+    if milliseconds % 86_400_000 == 0 { return "\(milliseconds / 86_400_000)d" }
+    if milliseconds % 3_600_000 == 0 { return "\(milliseconds / 3_600_000)h" }
     if milliseconds % 60_000 == 0 { return "\(milliseconds / 60_000)m" }
     if milliseconds % 1000 == 0 { return "\(milliseconds / 1000)s" }
     return "\(milliseconds)ms"

@@ -55,8 +55,11 @@ extension Runtime {
         // A token object goes only through a read-write session: the members would refuse it
         // (CKR_SESSION_READ_ONLY) after the tombstone, and each would be marked stale (found by the fuzzer).
         if !session.readWrite { throw P11Error(CK_RV(CKR_SESSION_READ_ONLY)) }
+        // The label and ID it had: once the compaction has removed its other records, a look for copies left behind
+        // before its tombstone expires searches by them (`ReplicaKeeper.compact`); the fold reads no attribute of a
+        // tombstone.
         let tombstone = ReplicaRecord(stamp: group.replicaClock.next(), operation: .destroy, object: uid,
-                                      fingerprint: description.fingerprint, attributes: [], isPrivate: description.isPrivate)
+                                      fingerprint: description.fingerprint, attributes: description.attributes, isPrivate: description.isPrivate)
         try writeRecord(tombstone, session, on: group.membersInService.map(\.index), withoutCopy: withoutCopy)
         // Written: the destroy holds. A holder that does not destroy its copy now is brought to the tombstone
         // before it serves again; no search reaches the copy meanwhile.

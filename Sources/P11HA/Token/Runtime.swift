@@ -104,7 +104,7 @@ public final class Runtime: @unchecked Sendable {
         self.groups = groups
         let sessions = SessionTable()
         self.sessions = sessions
-        let worker = RecoveryWorker(interval: config.recoveryInterval, background: backgroundRecovery)
+        let worker = RecoveryWorker(interval: config.recoveryInterval, scrub: config.scrubInterval, background: backgroundRecovery)
         self.fanOut = FanOut(recovery: worker, recoveryWait: config.boundedWait)
         self.replicas = ReplicaKeeper(fanOut: fanOut)
         self.replicator = Replicator(fanOut: fanOut, generatedKeys: config.generatedKeys)
@@ -180,7 +180,7 @@ public final class Runtime: @unchecked Sendable {
             }
             groups.append(Group(slotID: CK_SLOT_ID(groupIndex), config: groupConfig, members: members,
                                 lockDirectory: config.lockDirectory, lockWait: config.boundedWait,
-                                replicaClock: replicaClock ?? ReplicaClock()))
+                                replicaClock: replicaClock ?? ReplicaClock(), retention: config.recordRetention))
         }
         for group in groups {
             Log.event(.info, "group-ready", "group=\(group.name) members=\(group.members.count) mechanisms=\(group.mechanisms.count)")
