@@ -105,7 +105,8 @@ package final class ReplicaKeeper: Sendable {
     /// records' to repair, never an operator's copy to make (`p11hactl sync`).
     package func recordsDescribe(_ group: Group, _ fingerprint: Fingerprint) -> Bool {
         group.ledger.withLock { ledger in
-            ledger.objects.values.contains { $0.created && ($0.fingerprint == fingerprint || $0.tombstoneFingerprints.contains(fingerprint)) }
+            // A tombstone alone describes it too: a compaction removes a destroyed object's other records.
+            ledger.objects.values.contains { ($0.created || $0.diedStamp != nil) && ($0.fingerprint == fingerprint || $0.tombstoneFingerprints.contains(fingerprint)) }
         }
     }
 
@@ -140,13 +141,31 @@ package final class ReplicaKeeper: Sendable {
         let description = try describe(member, session, copy)
         if let uid { return (uid, description) }
         let knows = { group.ledger.withLock { $0.knows(description.fingerprint, attributes: description.attributes) } }
-        if !knows() { try refreshLedger(group, from: member, session) }
+        if knows() { return (group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }, description) }
+        // The members whose records were read here.
+        var read = Set<Int>()
+        try refreshLedger(group, from: member, session)
+        read.insert(member.index)
         for _ in 0..<3 where !knows() {
             for (other, otherSession) in elsewhere + [(member, session)] where !knows() {
-                _ = try? refreshLedger(group, from: other, otherSession)
+                if (try? refreshLedger(group, from: other, otherSession)) != nil { read.insert(other.index) }
             }
         }
-        let uid = group.ledger.withLock { $0.identity(of: description.fingerprint, attributes: description.attributes) }
+        let (uid, alike) = group.ledger.withLock { ledger in
+            let uid = ledger.identity(of: description.fingerprint, attributes: description.attributes)
+            return (uid, ledger.objects[uid]?.isLive != true && !ledger.live(description.fingerprint).isEmpty)
+        }
+        if alike && read.count < group.members.count {
+            // The records read do not describe this copy, yet an object of its fingerprint is live: most likely this
+            // very object, changed by another process whose record only a member not read holds (a rename that
+            // reached one member). Named by the identity an adoption gives it, its change or destroy would name
+            // nobody, and the object would be copied back (simulation seed 9005: an acknowledged destroy undone).
+            // Named after the live one, it could be another object of the same fingerprint. So the write is
+            // refused (nothing has been changed yet; no member is blamed), and it can be made once every member's
+            // records can be read.
+            Log.event(.warning, "write-refused", "group=\(group.name) reason=\"the records in reach do not identify the object; a member that cannot be read may hold them\"")
+            throw P11Error.deviceError
+        }
         return (uid, description)
     }
 
