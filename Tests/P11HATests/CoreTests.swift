@@ -120,22 +120,20 @@ import Testing
         _ = try second.userSession()
         second.recover()
         usleep(1_100_000)
-        for _ in 0..<3 {
-            first.group.catchUpWanted.store(true, ordering: .releasing)
-            first.recover()
+        // Three catch-ups by `process`, then each member holds one snapshot of kept and nothing of doomed.
+        func expectCompacted(after process: FakeGroup, _ when: String) {
+            for _ in 0..<3 {
+                process.group.catchUpWanted.store(true, ordering: .releasing)
+                process.recover()
+            }
+            for store in 0..<3 {
+                #expect(first.records(on: store) == 1, "member \(store) \(when): one snapshot of kept")
+                #expect(first.objects(labelled: "kept-3", on: store) == 1 && first.objects(labelled: "doomed", on: store) == 0,
+                        "member \(store) \(when)")
+            }
         }
-        for store in 0..<3 {
-            #expect(first.records(on: store) == 1, "member \(store): one snapshot of kept")
-            #expect(first.objects(labelled: "kept-3", on: store) == 1 && first.objects(labelled: "doomed", on: store) == 0, "member \(store)")
-        }
-        for _ in 0..<3 {
-            second.group.catchUpWanted.store(true, ordering: .releasing)
-            second.recover()
-        }
-        for store in 0..<3 {
-            #expect(first.records(on: store) == 1, "member \(store) after the other process's catch-up")
-            #expect(first.objects(labelled: "kept-3", on: store) == 1 && first.objects(labelled: "doomed", on: store) == 0, "member \(store)")
-        }
+        expectCompacted(after: first, "after the compaction")
+        expectCompacted(after: second, "after the other process's catch-up")
         #expect(first.members.allSatisfy(\.isInService) && second.members.allSatisfy(\.isInService))
         // The compacted object is still the application's: renamed and destroyed through either process.
         try first.runtime.setAttributeValues(session, kept, [Attribute(CKA_LABEL, Array("kept-4".utf8))])

@@ -221,9 +221,10 @@ package struct Pairing: Sendable {
         for object in objects { byFingerprint[object.fingerprint, default: []].append(object) }
         var known = Set<Fingerprint>()
         var liveByFingerprint: [Fingerprint: [ObjectUID]] = [:]
-        // Only objects whose creation (or adoption) a record says: a change recorded without it (its creation not
-        // read yet, or an object no record describes) says nothing about what copies should exist.
-        for (uid, state) in ledger.objects where isVisible(state) && state.created {
+        // Only objects whose creation (or adoption) or destroy a record says: a change recorded without either (its
+        // creation not read yet, or an object no record describes) says nothing about what copies should exist. A
+        // tombstone alone does: a compaction removes a destroyed object's other records.
+        for (uid, state) in ledger.objects where isVisible(state) && (state.created || state.diedStamp != nil) {
             known.insert(state.fingerprint)
             known.formUnion(state.tombstoneFingerprints)
             if state.isLive { liveByFingerprint[state.fingerprint, default: []].append(uid) }
@@ -244,7 +245,7 @@ package struct Pairing: Sendable {
                 missing += wanted
                 for copy in left {
                     let destroyed = ledger.objects.values.contains { state in
-                        state.created && state.destroyed && state.fingerprint == fingerprint && state.agrees(with: copy.attributes)
+                        state.destroyed && state.fingerprint == fingerprint && state.agrees(with: copy.attributes)
                             && state.corrections(to: copy.attributes).isEmpty
                     }
                     if destroyed { surplus.append((copy, "destroyed")) } else { unrecorded.append(copy) }

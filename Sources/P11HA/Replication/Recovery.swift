@@ -191,9 +191,11 @@ final class Recovery: @unchecked Sendable {
                 if group.login.withLock({ $0.userType != nil }) && !loggedIn { return true }
                 var reached: [ReplicaKeeper.Reached] = []
                 var done = true
+                // Every member repaired in full (changes made or not): the catch-up looked at every object.
+                var complete = true
                 for member in group.membersInService {
                     guard let s = reach(member) else {
-                        done = false
+                        done = false; complete = false
                         continue
                     }
                     reached.append(ReplicaKeeper.Reached(member: member, session: s))
@@ -201,7 +203,7 @@ final class Recovery: @unchecked Sendable {
                 for target in reached {
                     if worker.stopping { return false }
                     guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
-                        done = false
+                        done = false; complete = false
                         continue
                     }
                     defer { lease.release() }
@@ -209,6 +211,7 @@ final class Recovery: @unchecked Sendable {
                         let report = try replicas.repair(target, peers: reached.filter { $0.member !== target.member }, in: group,
                                                          loggedIn: loggedIn, lease: lease, cancelled: { worker.stopping })
                         if report.changedAnything || !report.complete { done = false }
+                        if !report.complete { complete = false }
                         if report.changedAnything || !report.unrepairable.isEmpty {
                             Log.event(.info, "member-caught-up", "group=\(group.name) member=\(target.member.name) \(report)")
                         }
@@ -220,19 +223,22 @@ final class Recovery: @unchecked Sendable {
                         // the token's file at each one, which other processes can meet mid-rewrite; logging in at every
                         // catch-up, a write of the application's beside it once answered CKR_USER_NOT_LOGGED_IN in the
                         // multi-writer test).
-                        done = false
+                        done = false; complete = false
                         _ = try? logIn(target.member, target.session, group)
                     } catch where error.isMemberFault {
                         // A fault-class answer alone is no evidence (SoftHSM answers searches CKR_GENERAL_ERROR after a
                         // refused C_CreateObject left a half-made object): the member leaves service only if it fails a
                         // probe too; otherwise the catch-up is tried again.
+                        complete = false
                         if !fanOut.failUnlessItAnswersProbe(target.member, error) { done = false }
                     } catch {
-                        done = false
+                        done = false; complete = false
                         Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
                     }
                 }
-                if done && loggedIn { done = compactIfDue(group, reached) }
+                // After the catch-up of every member (changed or not: under a steady stream of writes some pass
+                // always changes something), once per scrub interval.
+                if loggedIn && !compactIfDue(group, reached, expiring: complete) { done = false }
                 return done
             }
         }
@@ -241,9 +247,10 @@ final class Recovery: @unchecked Sendable {
     }
 
     /// Compacts the group's records (`ReplicaKeeper.compact`) once per scrub interval, right after a catch-up of
-    /// every member of the group that changed nothing, under every member's lease. Returns whether nothing is left
-    /// to do (false asks for one more catch-up: the compaction changed the members, or saw a copy to destroy).
-    private func compactIfDue(_ group: Group, _ reached: [ReplicaKeeper.Reached]) -> Bool {
+    /// every member of the group, under every member's lease. Returns whether nothing is left to do (false asks for
+    /// one more catch-up: the compaction saw a copy of a destroyed object, or stopped).
+    /// `expiring`: the catch-up repaired every member in full, so tombstones past the retention may go.
+    private func compactIfDue(_ group: Group, _ reached: [ReplicaKeeper.Reached], expiring: Bool) -> Bool {
         let now = group.replicaClock.milliseconds
         guard reached.count == group.members.count,
               now &- group.lastCompaction.load(ordering: .acquiring) >= UInt64(worker.scrubInterval.milliseconds) else { return true }
@@ -253,16 +260,18 @@ final class Recovery: @unchecked Sendable {
             guard let lease = try? Lease.acquire(r.member, r.session, clock: group.replicaClock, duration: Self.leaseDuration) else { return true }
             leases.append(lease)
         }
+        // Tried once per interval, whatever comes of it: a compaction that stops leaves nothing wrong.
+        group.lastCompaction.store(now, ordering: .releasing)
         do throws(P11Error) {
-            guard let report = try replicas.compact(reached, in: group, leases: leases, cancelled: { worker.stopping }) else { return false }
-            group.lastCompaction.store(now, ordering: .releasing)
+            guard let report = try replicas.compact(reached, in: group, leases: leases, expiring: expiring,
+                                                    cancelled: { worker.stopping }) else { return true }
             if report.changedAnything || report.copiesSeen {
                 Log.event(.info, "records-compacted", "group=\(group.name) \(report)")
             }
-            return !report.changedAnything && !report.copiesSeen
+            return !report.copiesSeen
         } catch {
             Log.event(.warning, "records-compaction-stopped", "group=\(group.name) reason=\"\(error)\"")
-            return false
+            return true
         }
     }
 

@@ -446,27 +446,30 @@ package final class ReplicaKeeper: Sendable {
     /// Compacts the records of every member of the group: each live object with more than one record gets one
     /// snapshot on every member, written first; then every record no member needs any more is removed from every
     /// member (those a snapshot stands for, a destroyed object's records but its tombstones, and tombstones older
-    /// than the retention). Only with every member of the group reached (`reached`, under `leases`), and only once
-    /// their records agree in two reads; the caller has just caught every member up without changing anything.
-    /// A tombstone goes only when a search of every member for its object, besides the catch-up's, finds none.
-    /// Nil when the members' records are apart (a catch-up is due first).
+    /// than the retention). Only with every member of the group reached (`reached`, under `leases`), right after a
+    /// catch-up of them all. A destroyed object's records go only when every member showed one of its tombstones in
+    /// two reads; a tombstone past the retention only when every member showed it, and a search of every member for
+    /// its object, besides the catch-up's, finds none. Other writers may write meanwhile: nothing here depends on
+    /// the members holding the same records.
     /// Every step is safe alone: the fold of the records left is the fold of the records before, so a compaction
     /// that stops halfway (a lease lapsed, a member failed) leaves nothing wrong, and the next one finishes it.
-    package func compact(_ reached: [Reached], in group: Group, leases: [Lease], cancelled: () -> Bool = { false }) throws(P11Error) -> Compaction? {
+    /// `expiring`: whether tombstones past the retention may go (the catch-up before repaired every member in full).
+    package func compact(_ reached: [Reached], in group: Group, leases: [Lease], expiring mayExpire: Bool = true,
+                         cancelled: () -> Bool = { false }) throws(P11Error) -> Compaction? {
         guard reached.count == group.members.count, leases.count == reached.count else { return nil }
         func mayChange() throws(P11Error) {
             if cancelled() { throw P11Error(CK_RV(CKR_FUNCTION_CANCELED)) }
             for lease in leases { try lease.check() }
         }
-        // The records of each member, read twice: both reads must show every member holding every record it needs.
+        // The records every member showed in both of two reads.
+        var everywhere: Set<Stamp>? = nil
         for _ in 0..<2 {
-            var held: [Set<Stamp>] = []
-            for r in reached { held.append(try refreshLedger(group, from: r.member, r.session).held) }
-            let ledger = group.ledger.withLock { $0 }
-            let needed = held.map { stamps in Set(stamps.filter { ledger.records[$0].map { group.isReplicable($0, in: ledger) } ?? false }) }
-            let union = needed.reduce(into: Set<Stamp>()) { $0.formUnion($1) }
-            guard needed.allSatisfy({ $0 == union }) else { return nil }
+            for r in reached {
+                let held = try refreshLedger(group, from: r.member, r.session).held
+                everywhere = everywhere.map { $0.intersection(held) } ?? held
+            }
         }
+        let heldEverywhere = everywhere ?? []
         var result = Compaction()
         let before = group.ledger.withLock { $0 }
         for uid in before.objects.keys.sorted() {
@@ -483,10 +486,18 @@ package final class ReplicaKeeper: Sendable {
         // Tombstones past the retention go only when no member shows a copy of the object now either (the catch-up
         // before looked at every object: this is a second look). One that does is kept, and a catch-up asked for.
         var expiring = Set<Stamp>(), kept = Set<Stamp>()
-        for record in ledger.records.values where record.operation == .destroy && !group.isReplicable(record, in: ledger)
-            && ledger.isReplicable(record, now: now, retention: nil) {
+        // A destroyed object whose tombstone some member did not show keeps all its records: that member may hold a
+        // copy, and only they make it surplus there.
+        let tombstoned = Set(ledger.records.values.filter { $0.operation == .destroy && heldEverywhere.contains($0.stamp) }.map(\.object))
+        for record in ledger.records.values where ledger.objects[record.object]?.destroyed == true && !tombstoned.contains(record.object) {
+            kept.insert(record.stamp)
+        }
+        for record in ledger.records.values where record.operation == .destroy && !kept.contains(record.stamp)
+            && !group.isReplicable(record, in: ledger) && ledger.isReplicable(record, now: now, retention: nil) {
             let named = (ledger.objects[record.object]?.template ?? []) + record.attributes
-            if ledger.live(record.fingerprint).contains(where: { ledger.objects[$0]!.agrees(with: named) }) {
+            if !mayExpire || !heldEverywhere.contains(record.stamp) {
+                kept.insert(record.stamp)
+            } else if ledger.live(record.fingerprint).contains(where: { ledger.objects[$0]!.agrees(with: named) }) {
                 // A live object alike, of the same label and ID (made again after the destroy), would look like a copy
                 // left behind: the tombstone stays while it lives.
                 kept.insert(record.stamp)

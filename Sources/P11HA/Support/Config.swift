@@ -181,22 +181,14 @@ public struct Config: Sendable {
                     }
                     config.logFacility = facility
                 case "operation-timeout":
-                    if value == "off" {
-                        config.operationTimeout = nil
-                    } else {
-                        config.operationTimeout = try checkedDuration(value, key: key, bounds: ConfigBounds.operationTimeout,
-                                                                      example: "250ms, 5s or 1m, or off", fail)
-                    }
+                    config.operationTimeout = try checkedDuration(value, key: key, bounds: ConfigBounds.operationTimeout,
+                                                                  example: "250ms, 5s or 1m, or off", or: "off", fail)
                 case "recovery-interval":
                     config.recoveryInterval = try checkedDuration(value, key: key, bounds: ConfigBounds.recoveryInterval,
                                                                   example: "500ms, 2s or 1m", fail)
                 case "record-retention":
-                    if value == "forever" {
-                        config.recordRetention = nil
-                    } else {
-                        config.recordRetention = try checkedDuration(value, key: key, bounds: ConfigBounds.recordRetention,
-                                                                     example: "30d, 12h or forever", fail)
-                    }
+                    config.recordRetention = try checkedDuration(value, key: key, bounds: ConfigBounds.recordRetention,
+                                                                 example: "30d, 12h or forever", or: "forever", fail)
                 case "scrub-interval":
                     config.scrubInterval = try checkedDuration(value, key: key, bounds: ConfigBounds.scrubInterval,
                                                                example: "10m, 1h or 30s", fail)
@@ -300,6 +292,12 @@ public struct Config: Sendable {
         guard let duration = parseDuration(value) else { throw fail("\(key) must be a duration like \(example), \(range)") }
         guard bounds.contains(duration) else { throw fail("\(key) \(shortened(value)) is out of range: it must be \(range)") }
         return duration
+    }
+
+    /// A duration, or nil for the word that says "none" (`off`, `forever`).
+    static func checkedDuration(_ value: String, key: String, bounds: ClosedRange<Duration>, example: String, or none: String,
+                                _ fail: (String) -> ConfigError) throws(ConfigError) -> Duration? {
+        value == none ? nil : try checkedDuration(value, key: key, bounds: bounds, example: example, fail)
     }
 
     /// `via ADDRESS`: `unix:path=/absolute/socket` or `tcp:HOST...`, as p11-kit's client takes them.
