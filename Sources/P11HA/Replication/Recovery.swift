@@ -185,10 +185,10 @@ final class Recovery: @unchecked Sendable {
         var settled = true
         let result = group.hostLock.withLock(for: "catching up members in service", waitingUpTo: group.hostLock.wait,
                                              cancelled: { worker.stopping }) { () -> Bool in
-            group.loginChanges.withLock { _ -> Bool in
+            let (caughtUp, compaction) = group.loginChanges.withLock { _ -> (Bool, (reached: [ReplicaKeeper.Reached], complete: Bool)?) in
                 let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
                 // With the SO logged in, the user's objects are not visible: nothing is concluded then.
-                if group.login.withLock({ $0.userType != nil }) && !loggedIn { return true }
+                if group.login.withLock({ $0.userType != nil }) && !loggedIn { return (true, nil) }
                 var reached: [ReplicaKeeper.Reached] = []
                 var done = true
                 // Every member repaired in full (changes made or not): the catch-up looked at every object.
@@ -201,7 +201,7 @@ final class Recovery: @unchecked Sendable {
                     reached.append(ReplicaKeeper.Reached(member: member, session: s))
                 }
                 for target in reached {
-                    if worker.stopping { return false }
+                    if worker.stopping { return (false, nil) }
                     guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
                         done = false; complete = false
                         continue
@@ -236,19 +236,24 @@ final class Recovery: @unchecked Sendable {
                         Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
                     }
                 }
-                // After the catch-up of every member (changed or not: under a steady stream of writes some pass
-                // always changes something), once per scrub interval.
-                if loggedIn && !compactIfDue(group, reached, expiring: complete) { done = false }
-                return done
+                return (done, loggedIn ? (reached, complete) : nil)
             }
+            // After the catch-up of every member (changed or not: under a steady stream of writes some pass always
+            // changes something), once per scrub interval; outside `loginChanges`, which C_OpenSession waits for
+            // (a compaction can take minutes). A logout meanwhile makes it stop or do less, never wrong.
+            guard let (reached, complete) = compaction else { return caughtUp }
+            return compactIfDue(group, reached, expiring: complete) && caughtUp
         }
         if result != true { settled = false }
         return settled
     }
 
     /// Compacts the group's records (`ReplicaKeeper.compact`) once per scrub interval, right after a catch-up of
-    /// every member of the group, under every member's lease. Returns whether nothing is left to do (false asks for
-    /// one more catch-up: the compaction saw a copy of a destroyed object, or stopped).
+    /// every member of the group, under every member's lease, in rounds of at most `compactionRound`: a round
+    /// holds every member's lease and this host's lock, which returning members wait for (removing a few thousand
+    /// records from SoftHSM takes longer than a lease lasts, and held that long it kept a member out in the
+    /// multi-writer test). Work left waits a watch interval for the next round. Returns whether nothing is left to
+    /// do (false asks for one more catch-up: the compaction saw a copy of a destroyed object).
     /// `expiring`: the catch-up repaired every member in full, so tombstones past the retention may go.
     private func compactIfDue(_ group: Group, _ reached: [ReplicaKeeper.Reached], expiring: Bool) -> Bool {
         let now = group.replicaClock.milliseconds
@@ -260,20 +265,27 @@ final class Recovery: @unchecked Sendable {
             guard let lease = try? Lease.acquire(r.member, r.session, clock: group.replicaClock, duration: Self.leaseDuration) else { return true }
             leases.append(lease)
         }
-        // Tried once per interval, whatever comes of it: a compaction that stops leaves nothing wrong.
-        group.lastCompaction.store(now, ordering: .releasing)
+        let deadline = now + UInt64(min(Self.compactionRound, Self.leaseDuration / 2).milliseconds)
         do throws(P11Error) {
-            guard let report = try replicas.compact(reached, in: group, leases: leases, expiring: expiring,
+            guard let report = try replicas.compact(reached, in: group, leases: leases, expiring: expiring, deadline: deadline,
                                                     cancelled: { worker.stopping }) else { return true }
-            if report.changedAnything || report.copiesSeen {
-                Log.event(.info, "records-compacted", "group=\(group.name) \(report)")
+            if report.changedAnything || report.copiesSeen { Log.event(.info, "records-compacted", "group=\(group.name) \(report)") }
+            if report.more {
+                group.catchUpAgainAt.store(now + UInt64(worker.watchInterval.milliseconds), ordering: .releasing)
+                return true
             }
+            group.lastCompaction.store(now, ordering: .releasing)
             return !report.copiesSeen
         } catch {
+            // Tried again at the next interval: a compaction that stops leaves nothing wrong.
+            group.lastCompaction.store(now, ordering: .releasing)
             Log.event(.warning, "records-compaction-stopped", "group=\(group.name) reason=\"\(error)\"")
             return true
         }
     }
+
+    /// How long one round of compaction may hold the leases and the host lock.
+    static let compactionRound: Duration = .seconds(5)
 
     /// The worker's own session on a member in service, opened once per era of the member's handles and kept
     /// (never closed by its users: opening and closing sessions beside the application's calls at every pass

@@ -434,12 +434,14 @@ package final class ReplicaKeeper: Sendable {
     /// What a compaction did.
     package struct Compaction: CustomStringConvertible {
         package var snapshots = 0, removed = 0, expired = 0
+        /// Stopped at its deadline with work left (the next round takes it up).
+        package var more = false
         /// A copy of an object whose tombstone is past the retention was seen: the tombstone stays, and a catch-up
         /// is due.
         package var copiesSeen = false
         var changedAnything: Bool { snapshots + removed + expired > 0 }
         package var description: String {
-            "snapshots=\(snapshots) removed=\(removed) tombstones-expired=\(expired)\(copiesSeen ? " copies-of-destroyed-seen=yes" : "")"
+            "snapshots=\(snapshots) removed=\(removed) tombstones-expired=\(expired)\(copiesSeen ? " copies-of-destroyed-seen=yes" : "")\(more ? " more=yes" : "")"
         }
     }
 
@@ -454,12 +456,17 @@ package final class ReplicaKeeper: Sendable {
     /// Every step is safe alone: the fold of the records left is the fold of the records before, so a compaction
     /// that stops halfway (a lease lapsed, a member failed) leaves nothing wrong, and the next one finishes it.
     /// `expiring`: whether tombstones past the retention may go (the catch-up before repaired every member in full).
+    /// `deadline` (replica clock, ms): it stops there, with `more` set, before its leases run out (removing a few
+    /// thousand records from SoftHSM takes longer than a lease lasts).
     package func compact(_ reached: [Reached], in group: Group, leases: [Lease], expiring mayExpire: Bool = true,
-                         cancelled: () -> Bool = { false }) throws(P11Error) -> Compaction? {
+                         deadline: UInt64 = .max, cancelled: () -> Bool = { false }) throws(P11Error) -> Compaction? {
         guard reached.count == group.members.count, leases.count == reached.count else { return nil }
-        func mayChange() throws(P11Error) {
+        // Before each change: false when the deadline is past (stop, more to do).
+        func mayChange() throws(P11Error) -> Bool {
             if cancelled() { throw P11Error(CK_RV(CKR_FUNCTION_CANCELED)) }
+            if group.replicaClock.milliseconds >= deadline { return false }
             for lease in leases { try lease.check() }
+            return true
         }
         // The records every member showed in both of two reads.
         var everywhere: Set<Stamp>? = nil
@@ -474,8 +481,11 @@ package final class ReplicaKeeper: Sendable {
         let before = group.ledger.withLock { $0 }
         for uid in before.objects.keys.sorted() {
             guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next()) else { continue }
+            guard try mayChange() else {
+                result.more = true
+                return result
+            }
             for r in reached {
-                try mayChange()
                 noteWritten(snapshot, at: try snapshot.write(on: r.member.token, r.session), on: r.member, in: group)
             }
             group.ledger.withLock { _ = $0.add(snapshot) }
@@ -512,10 +522,21 @@ package final class ReplicaKeeper: Sendable {
             let cache = group.recordCache.withLock { $0[r.member.index] }
             for (handle, stamp) in (cache?.stamps ?? [:]).sorted(by: { $0.value < $1.value }) where !kept.contains(stamp) {
                 guard let record = ledger.records[stamp], !group.isReplicable(record, in: ledger) else { continue }
-                try mayChange()
-                try r.member.token.destroyObject(r.session, handle)
+                guard try mayChange() else {
+                    result.more = true
+                    return result
+                }
+                do throws(P11Error) {
+                    // Still this record at this handle: a module may give a handle freed by another process's
+                    // compaction to another object.
+                    let value = try r.member.token.readAttributes(r.session, handle, [CKA_VALUE])[0] ?? []
+                    guard ReplicaRecord(decoding: value)?.stamp == stamp else { continue }
+                    try r.member.token.destroyObject(r.session, handle)
+                    if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 }
+                } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                    // Removed meanwhile by another process's compaction.
+                }
                 group.recordCache.withLock { _ = $0[r.member.index]?.stamps.removeValue(forKey: handle) }
-                if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 }
             }
         }
         return result
