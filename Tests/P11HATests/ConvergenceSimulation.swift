@@ -106,7 +106,7 @@ func environmentNumber(_ name: String) -> UInt64? { getenv(name).flatMap { UInt6
                   + (failed.count > 200 ? " ..." : ""))
         }
         let detail = "\(summary)\n\(failed.compactMap(\.report).prefix(3).joined(separator: "\n\n"))"
-        // Every seed must hold: 0 of seeds 1-40,000 failed before compaction, 0 of 1-6,000 with it.
+        // Every seed must hold: 0 of seeds 1-40,000 failed before compaction, 0 of 1-10,000 with it.
         #expect(failed.isEmpty, Comment(rawValue: detail))
     }
 

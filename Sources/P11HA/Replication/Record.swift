@@ -291,8 +291,8 @@ extension ReplicaRecord {
     }
 
     /// The records at `handles` (those of one search: a second search may answer differently for a moment), with
-    /// their handles; one gone meanwhile is left out. A record that cannot be decoded is skipped (logged once per reading): it cannot be what any
-    /// writer of this format made.
+    /// their handles; one gone meanwhile is left out. A record that cannot be decoded is skipped (logged once per
+    /// reading): it cannot be what any writer of this format made.
     static func read(on token: any TokenBackend, _ session: MemberSession,
                      handles: [MemberObject]) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
         var result: [(MemberObject, ReplicaRecord)] = []
