@@ -261,8 +261,17 @@ final class Recovery: @unchecked Sendable {
               now &- group.lastCompaction.load(ordering: .acquiring) >= UInt64(worker.scrubInterval.milliseconds) else { return true }
         var leases: [Lease] = []
         defer { for lease in leases { lease.release() } }
+        // In member order, as every process takes them. A lease another process holds (its catch-up of that member,
+        // a second or so) is asked for again a few times: two hosts that catch up side by side without pause met
+        // each other's leases at every try in the multi-writer test.
         for r in reached {
-            guard let lease = try? Lease.acquire(r.member, r.session, clock: group.replicaClock, duration: Self.leaseDuration) else { return true }
+            var lease: Lease? = nil
+            for attempt in 0..<Self.leaseAttempts where !worker.stopping {
+                if attempt > 0 { usleep(UInt32(Self.leaseRetry.milliseconds) * 1000) }
+                lease = try? Lease.acquire(r.member, r.session, clock: group.replicaClock, duration: Self.leaseDuration)
+                if lease != nil { break }
+            }
+            guard let lease else { return true }
             leases.append(lease)
         }
         let deadline = now + UInt64(min(Self.compactionRound, Self.leaseDuration / 2).milliseconds)
@@ -286,6 +295,9 @@ final class Recovery: @unchecked Sendable {
 
     /// How long one round of compaction may hold the leases and the host lock.
     static let compactionRound: Duration = .seconds(5)
+    /// How often, and how far apart, a compaction asks for a lease another process holds.
+    static let leaseAttempts = 5
+    static let leaseRetry: Duration = .milliseconds(200)
 
     /// The worker's own session on a member in service, opened once per era of the member's handles and kept
     /// (never closed by its users: opening and closing sessions beside the application's calls at every pass
