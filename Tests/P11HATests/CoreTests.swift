@@ -141,6 +141,31 @@ import Testing
         for store in 0..<3 { #expect(first.objects(labelled: "kept-4", on: store) == 0, "member \(store)") }
     }
 
+    @Test("a rename whose object the records in reach do not describe, while a member whose records may (another process renamed it there) cannot be read, is refused with nothing changed")
+    func writeRefusedWithoutIdentity() throws {
+        let first = try FakeGroup()
+        let second = try FakeGroup(sharing: first.stores)
+        let session = try first.userSession()
+        let object = try first.runtime.createObject(session, dataObject("x"))
+        let other = try second.userSession()
+        try second.runtime.findObjectsInit(other, [Attribute(CKA_LABEL, Array("x".utf8))])
+        let found = try second.runtime.findObjects(other, max: 4)
+        try second.runtime.findObjectsFinal(other)
+        #expect(found.count == 1)
+        // The first process's rename reaches every member, its record members 1 and 2 only.
+        first.connections[0].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1)
+        try first.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("y".utf8))])
+        // The second process can read member 0 only.
+        for member in 1..<3 { second.connections[member].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR))) }
+        #expect(throws: P11Error.self) {
+            try second.runtime.setAttributeValues(other, found[0], [Attribute(CKA_LABEL, Array("z".utf8))])
+        }
+        for store in 0..<3 {
+            #expect(first.objects(labelled: "y", on: store) == 1 && first.objects(labelled: "z", on: store) == 0, "member \(store)")
+        }
+        #expect(second.members[0].isInService, "no member is blamed for it")
+    }
+
     @Test("a key generated through the group is carried, wrapped, to every member and signs alike there")
     func generatedKeyReplicated() throws {
         let fake = try FakeGroup()

@@ -79,9 +79,6 @@ public final class Group: @unchecked Sendable {
     /// When (replica clock, ms) the records were last compacted (`Recovery.compactIfDue`); the first compaction is
     /// one scrub interval after start.
     let lastCompaction = Atomic<UInt64>(0)
-    /// Writes this process recorded; at `recordsBeforeWorker` the recovery worker starts (its scrubs compact).
-    let recordsWritten = Atomic<Int>(0)
-    static let recordsBeforeWorker = 100
     /// How long tombstones are kept at least, in ms (nil: for ever); `Ledger.isReplicable`.
     let retention: UInt64?
     /// Stamps this process's records.

@@ -274,7 +274,7 @@ final class Recovery: @unchecked Sendable {
             guard let lease else { return true }
             leases.append(lease)
         }
-        let deadline = now + UInt64(min(Self.compactionRound, Self.leaseDuration / 2).milliseconds)
+        let deadline = group.replicaClock.milliseconds + UInt64(min(Self.compactionRound, Self.leaseDuration / 2).milliseconds)
         do throws(P11Error) {
             guard let report = try replicas.compact(reached, in: group, leases: leases, expiring: expiring, deadline: deadline,
                                                     cancelled: { worker.stopping }) else { return true }

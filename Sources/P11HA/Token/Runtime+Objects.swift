@@ -391,10 +391,6 @@ extension Runtime {
             try replicas.write(record, in: group, on: members, session: sessionFor)
         }
         if catchUp { recovery.requestCatchUp(group) }
-        // A process that writes much starts the recovery worker even if no member ever fails: its scrubs compact
-        // the records its writes leave (otherwise only a failure, or a login whose members hold different numbers
-        // of records, starts it).
-        if group.recordsWritten.add(1, ordering: .relaxed).newValue == Group.recordsBeforeWorker { recovery.worker.wake() }
         for member in group.membersInService where !members.contains(member.index) {
             fanOut.markStale(member, reason: "missed a write made while it was returning")
         }
