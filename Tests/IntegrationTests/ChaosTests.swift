@@ -79,9 +79,9 @@ struct Chaos {
         timeline.note("members agree after the chaos: \(agreed)")
         settle.killTree()
         let settled = settle.wait(seconds: 5)
-        #expect(agreed, "the members did not come to agree within 30 s of the chaos")
         for line in log.newLines() { timeline.note("log: " + line) }
         let history = "timeline (s since sign_loop started):\n" + timeline.text
+        #expect(agreed, "the members did not come to agree within 30 s of the chaos:\n\(history)")
 
         let finished = try #require(result, "sign_loop did not finish within 65 s of its 30:\n\(workload.output)\n\(history)")
         #expect(finished.status == 0, "sign_loop saw errors (status \(finished.status)):\n\(shortOutput(finished))\n\(history)")
@@ -103,10 +103,10 @@ struct Chaos {
             let halves = objects.map { "\($0.kind) \($0.label)" }
             for half in kept {
                 let count = halves.filter { $0 == half }.count
-                #expect(count == 1, "\(token) holds \(count) copies of \(half), expected 1")
+                #expect(count == 1, "\(token) holds \(count) copies of \(half), expected 1\n\(history)")
             }
             let resurrected = halves.filter { destroyed.contains($0) }
-            #expect(resurrected.isEmpty, "\(token) holds keys destroyed during the chaos: \(resurrected)")
+            #expect(resurrected.isEmpty, "\(token) holds keys destroyed during the chaos: \(resurrected)\n\(history)")
             let unknown = halves.filter { $0.contains(" chaos-") && !kept.contains($0) && !destroyed.contains($0) }
             #expect(unknown.isEmpty, "\(token) holds keys whose creation failed: \(unknown)")
         }

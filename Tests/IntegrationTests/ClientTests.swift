@@ -41,6 +41,30 @@ struct ClientTests {
             }
         }
 
+        // Every member shows each key alike, as SoftHSM itself lists it (usage, access flags such as "local",
+        // public values): whichever member serves, the application sees one key.
+        var blocks: [String: [String: String]] = [:]
+        for token in members.tokenLabels {
+            let listed = try runProcess("pkcs11-tool", ["--module", Paths.softhsmModule, "--token-label", token, "--login",
+                                                        "--pin", members.userPIN, "-O"], environment: members.environment)
+            try #require(listed.status == 0, "listing \(token) failed:\n\(listed.output)")
+            var current: (head: String, lines: [String])? = nil
+            func flush() {
+                guard let current, let label = keys.map(\.label).first(where: { l in current.lines.contains { $0.contains("label:") && $0.hasSuffix(" " + l) } })
+                else { return }
+                blocks["\(current.head) \(label)", default: [:]][token] = current.lines.joined(separator: "\n")
+            }
+            for line in listed.stdout.split(separator: "\n").map(String.init) {
+                if line.hasPrefix(" ") { current?.lines.append(line) } else { flush(); current = (line, []) }
+            }
+            flush()
+        }
+        #expect(blocks.count == 2 * keys.count, "\(blocks.keys.sorted())")
+        for (key, byMember) in blocks.sorted(by: { $0.key < $1.key }) {
+            #expect(byMember.count == members.tokenLabels.count && Set(byMember.values).count == 1,
+                    "\(key) differs between members:\n\(byMember.sorted { $0.key < $1.key }.map { "\($0.key):\n\($0.value)" }.joined(separator: "\n"))")
+        }
+
         let files = try Files(in: members.dir)
         for key in keys {
             let signature = files.path("\(key.label).sig")

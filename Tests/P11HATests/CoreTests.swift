@@ -203,6 +203,43 @@ import Testing
         for store in 0..<3 { #expect(fake.objects(labelled: "lonely", on: store) == 1, "member \(store)") }
     }
 
+    @Test("a key pair whose first member fails while the group makes it, in a process that ends at once (pkcs11-tool), leaves that member no second pair of its label when it returns")
+    func halfMadePairOutlivesNoProcess() throws {
+        // The first member fails right after making the pair (it answers nothing more: carrying fails, and so would
+        // destroying what it made), or once it holds its own token copy of the private key (the public half fails).
+        let moments: [(String, Set<FakeCall>)] = [
+            ("right after making it", [.wrapKey, .unwrapKey, .destroyObject, .attributeValues, .createObject, .findObjects, .setAttributeValues]),
+            ("at the public half", [.createObject, .destroyObject]),
+        ]
+        for (moment, calls) in moments {
+            let first = try FakeGroup()
+            let stores = first.stores
+            let session = try first.userSession()
+            stores[0].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: calls)
+            let p256: [UInt8] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]
+            let named = [Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array("pair".utf8)), Attribute(CKA_ID, [0x12])]
+            _ = try first.runtime.generateKeyPair(session, Mechanism(CK_MECHANISM_TYPE(CKM_EC_KEY_PAIR_GEN)),
+                                                  publicTemplate: named + [Attribute(CKA_EC_PARAMS, p256), Attribute(CKA_VERIFY, bool: true)],
+                                                  privateTemplate: named + [Attribute(CKA_SIGN, bool: true), Attribute(CKA_PRIVATE, bool: true)])
+            #expect(!first.members[0].isInService, "\(moment)")
+            // The process ends before the member returns; another one brings it back.
+            first.runtime.shutdown()
+            stores[0].faults.clearFaults()
+            let second = try FakeGroup(sharing: stores)
+            _ = try second.userSession()
+            for _ in 0..<2 {
+                second.group.catchUpWanted.store(true, ordering: .releasing)
+                second.recover()
+            }
+            for store in 0..<3 {
+                for objectClass in [CKO_PRIVATE_KEY, CKO_PUBLIC_KEY] {
+                    let copies = stores[store].tokenObjects(matching: [Attribute(CKA_CLASS, ulong: objectClass), Attribute(CKA_LABEL, Array("pair".utf8))])
+                    #expect(copies.count == 1, "\(moment): member \(store) holds \(copies.count) \(objectClass == CKO_PRIVATE_KEY ? "private" : "public") keys labelled pair")
+                }
+            }
+        }
+    }
+
     @Test("a renamed token object is found again under its new name when the login ends and starts again")
     func renamedObjectAfterLogout() throws {
         let fake = try FakeGroup()

@@ -104,15 +104,24 @@ package struct Ledger: Sendable {
     /// The snapshot that would stand for every record of a live object (nil when one record already does): its
     /// attributes with their stamps, its creation's and fingerprint's stamps. Older incarnations' tombstones are
     /// among what it supersedes.
-    package func snapshot(of uid: ObjectUID, stamp: Stamp) -> ReplicaRecord? {
+    /// `foldable`: the object's entry of `foldable()`, when the caller has it (a compaction, for every object).
+    package func snapshot(of uid: ObjectUID, stamp: Stamp, foldable: [Stamp]? = nil) -> ReplicaRecord? {
         guard let state = objects[uid], state.isLive, let fingerprintStamp = state.fingerprintStamp else { return nil }
-        let folded = records.values.filter { $0.object == uid && !superseded.contains($0.stamp) }.map(\.stamp).sorted()
+        let folded = (foldable ?? records.values.filter { $0.object == uid && !superseded.contains($0.stamp) }.map(\.stamp)).sorted()
         guard folded.count > 1 else { return nil }
         let types = state.attributes.keys.sorted()
         return ReplicaRecord(stamp: stamp, operation: .snapshot, object: uid, fingerprint: state.fingerprint,
                              attributes: types.map { Attribute($0, state.attributes[$0]!.value) }, isPrivate: state.isPrivate,
                              folded: .init(written: state.written, bornStamp: state.bornStamp, fingerprintStamp: fingerprintStamp,
                                            attributeStamps: types.map { state.attributes[$0]!.stamp }, supersedes: folded))
+    }
+
+    /// The stamps of the records no snapshot stands for, by object: what `snapshot(of:)` would fold, for every
+    /// object in one pass over the records (a compaction looks at every object).
+    package func foldable() -> [ObjectUID: [Stamp]] {
+        var result: [ObjectUID: [Stamp]] = [:]
+        for record in records.values where !superseded.contains(record.stamp) { result[record.object, default: []].append(record.stamp) }
+        return result
     }
 
     /// Forgets an object and its records (none is on any member any more: `ReplicaKeeper.repair`).

@@ -478,9 +478,11 @@ package final class ReplicaKeeper: Sendable {
         }
         let heldEverywhere = everywhere ?? []
         var result = Compaction()
+        var writtenEverywhere = Set<Stamp>()
         let before = group.ledger.withLock { $0 }
-        for uid in before.objects.keys.sorted() {
-            guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next()) else { continue }
+        let foldable = before.foldable()
+        for uid in before.objects.keys.sorted() where foldable[uid, default: []].count > 1 {
+            guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next(), foldable: foldable[uid]) else { continue }
             guard try mayChange() else {
                 result.more = true
                 return result
@@ -489,9 +491,16 @@ package final class ReplicaKeeper: Sendable {
                 noteWritten(snapshot, at: try snapshot.write(on: r.member.token, r.session), on: r.member, in: group)
             }
             group.ledger.withLock { _ = $0.add(snapshot) }
+            writtenEverywhere.insert(snapshot.stamp)
             result.snapshots += 1
         }
         let ledger = group.ledger.withLock { $0 }
+        // A record a snapshot stands for goes only where that snapshot is sure to be on every member: written there
+        // by this compaction, or shown by every member in both reads. One written by a compaction that stopped
+        // halfway (a member failed after the first writes) may be on some members only; the catch-up brings it to
+        // the others, and the next compaction removes what it stands for.
+        let covered = Set(ledger.records.values.filter { writtenEverywhere.contains($0.stamp) || heldEverywhere.contains($0.stamp) }
+            .flatMap { $0.folded?.supersedes ?? [] })
         let now = group.replicaClock.milliseconds
         // Tombstones past the retention go only when no member shows a copy of the object now either (the catch-up
         // before looked at every object: this is a second look). One that does is kept, and a catch-up asked for.
@@ -521,7 +530,9 @@ package final class ReplicaKeeper: Sendable {
         for r in reached {
             let cache = group.recordCache.withLock { $0[r.member.index] }
             for (handle, stamp) in (cache?.stamps ?? [:]).sorted(by: { $0.value < $1.value }) where !kept.contains(stamp) {
-                guard let record = ledger.records[stamp], !group.isReplicable(record, in: ledger) else { continue }
+                guard let record = ledger.records[stamp], !group.isReplicable(record, in: ledger),
+                      !ledger.superseded.contains(stamp) || covered.contains(stamp) || ledger.objects[record.object]?.destroyed == true
+                else { continue }
                 guard try mayChange() else {
                     result.more = true
                     return result

@@ -100,13 +100,20 @@ final class Replicator: Sendable {
 
     /// Makes a generated key (or private key) exist on every member in service: generated on `source`,
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
-    func carry(_ session: VirtualSession, source: Member, key: MemberObject,
-                            plan: ReplicationPlan) throws(P11Error) -> [(Int, MemberObject)] {
+    /// `tokenCopies`: the key on `source` is a session object standing in for a token key; the source gets its
+    /// token copy by the same unwrap, first, and the copies are all there is (none: the write failed).
+    func carry(_ session: VirtualSession, source: Member, key: MemberObject, plan: ReplicationPlan,
+               tokenCopies: Bool = false) throws(P11Error) -> [(Int, MemberObject)] {
         let sourceSession = try session.memberSession(source)
         var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
         defer { for i in blob.indices { blob[i] = 0 } }
-        let template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
-        return try fanOut.everyMember(of: session.group, plan.others, othersHoldIt: true, session: session) { (member) throws(P11Error) in
+        var template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
+        if tokenCopies {
+            let type = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
+            template = template.filter { $0.type != type } + [Attribute(type, bool: true)]
+        }
+        let targets = (tokenCopies ? [source] : []) + plan.others
+        return try fanOut.everyMember(of: session.group, targets, othersHoldIt: !tokenCopies, session: session) { (member) throws(P11Error) in
             try member.token.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
                                  unwrappingKey: plan.keys[member.index]!, wrapped: blob, template)
         } undo: { member, copy in

@@ -3,7 +3,11 @@ import CInterop
 
 extension Runtime {
     /// Generates a key on the group's first member in service and carries it, wrapped under the replication
-    /// key, to every other member in service (see Replication.swift).
+    /// key, to every other member in service (see Replication.swift). A token key is made there as a session
+    /// object first, and every member, its maker included, gets its token copy by the same unwrap: a generation
+    /// that fails halfway (its member failing with it) leaves no token object behind. One left there could not be
+    /// destroyed until the member returns, and a process that ends first (pkcs11-tool) would leave it for good: a
+    /// second key of the application's label beside the one the group carries (the chaos test, member-a).
     public func generateKey(_ handle: SessionHandle, _ mechanism: Mechanism, _ template: [Attribute]) throws(P11Error) -> ObjectHandle {
         let session = try session(handle)
         defer { session.endCall() }
@@ -15,10 +19,11 @@ extension Runtime {
                 let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(lastExtractable(template)) : template)
                 return try record([(source.index, key)], in: session, isToken: isToken)
             }
-            let key = try source.token.generateKey(sourceSession, mechanism, wrappableTemplate(lastExtractable(template)))
+            let key = try source.token.generateKey(sourceSession, mechanism, staged(wrappableTemplate(lastExtractable(template)), isToken))
             do throws(P11Error) {
-                let copies = try replicator.carry(session, source: source, key: key, plan: plan)
-                return try record([(source.index, key)] + copies, in: session, isToken: isToken)
+                let copies = try replicator.carry(session, source: source, key: key, plan: plan, tokenCopies: isToken)
+                if isToken { source.discardHalfMade(sourceSession, [key]) }
+                return try record((isToken ? [] : [(source.index, key)]) + copies, in: session, isToken: isToken)
             } catch {
                 source.discardHalfMade(sourceSession, [key])
                 throw error
@@ -27,7 +32,8 @@ extension Runtime {
     }
 
     /// Generates a key pair on the group's first member in service; the private key travels wrapped under the
-    /// replication key, the public key is created on each other member from its public values.
+    /// replication key, the public key is created on each other member from its public values. A token half is
+    /// made as a session object first, and every member gets its token copy from it (see `generateKey`).
     public func generateKeyPair(_ handle: SessionHandle, _ mechanism: Mechanism, publicTemplate: [Attribute],
                                 privateTemplate: [Attribute]) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
         let session = try session(handle)
@@ -43,26 +49,34 @@ extension Runtime {
                 return try recordPair([(source.index, pub)], [(source.index, priv)], in: session,
                                       publicIsToken: publicIsToken, privateIsToken: privateIsToken, handle: handle)
             }
-            let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
-                                                         privateTemplate: wrappableTemplate(lastExtractable(privateTemplate)))
+            let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: staged(publicTemplate, publicIsToken),
+                                                         privateTemplate: staged(wrappableTemplate(lastExtractable(privateTemplate)), privateIsToken))
+            // The source's own halves where they are what the application asked for (session objects); token
+            // halves reach the source as they reach the others.
+            let sourcePublic = publicIsToken ? [] : [(source.index, pub)]
+            let sourcePrivate = privateIsToken ? [] : [(source.index, priv)]
             var privateCopies: [(Int, MemberObject)] = []
             do throws(P11Error) {
-                privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan)
-                let publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
-                let holders = privateCopies.map { session.group.members[$0.0] }
-                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: true, session: session) { (member) throws(P11Error) in
+                // Everything read from the source before any token copy is made: a source that fails after its own
+                // token copy exists leaves that copy there, and the generation, failed over, makes another key.
+                var publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
+                if publicIsToken { publicTemplate = publicTemplate.filter { $0.type != tokenFlag } + [Attribute(tokenFlag, bool: true)] }
+                privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan, tokenCopies: privateIsToken)
+                let holders = (publicIsToken ? [source] : []) + privateCopies.map { session.group.members[$0.0] }.filter { $0 !== source }
+                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: !publicIsToken, session: session) { (member) throws(P11Error) in
                     try member.token.createObject(try session.memberSession(member), publicTemplate)
                 } undo: { member, copy in
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 // A member that failed the public half holds a private key the group no longer counts on it.
-                let withPublic = Set(publicCopies.map(\.0))
+                let withPublic = Set((sourcePublic + publicCopies).map(\.0))
                 for (index, copy) in privateCopies where !withPublic.contains(index) {
                     let member = session.group.members[index]
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 privateCopies = privateCopies.filter { withPublic.contains($0.0) }
-                return try recordPair([(source.index, pub)] + publicCopies, [(source.index, priv)] + privateCopies, in: session,
+                source.discardHalfMade(sourceSession, (publicIsToken ? [pub] : []) + (privateIsToken ? [priv] : []))
+                return try recordPair(sourcePublic + publicCopies, sourcePrivate + privateCopies, in: session,
                                       publicIsToken: publicIsToken, privateIsToken: privateIsToken, handle: handle)
             } catch {
                 for (index, copy) in privateCopies {
@@ -129,6 +143,14 @@ extension Runtime {
         return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
                       withoutSource: membersWithoutCopy(source, in: session.group))
     }
+}
+
+/// A token key's template as the session object that stands in for it on the member that makes it, until every
+/// member in service holds its token copy (`generateKey`).
+private func staged(_ template: [Attribute], _ isToken: Bool) -> [Attribute] {
+    guard isToken else { return template }
+    let type = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
+    return template.filter { $0.type != type } + [Attribute(type, bool: false)]
 }
 
 /// A template with CKA_EXTRACTABLE given more than once, reduced to its last value, the one the member keeps
