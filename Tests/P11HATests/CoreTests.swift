@@ -106,6 +106,29 @@ import Testing
         for store in 0..<3 { #expect(fake.objects(labelled: "config", on: store) == 1, "member \(store) after a catch-up") }
     }
 
+    @Test("an object of the same value as a recorded one, under a label no record gave it (the application's write in flight, its record not written yet), is left alone by a catch-up, not destroyed as a second copy")
+    func lookAlikeWithoutRecordIsLeftAlone() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        _ = try fake.runtime.createObject(session, dataObject("first", value: [7]))
+        // As a write of the application leaves it between its copies and its record: on the members, undescribed.
+        for store in fake.stores {
+            let token = store.connection()
+            try token.connect()
+            defer { token.disconnect() }
+            let s = try token.openSession(readWrite: true)
+            try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+            _ = try token.createObject(s, dataObject("in-flight", value: [7]))
+            token.closeSession(s)
+        }
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        for store in 0..<3 {
+            #expect(fake.objects(labelled: "in-flight", on: store) == 1 && fake.objects(labelled: "first", on: store) == 1, "member \(store)")
+        }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
     @Test("a compaction leaves each live object one record on every member, and a destroyed one none once its tombstone is past the retention; objects stay as they were, and another process writes nothing back")
     func compaction() throws {
         let settings = ["record-retention = 1s", "scrub-interval = 1s"]

@@ -372,7 +372,7 @@ final class Recovery: @unchecked Sendable {
                 Log.event(.info, "member-resync-deferred", "group=\(group.name) member=\(member.name) \(report)")
                 return
             }
-            try reattach(member, in: group, restarted: restarted)
+            try reattach(member, in: group, restarted: restarted, copies: report.copiesHeld)
         } catch {
             fanOut.abandonRecovery(member, before: before)
             Log.event(.warning, "member-resync-failed", "group=\(group.name) member=\(member.name) reason=\"\(error)\"")
@@ -551,7 +551,11 @@ final class Recovery: @unchecked Sendable {
 
     /// Gives every virtual session of the group a session on the returning member, and finds each object's
     /// copy there again (handles change when a module restarts; objects may have been copied or destroyed).
-    private func reattach(_ member: Member, in group: Group, restarted: Bool) throws(P11Error) {
+    /// `copies`: the member's copy of each object by replication identity, as the repair just paired or placed
+    /// them; an object of known identity takes its handle from there. Found again by a search each, 500 objects
+    /// kept a member out 15 s after its repair (each search looks at every object of the token).
+    private func reattach(_ member: Member, in group: Group, restarted: Bool,
+                          copies: [ObjectUID: MemberObject]) throws(P11Error) {
         let virtualSessions = sessions.all(in: group)
         for session in virtualSessions {
             let fresh = try member.token.openSession(readWrite: session.readWrite)
@@ -568,6 +572,10 @@ final class Recovery: @unchecked Sendable {
             if record.owner != nil {
                 // Session objects died with the member's sessions.
                 group.objects.withLock { $0.setCopy(handle, member: member.index, copy: nil) }
+                continue
+            }
+            if let uid = record.uid, let copy = copies[uid] {
+                group.objects.withLock { $0.setCopy(handle, member: member.index, copy: copy) }
                 continue
             }
             let identity = group.identity(of: record, except: member) { holder, copy in

@@ -228,6 +228,9 @@ package final class ReplicaKeeper: Sendable {
         /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
         /// moment), so they are looked for again later.
         package var noHolder = 0
+        /// The target's copy of each live object the repair paired or placed (by replication identity), as the
+        /// repair left it: what a returning member's handles are (`Recovery.reattach`), without a search each.
+        package var copiesHeld: [ObjectUID: MemberObject] = [:]
 
         package var complete: Bool { retry == 0 }
         var changedAnything: Bool { copied + destroyed + changed + recordsWritten + adopted > 0 }
@@ -340,18 +343,25 @@ package final class ReplicaKeeper: Sendable {
             report.destroyed += 1
         }
         for (uid, copy) in pairing.copies {
+            report.copiesHeld[uid] = copy.handle
             let corrections = ledger.objects[uid]!.corrections(to: copy.attributes)
             guard !corrections.isEmpty else { continue }
             try mayChange()
             try token.setAttributeValues(target.session, copy.handle, corrections)
             report.changed += 1
         }
+        // Each peer paired once, not once per missing object (a returning member missing 500 objects paired a whole
+        // peer 500 times).
+        var peerPairings: [Int: Pairing] = [:]
         for uid in pairing.missing.sorted() {
             let state = ledger.objects[uid]!
             var source: (Reached, MemberCopy)? = nil
             for peer in peers {
-                guard let peerView = try? view(peer) else { continue }
-                if let copy = Pairing(peerView, with: ledger, visibleOnly: visible).copies[uid] { source = (peer, copy); break }
+                if peerPairings[peer.member.index] == nil {
+                    guard let peerView = try? view(peer) else { continue }
+                    peerPairings[peer.member.index] = Pairing(peerView, with: ledger, visibleOnly: visible)
+                }
+                if let copy = peerPairings[peer.member.index]!.copies[uid] { source = (peer, copy); break }
             }
             let name = describeObject(uid, state)
             if source == nil, let heldAnywhere, !ledger.records.values.contains(where: { $0.object == uid && heldAnywhere.contains($0.stamp) }) {
@@ -401,7 +411,7 @@ package final class ReplicaKeeper: Sendable {
             }
             try mayChange()
             do throws(P11Error) {
-                try place(carried, on: target)
+                report.copiesHeld[uid] = try place(carried, on: target)
                 Log.event(.info, "repair-copied", "group=\(group.name) member=\(target.member.name) from=\(peer.member.name) \(name)")
                 report.copied += 1
             } catch where error.isMemberFault {
@@ -701,12 +711,11 @@ package final class ReplicaKeeper: Sendable {
     }
 
     /// The target's part of a copy.
-    private func place(_ carried: Carried, on target: Reached) throws(P11Error) {
+    private func place(_ carried: Carried, on target: Reached) throws(P11Error) -> MemberObject {
         if let blob = carried.wrapped, let key = carried.unwrappingKey {
-            _ = try target.member.token.unwrapKey(target.session, ReplicationKey.wrapMechanism, unwrappingKey: key, wrapped: blob, carried.template)
-        } else {
-            _ = try target.member.token.createObject(target.session, carried.template)
+            return try target.member.token.unwrapKey(target.session, ReplicationKey.wrapMechanism, unwrappingKey: key, wrapped: blob, carried.template)
         }
+        return try target.member.token.createObject(target.session, carried.template)
     }
 
     func describeObject(_ uid: ObjectUID, _ state: Ledger.ObjectState) -> String {
