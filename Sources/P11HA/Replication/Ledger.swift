@@ -275,10 +275,10 @@ package struct Pairing: Sendable {
             // has the fingerprint, a leftover is its copy whatever its values: a process that never read a rename
             // of it (another host's, during a partition) does not know all the labels it had (simulation seeds
             // 632, 3099: a copy renamed after the destroy stayed).
-            let objects = knownByFingerprint[fingerprint] ?? []
-            let destroyedOnes = objects.contains { ledger.objects[$0]!.diedStamp != nil }
+            let sharing = knownByFingerprint[fingerprint] ?? []
+            let destroyedOnes = sharing.contains { ledger.objects[$0]!.diedStamp != nil }
             for copy in left {
-                let once = objects.filter { ledger.objects[$0]!.isLive && ledger.objects[$0]!.once(had: copy.attributes) }
+                let once = sharing.filter { ledger.objects[$0]!.isLive && ledger.objects[$0]!.once(had: copy.attributes) }
                 if !once.isEmpty {
                     surplus.append((copy, "second copy"))
                 } else if destroyedOnes {
