@@ -135,6 +135,12 @@ final class FanOut: @unchecked Sendable {
                 }
                 if error.timedOut { leave(member, error) } else { suspects.add(member, error) }
             } catch {
+                // The members disagree: named in the log, so that a member's passing refusal of a write its peers
+                // took (the chaos test, twice: CKR_TEMPLATE_INCONSISTENT from one C_GenerateKeyPair) can be told
+                // from the application's error.
+                if !done.isEmpty {
+                    Log.event(.warning, "members-disagree", "group=\(group.name) member=\(member.name) rv=\(ckrName(error.rv)) took-it=\(done.map { group.members[$0.0].name }.joined(separator: ","))")
+                }
                 for (index, value) in done { undo(group.members[index], value) }
                 throw error
             }

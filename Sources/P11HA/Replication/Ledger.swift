@@ -105,12 +105,13 @@ package struct Ledger: Sendable {
     /// attributes with their stamps, its creation's and fingerprint's stamps. Older incarnations' tombstones are
     /// among what it supersedes.
     /// `foldable`: the object's entry of `foldable()`, when the caller has it (a compaction, for every object).
-    package func snapshot(of uid: ObjectUID, stamp: Stamp, foldable: [Stamp]? = nil) -> ReplicaRecord? {
+    /// `stamp` is taken only when there is a snapshot to make.
+    package func snapshot(of uid: ObjectUID, stamp: @autoclosure () -> Stamp, foldable: [Stamp]? = nil) -> ReplicaRecord? {
         guard let state = objects[uid], state.isLive, let fingerprintStamp = state.fingerprintStamp else { return nil }
-        let folded = (foldable ?? records.values.filter { $0.object == uid && !superseded.contains($0.stamp) }.map(\.stamp)).sorted()
+        let folded = (foldable ?? self.foldable()[uid] ?? []).sorted()
         guard folded.count > 1 else { return nil }
         let types = state.attributes.keys.sorted()
-        return ReplicaRecord(stamp: stamp, operation: .snapshot, object: uid, fingerprint: state.fingerprint,
+        return ReplicaRecord(stamp: stamp(), operation: .snapshot, object: uid, fingerprint: state.fingerprint,
                              attributes: types.map { Attribute($0, state.attributes[$0]!.value) }, isPrivate: state.isPrivate,
                              folded: .init(written: state.written, bornStamp: state.bornStamp, fingerprintStamp: fingerprintStamp,
                                            attributeStamps: types.map { state.attributes[$0]!.stamp }, supersedes: folded))

@@ -491,8 +491,8 @@ package final class ReplicaKeeper: Sendable {
         var writtenEverywhere = Set<Stamp>()
         let before = group.ledger.withLock { $0 }
         let foldable = before.foldable()
-        for uid in before.objects.keys.sorted() where foldable[uid, default: []].count > 1 {
-            guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next(), foldable: foldable[uid]) else { continue }
+        for uid in before.objects.keys.sorted() {
+            guard let snapshot = before.snapshot(of: uid, stamp: group.replicaClock.next(), foldable: foldable[uid] ?? []) else { continue }
             guard try mayChange() else {
                 result.more = true
                 return result

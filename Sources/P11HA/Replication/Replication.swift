@@ -108,10 +108,7 @@ final class Replicator: Sendable {
         var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
         defer { for i in blob.indices { blob[i] = 0 } }
         var template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
-        if tokenCopies {
-            let type = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
-            template = template.filter { $0.type != type } + [Attribute(type, bool: true)]
-        }
+        if tokenCopies { template = template.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), true) }
         let targets = (tokenCopies ? [source] : []) + plan.others
         return try fanOut.everyMember(of: session.group, targets, othersHoldIt: !tokenCopies, session: session) { (member) throws(P11Error) in
             try member.token.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
@@ -171,6 +168,5 @@ func wrappableTemplate(_ template: [Attribute]) -> [Attribute] {
         Log.event(.info, "generated-key-extractable",
                   "reason=\"CKA_EXTRACTABLE=false asked; set true with CKA_WRAP_WITH_TRUSTED so the key can reach every member (generated-keys = refuse to refuse instead)\"")
     }
-    let forced = [CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), CK_ATTRIBUTE_TYPE(CKA_WRAP_WITH_TRUSTED)]
-    return template.filter { !forced.contains($0.type) } + forced.map { Attribute($0, bool: true) }
+    return template.setting(CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), true).setting(CK_ATTRIBUTE_TYPE(CKA_WRAP_WITH_TRUSTED), true)
 }

@@ -39,6 +39,11 @@ public struct Attribute: Sendable, Equatable {
 
 extension Array where Element == Attribute {
     public subscript(type: CK_ATTRIBUTE_TYPE) -> Attribute? { first { $0.type == type } }
+
+    /// The template with `type` set to `value`, once (every earlier occurrence taken out).
+    func setting(_ type: CK_ATTRIBUTE_TYPE, _ value: Bool) -> [Attribute] {
+        filter { $0.type != type } + [Attribute(type, bool: value)]
+    }
 }
 
 /// Attributes whose value is an array of attributes, with pointers inside (PKCS#11 marks them

@@ -60,7 +60,7 @@ extension Runtime {
                 // Everything read from the source before any token copy is made: a source that fails after its own
                 // token copy exists leaves that copy there, and the generation, failed over, makes another key.
                 var publicTemplate = try ReplicaAttributes.template(on: source.token, sourceSession, pub)
-                if publicIsToken { publicTemplate = publicTemplate.filter { $0.type != tokenFlag } + [Attribute(tokenFlag, bool: true)] }
+                if publicIsToken { publicTemplate = publicTemplate.setting(tokenFlag, true) }
                 privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan, tokenCopies: privateIsToken)
                 let holders = (publicIsToken ? [source] : []) + privateCopies.map { session.group.members[$0.0] }.filter { $0 !== source }
                 let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: !publicIsToken, session: session) { (member) throws(P11Error) in
@@ -148,9 +148,7 @@ extension Runtime {
 /// A token key's template as the session object that stands in for it on the member that makes it, until every
 /// member in service holds its token copy (`generateKey`).
 private func staged(_ template: [Attribute], _ isToken: Bool) -> [Attribute] {
-    guard isToken else { return template }
-    let type = CK_ATTRIBUTE_TYPE(CKA_TOKEN)
-    return template.filter { $0.type != type } + [Attribute(type, bool: false)]
+    isToken ? template.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), false) : template
 }
 
 /// A template with CKA_EXTRACTABLE given more than once, reduced to its last value, the one the member keeps
