@@ -110,6 +110,10 @@ struct Chaos {
             let unknown = halves.filter { $0.contains(" chaos-") && !kept.contains($0) && !destroyed.contains($0) }
             #expect(unknown.isEmpty, "\(token) holds keys whose creation failed: \(unknown)")
         }
+        // A member's passing refusal of a write (asked again) is worth seeing in a passing run too.
+        for line in history.split(separator: "\n") where line.contains(" write-asked-again ") || line.contains(" members-disagree ") {
+            print("chaos: \(line)")
+        }
     }
 }
 

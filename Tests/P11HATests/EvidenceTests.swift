@@ -204,7 +204,7 @@ import Testing
         let fake = try FakeGroup()
         let session = try fake.userSession()
         let original = try fake.runtime.createObject(session, dataObject("original"))
-        fake.stores[2].faults.inject(.error(CK_RV(CKR_TEMPLATE_INCONSISTENT)), on: [.copyObject], times: 1)
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_TEMPLATE_INCONSISTENT)), on: [.copyObject], times: 2)
         #expect(throws: P11Error.member(CK_RV(CKR_TEMPLATE_INCONSISTENT))) {
             try fake.runtime.copyObject(session, original, [Attribute(CKA_LABEL, Array("copy".utf8))])
         }
@@ -217,7 +217,7 @@ import Testing
         let fake = try FakeGroup()
         let session = try fake.userSession()
         let object = try fake.runtime.createObject(session, dataObject("before"))
-        fake.stores[2].faults.inject(.error(CK_RV(CKR_ATTRIBUTE_VALUE_INVALID)), on: [.setAttributeValues], times: 1)
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_ATTRIBUTE_VALUE_INVALID)), on: [.setAttributeValues], times: 2)
         #expect(throws: P11Error.member(CK_RV(CKR_ATTRIBUTE_VALUE_INVALID))) {
             try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
         }

@@ -110,7 +110,7 @@ final class Replicator: Sendable {
         var template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
         if tokenCopies { template = template.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), true) }
         let targets = (tokenCopies ? [source] : []) + plan.others
-        return try fanOut.everyMember(of: session.group, targets, othersHoldIt: !tokenCopies, session: session) { (member) throws(P11Error) in
+        return try fanOut.everyMember(of: session.group, targets, othersHoldIt: !tokenCopies, refusals: .askedAgain, session: session) { (member) throws(P11Error) in
             try member.token.unwrapKey(try session.memberSession(member), ReplicationKey.wrapMechanism,
                                  unwrappingKey: plan.keys[member.index]!, wrapped: blob, template)
         } undo: { member, copy in

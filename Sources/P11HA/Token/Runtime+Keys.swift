@@ -63,7 +63,7 @@ extension Runtime {
                 if publicIsToken { publicTemplate = publicTemplate.setting(tokenFlag, true) }
                 privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan, tokenCopies: privateIsToken)
                 let holders = (publicIsToken ? [source] : []) + privateCopies.map { session.group.members[$0.0] }.filter { $0 !== source }
-                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: !publicIsToken, session: session) { (member) throws(P11Error) in
+                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: !publicIsToken, refusals: .askedAgain, session: session) { (member) throws(P11Error) in
                     try member.token.createObject(try session.memberSession(member), publicTemplate)
                 } undo: { member, copy in
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
@@ -124,7 +124,7 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let source = try copies(of: unwrappingKey, in: session, invalid: P11Error(CK_RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID)))
-        let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
+        let made = try fanOut.everyHolder(source, in: session, refusals: .askedAgainAfterPeers) { (member, s, key) throws(P11Error) in
             try member.token.unwrapKey(s, mechanism, unwrappingKey: key, wrapped: wrapped, template)
         }
         return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
@@ -137,7 +137,7 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let source = try copies(of: baseKey, in: session, invalid: .keyHandleInvalid)
-        let made = try fanOut.everyHolder(source, in: session) { (member, s, key) throws(P11Error) in
+        let made = try fanOut.everyHolder(source, in: session, refusals: .askedAgainAfterPeers) { (member, s, key) throws(P11Error) in
             try member.token.deriveKey(s, mechanism, baseKey: key, template)
         }
         return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,

@@ -6,7 +6,7 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let group = session.group
-        let copies = try fanOut.everyMember(of: group, group.membersInService, session: session) { (member) throws(P11Error) in
+        let copies = try fanOut.everyMember(of: group, group.membersInService, refusals: .askedAgainAfterPeers, session: session) { (member) throws(P11Error) in
             try member.token.createObject(try session.memberSession(member), template)
         } undo: { member, object in
             if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, object) }
@@ -19,7 +19,7 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let source = try copies(of: object, in: session, invalid: .objectHandleInvalid)
-        let copies = try fanOut.everyHolder(source, in: session) { (member, s, original) throws(P11Error) in
+        let copies = try fanOut.everyHolder(source, in: session, refusals: .askedAgainAfterPeers) { (member, s, original) throws(P11Error) in
             try member.token.copyObject(s, original, template)
         } undo: { member, s, copy in
             try? member.token.destroyObject(s, copy)
@@ -159,7 +159,7 @@ extension Runtime {
         var unrestored: [Member] = []
         let changed: [(Int, Void)]
         do {
-            changed = try fanOut.everyHolder(source, in: session) { (member, s, copy) throws(P11Error) in
+            changed = try fanOut.everyHolder(source, in: session, refusals: .askedAgainAfterPeers) { (member, s, copy) throws(P11Error) in
                 try onFreshCopy(of: object, on: member, in: session, copy) { (copy) throws(P11Error) in
                     try member.token.setAttributeValues(s, copy, template)
                 }
