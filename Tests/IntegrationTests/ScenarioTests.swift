@@ -30,6 +30,21 @@ import Testing
         #expect(served?.split(separator: "=").last?.split(separator: ",").count == 3)
     }
 
+    @Test("generated-keys = replicate-or-keep keeps a key the members cannot carry on the member that made it, where it signs, and p11hactl status names it as CANNOT BE REPAIRED on the others")
+    func keptKeyIsReported() throws {
+        let members = try Members()
+        try members.addGlobal(["generated-keys = replicate-or-keep"])
+        let result = try scenario("kept-key", members)
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let keeper = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("kept-on=") }?.dropFirst("kept-on=".count))
+        #expect(members.log.contains(" generated-key-kept ") && members.log.contains("key-type=CKK_EC_EDWARDS"), "\(members.log)")
+        let pin = try pinFile(members, "user.pin", members.userPIN)
+        let status = try p11hactl(["status", "--pin-source", pin], members)
+        #expect(status.status == 1, "a group with a key on one member only is degraded:\n\(status.output)")
+        let unrepairable = status.stdout.split(separator: "\n").filter { $0.contains("CANNOT BE REPAIRED") && $0.contains("kept-") }
+        #expect(unrepairable.count == members.count - 1, "each member but \(keeper) is named as lacking the kept private key:\n\(status.output)")
+    }
+
     @Test("the cryptography scenario holds on a SoftHSM token directly, so a failure through the group is p11ha's")
     func cryptographyHoldsOnSoftHSM() throws {
         let members = try Members(count: 1)
@@ -83,6 +98,10 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "refused-generation", story: "generated-keys = refuse refuses key generation in a group",
                       setup: .direct(global: ["generated-keys = refuse"])),
+        ScenarioStory(scenario: "domain-parameters", story: "DSA and DH domain parameters and key pairs generated through the group are on every member with the same values; signatures and agreements work across members",
+                      setup: .direct()),
+        ScenarioStory(scenario: "uncarried-key", story: "a key type the members cannot carry (Ed25519 on SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED and leaves nothing behind",
+                      setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
         ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",

@@ -56,6 +56,8 @@ extension ReplicaAttributes {
         case CKO_DATA: [CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_MODIFIABLE, CKA_APPLICATION, CKA_OBJECT_ID, CKA_VALUE]
         case CKO_CERTIFICATE: [CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_MODIFIABLE, CKA_CERTIFICATE_TYPE, CKA_CERTIFICATE_CATEGORY,
                                CKA_ID, CKA_SUBJECT, CKA_ISSUER, CKA_SERIAL_NUMBER, CKA_VALUE, CKA_START_DATE, CKA_END_DATE]
+        // DSA and DH domain parameters (CKA_PRIME_BITS is the token's to set).
+        case CKO_DOMAIN_PARAMETERS: [CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_MODIFIABLE, CKA_KEY_TYPE, CKA_PRIME, CKA_SUBPRIME, CKA_BASE]
         default: []
         }
         if types.isEmpty { return try template(on: token, session, object) }

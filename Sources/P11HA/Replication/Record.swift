@@ -89,7 +89,9 @@ package struct Fingerprint: Hashable, Sendable {
         switch objectClass {
         case CK_OBJECT_CLASS(CKO_DATA): [CKA_APPLICATION, CKA_OBJECT_ID, CKA_VALUE]
         case CK_OBJECT_CLASS(CKO_CERTIFICATE): [CKA_CERTIFICATE_TYPE, CKA_VALUE]
-        case CK_OBJECT_CLASS(CKO_PUBLIC_KEY): [CKA_KEY_TYPE, CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT]
+        case CK_OBJECT_CLASS(CKO_PUBLIC_KEY): [CKA_KEY_TYPE, CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT,
+                                               CKA_PRIME, CKA_SUBPRIME, CKA_BASE, CKA_VALUE]
+        case CK_OBJECT_CLASS(CKO_DOMAIN_PARAMETERS): [CKA_KEY_TYPE, CKA_PRIME, CKA_SUBPRIME, CKA_BASE]
         case CK_OBJECT_CLASS(CKO_PRIVATE_KEY): [CKA_KEY_TYPE, CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EXTRACTABLE]
         case CK_OBJECT_CLASS(CKO_SECRET_KEY): [CKA_KEY_TYPE, CKA_CHECK_VALUE, CKA_EXTRACTABLE]
         default: []
@@ -119,8 +121,7 @@ package struct Fingerprint: Hashable, Sendable {
            object != replicationKey {
             do throws(P11Error) {
                 wrapped = try ReplicationKey.wrap(on: token, session, replicationKey: replicationKey, key: object)
-            } catch where [CKR_KEY_UNEXTRACTABLE, CKR_KEY_NOT_WRAPPABLE, CKR_MECHANISM_INVALID, CKR_MECHANISM_PARAM_INVALID,
-                           CKR_FUNCTION_NOT_SUPPORTED].contains(error.rv) {
+            } catch where ReplicationKey.wrapRefusals.contains(error.rv) {
                 // The key's own doing, on every copy alike, or a member that cannot wrap this way (p11-kit 0.24's client
                 // refuses AES key wrap): told apart without its wrapped form (see `isWeakForm`).
             } catch {

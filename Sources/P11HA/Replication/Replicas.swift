@@ -396,8 +396,7 @@ package final class ReplicaKeeper: Sendable {
             let carried: Carried
             do throws(P11Error) {
                 carried = try self.carry(copy, state: state, from: peer, to: target)
-            } catch where [CKR_KEY_UNEXTRACTABLE, CKR_KEY_NOT_WRAPPABLE, CKR_FUNCTION_FAILED, CKR_MECHANISM_INVALID,
-                           CKR_MECHANISM_PARAM_INVALID, CKR_FUNCTION_NOT_SUPPORTED].contains(error.rv) {
+            } catch where error.rv == CKR_FUNCTION_FAILED || ReplicationKey.wrapRefusals.contains(error.rv) {
                 // The key cannot travel this way at all (not extractable, no replication key, or a holder that cannot
                 // wrap: p11-kit 0.24's client refuses AES key wrap): reported, never tried for ever.
                 report.unrepairable.append(name + " reason=\"cannot be wrapped under the replication key there (\(error))\"")
@@ -416,8 +415,7 @@ package final class ReplicaKeeper: Sendable {
                 report.copied += 1
             } catch where error.isMemberFault {
                 throw error
-            } catch where [CKR_KEY_UNEXTRACTABLE, CKR_KEY_NOT_WRAPPABLE, CKR_FUNCTION_FAILED, CKR_MECHANISM_INVALID,
-                           CKR_MECHANISM_PARAM_INVALID, CKR_FUNCTION_NOT_SUPPORTED].contains(error.rv) {
+            } catch where error.rv == CKR_FUNCTION_FAILED || ReplicationKey.wrapRefusals.contains(error.rv) {
                 report.unrepairable.append(name + " reason=\"cannot be unwrapped there (\(error))\"")
             } catch {
                 // The holder's copy changed under us (another process): tried again at the next pass.
@@ -924,6 +922,10 @@ extension ReplicaKeeper {
                     standing.unrepairable.append(name + " reason=\"no member in reach holds it\"")
                 } else if state.fingerprint.isKey, !holders.contains(where: { $0.value.copies[uid]!.extractable }) {
                     standing.unrepairable.append(name + " reason=\"not extractable: it cannot travel under the replication key\"")
+                } else if state.fingerprint.isKey, holders.allSatisfy({ $0.value.copies[uid]!.fingerprint.isWeak }) {
+                    // Read without its wrapped form where it is held: its holders cannot wrap it (a key type they cannot
+                    // wrap, kept on its maker by generated-keys = replicate-or-keep; a member behind p11-kit 0.24's client).
+                    standing.unrepairable.append(name + " reason=\"its holders cannot wrap it under the replication key\"")
                 }
             }
             result[r.member.index] = standing

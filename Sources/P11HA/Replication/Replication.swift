@@ -9,6 +9,12 @@ public enum ReplicationKey {
     /// RFC 5649 key wrap: deterministic, and takes private keys as well as secret keys.
     public static let wrapMechanism = Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_WRAP_PAD))
 
+    /// What a member answers when it cannot wrap a key this way: the key's own doing (not extractable, a type the
+    /// member cannot wrap: SoftHSM 2.6.1's EdDSA keys) or the member's (p11-kit 0.24's client refuses AES key wrap),
+    /// alike on every try.
+    static let wrapRefusals: Set<CK_RV> = [CK_RV(CKR_KEY_UNEXTRACTABLE), CK_RV(CKR_KEY_NOT_WRAPPABLE), CK_RV(CKR_MECHANISM_INVALID),
+                                           CK_RV(CKR_MECHANISM_PARAM_INVALID), CK_RV(CKR_FUNCTION_NOT_SUPPORTED)]
+
     public static var searchTemplate: [Attribute] {
         [Attribute(CK_ATTRIBUTE_TYPE(CKA_CLASS), ulong: CK_ULONG(CKO_SECRET_KEY)),
          Attribute(CK_ATTRIBUTE_TYPE(CKA_KEY_TYPE), ulong: CK_ULONG(CKK_AES)),
@@ -18,9 +24,14 @@ public enum ReplicationKey {
 
 /// What to do when an application generates a key in a group of several members.
 public enum GeneratedKeys: String, Sendable {
-    /// Generate it wrappable under trusted keys only (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED set) and carry it.
+    /// Generate it wrappable under trusted keys only (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED set) and carry it;
+    /// a key of a type the members cannot wrap fails the generation (CKR_FUNCTION_FAILED).
     case replicate
-    /// Refuse the generation: keys must be imported (created or unwrapped), which replays on every member.
+    /// As `replicate`, but a key of a type the members cannot wrap is kept on the member that made it, as the
+    /// application asked for it; `p11hactl status` names it as CANNOT BE REPAIRED on the others.
+    case replicateOrKeep = "replicate-or-keep"
+    /// Refuse the generation (CKR_FUNCTION_FAILED): keys must be imported (created or unwrapped), which replays on
+    /// every member.
     case refuse
 }
 
@@ -31,8 +42,10 @@ enum ReplicaAttributes {
                                            CKA_SIGN, CKA_VERIFY, CKA_WRAP, CKA_UNWRAP]
     static let `private`: [CK_ATTRIBUTE_TYPE] = common + [CKA_SUBJECT, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, CKA_DECRYPT,
                                               CKA_SIGN, CKA_SIGN_RECOVER, CKA_UNWRAP, CKA_ALWAYS_AUTHENTICATE]
+    /// CKA_PRIME, CKA_SUBPRIME, CKA_BASE and CKA_VALUE: a DSA or DH public key's domain and public value.
     static let `public`: [CK_ATTRIBUTE_TYPE] = common + [CKA_SUBJECT, CKA_ENCRYPT, CKA_VERIFY, CKA_VERIFY_RECOVER, CKA_WRAP,
-                                             CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT]
+                                             CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_EC_PARAMS, CKA_EC_POINT,
+                                             CKA_PRIME, CKA_SUBPRIME, CKA_BASE, CKA_VALUE]
 
     static func types(forClass objectClass: CK_OBJECT_CLASS) -> [CK_ATTRIBUTE_TYPE] {
         switch objectClass {
@@ -102,10 +115,24 @@ final class Replicator: Sendable {
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
     /// `tokenCopies`: the key on `source` is a session object standing in for a token key; the source gets its
     /// token copy by the same unwrap, first, and the copies are all there is (none: the write failed).
+    /// A key of a type the source cannot wrap is not carried: under `replicate-or-keep` that throws `cannotTravel`
+    /// (the caller keeps such a key on its maker), otherwise CKR_FUNCTION_FAILED.
     func carry(_ session: VirtualSession, source: Member, key: MemberObject, plan: ReplicationPlan,
                tokenCopies: Bool = false) throws(P11Error) -> [(Int, MemberObject)] {
         let sourceSession = try session.memberSession(source)
-        var blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
+        var blob: [UInt8]
+        do throws(P11Error) {
+            blob = try ReplicationKey.wrap(on: source.token, sourceSession, replicationKey: plan.keys[source.index]!, key: key)
+        } catch where error.fromMember && ReplicationKey.wrapRefusals.contains(error.rv) {
+            let keyType = (try? source.token.readAttributes(sourceSession, key, [CKA_KEY_TYPE])[0]).flatMap { $0 }
+            let named = "group=\(session.group.name) member=\(source.name) key-type=\(keyTypeName(keyType.flatMap { Attribute(CKA_KEY_TYPE, $0).ulongValue })) rv=\(ckrName(error.rv))"
+            if generatedKeys == .replicateOrKeep {
+                Log.event(.warning, "generated-key-kept", named + " reason=\"the member cannot wrap it under the replication key: kept on this member only\"")
+                throw Self.cannotTravel
+            }
+            Log.event(.error, "generated-key-not-carried", named + " hint=\"the members cannot carry this key type; generated-keys = replicate-or-keep keeps such keys on one member\"")
+            throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
+        }
         defer { for i in blob.indices { blob[i] = 0 } }
         var template = try ReplicaAttributes.template(on: source.token, sourceSession, key)
         if tokenCopies { template = template.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), true) }
@@ -117,6 +144,9 @@ final class Replicator: Sendable {
             if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
         }
     }
+
+    /// A generated key its member cannot wrap, under `replicate-or-keep`: p11ha's own error (no member answers it).
+    static let cannotTravel = P11Error(CK_RV(CKR_KEY_NOT_WRAPPABLE))
 
     struct ReplicationPlan {
         let others: [Member]
@@ -133,7 +163,7 @@ final class Replicator: Sendable {
         if generatedKeys == .refuse {
             Log.event(.warning, "generation-refused",
                       "group=\(group.name) reason=\"generated-keys = refuse; import the key instead (C_CreateObject or C_UnwrapKey)\"")
-            throw P11Error(CK_RV(CKR_FUNCTION_REJECTED))
+            throw P11Error(CK_RV(CKR_FUNCTION_FAILED))
         }
         var keys: [Int: MemberObject] = [:]
         guard let sourceKey = try ReplicationKey.find(on: source.token, try session.memberSession(source)) else {
@@ -169,4 +199,15 @@ func wrappableTemplate(_ template: [Attribute]) -> [Attribute] {
                   "reason=\"CKA_EXTRACTABLE=false asked; set true with CKA_WRAP_WITH_TRUSTED so the key can reach every member (generated-keys = refuse to refuse instead)\"")
     }
     return template.setting(CK_ATTRIBUTE_TYPE(CKA_EXTRACTABLE), true).setting(CK_ATTRIBUTE_TYPE(CKA_WRAP_WITH_TRUSTED), true)
+}
+
+/// A key type's PKCS#11 name for the log (CKK_...), or its number.
+func keyTypeName(_ keyType: CK_ULONG?) -> String {
+    guard let keyType else { return "unknown" }
+    let names: [CK_ULONG: String] = [
+        CK_ULONG(CKK_RSA): "CKK_RSA", CK_ULONG(CKK_DSA): "CKK_DSA", CK_ULONG(CKK_DH): "CKK_DH", CK_ULONG(CKK_EC): "CKK_EC",
+        CK_ULONG(CKK_GENERIC_SECRET): "CKK_GENERIC_SECRET", CK_ULONG(CKK_AES): "CKK_AES", CK_ULONG(CKK_DES3): "CKK_DES3",
+        0x40: "CKK_EC_EDWARDS", 0x41: "CKK_EC_MONTGOMERY", 0x30: "CKK_GOSTR3410",
+    ]
+    return names[keyType] ?? "0x\(String(keyType, radix: 16))"
 }

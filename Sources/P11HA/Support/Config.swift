@@ -206,7 +206,7 @@ public struct Config: Sendable {
                     if let problem = HostDirectory(path: value).problem() { throw fail("\(problem.event): \(value): \(problem.reason)") }
                     config.lockDirectory = value
                 case "generated-keys":
-                    guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate or refuse") }
+                    guard let policy = GeneratedKeys(rawValue: value) else { throw fail("generated-keys must be replicate, replicate-or-keep or refuse") }
                     config.generatedKeys = policy
                 default: throw fail("unknown key '\(shortened(key))' in [p11ha]")
                 }

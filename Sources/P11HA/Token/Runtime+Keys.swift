@@ -12,6 +12,9 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         let isToken = template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false
+        if makesDomainParameters(mechanism, template) {
+            return try generateDomainParameters(session, mechanism, template, isToken: isToken)
+        }
         return try fanOut.onOneMember(session.group, choice: .first, session: session) { (source) throws(P11Error) in
             let sourceSession = try session.memberSession(source)
             guard let plan = try replicator.plan(session, source: source, isToken: isToken) else {
@@ -19,13 +22,48 @@ extension Runtime {
                 let key = try source.token.generateKey(sourceSession, mechanism, session.group.members.count > 1 ? wrappableTemplate(lastExtractable(template)) : template)
                 return try record([(source.index, key)], in: session, isToken: isToken)
             }
-            let key = try source.token.generateKey(sourceSession, mechanism, staged(wrappableTemplate(lastExtractable(template)), isToken))
+            let wrappable = wrappableTemplate(lastExtractable(template))
+            let key = try source.token.generateKey(sourceSession, mechanism, staged(wrappable, isToken))
             do throws(P11Error) {
                 let copies = try replicator.carry(session, source: source, key: key, plan: plan, tokenCopies: isToken)
                 if isToken { source.discardHalfMade(sourceSession, [key]) }
                 return try record((isToken ? [] : [(source.index, key)]) + copies, in: session, isToken: isToken)
             } catch {
                 source.discardHalfMade(sourceSession, [key])
+                guard error == Replicator.cannotTravel else { throw error }
+                // generated-keys = replicate-or-keep, and a key type the members cannot wrap: made again, on this
+                // member only, with the attributes of any generated key (carried once the members can wrap its type);
+                // its record goes to every member in service.
+                let kept = try source.token.generateKey(sourceSession, mechanism, wrappable)
+                return try record([(source.index, kept)], in: session, isToken: isToken, withoutSource: plan.others.map(\.index))
+            }
+        }
+    }
+
+    /// Domain parameters (DSA, DH) are public values: made on the first member in service, and created by value on
+    /// every other one, and on their maker too for a token object, as a generated key is carried.
+    private func generateDomainParameters(_ session: VirtualSession, _ mechanism: Mechanism, _ template: [Attribute],
+                                          isToken: Bool) throws(P11Error) -> ObjectHandle {
+        try fanOut.onOneMember(session.group, choice: .first, session: session) { (source) throws(P11Error) in
+            let sourceSession = try session.memberSession(source)
+            let others = session.group.membersInService.filter { $0 !== source }
+            if others.isEmpty {
+                return try record([(source.index, try source.token.generateKey(sourceSession, mechanism, template))], in: session, isToken: isToken)
+            }
+            let made = try source.token.generateKey(sourceSession, mechanism, staged(template, isToken))
+            do throws(P11Error) {
+                var values = try ReplicaAttributes.byValueTemplate(on: source.token, sourceSession, made)
+                if isToken { values = values.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), true) }
+                let copies = try fanOut.everyMember(of: session.group, (isToken ? [source] : []) + others, othersHoldIt: !isToken,
+                                                    refusals: .askedAgain, session: session) { (member) throws(P11Error) in
+                    try member.token.createObject(try session.memberSession(member), values)
+                } undo: { member, copy in
+                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
+                }
+                if isToken { source.discardHalfMade(sourceSession, [made]) }
+                return try record((isToken ? [] : [(source.index, made)]) + copies, in: session, isToken: isToken)
+            } catch {
+                source.discardHalfMade(sourceSession, [made])
                 throw error
             }
         }
@@ -49,8 +87,9 @@ extension Runtime {
                 return try recordPair([(source.index, pub)], [(source.index, priv)], in: session,
                                       publicIsToken: publicIsToken, privateIsToken: privateIsToken, handle: handle)
             }
+            let wrappable = wrappableTemplate(lastExtractable(privateTemplate))
             let (pub, priv) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: staged(publicTemplate, publicIsToken),
-                                                         privateTemplate: staged(wrappableTemplate(lastExtractable(privateTemplate)), privateIsToken))
+                                                         privateTemplate: staged(wrappable, privateIsToken))
             // The source's own halves where they are what the application asked for (session objects); token
             // halves reach the source as they reach the others.
             let sourcePublic = publicIsToken ? [] : [(source.index, pub)]
@@ -84,7 +123,12 @@ extension Runtime {
                     if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
                 }
                 source.discardHalfMade(sourceSession, [pub, priv])
-                throw error
+                guard error == Replicator.cannotTravel else { throw error }
+                // Kept on this member (see `generateKey`); the public half reaches the others at their next repair.
+                let (keptPublic, keptPrivate) = try source.token.generateKeyPair(sourceSession, mechanism, publicTemplate: publicTemplate,
+                                                                                 privateTemplate: wrappable)
+                return try recordPair([(source.index, keptPublic)], [(source.index, keptPrivate)], in: session, publicIsToken: publicIsToken,
+                                      privateIsToken: privateIsToken, handle: handle, withoutSource: plan.others.map(\.index))
             }
         }
     }
@@ -92,10 +136,11 @@ extension Runtime {
     /// Records both halves of a generated pair: when the private half cannot be recorded (its copies are then
     /// destroyed), the public half goes too, so that the application is never left with half a pair.
     private func recordPair(_ pub: [(Int, MemberObject)], _ priv: [(Int, MemberObject)], in session: VirtualSession,
-                            publicIsToken: Bool, privateIsToken: Bool, handle: SessionHandle) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
-        let publicHandle = try record(pub, in: session, isToken: publicIsToken)
+                            publicIsToken: Bool, privateIsToken: Bool, handle: SessionHandle,
+                            withoutSource: [Int] = []) throws(P11Error) -> (ObjectHandle, ObjectHandle) {
+        let publicHandle = try record(pub, in: session, isToken: publicIsToken, withoutSource: withoutSource)
         do throws(P11Error) {
-            return (publicHandle, try record(priv, in: session, isToken: privateIsToken))
+            return (publicHandle, try record(priv, in: session, isToken: privateIsToken, withoutSource: withoutSource))
         } catch {
             try? destroyObject(handle, publicHandle)
             throw error
@@ -143,6 +188,13 @@ extension Runtime {
         return try record(made, in: session, isToken: template[CK_ATTRIBUTE_TYPE(CKA_TOKEN)]?.boolValue ?? false,
                       withoutSource: membersWithoutCopy(source, in: session.group))
     }
+}
+
+/// Whether a C_GenerateKey makes domain parameters (CKO_DOMAIN_PARAMETERS): by its template's class, or by its
+/// mechanism (CKM_DSA_PARAMETER_GEN, CKM_DH_PKCS_PARAMETER_GEN, CKM_X9_42_DH_PARAMETER_GEN, and PKCS#11 3.0's DSA
+/// probabilistic, Shawe-Taylor and FIPS G generation, 0x2000-0x2005).
+private func makesDomainParameters(_ mechanism: Mechanism, _ template: [Attribute]) -> Bool {
+    template[CK_ATTRIBUTE_TYPE(CKA_CLASS)]?.ulongValue == CK_ULONG(CKO_DOMAIN_PARAMETERS) || (0x2000...0x2005).contains(mechanism.type)
 }
 
 /// A token key's template as the session object that stands in for it on the member that makes it, until every

@@ -1,0 +1,205 @@
+// Scenarios for key types beyond RSA, EC and AES: DSA and DH domain parameters and key pairs, and keys the members
+// cannot carry to each other (SoftHSM 2.6.1 cannot wrap EdDSA keys) under each generated-keys policy.
+import CInterop
+import Glibc
+
+/// Ed25519's curve, as its OID (1.3.101.112, DER).
+let ed25519: [UInt8] = [0x06, 0x03, 0x2b, 0x65, 0x70]
+
+/// DSA and DH domain parameters generated through the group, and key pairs made from them: every member holds each
+/// once with the same values; a DSA signature by one member's copy verifies with another's public copy; two DH
+/// parties derive one secret through the group.
+func domainParametersScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let f = m.f
+    let run = "\(getpid())"
+
+    var dsaParameterGen = mechanism(CKM_DSA_PARAMETER_GEN)
+    let dsaDomain = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_DOMAIN_PARAMETERS)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_DSA))
+        .add(CKA_PRIME_BITS, ulong: 1024).add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: "dp-dsa-\(run)")
+    var dsaParameters: CK_OBJECT_HANDLE = 0
+    ok(f.C_GenerateKey!(session, &dsaParameterGen, &dsaDomain.attributes, dsaDomain.count, &dsaParameters), "C_GenerateKey of DSA domain parameters")
+    let values = [CKA_PRIME, CKA_SUBPRIME, CKA_BASE].map { attribute(m, session, dsaParameters, CK_ATTRIBUTE_TYPE($0)) }
+    guard let prime = values[0], let subprime = values[1], let base = values[2], !prime.isEmpty else { fatal("the DSA domain parameters have no prime, subprime or base") }
+
+    var dsaGen = mechanism(CKM_DSA_KEY_PAIR_GEN)
+    let dsaPublic = Template().add(CKA_PRIME, prime).add(CKA_SUBPRIME, subprime).add(CKA_BASE, base).add(CKA_VERIFY, bool: true)
+        .add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: "dp-dsa-\(run)")
+    let dsaPrivate = Template().add(CKA_SIGN, bool: true).add(CKA_TOKEN, bool: true).add(CKA_PRIVATE, bool: true)
+        .add(CKA_SENSITIVE, bool: true).add(CKA_LABEL, string: "dp-dsa-\(run)")
+    var dsaPub: CK_OBJECT_HANDLE = 0
+    var dsaPriv: CK_OBJECT_HANDLE = 0
+    ok(f.C_GenerateKeyPair!(session, &dsaGen, &dsaPublic.attributes, dsaPublic.count, &dsaPrivate.attributes, dsaPrivate.count, &dsaPub, &dsaPriv),
+       "DSA token C_GenerateKeyPair from the parameters")
+    for _ in 0..<20 {
+        guard let signature = signDSA(m, session, dsaPriv) else { check(false, "a DSA signature through the group"); break }
+        expect(verifyDSA(m, session, dsaPub, signature), CKR_OK, "a DSA signature through the group verifies through the group")
+    }
+
+    // DH: parameters, two parties' session key pairs, and one agreed secret whichever member derives it.
+    var dhParameterGen = mechanism(CKM_DH_PKCS_PARAMETER_GEN)
+    let dhDomain = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_DOMAIN_PARAMETERS)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_DH))
+        .add(CKA_PRIME_BITS, ulong: 512).add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: "dp-dh-\(run)")
+    var dhParameters: CK_OBJECT_HANDLE = 0
+    ok(f.C_GenerateKey!(session, &dhParameterGen, &dhDomain.attributes, dhDomain.count, &dhParameters), "C_GenerateKey of DH domain parameters")
+    guard let dhPrime = attribute(m, session, dhParameters, CK_ATTRIBUTE_TYPE(CKA_PRIME)),
+          let dhBase = attribute(m, session, dhParameters, CK_ATTRIBUTE_TYPE(CKA_BASE)) else { fatal("the DH domain parameters have no prime or base") }
+    var parties: [(pub: CK_OBJECT_HANDLE, priv: CK_OBJECT_HANDLE)] = []
+    for _ in 0..<2 {
+        var dhGen = mechanism(CKM_DH_PKCS_KEY_PAIR_GEN)
+        let pub = Template().add(CKA_PRIME, dhPrime).add(CKA_BASE, dhBase).add(CKA_TOKEN, bool: false)
+        let priv = Template().add(CKA_DERIVE, bool: true).add(CKA_TOKEN, bool: false)
+        var a: CK_OBJECT_HANDLE = 0
+        var b: CK_OBJECT_HANDLE = 0
+        ok(f.C_GenerateKeyPair!(session, &dhGen, &pub.attributes, pub.count, &priv.attributes, priv.count, &a, &b), "DH session C_GenerateKeyPair")
+        parties.append((a, b))
+    }
+    var secrets: [CK_OBJECT_HANDLE] = []
+    for (me, peer) in [(0, 1), (1, 0)] {
+        guard var peerValue = attribute(m, session, parties[peer].pub, CK_ATTRIBUTE_TYPE(CKA_VALUE)) else { fatal("a DH public key has no value") }
+        let derived = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_SECRET_KEY)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_AES))
+            .add(CKA_VALUE_LEN, ulong: 16).add(CKA_ENCRYPT, bool: true).add(CKA_TOKEN, bool: false)
+        var secret: CK_OBJECT_HANDLE = 0
+        let rv = peerValue.withUnsafeMutableBytes { raw -> CK_RV in
+            var dhDerive = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_DH_PKCS_DERIVE), pParameter: raw.baseAddress, ulParameterLen: CK_ULONG(raw.count))
+            return f.C_DeriveKey!(session, &dhDerive, parties[me].priv, &derived.attributes, derived.count, &secret)
+        }
+        ok(rv, "C_DeriveKey by DH")
+        secrets.append(secret)
+    }
+    var agreed = Set<[UInt8]>()
+    for _ in 0..<10 {
+        for secret in secrets {
+            if let block = encryptBlock(m, session, secret) { agreed.insert(block) } else { check(false, "encrypt with a DH-derived key") }
+        }
+    }
+    check(agreed.count == 1, "both parties derive one secret, whichever member derives and encrypts (\(agreed.count) different blocks)")
+    ok(f.C_Finalize!(nil), "C_Finalize")
+
+    // Each member, opened directly: the parameters and the DSA pair once each, with the same values.
+    let direct = Module(path: env("SOFTHSM_MODULE") ?? "")
+    ok(direct.f.C_Initialize!(nil), "C_Initialize SoftHSM directly")
+    var copies: [(label: String, session: CK_SESSION_HANDLE, pub: CK_OBJECT_HANDLE, priv: CK_OBJECT_HANDLE)] = []
+    for label in (env("P11HA_TEST_MEMBERS") ?? "").split(separator: ",").map(String.init) {
+        guard let memberSlot = slot(labelled: label, in: direct) else { fatal("no member \(label)") }
+        let ms = openLoggedIn(direct, slot: memberSlot, pin: userPIN)
+        let ofClass = { (objectClass: CK_OBJECT_CLASS, name: String) in
+            find(direct, ms, Template().add(CKA_LABEL, string: name).add(CKA_CLASS, ulong: CK_ULONG(objectClass)))
+        }
+        for (name, expected) in [("dp-dsa-\(run)", [prime, subprime, base]), ("dp-dh-\(run)", [dhPrime, [], dhBase])] {
+            let found = ofClass(CKO_DOMAIN_PARAMETERS, name)
+            check(found.count == 1, "\(label) holds the domain parameters \(name) once (\(found.count))")
+            guard found.count == 1 else { continue }
+            for (type, value) in zip([CKA_PRIME, CKA_SUBPRIME, CKA_BASE], expected) where !value.isEmpty {
+                check(attribute(direct, ms, found[0], CK_ATTRIBUTE_TYPE(type)) == value, "\(label): attribute 0x\(String(type, radix: 16)) of \(name) as generated")
+            }
+        }
+        let pub = ofClass(CKO_PUBLIC_KEY, "dp-dsa-\(run)")
+        let priv = ofClass(CKO_PRIVATE_KEY, "dp-dsa-\(run)")
+        check(pub.count == 1 && priv.count == 1, "\(label) holds the DSA key pair once (\(pub.count) public, \(priv.count) private)")
+        if pub.count == 1, priv.count == 1 { copies.append((label, ms, pub[0], priv[0])) }
+    }
+    check(copies.count >= 2, "the DSA key pair reached several members")
+    if let first = copies.first {
+        for copy in copies.dropFirst() {
+            for type in [CKA_PRIME, CKA_SUBPRIME, CKA_BASE, CKA_VALUE] {
+                check(attribute(direct, first.session, first.pub, CK_ATTRIBUTE_TYPE(type)) == attribute(direct, copy.session, copy.pub, CK_ATTRIBUTE_TYPE(type)),
+                      "DSA public attribute 0x\(String(type, radix: 16)) is equal on \(first.label) and \(copy.label)")
+            }
+            if let signature = signDSA(direct, first.session, first.priv) {
+                expect(verifyDSA(direct, copy.session, copy.pub, signature), CKR_OK,
+                       "a DSA signature by \(first.label)'s copy verifies with \(copy.label)'s public key")
+            } else {
+                check(false, "a DSA signature on \(first.label) directly")
+            }
+        }
+    }
+    ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM")
+}
+
+/// A DSA signature (CKM_DSA) of a 20-byte digest, or nil.
+private func signDSA(_ m: Module, _ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) -> [UInt8]? {
+    var dsa = mechanism(CKM_DSA)
+    var digest = [UInt8](repeating: 0x2d, count: 20)
+    var signature = [UInt8](repeating: 0, count: 40)
+    var length = CK_ULONG(signature.count)
+    guard m.f.C_SignInit!(session, &dsa, key) == CKR_OK, m.f.C_Sign!(session, &digest, 20, &signature, &length) == CKR_OK else { return nil }
+    return Array(signature.prefix(Int(length)))
+}
+
+private func verifyDSA(_ m: Module, _ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE, _ signature: [UInt8]) -> CK_RV {
+    var dsa = mechanism(CKM_DSA)
+    var digest = [UInt8](repeating: 0x2d, count: 20)
+    var signature = signature
+    let rv = m.f.C_VerifyInit!(session, &dsa, key)
+    if rv != CKR_OK { return rv }
+    return m.f.C_Verify!(session, &digest, 20, &signature, CK_ULONG(signature.count))
+}
+
+/// An Ed25519 token key pair generated through the group, labelled `label`: the return value, and the handles.
+private func generateEd25519(_ m: Module, _ session: CK_SESSION_HANDLE, label: String) -> (CK_RV, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+    var gen = mechanism(CKM_EC_EDWARDS_KEY_PAIR_GEN)
+    let pub = Template().add(CKA_EC_PARAMS, ed25519).add(CKA_VERIFY, bool: true).add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: label)
+    let priv = Template().add(CKA_SIGN, bool: true).add(CKA_TOKEN, bool: true).add(CKA_PRIVATE, bool: true)
+        .add(CKA_SENSITIVE, bool: true).add(CKA_LABEL, string: label)
+    var a: CK_OBJECT_HANDLE = 0
+    var b: CK_OBJECT_HANDLE = 0
+    let rv = m.f.C_GenerateKeyPair!(session, &gen, &pub.attributes, pub.count, &priv.attributes, priv.count, &a, &b)
+    return (rv, a, b)
+}
+
+/// How many token objects labelled `label` each member holds, read directly, by class (private, public).
+private func copiesOnMembers(label: String) -> [(member: String, privateKeys: Int, publicKeys: Int)] {
+    let direct = Module(path: env("SOFTHSM_MODULE") ?? "")
+    ok(direct.f.C_Initialize!(nil), "C_Initialize SoftHSM directly")
+    defer { ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM") }
+    return (env("P11HA_TEST_MEMBERS") ?? "").split(separator: ",").map(String.init).map { member in
+        guard let memberSlot = slot(labelled: member, in: direct) else { fatal("no member \(member)") }
+        let ms = openLoggedIn(direct, slot: memberSlot, pin: userPIN)
+        let count = { (objectClass: CK_OBJECT_CLASS) in
+            find(direct, ms, Template().add(CKA_LABEL, string: label).add(CKA_CLASS, ulong: CK_ULONG(objectClass))).count
+        }
+        return (member, count(CKO_PRIVATE_KEY), count(CKO_PUBLIC_KEY))
+    }
+}
+
+/// Under the default policy (generated-keys = replicate), a key type the members cannot carry (Ed25519 on
+/// SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED, a code C_GenerateKeyPair may return, and leaves
+/// nothing on any member.
+func uncarriedKeyScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let label = "uncarried-\(getpid())"
+    let (rv, _, _) = generateEd25519(m, session, label: label)
+    expect(rv, CK_RV(CKR_FUNCTION_FAILED), "an Ed25519 key pair the members cannot carry, under generated-keys = replicate")
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+    for copy in copiesOnMembers(label: label) {
+        check(copy.privateKeys == 0 && copy.publicKeys == 0, "\(copy.member) holds nothing of the failed generation (\(copy.privateKeys) private, \(copy.publicKeys) public)")
+    }
+}
+
+/// Under generated-keys = replicate-or-keep, such a key pair is kept on the member that made it: every signature
+/// through the group is made there and verifies, and no other member holds the private key.
+func keptKeyScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let label = "kept-\(getpid())"
+    let (rv, pub, priv) = generateEd25519(m, session, label: label)
+    ok(rv, "an Ed25519 key pair under generated-keys = replicate-or-keep")
+    for _ in 0..<20 {
+        var eddsa = mechanism(CKM_EDDSA)
+        var message = Array("a message signed by the kept key".utf8)
+        var signature = [UInt8](repeating: 0, count: 64)
+        var length: CK_ULONG = 64
+        guard expect(m.f.C_SignInit!(session, &eddsa, priv), CKR_OK, "C_SignInit with the kept key"),
+              expect(m.f.C_Sign!(session, &message, CK_ULONG(message.count), &signature, &length), CKR_OK, "C_Sign with the kept key") else { break }
+        expect(m.f.C_VerifyInit!(session, &eddsa, pub), CKR_OK, "C_VerifyInit with the kept public key")
+        expect(m.f.C_Verify!(session, &message, CK_ULONG(message.count), &signature, length), CKR_OK, "the kept key's signature verifies")
+    }
+    ok(m.f.C_Finalize!(nil), "C_Finalize")
+    let copies = copiesOnMembers(label: label)
+    check(copies.map(\.privateKeys).reduce(0, +) == 1 && copies.allSatisfy { $0.privateKeys <= 1 },
+          "exactly one member holds the kept private key: \(copies.map { "\($0.member)=\($0.privateKeys)" })")
+    print("kept-on=\(copies.filter { $0.privateKeys == 1 }.map(\.member).joined(separator: ","))")
+}
