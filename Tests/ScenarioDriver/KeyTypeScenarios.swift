@@ -137,11 +137,11 @@ private func verifyDSA(_ m: Module, _ session: CK_SESSION_HANDLE, _ key: CK_OBJE
     return m.f.C_Verify!(session, &digest, 20, &signature, CK_ULONG(signature.count))
 }
 
-/// An Ed25519 token key pair generated through the group, labelled `label`: the return value, and the handles.
-private func generateEd25519(_ m: Module, _ session: CK_SESSION_HANDLE, label: String) -> (CK_RV, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+/// An Ed25519 key pair generated through the group, labelled `label`: the return value, and the handles.
+private func generateEd25519(_ m: Module, _ session: CK_SESSION_HANDLE, label: String, token: Bool = true) -> (CK_RV, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
     var gen = mechanism(CKM_EC_EDWARDS_KEY_PAIR_GEN)
-    let pub = Template().add(CKA_EC_PARAMS, ed25519).add(CKA_VERIFY, bool: true).add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: label)
-    let priv = Template().add(CKA_SIGN, bool: true).add(CKA_TOKEN, bool: true).add(CKA_PRIVATE, bool: true)
+    let pub = Template().add(CKA_EC_PARAMS, ed25519).add(CKA_VERIFY, bool: true).add(CKA_TOKEN, bool: token).add(CKA_LABEL, string: label)
+    let priv = Template().add(CKA_SIGN, bool: true).add(CKA_TOKEN, bool: token).add(CKA_PRIVATE, bool: true)
         .add(CKA_SENSITIVE, bool: true).add(CKA_LABEL, string: label)
     var a: CK_OBJECT_HANDLE = 0
     var b: CK_OBJECT_HANDLE = 0
@@ -164,15 +164,27 @@ private func copiesOnMembers(label: String) -> [(member: String, privateKeys: In
     }
 }
 
-/// Under the default policy (generated-keys = replicate), a key type the members cannot carry (Ed25519 on
+/// Under the default policy (generated-keys = replicate), a token key type the members cannot carry (Ed25519 on
 /// SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED, a code C_GenerateKeyPair may return, and leaves
-/// nothing on any member.
+/// nothing on any member. A session key pair of that type stays on the member that made it, and signs.
 func uncarriedKeyScenario(_ m: Module) {
     let s = initialized(m)
     let session = openLoggedIn(m, slot: s, pin: userPIN)
     let label = "uncarried-\(getpid())"
     let (rv, _, _) = generateEd25519(m, session, label: label)
-    expect(rv, CK_RV(CKR_FUNCTION_FAILED), "an Ed25519 key pair the members cannot carry, under generated-keys = replicate")
+    expect(rv, CK_RV(CKR_FUNCTION_FAILED), "an Ed25519 token key pair the members cannot carry, under generated-keys = replicate")
+    let (sessionRV, _, priv) = generateEd25519(m, session, label: label + "-session", token: false)
+    expect(sessionRV, CKR_OK, "an Ed25519 session key pair, kept on the member that made it")
+    if sessionRV == CKR_OK {
+        for _ in 0..<10 {
+            var eddsa = mechanism(CKM_EDDSA)
+            var message = Array("signed by a session key on one member".utf8)
+            var signature = [UInt8](repeating: 0, count: 64)
+            var length: CK_ULONG = 64
+            guard expect(m.f.C_SignInit!(session, &eddsa, priv), CKR_OK, "C_SignInit with the session key"),
+                  expect(m.f.C_Sign!(session, &message, CK_ULONG(message.count), &signature, &length), CKR_OK, "C_Sign with the session key") else { break }
+        }
+    }
     ok(m.f.C_Finalize!(nil), "C_Finalize")
     for copy in copiesOnMembers(label: label) {
         check(copy.privateKeys == 0 && copy.publicKeys == 0, "\(copy.member) holds nothing of the failed generation (\(copy.privateKeys) private, \(copy.publicKeys) public)")

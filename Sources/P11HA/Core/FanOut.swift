@@ -187,11 +187,17 @@ final class FanOut: @unchecked Sendable {
         /// member that made the key (a generated key carried to the members).
         case askedAgain
 
+        /// The answers asked again: those about the template or the object being made, which SoftHSM gives when it
+        /// misreads the object's file; not the session's or the login's state (CKR_SESSION_READ_ONLY,
+        /// CKR_USER_NOT_LOGGED_IN), which no second look changes.
+        static let passing: Set<CK_RV> = [CK_RV(CKR_TEMPLATE_INCONSISTENT), CK_RV(CKR_TEMPLATE_INCOMPLETE), CK_RV(CKR_ATTRIBUTE_VALUE_INVALID),
+                                          CK_RV(CKR_ATTRIBUTE_TYPE_INVALID), CK_RV(CKR_ATTRIBUTE_READ_ONLY), CK_RV(CKR_FUNCTION_FAILED)]
+
         func askingAgain<T>(_ member: Member, in group: Group, peersTookIt: Bool,
                             _ write: () throws(P11Error) -> T) throws(P11Error) -> T {
             do {
                 return try write()
-            } catch where error.fromMember && !error.isMemberFault && (self == .askedAgain || (self == .askedAgainAfterPeers && peersTookIt)) {
+            } catch where error.fromMember && Self.passing.contains(error.rv) && (self == .askedAgain || (self == .askedAgainAfterPeers && peersTookIt)) {
                 Log.event(.warning, "write-asked-again", "group=\(group.name) member=\(member.name) rv=\(ckrName(error.rv))")
                 usleep(10_000)  // SoftHSM's misread lasts while another thread or process looks through the store
                 return try write()

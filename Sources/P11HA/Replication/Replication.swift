@@ -27,8 +27,8 @@ public enum GeneratedKeys: String, Sendable {
     /// Generate it wrappable under trusted keys only (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED set) and carry it;
     /// a key of a type the members cannot wrap fails the generation (CKR_FUNCTION_FAILED).
     case replicate
-    /// As `replicate`, but a key of a type the members cannot wrap is kept on the member that made it, as the
-    /// application asked for it; `p11hactl status` names it as CANNOT BE REPAIRED on the others.
+    /// As `replicate`, but a token key of a type the members cannot wrap is kept on the member that made it, with
+    /// the attributes of any generated key; `p11hactl status` names it as CANNOT BE REPAIRED on the others.
     case replicateOrKeep = "replicate-or-keep"
     /// Refuse the generation (CKR_FUNCTION_FAILED): keys must be imported (created or unwrapped), which replays on
     /// every member.
@@ -115,8 +115,9 @@ final class Replicator: Sendable {
     /// wrapped there under the replication key, unwrapped on each other member with the original's attributes.
     /// `tokenCopies`: the key on `source` is a session object standing in for a token key; the source gets its
     /// token copy by the same unwrap, first, and the copies are all there is (none: the write failed).
-    /// A key of a type the source cannot wrap is not carried: under `replicate-or-keep` that throws `cannotTravel`
-    /// (the caller keeps such a key on its maker), otherwise CKR_FUNCTION_FAILED.
+    /// A key of a type the source cannot wrap is not carried: a session key (it dies with its session, as one made
+    /// in a group without a replication key), or a token key under `replicate-or-keep`, throws `cannotTravel` (the
+    /// caller keeps such a key on its maker); a token key under `replicate` fails with CKR_FUNCTION_FAILED.
     func carry(_ session: VirtualSession, source: Member, key: MemberObject, plan: ReplicationPlan,
                tokenCopies: Bool = false) throws(P11Error) -> [(Int, MemberObject)] {
         let sourceSession = try session.memberSession(source)
@@ -126,8 +127,8 @@ final class Replicator: Sendable {
         } catch where error.fromMember && ReplicationKey.wrapRefusals.contains(error.rv) {
             let keyType = (try? source.token.readAttributes(sourceSession, key, [CKA_KEY_TYPE])[0]).flatMap { $0 }
             let named = "group=\(session.group.name) member=\(source.name) key-type=\(keyTypeName(keyType.flatMap { Attribute(CKA_KEY_TYPE, $0).ulongValue })) rv=\(ckrName(error.rv))"
-            if generatedKeys == .replicateOrKeep {
-                Log.event(.warning, "generated-key-kept", named + " reason=\"the member cannot wrap it under the replication key: kept on this member only\"")
+            if generatedKeys == .replicateOrKeep || !tokenCopies {
+                Log.event(.warning, "generated-key-kept", named + " token=\(tokenCopies) reason=\"the member cannot wrap it under the replication key: kept on this member only\"")
                 throw Self.cannotTravel
             }
             Log.event(.error, "generated-key-not-carried", named + " hint=\"the members cannot carry this key type; generated-keys = replicate-or-keep keeps such keys on one member\"")
@@ -145,7 +146,7 @@ final class Replicator: Sendable {
         }
     }
 
-    /// A generated key its member cannot wrap, under `replicate-or-keep`: p11ha's own error (no member answers it).
+    /// A generated key its member cannot wrap, to keep there (see `carry`): p11ha's own error (no member answers it).
     static let cannotTravel = P11Error(CK_RV(CKR_KEY_NOT_WRAPPABLE))
 
     struct ReplicationPlan {
