@@ -207,7 +207,7 @@ enum FakeCrypto {
 
     static func checkParameter(_ mechanism: Mechanism) throws(P11Error) {
         let ok = switch (mechanism.type, mechanism.parameter) {
-        case (CKM_AES_CBC, .bytes(let iv)), (CKM_AES_CBC_PAD, .bytes(let iv)):
+        case (CKM_AES_CBC, .bytes(let iv)), (CKM_AES_CBC_PAD, .bytes(let iv)), (CKM_AES_CBC, .opaque(let iv)), (CKM_AES_CBC_PAD, .opaque(let iv)):
             iv.count == block
         case (CKM_AES_GCM, .gcm(let iv, _, _, let tagBits)):
             !iv.isEmpty && tagBits % 8 == 0 && (32...128).contains(tagBits)
@@ -275,7 +275,7 @@ enum FakeCrypto {
 
     private static func nonce(_ mechanism: Mechanism) -> [UInt8] {
         switch mechanism.parameter {
-        case .bytes(let iv): u64Bytes(UInt64(mechanism.type)) + iv
+        case .bytes(let iv), .opaque(let iv): u64Bytes(UInt64(mechanism.type)) + iv
         case .gcm(let iv, _, _, _): u64Bytes(UInt64(mechanism.type)) + iv
         default: u64Bytes(UInt64(mechanism.type))
         }

@@ -173,10 +173,31 @@ func mechanism(_ pointer: MechanismPtr?) throws(P11Error) -> Mechanism {
         let p = try load(CK_AES_CBC_ENCRYPT_DATA_PARAMS.self)
         let iv = withUnsafeBytes(of: p.iv) { Array($0) }
         return Mechanism(m.mechanism, .aesCBCEncryptData(iv: iv, data: try copy(p.pData, p.length)))
+    case CK_MECHANISM_TYPE(CKM_DES_CBC_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_DES3_CBC_ENCRYPT_DATA):
+        let p = try load(CK_DES_CBC_ENCRYPT_DATA_PARAMS.self)
+        let iv = withUnsafeBytes(of: p.iv) { Array($0) }
+        return Mechanism(m.mechanism, .desCBCEncryptData(iv: iv, data: try copy(p.pData, p.length)))
+    case CK_MECHANISM_TYPE(CKM_EDDSA):
+        let p = try load(CK_EDDSA_PARAMS.self)
+        return Mechanism(m.mechanism, .eddsa(prehash: p.phFlag != 0, context: try copy(p.pContextData, p.ulContextDataLen)))
     case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_KEY):
         // Its parameter is an object handle, which differs per member: not supported.
         throw P11Error(CK_RV(CKR_MECHANISM_INVALID))
     default:
-        return Mechanism(m.mechanism, .bytes(Array(UnsafeRawBufferPointer(start: raw, count: size))))
+        let bytes = Array(UnsafeRawBufferPointer(start: raw, count: size))
+        return Mechanism(m.mechanism, pointerFree.contains(m.mechanism) ? .bytes(bytes) : .opaque(bytes))
     }
 }
+
+/// Mechanisms whose parameter is plain bytes, with no pointer inside: an IV, CK_AES_CTR_PARAMS, CK_RSA_PKCS_PSS_PARAMS,
+/// a DH public value, a MAC length (CK_MAC_GENERAL_PARAMS), CK_EXTRACT_PARAMS. Any other parameter that p11ha does not
+/// read field by field above is passed as given, and its operation is not started again after the call (`.opaque`).
+private let pointerFree: Set<CK_MECHANISM_TYPE> = Set([
+    CKM_AES_CBC, CKM_AES_CBC_PAD, CKM_AES_CTR, CKM_AES_OFB, CKM_AES_CFB8, CKM_AES_CFB64, CKM_AES_CFB128,
+    CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD, CKM_AES_MAC_GENERAL, CKM_AES_CMAC_GENERAL,
+    CKM_DES_CBC, CKM_DES_CBC_PAD, CKM_DES3_CBC, CKM_DES3_CBC_PAD, CKM_DES3_MAC_GENERAL, CKM_DES3_CMAC_GENERAL,
+    CKM_RSA_PKCS_PSS, CKM_SHA1_RSA_PKCS_PSS, CKM_SHA224_RSA_PKCS_PSS, CKM_SHA256_RSA_PKCS_PSS, CKM_SHA384_RSA_PKCS_PSS,
+    CKM_SHA512_RSA_PKCS_PSS, CKM_DH_PKCS_DERIVE, CKM_EXTRACT_KEY_FROM_KEY,
+    CKM_MD5_HMAC_GENERAL, CKM_SHA_1_HMAC_GENERAL, CKM_SHA224_HMAC_GENERAL, CKM_SHA256_HMAC_GENERAL,
+    CKM_SHA384_HMAC_GENERAL, CKM_SHA512_HMAC_GENERAL,
+].map { CK_MECHANISM_TYPE($0) })

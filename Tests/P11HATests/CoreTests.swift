@@ -55,6 +55,30 @@ import Testing
         #expect(replayed != nil && replayed == direct)
     }
 
+    @Test("an operation whose mechanism parameter p11ha does not copy is never started again on a peer after its C_*Init: a member fault then ends it with CKR_DEVICE_ERROR, where a parameter p11ha copies is replayed")
+    func opaqueParameterNotReplayed() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let key = try fake.runtime.createObject(session, [
+            Attribute(CKA_CLASS, ulong: CKO_SECRET_KEY), Attribute(CKA_KEY_TYPE, ulong: CKK_AES), Attribute(CKA_TOKEN, bool: true),
+            Attribute(CKA_VALUE, [UInt8](repeating: 3, count: 32)), Attribute(CKA_ENCRYPT, bool: true), Attribute(CKA_LABEL, Array("aes".utf8)),
+        ])
+        let iv = [UInt8](repeating: 7, count: 16)
+        for (parameter, replayed) in [(Mechanism.Parameter.bytes(iv), true), (.opaque(iv), false)] {
+            for store in fake.stores { store.faults.clearFaults() }
+            fake.recover()
+            try fake.runtime.operationInit(.encrypt, session, Mechanism(CKM_AES_CBC, parameter), key: key)
+            let running = try fake.runtime.session(session).operation(.encrypt).member
+            fake.stores[running].faults.crash()
+            let result = Result { () throws(P11Error) in try fake.runtime.singlePart(.encrypt, session, [UInt8](repeating: 1, count: 32), capacity: 64) }
+            if replayed {
+                #expect(result.map(\.bytes?.count) == .success(32), "\(parameter): replayed on a peer")
+            } else {
+                #expect(result.map(\.bytes?.count) == .failure(.deviceError), "\(parameter): not replayed")
+            }
+        }
+    }
+
     @Test("a write that a later member refuses is undone where it succeeded, and the caller gets that member's code")
     func partialWriteUndone() throws {
         let fake = try FakeGroup()

@@ -174,6 +174,41 @@ func cryptoScenario(_ m: Module) {
     let b = derive(m, session, peerPrivKey, peerPublic: attribute(m, session, ecPubKey, CKA_EC_POINT) ?? [])
     check(a != nil && a == b, "ECDH gives both sides the same secret")
 
+    // A derivation whose parameter carries a pointer (CK_DES_CBC_ENCRYPT_DATA_PARAMS): the derived value is the
+    // DES3-CBC encryption of the data under the base key, as the mechanism defines it.
+    let des3Value: [UInt8] = (0..<24).map { UInt8(0x10 &+ $0 &* 7) }
+    let des3T = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_SECRET_KEY)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_DES3))
+        .add(CKA_VALUE, des3Value).add(CKA_ENCRYPT, bool: true).add(CKA_DERIVE, bool: true).add(CKA_TOKEN, bool: false)
+    var des3: CK_OBJECT_HANDLE = 0
+    ok(f.C_CreateObject!(session, &des3T.attributes, des3T.count, &des3), "C_CreateObject DES3 key")
+    let desIV: [UInt8] = [1, 2, 3, 4, 5, 6, 7, 8]
+    var desData = [UInt8](repeating: 0x5a, count: 16)
+    var desParams = CK_DES_CBC_ENCRYPT_DATA_PARAMS()
+    withUnsafeMutableBytes(of: &desParams.iv) { $0.copyBytes(from: desIV) }
+    desParams.length = 16
+    let derivedT = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_SECRET_KEY)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_GENERIC_SECRET))
+        .add(CKA_VALUE_LEN, ulong: 16).add(CKA_SENSITIVE, bool: false).add(CKA_EXTRACTABLE, bool: true).add(CKA_TOKEN, bool: false)
+    var derivedDES: CK_OBJECT_HANDLE = 0
+    let derivedRV = desData.withUnsafeMutableBufferPointer { d -> CK_RV in
+        desParams.pData = d.baseAddress
+        return withUnsafeMutablePointer(to: &desParams) { p in
+            var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_DES3_CBC_ENCRYPT_DATA), pParameter: UnsafeMutableRawPointer(p),
+                                    ulParameterLen: CK_ULONG(MemoryLayout<CK_DES_CBC_ENCRYPT_DATA_PARAMS>.size))
+            return f.C_DeriveKey!(session, &mech, des3, &derivedT.attributes, derivedT.count, &derivedDES)
+        }
+    }
+    expect(derivedRV, CKR_OK, "C_DeriveKey with CKM_DES3_CBC_ENCRYPT_DATA")
+    var desCBCIV = desIV
+    var expectedDES = [UInt8](repeating: 0, count: 16)
+    var expectedLen: CK_ULONG = 16
+    let encrypted = desCBCIV.withUnsafeMutableBytes { iv -> Bool in
+        var cbc = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_DES3_CBC), pParameter: iv.baseAddress, ulParameterLen: 8)
+        var plain = [UInt8](repeating: 0x5a, count: 16)
+        return f.C_EncryptInit!(session, &cbc, des3) == CKR_OK && f.C_Encrypt!(session, &plain, 16, &expectedDES, &expectedLen) == CKR_OK
+    }
+    check(encrypted && derivedRV == CKR_OK && attribute(m, session, derivedDES, CKA_VALUE) == expectedDES,
+          "the key derived by DES3-CBC-ENCRYPT-DATA is the DES3-CBC encryption of its data")
+
     var random = [UInt8](repeating: 0, count: 32)
     expect(f.C_GenerateRandom!(session, &random, 32), CKR_OK, "C_GenerateRandom")
     check(random != [UInt8](repeating: 0, count: 32), "random bytes are not all zero")

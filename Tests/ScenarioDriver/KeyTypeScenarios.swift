@@ -192,26 +192,73 @@ func uncarriedKeyScenario(_ m: Module) {
 }
 
 /// Under generated-keys = replicate-or-keep, such a key pair is kept on the member that made it: every signature
-/// through the group is made there and verifies, and no other member holds the private key.
+/// through the group is made there and verifies, and no other member holds the private key. A signature with
+/// CK_EDDSA_PARAMS (PKCS#11 3.0) through the group is the one the member gives directly (Ed25519 is deterministic).
 func keptKeyScenario(_ m: Module) {
     let s = initialized(m)
     let session = openLoggedIn(m, slot: s, pin: userPIN)
     let label = "kept-\(getpid())"
     let (rv, pub, priv) = generateEd25519(m, session, label: label)
     ok(rv, "an Ed25519 key pair under generated-keys = replicate-or-keep")
-    for _ in 0..<20 {
+    let message = Array("a message signed by the kept key".utf8)
+    var throughGroup: [UInt8]? = nil
+    for round in 0..<20 {
         var eddsa = mechanism(CKM_EDDSA)
-        var message = Array("a message signed by the kept key".utf8)
         var signature = [UInt8](repeating: 0, count: 64)
         var length: CK_ULONG = 64
-        guard expect(m.f.C_SignInit!(session, &eddsa, priv), CKR_OK, "C_SignInit with the kept key"),
-              expect(m.f.C_Sign!(session, &message, CK_ULONG(message.count), &signature, &length), CKR_OK, "C_Sign with the kept key") else { break }
+        var text = message
+        let signed = withEdDSA(parameters: round % 2 == 1) { (mech: UnsafeMutablePointer<CK_MECHANISM>) -> Bool in
+            expect(m.f.C_SignInit!(session, mech, priv), CKR_OK, "C_SignInit with the kept key")
+                && expect(m.f.C_Sign!(session, &text, CK_ULONG(text.count), &signature, &length), CKR_OK, "C_Sign with the kept key")
+        }
+        guard signed else { break }
+        if round % 2 == 1 { throughGroup = Array(signature.prefix(Int(length))) }
         expect(m.f.C_VerifyInit!(session, &eddsa, pub), CKR_OK, "C_VerifyInit with the kept public key")
-        expect(m.f.C_Verify!(session, &message, CK_ULONG(message.count), &signature, length), CKR_OK, "the kept key's signature verifies")
+        expect(m.f.C_Verify!(session, &text, CK_ULONG(text.count), &signature, length), CKR_OK, "the kept key's signature verifies")
     }
     ok(m.f.C_Finalize!(nil), "C_Finalize")
     let copies = copiesOnMembers(label: label)
     check(copies.map(\.privateKeys).reduce(0, +) == 1 && copies.allSatisfy { $0.privateKeys <= 1 },
           "exactly one member holds the kept private key: \(copies.map { "\($0.member)=\($0.privateKeys)" })")
-    print("kept-on=\(copies.filter { $0.privateKeys == 1 }.map(\.member).joined(separator: ","))")
+    let keeper = copies.filter { $0.privateKeys == 1 }.map(\.member)
+    print("kept-on=\(keeper.joined(separator: ","))")
+
+    // The keeper, directly: the same signature with the same parameter.
+    let direct = Module(path: env("SOFTHSM_MODULE") ?? "")
+    ok(direct.f.C_Initialize!(nil), "C_Initialize SoftHSM directly")
+    if let member = keeper.first, let memberSlot = slot(labelled: member, in: direct) {
+        let ms = openLoggedIn(direct, slot: memberSlot, pin: userPIN)
+        let found = find(direct, ms, Template().add(CKA_LABEL, string: label).add(CKA_CLASS, ulong: CK_ULONG(CKO_PRIVATE_KEY)))
+        var signature = [UInt8](repeating: 0, count: 64)
+        var length: CK_ULONG = 64
+        var text = message
+        if found.count == 1 {
+            _ = withEdDSA(parameters: true) { (mech: UnsafeMutablePointer<CK_MECHANISM>) -> Bool in
+                expect(direct.f.C_SignInit!(ms, mech, found[0]), CKR_OK, "direct C_SignInit with CK_EDDSA_PARAMS")
+                    && expect(direct.f.C_Sign!(ms, &text, CK_ULONG(text.count), &signature, &length), CKR_OK, "direct C_Sign")
+            }
+        }
+        check(throughGroup != nil && throughGroup == Array(signature.prefix(Int(length))),
+              "a signature with CK_EDDSA_PARAMS through the group is the member's own")
+    } else {
+        check(false, "the keeper is a member")
+    }
+    ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM")
+}
+
+/// Runs `body` with CKM_EDDSA, and with a CK_EDDSA_PARAMS (no prehash, a context) if `parameters`.
+private func withEdDSA(parameters: Bool, _ body: (UnsafeMutablePointer<CK_MECHANISM>) -> Bool) -> Bool {
+    guard parameters else {
+        var plain = mechanism(CKM_EDDSA)
+        return body(&plain)
+    }
+    var context = Array("p11ha".utf8)
+    return context.withUnsafeMutableBufferPointer { c in
+        var parameters = CK_EDDSA_PARAMS(phFlag: CK_BBOOL(0), ulContextDataLen: CK_ULONG(c.count), pContextData: c.baseAddress)
+        return withUnsafeMutablePointer(to: &parameters) { p in
+            var mech = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_EDDSA), pParameter: UnsafeMutableRawPointer(p),
+                                    ulParameterLen: CK_ULONG(MemoryLayout<CK_EDDSA_PARAMS>.size))
+            return body(&mech)
+        }
+    }
 }

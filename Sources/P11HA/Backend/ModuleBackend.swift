@@ -592,7 +592,7 @@ func withCMechanism<R>(_ mechanism: Mechanism, _ body: (UnsafeMutablePointer<CK_
     switch mechanism.parameter {
     case .none:
         return body(&m)
-    case .bytes(var bytes):
+    case .bytes(var bytes), .opaque(var bytes):
         return bytes.withUnsafeMutableBytes { raw in
             m.pParameter = raw.baseAddress
             m.ulParameterLen = CK_ULONG(raw.count)
@@ -631,6 +631,20 @@ func withCMechanism<R>(_ mechanism: Mechanism, _ body: (UnsafeMutablePointer<CK_
             withUnsafeMutableBytes(of: &p.iv) { $0.copyBytes(from: iv.prefix(16)) }
             p.pData = d.baseAddress
             p.length = CK_ULONG(d.count)
+            return with(&p)
+        }
+    case .desCBCEncryptData(let iv, var data):
+        return data.withUnsafeMutableBufferPointer { d in
+            var p = CK_DES_CBC_ENCRYPT_DATA_PARAMS()
+            withUnsafeMutableBytes(of: &p.iv) { $0.copyBytes(from: iv.prefix(8)) }
+            p.pData = d.baseAddress
+            p.length = CK_ULONG(d.count)
+            return with(&p)
+        }
+    case .eddsa(let prehash, var context):
+        return context.withUnsafeMutableBufferPointer { c in
+            var p = CK_EDDSA_PARAMS(phFlag: CK_BBOOL(prehash ? 1 : 0), ulContextDataLen: CK_ULONG(c.count),
+                                    pContextData: c.count == 0 ? nil : c.baseAddress)
             return with(&p)
         }
     }

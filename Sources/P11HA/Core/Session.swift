@@ -39,8 +39,19 @@ public final class VirtualSession: @unchecked Sendable {
         /// The updates so far, to replay on a peer if the member fails mid-operation.
         var parts: [[UInt8]] = []
         var bufferedBytes = 0
-        /// False once the updates outgrew the replay buffer: a member fault then ends the operation.
-        var replayable = true
+        /// Why a member fault ends the operation instead of a replay on a peer; nil while it can be replayed.
+        var unreplayable: String? = nil
+        var replayable: Bool { unreplayable == nil }
+
+        init(member: Int, epoch: Int, mechanism: Mechanism, key: ObjectHandle?) {
+            self.member = member
+            self.epoch = epoch
+            self.mechanism = mechanism
+            self.key = key
+            if !mechanism.parameter.isSelfContained {
+                unreplayable = "the mechanism's parameter is a structure p11ha does not copy (it may point into the application's memory)"
+            }
+        }
     }
 
     struct Search {
@@ -113,7 +124,7 @@ public final class VirtualSession: @unchecked Sendable {
         state.withLock { state in
             guard var op = state.operations[kind.rawValue], op.replayable else { return }
             if op.bufferedBytes + part.count > limit {
-                op.replayable = false
+                op.unreplayable = "updates exceeded replay-buffer"
                 op.parts = []
             } else {
                 op.parts.append(part)

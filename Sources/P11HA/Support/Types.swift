@@ -100,11 +100,24 @@ public struct Mechanism: Sendable, Equatable {
         case none
         /// A parameter without pointers inside (IV, PSS or CTR parameters, ...).
         case bytes([UInt8])
+        /// A parameter of a structure p11ha does not know, passed as the caller gave it: it may hold pointers into
+        /// the caller's memory, valid only during the call that gave it, so an operation started with it is never
+        /// started again on a peer after that call (`isSelfContained`).
+        case opaque([UInt8])
         case gcm(iv: [UInt8], ivBits: CK_ULONG, aad: [UInt8], tagBits: CK_ULONG)
         case oaep(hashAlg: CK_MECHANISM_TYPE, mgf: CK_ULONG, source: CK_ULONG, sourceData: [UInt8])
         case ecdh(kdf: CK_ULONG, sharedData: [UInt8], publicData: [UInt8])
         case derivationString([UInt8])
         case aesCBCEncryptData(iv: [UInt8], data: [UInt8])
+        case desCBCEncryptData(iv: [UInt8], data: [UInt8])
+        /// CK_EDDSA_PARAMS (PKCS#11 3.0): prehash flag and context.
+        case eddsa(prehash: Bool, context: [UInt8])
+
+        /// Whether the parameter is all p11ha's own copy, so that it can be given again after the caller's call.
+        public var isSelfContained: Bool {
+            if case .opaque = self { return false }
+            return true
+        }
     }
 
     public var type: CK_MECHANISM_TYPE

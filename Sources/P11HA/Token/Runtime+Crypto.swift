@@ -76,7 +76,7 @@ extension Runtime {
         let copies = try copies(of: key, in: session, invalid: .keyHandleInvalid)
         session.state.withLock { state in
             if var op = state.operations[OperationKind.digest.rawValue] {
-                op.replayable = false
+                op.unreplayable = "C_DigestKey: the key's value entered the digest on that member"
                 op.parts = []
                 state.operations[OperationKind.digest.rawValue] = op
             }

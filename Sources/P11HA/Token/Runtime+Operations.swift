@@ -94,8 +94,8 @@ extension Runtime {
         // would find CKR_OPERATION_ACTIVE (a token allows one operation per session: SoftHSM).
         if failed.isInService, let s = try? session.memberSession(failed) { session.endStrayOperations(on: failed, s, only: [kind]) }
         session.setOperation(kind, nil)
-        guard op.replayable else {
-            Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"updates exceeded replay-buffer\"")
+        if let reason = op.unreplayable {
+            Log.event(.warning, "replay-impossible", "group=\(session.group.name) member=\(failed.name) reason=\"\(reason)\"")
             throw fanOut.verdict(on: suspects, otherwise: .deviceError)
         }
         let index: Int
