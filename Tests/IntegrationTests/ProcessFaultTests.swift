@@ -176,3 +176,29 @@ struct ProcessFaults {
         }
     }
 }
+
+@Suite("An application that exits without C_Finalize")
+struct ExitWithoutFinalize {
+    @Test("an application that exits without C_Finalize while p11ha's recovery works beside it (a member down) never crashes at its exit: 40 pkcs11-tool runs that end at \"object not found\"")
+    func exitWhileRecoveryWorks() throws {
+        let members = try Members()
+        let tool = try PKCS11Tool(module: Paths.debugModule, token: nil, members: members)
+        // Records for the recovery worker's watch to read at each run's login, and objects for its repairs.
+        for index in 0..<8 {
+            let made = try tool(["--keygen", "--key-type", "AES:32", "--label", "exit-\(index)", "--id", String(format: "%02x", index)], login: true)
+            try #require(made.status == 0, "\(made.output)")
+        }
+        // A member whose server is not there: the worker probes it while the application runs.
+        let text = try String(contentsOfFile: members.p11haConf, encoding: .utf8)
+        try members.rewriteConfig(text + "member = pkcs11:token=member-away via unix:path=\(members.dir)/nobody-listens.sock\n")
+        var crashes: [String] = []
+        for run in 1...40 {
+            // pkcs11-tool ends at "object not found" with exit(1), without C_Finalize.
+            let result = try tool(["--delete-object", "--type", "privkey", "--label", "nowhere"], login: true)
+            if result.status != 1 || !result.output.contains("object not found") {
+                crashes.append("run \(run): status \(result.status)\n\(result.output)")
+            }
+        }
+        #expect(crashes.isEmpty, "\(crashes.count) of 40 runs did not end as pkcs11-tool does (status 139: SIGSEGV):\n\(crashes.joined(separator: "\n"))")
+    }
+}

@@ -179,16 +179,16 @@ public enum ModuleRegistry {
         case failed(CK_RV)
     }
 
-    private static func initialize(_ module: LoadedModule, gate: (LoadedModule) -> Void = ForkGate.enter) -> CK_RV {
+    private static func initialize(_ module: LoadedModule, gate: (LoadedModule) -> Bool = ForkGate.enter) -> CK_RV {
         var args = CK_C_INITIALIZE_ARGS()
         args.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
-        gate(module)
+        guard gate(module) else { return CK_RV(CKR_DEVICE_ERROR) }
         defer { ForkGate.exit(module) }
         return withUnsafeMutablePointer(to: &args) { module.functions.pointee.C_Initialize!(UnsafeMutableRawPointer($0)) }
     }
 
-    private static func finalize(_ module: LoadedModule, gate: (LoadedModule) -> Void = ForkGate.enter) -> CK_RV {
-        gate(module)
+    private static func finalize(_ module: LoadedModule, gate: (LoadedModule) -> Bool = ForkGate.enter) -> CK_RV {
+        guard gate(module) else { return CK_RV(CKR_DEVICE_ERROR) }
         defer { ForkGate.exit(module) }
         return module.functions.pointee.C_Finalize!(nil)
     }

@@ -96,7 +96,7 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     /// Finds the one slot of `module` whose token `uri` selects.
     private func locate(in module: LoadedModule) throws(ConnectFailure) -> CK_SLOT_ID {
-        ForkGate.enter(module)
+        guard ForkGate.enter(module) else { throw .unreachable("the process is exiting") }
         defer { ForkGate.exit(module) }
         let f = module.functions
         var info = CK_INFO()
@@ -139,9 +139,10 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
 
     /// Counts the call in flight for fork, which waits for it (`ForkGate`).
     @inline(__always)
-    private func gated<R>(_ body: () -> R) -> R {
+    private func gated(_ body: () -> CK_RV) -> CK_RV {
         let module = loaded.load()!
-        ForkGate.enter(module)
+        // The process is exiting: the module is left alone (see `ForkGate.exiting`).
+        guard ForkGate.enter(module) else { return CK_RV(CKR_DEVICE_ERROR) }
         defer { ForkGate.exit(module) }
         return body()
     }

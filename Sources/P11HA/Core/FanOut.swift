@@ -294,6 +294,8 @@ extension Member {
     /// Returns whether it was in service.
     @discardableResult
     fileprivate func leaveService(_ health: Health, reason: String) -> Bool {
+        // At the process's exit, member calls are refused (`ForkGate.exiting`): that says nothing of the member.
+        if ForkGate.exiting.load(ordering: .relaxed) { return false }
         var old = Health.inService.rawValue
         while true {
             // A stale member stays stale: it missed a write whatever happens next.

@@ -10,6 +10,8 @@
 // - A member module (SoftHSM, p11-kit's client) with a call inside it at fork is copied with its own locks held: the
 //   child's calls into it hang. Every member call passes through p11ha (`ForkGate.enter`/`exit`), so fork waits,
 //   within the operation-timeout, until none is in flight; a module still busy then is left unused by the child.
+// The same gate serves the process's exit (`installExitHandler`): from then on no member call starts, and the exit
+// waits for those in flight, so that none runs while the exit handlers tear down what the modules use.
 import Glibc
 import Synchronization
 
@@ -73,6 +75,34 @@ public enum ForkGate {
 
     private static let registered = Atomic<Bool>(false)
 
+    /// The process is exiting (`exit`, or a return from `main`): member calls are refused from then on. A thread of
+    /// p11ha's inside a member's module while the exit handlers ran crashed the process: a recovery worker reading a
+    /// record in SoftHSM, whose OpenSSL the exit had just torn down (pkcs11-tool exiting at "object not found" with
+    /// a member down: 5 exits of 30 ended in SIGSEGV, and the chaos test once).
+    static let exiting = Atomic<Bool>(false)
+    private static let exitHandlerRegistered = Atomic<Bool>(false)
+
+    /// Registers the exit handler, once per process, once the members' modules have started: exit handlers run in
+    /// the reverse order of their registration, so it runs before those the modules, and the libraries they start,
+    /// registered at their C_Initialize.
+    static func installExitHandler() {
+        guard exitHandlerRegistered.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        atexit { ForkGate.processExiting() }
+    }
+
+    /// Refuses member calls from now on, and waits, within the operation-timeout, for those in flight.
+    private static func processExiting() {
+        exiting.store(true, ordering: .sequentiallyConsistent)
+        let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed)
+        guard ModuleRegistry.modules.lockForFork(until: deadline) else { return }
+        let modules = Array(ModuleRegistry.modules.stateDuringFork.values)
+        ModuleRegistry.modules.unlockInParent()
+        while modules.contains(where: { $0.inFlight.load(ordering: .sequentiallyConsistent) > 0 && !$0.wedged.load(ordering: .relaxed) }),
+              monotonicNanos() < deadline {
+            usleep(50)
+        }
+    }
+
     /// Installs the fork handlers (once per process) and sets how long a fork may wait for member calls.
     static func install(drainWait: Duration) {
         drainNanos.store(drainWait.nanoseconds, ordering: .relaxed)
@@ -80,23 +110,28 @@ public enum ForkGate {
         pthread_atfork({ ForkGate.prepare() }, { ForkGate.parent() }, { ForkGate.child() })
     }
 
-    /// Before a call into `module`. Seen together with `prepare`'s store of `pending` (both sequentially
-    /// consistent): either the fork sees this call in flight and waits for it, or this call sees the fork and
-    /// waits for it.
+    /// Before a call into `module`; false when the process is exiting (the call must not be made, and `exit` not
+    /// called). Seen together with `prepare`'s store of `pending` (both sequentially consistent): either the fork
+    /// sees this call in flight and waits for it, or this call sees the fork and waits for it. The same holds for
+    /// the exit's store of `exiting`.
     /// A restart of the module (`ModuleRegistry.restartShared`) holds calls back the same way, seen together
     /// with its store of `module.restarting`.
     @inline(__always)
-    static func enter(_ module: LoadedModule) { enter(module, heldByRestart: true) }
+    static func enter(_ module: LoadedModule) -> Bool { enter(module, heldByRestart: true) }
 
     /// The restart's own C_Finalize and C_Initialize: past its gate, still waiting for a fork.
-    static func enterForRestart(_ module: LoadedModule) { enter(module, heldByRestart: false) }
+    static func enterForRestart(_ module: LoadedModule) -> Bool { enter(module, heldByRestart: false) }
 
     @inline(__always)
-    private static func enter(_ module: LoadedModule, heldByRestart: Bool) {
+    private static func enter(_ module: LoadedModule, heldByRestart: Bool) -> Bool {
         let held = { pending.load(ordering: .sequentiallyConsistent) || (heldByRestart && module.restarting.load(ordering: .sequentiallyConsistent)) }
         while true {
             module.inFlight.add(1, ordering: .sequentiallyConsistent)
-            if !held() { return }
+            if exiting.load(ordering: .sequentiallyConsistent) {
+                module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                return false
+            }
+            if !held() { return true }
             module.inFlight.subtract(1, ordering: .sequentiallyConsistent)
             // Bounded: the fork or restart waits at most its drain time, then goes on.
             let deadline = monotonicNanos() + drainNanos.load(ordering: .relaxed) + 1_000_000_000

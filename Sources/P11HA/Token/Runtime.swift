@@ -56,6 +56,7 @@ public enum Library {
                 throw P11Error.generalError
             }
             current.withLock { $0 = runtime }
+            ForkGate.installExitHandler()
         }
     }
 
