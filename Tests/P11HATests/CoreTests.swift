@@ -105,13 +105,16 @@ import Testing
     func generatedPairRefusedOnce() throws {
         // SoftHSM answered CKR_TEMPLATE_INCONSISTENT, once, to a write of the key pair's own template (the chaos
         // test, rarely); the application's C_GenerateKeyPair failed with it.
-        let refusals: [(String, Int, FakeCall)] = [
-            ("the maker's own token copy", 0, .unwrapKey), ("a peer's token copy", 1, .unwrapKey), ("a peer's public half", 2, .createObject),
+        let refusals: [(String, Int, FakeCall, CK_RV)] = [
+            ("the maker's own token copy", 0, .unwrapKey, CKR_TEMPLATE_INCONSISTENT), ("a peer's token copy", 1, .unwrapKey, CKR_TEMPLATE_INCONSISTENT),
+            ("a peer's public half", 2, .createObject, CKR_TEMPLATE_INCONSISTENT),
+            // SoftHSM's passing CKR_GENERAL_ERROR: the peer left service stale, and the key was on its maker alone.
+            ("a peer's token copy, CKR_GENERAL_ERROR", 1, .unwrapKey, CKR_GENERAL_ERROR),
         ]
-        for (what, store, call) in refusals {
+        for (what, store, call, code) in refusals {
             let fake = try FakeGroup()
             let session = try fake.userSession()
-            fake.stores[store].faults.inject(.error(CK_RV(CKR_TEMPLATE_INCONSISTENT)), on: [call], times: 1)
+            fake.stores[store].faults.inject(.error(CK_RV(code)), on: [call], times: 1)
             let p256: [UInt8] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]
             let named = [Attribute(CKA_TOKEN, bool: true), Attribute(CKA_LABEL, Array("pair".utf8)), Attribute(CKA_ID, [0x12])]
             _ = try fake.runtime.generateKeyPair(session, Mechanism(CK_MECHANISM_TYPE(CKM_EC_KEY_PAIR_GEN)),

@@ -188,10 +188,14 @@ final class FanOut: @unchecked Sendable {
         case askedAgain
 
         /// The answers asked again: those about the template or the object being made, which SoftHSM gives when it
-        /// misreads the object's file; not the session's or the login's state (CKR_SESSION_READ_ONLY,
-        /// CKR_USER_NOT_LOGGED_IN), which no second look changes.
+        /// misreads the object's file, and CKR_GENERAL_ERROR, which it gives for a moment while other processes
+        /// rewrite the token's file (a peer that answered it to a generated key's unwrap left service stale, the key
+        /// on its maker alone, and the maker failed next: the chaos test, once). Not the session's or the login's
+        /// state (CKR_SESSION_READ_ONLY, CKR_USER_NOT_LOGGED_IN), which no second look changes, nor
+        /// CKR_DEVICE_ERROR, a member gone.
         static let passing: Set<CK_RV> = [CK_RV(CKR_TEMPLATE_INCONSISTENT), CK_RV(CKR_TEMPLATE_INCOMPLETE), CK_RV(CKR_ATTRIBUTE_VALUE_INVALID),
-                                          CK_RV(CKR_ATTRIBUTE_TYPE_INVALID), CK_RV(CKR_ATTRIBUTE_READ_ONLY), CK_RV(CKR_FUNCTION_FAILED)]
+                                          CK_RV(CKR_ATTRIBUTE_TYPE_INVALID), CK_RV(CKR_ATTRIBUTE_READ_ONLY), CK_RV(CKR_FUNCTION_FAILED),
+                                          CK_RV(CKR_GENERAL_ERROR)]
 
         func askingAgain<T>(_ member: Member, in group: Group, peersTookIt: Bool,
                             _ write: () throws(P11Error) -> T) throws(P11Error) -> T {
