@@ -100,7 +100,7 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct(global: ["generated-keys = refuse"])),
         ScenarioStory(scenario: "domain-parameters", story: "DSA and DH domain parameters and key pairs generated through the group are on every member with the same values; signatures and agreements work across members",
                       setup: .direct()),
-        ScenarioStory(scenario: "uncarried-key", story: "a key type the members cannot carry (Ed25519 on SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED and leaves nothing behind",
+        ScenarioStory(scenario: "uncarried-key", story: "a token key type the members cannot carry (Ed25519 on SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED and leaves nothing behind; a session key pair of that type stays on its maker and signs",
                       setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
