@@ -54,12 +54,7 @@ extension Runtime {
             do throws(P11Error) {
                 var values = try ReplicaAttributes.byValueTemplate(on: source.token, sourceSession, made)
                 if isToken { values = values.setting(CK_ATTRIBUTE_TYPE(CKA_TOKEN), true) }
-                let copies = try fanOut.everyMember(of: session.group, (isToken ? [source] : []) + others, othersHoldIt: !isToken,
-                                                    refusals: .askedAgain, session: session) { (member) throws(P11Error) in
-                    try member.token.createObject(try session.memberSession(member), values)
-                } undo: { member, copy in
-                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
-                }
+                let copies = try createByValue(values, on: (isToken ? [source] : []) + others, othersHoldIt: !isToken, in: session)
                 if isToken { source.discardHalfMade(sourceSession, [made]) }
                 return try record((isToken ? [] : [(source.index, made)]) + copies, in: session, isToken: isToken)
             } catch {
@@ -102,11 +97,7 @@ extension Runtime {
                 if publicIsToken { publicTemplate = publicTemplate.setting(tokenFlag, true) }
                 privateCopies = try replicator.carry(session, source: source, key: priv, plan: plan, tokenCopies: privateIsToken)
                 let holders = (publicIsToken ? [source] : []) + privateCopies.map { session.group.members[$0.0] }.filter { $0 !== source }
-                let publicCopies = try fanOut.everyMember(of: session.group, holders, othersHoldIt: !publicIsToken, refusals: .askedAgain, session: session) { (member) throws(P11Error) in
-                    try member.token.createObject(try session.memberSession(member), publicTemplate)
-                } undo: { member, copy in
-                    if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
-                }
+                let publicCopies = try createByValue(publicTemplate, on: holders, othersHoldIt: !publicIsToken, in: session)
                 // A member that failed the public half holds a private key the group no longer counts on it.
                 let withPublic = Set((sourcePublic + publicCopies).map(\.0))
                 for (index, copy) in privateCopies where !withPublic.contains(index) {
@@ -130,6 +121,18 @@ extension Runtime {
                 return try recordPair([(source.index, keptPublic)], [(source.index, keptPrivate)], in: session, publicIsToken: publicIsToken,
                                       privateIsToken: privateIsToken, handle: handle, withoutSource: plan.others.map(\.index))
             }
+        }
+    }
+
+    /// Creates public values read from the member that made them (a generated pair's public half, domain
+    /// parameters) on each of `targets`; where a member refuses them, they are destroyed where they were made. The
+    /// template is p11ha's own, so a refusal is asked again (`FanOut.Refusals.askedAgain`).
+    private func createByValue(_ template: [Attribute], on targets: [Member], othersHoldIt: Bool,
+                               in session: VirtualSession) throws(P11Error) -> [(Int, MemberObject)] {
+        try fanOut.everyMember(of: session.group, targets, othersHoldIt: othersHoldIt, refusals: .askedAgain, session: session) { (member) throws(P11Error) in
+            try member.token.createObject(try session.memberSession(member), template)
+        } undo: { member, copy in
+            if let s = try? session.memberSession(member) { try? member.token.destroyObject(s, copy) }
         }
     }
 
