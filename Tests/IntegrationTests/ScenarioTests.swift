@@ -102,6 +102,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "uncarried-key", story: "a token key type the members cannot carry (Ed25519 on SoftHSM 2.6.1) fails its generation with CKR_FUNCTION_FAILED and leaves nothing behind; a session key pair of that type stays on its maker and signs",
                       setup: .direct()),
+        ScenarioStory(scenario: "value-length", story: "AES and generic secret keys generated through the group answer their CKA_VALUE_LEN as one token does, though the members' unwrapped copies answer 0",
+                      setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
         ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",

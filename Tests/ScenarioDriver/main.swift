@@ -22,6 +22,7 @@ let scenarios: [String: (Module) -> Void] = [
     "domain-parameters": domainParametersScenario,
     "uncarried-key": uncarriedKeyScenario,
     "kept-key": keptKeyScenario,
+    "value-length": valueLengthScenario,
     "failover": failoverScenario,
     "multipart-failover": multipartFailoverScenario,
     "replay-limit": replayLimitScenario,

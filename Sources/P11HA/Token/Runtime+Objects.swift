@@ -120,10 +120,31 @@ extension Runtime {
         let session = try session(handle)
         defer { session.endCall() }
         return try onPrimaryCopy(of: object, in: session) { (member, s, copy) throws(P11Error) in
-            let result = try member.token.attributeValues(s, copy, queries)
+            var result = try member.token.attributeValues(s, copy, queries)
             if P11Error.member(result.rv).isMemberFault { throw P11Error.member(result.rv) }
+            fillValueLength(&result.answers, queries, member, s, copy)
             return result
         }
+    }
+
+    /// A secret key's CKA_VALUE_LEN when the member answers 0: SoftHSM 2.6.1 does not set it on a key it unwraps,
+    /// and every token copy of a key generated through a group is an unwrapped one, so the group would answer 0
+    /// where one token answers the key's length (p11test's key listing; an application sizing a key by it). The
+    /// length is the member's own: the size of the key wrapped under the replication key with RFC 3394 key wrap
+    /// (8 bytes more than the key; asked as a length only, nothing is wrapped out). A key it cannot wrap that way
+    /// (not extractable, a length not a multiple of 8) keeps the member's answer.
+    private func fillValueLength(_ answers: inout [AttributeAnswer], _ queries: [AttributeQuery],
+                                 _ member: Member, _ session: MemberSession, _ copy: MemberObject) {
+        let zero = withUnsafeBytes(of: CK_ULONG(0)) { Array($0) }
+        guard let index = queries.indices.first(where: { queries[$0].type == CKA_VALUE_LEN }),
+              index < answers.count, answers[index].value == zero,
+              let objectClass = try? member.token.readAttributes(session, copy, [CKA_CLASS])[0],
+              Attribute(CKA_CLASS, objectClass).ulongValue == CK_ULONG(CKO_SECRET_KEY),
+              let replicationKey = try? replicas.replicationKey(member, session), replicationKey != copy,
+              case .length(let wrapped)? = try? member.token.wrapKey(session, Mechanism(CK_MECHANISM_TYPE(CKM_AES_KEY_WRAP)),
+                                                                    wrappingKey: replicationKey, key: copy, capacity: nil),
+              wrapped > 8 else { return }
+        answers[index].value = withUnsafeBytes(of: CK_ULONG(wrapped - 8)) { Array($0) }
     }
 
     public func setAttributeValues(_ handle: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws(P11Error) {
