@@ -141,8 +141,11 @@ func mechanism(_ pointer: MechanismPtr?) throws(P11Error) -> Mechanism {
     // A parameter that is not there is a bad parameter (every function taking a mechanism lists
     // CKR_MECHANISM_PARAM_INVALID; C_EncryptInit lists no CKR_ARGUMENTS_BAD).
     guard let raw = m.pParameter else { throw P11Error.mechanismParamInvalid }
-    func load<P>(_ type: P.Type) throws(P11Error) -> P {
-        guard size == MemoryLayout<P>.size else { throw P11Error.mechanismParamInvalid }
+    // A parameter whose length is not its structure's is passed as given (`.opaque`): the member answers it as it
+    // answers it directly (SoftHSM ignores EdDSA's, and answers CKR_ARGUMENTS_BAD to a short OAEP one).
+    func asGiven() -> Mechanism { Mechanism(m.mechanism, .opaque(Array(UnsafeRawBufferPointer(start: raw, count: size)))) }
+    func load<P>(_ type: P.Type) -> P? {
+        guard size == MemoryLayout<P>.size else { return nil }
         return raw.loadUnaligned(as: P.self)
     }
     func copy(_ p: UnsafeMutablePointer<UInt8>?, _ n: CK_ULONG) throws(P11Error) -> [UInt8] {
@@ -153,39 +156,38 @@ func mechanism(_ pointer: MechanismPtr?) throws(P11Error) -> Mechanism {
     }
     switch m.mechanism {
     case CK_MECHANISM_TYPE(CKM_AES_GCM):
-        let p = try load(CK_GCM_PARAMS.self)
+        guard let p = load(CK_GCM_PARAMS.self) else { return asGiven() }
         return Mechanism(m.mechanism, .gcm(iv: try copy(p.pIv, p.ulIvLen), ivBits: p.ulIvBits,
                                            aad: try copy(p.pAAD, p.ulAADLen), tagBits: p.ulTagBits))
     case CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP):
-        let p = try load(CK_RSA_PKCS_OAEP_PARAMS.self)
+        guard let p = load(CK_RSA_PKCS_OAEP_PARAMS.self) else { return asGiven() }
         let data = try copy(p.pSourceData?.assumingMemoryBound(to: UInt8.self), p.ulSourceDataLen)
         return Mechanism(m.mechanism, .oaep(hashAlg: p.hashAlg, mgf: p.mgf, source: p.source, sourceData: data))
     case CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE), CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE):
-        let p = try load(CK_ECDH1_DERIVE_PARAMS.self)
+        guard let p = load(CK_ECDH1_DERIVE_PARAMS.self) else { return asGiven() }
         return Mechanism(m.mechanism, .ecdh(kdf: p.kdf, sharedData: try copy(p.pSharedData, p.ulSharedDataLen),
                                             publicData: try copy(p.pPublicData, p.ulPublicDataLen)))
     case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_DATA), CK_MECHANISM_TYPE(CKM_CONCATENATE_DATA_AND_BASE),
          CK_MECHANISM_TYPE(CKM_XOR_BASE_AND_DATA), CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA),
          CK_MECHANISM_TYPE(CKM_DES_ECB_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_DES3_ECB_ENCRYPT_DATA):
-        let p = try load(CK_KEY_DERIVATION_STRING_DATA.self)
+        guard let p = load(CK_KEY_DERIVATION_STRING_DATA.self) else { return asGiven() }
         return Mechanism(m.mechanism, .derivationString(try copy(p.pData, p.ulLen)))
     case CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA):
-        let p = try load(CK_AES_CBC_ENCRYPT_DATA_PARAMS.self)
+        guard let p = load(CK_AES_CBC_ENCRYPT_DATA_PARAMS.self) else { return asGiven() }
         let iv = withUnsafeBytes(of: p.iv) { Array($0) }
         return Mechanism(m.mechanism, .aesCBCEncryptData(iv: iv, data: try copy(p.pData, p.length)))
     case CK_MECHANISM_TYPE(CKM_DES_CBC_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_DES3_CBC_ENCRYPT_DATA):
-        let p = try load(CK_DES_CBC_ENCRYPT_DATA_PARAMS.self)
+        guard let p = load(CK_DES_CBC_ENCRYPT_DATA_PARAMS.self) else { return asGiven() }
         let iv = withUnsafeBytes(of: p.iv) { Array($0) }
         return Mechanism(m.mechanism, .desCBCEncryptData(iv: iv, data: try copy(p.pData, p.length)))
     case CK_MECHANISM_TYPE(CKM_EDDSA):
-        let p = try load(CK_EDDSA_PARAMS.self)
+        guard let p = load(CK_EDDSA_PARAMS.self) else { return asGiven() }
         return Mechanism(m.mechanism, .eddsa(prehash: p.phFlag != 0, context: try copy(p.pContextData, p.ulContextDataLen)))
     case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_KEY):
         // Its parameter is an object handle, which differs per member: not supported.
         throw P11Error(CK_RV(CKR_MECHANISM_INVALID))
     default:
-        let bytes = Array(UnsafeRawBufferPointer(start: raw, count: size))
-        return Mechanism(m.mechanism, pointerFree.contains(m.mechanism) ? .bytes(bytes) : .opaque(bytes))
+        return pointerFree.contains(m.mechanism) ? Mechanism(m.mechanism, .bytes(Array(UnsafeRawBufferPointer(start: raw, count: size)))) : asGiven()
     }
 }
 

@@ -104,6 +104,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "value-length", story: "AES and generic secret keys generated through the group answer their CKA_VALUE_LEN as one token does, though the members' unwrapped copies answer 0",
                       setup: .direct()),
+        ScenarioStory(scenario: "mechanism-table", story: "every mechanism the group lists, with a valid parameter and invalid ones, gives through the group the codes a member gives directly, and the same output (or one the member accepts)",
+                      setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
         ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",

@@ -23,6 +23,7 @@ let scenarios: [String: (Module) -> Void] = [
     "uncarried-key": uncarriedKeyScenario,
     "kept-key": keptKeyScenario,
     "value-length": valueLengthScenario,
+    "mechanism-table": mechanismTableScenario,
     "failover": failoverScenario,
     "multipart-failover": multipartFailoverScenario,
     "replay-limit": replayLimitScenario,
