@@ -86,30 +86,72 @@ public func C_GetFunctionList(_ list: UnsafeMutablePointer<UnsafeMutablePointer<
     return CKR_OK_RV
 }
 
-/// The one interface, "PKCS 11", whose function list is the 2.40 one (its version says so).
-nonisolated(unsafe) let interface: UnsafeMutablePointer<CK_INTERFACE> = {
+/// The PKCS#11 3.0 function list: the 2.40 functions, then 3.0's. C_SessionCancel is p11ha's own; C_LoginUser and
+/// the message-based functions answer CKR_FUNCTION_NOT_SUPPORTED (the members are 2.40 tokens).
+nonisolated(unsafe) let functionList30: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0> = {
+    let list = UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>.allocate(capacity: 1)
+    var f = CK_FUNCTION_LIST_3_0()
+    f.base = functionList.pointee
+    f.base.version = CK_VERSION(major: 3, minor: 0)
+    f.C_GetInterfaceList = C_GetInterfaceList
+    f.C_GetInterface = C_GetInterface
+    f.C_LoginUser = loginUser
+    f.C_SessionCancel = sessionCancel
+    f.C_MessageEncryptInit = messageInit
+    f.C_EncryptMessage = cryptMessage
+    f.C_EncryptMessageBegin = cryptMessageBegin
+    f.C_EncryptMessageNext = cryptMessageNext
+    f.C_MessageEncryptFinal = messageFinal
+    f.C_MessageDecryptInit = messageInit
+    f.C_DecryptMessage = cryptMessage
+    f.C_DecryptMessageBegin = cryptMessageBegin
+    f.C_DecryptMessageNext = cryptMessageNext
+    f.C_MessageDecryptFinal = messageFinal
+    f.C_MessageSignInit = messageInit
+    f.C_SignMessage = signMessage
+    f.C_SignMessageBegin = messageBegin
+    f.C_SignMessageNext = signMessage
+    f.C_MessageSignFinal = messageFinal
+    f.C_MessageVerifyInit = messageInit
+    f.C_VerifyMessage = verifyMessage
+    f.C_VerifyMessageBegin = messageBegin
+    f.C_VerifyMessageNext = verifyMessage
+    f.C_MessageVerifyFinal = messageFinal
+    list.initialize(to: f)
+    return list
+}()
+
+/// The interfaces, "PKCS 11" both: 3.0 first (the default), then 2.40 (the list C_GetFunctionList gives).
+nonisolated(unsafe) let interfaces: UnsafeMutablePointer<CK_INTERFACE> = {
     let name = "PKCS 11"
     let cName = UnsafeMutablePointer<CK_CHAR>.allocate(capacity: name.utf8.count + 1)
     cName.initialize(from: Array(name.utf8) + [0], count: name.utf8.count + 1)
-    let interface = UnsafeMutablePointer<CK_INTERFACE>.allocate(capacity: 1)
-    interface.initialize(to: CK_INTERFACE(pInterfaceName: cName, pFunctionList: UnsafeMutableRawPointer(functionList), flags: 0))
-    return interface
+    let interfaces = UnsafeMutablePointer<CK_INTERFACE>.allocate(capacity: 2)
+    interfaces.initialize(to: CK_INTERFACE(pInterfaceName: cName, pFunctionList: UnsafeMutableRawPointer(functionList30), flags: 0))
+    (interfaces + 1).initialize(to: CK_INTERFACE(pInterfaceName: cName, pFunctionList: UnsafeMutableRawPointer(functionList), flags: 0))
+    return interfaces
 }()
 
 @_cdecl("C_GetInterfaceList")
 public func C_GetInterfaceList(_ list: UnsafeMutablePointer<CK_INTERFACE>?, _ count: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    entry { () throws(P11Error) in try fillList([interface.pointee], list, count) }
+    entry { () throws(P11Error) in try fillList([interfaces[0], interfaces[1]], list, count) }
 }
 
+/// The interface of that name (NULL: "PKCS 11") and version (NULL: the first, 3.0) whose flags include `flags`.
 @_cdecl("C_GetInterface")
 public func C_GetInterface(_ name: UnsafeMutablePointer<CK_CHAR>?, _ version: UnsafeMutablePointer<CK_VERSION>?,
                            _ result: UnsafeMutablePointer<UnsafeMutablePointer<CK_INTERFACE>?>?, _ flags: CK_FLAGS) -> CK_RV {
     entry { () throws(P11Error) in
         let result = try required(result)
         if let name, String(cString: name) != "PKCS 11" { throw P11Error.argumentsBad }
-        if let version, version.pointee.major != 2 || version.pointee.minor != 40 { throw P11Error.argumentsBad }
-        if flags & ~interface.pointee.flags != 0 { throw P11Error.argumentsBad }
-        result.pointee = interface
+        for candidate in [interfaces, interfaces + 1] {
+            let listVersion = candidate.pointee.pFunctionList!.load(as: CK_VERSION.self)
+            if let version, version.pointee.major != listVersion.major || version.pointee.minor != listVersion.minor { continue }
+            if flags & ~candidate.pointee.flags != 0 { continue }
+            result.pointee = candidate
+            return
+        }
+        throw P11Error.argumentsBad
     }
 }
 

@@ -26,17 +26,33 @@ func getSessionInfo(_ session: CK_SESSION_HANDLE, _ info: UnsafeMutablePointer<C
     }
 }
 
-/// An operation's state lives in one member's own format: it cannot move between members.
-func getOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: ULongPtr?) -> CK_RV {
+/// CKR_FUNCTION_NOT_SUPPORTED for a valid session (the session's own error otherwise).
+func unsupported(_ session: CK_SESSION_HANDLE) -> CK_RV {
     entry { () throws(P11Error) in
         _ = try runtime().sessionInfo(SessionHandle(session))
         throw P11Error.functionNotSupported
     }
 }
 
+/// An operation's state lives in one member's own format: it cannot move between members.
+func getOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: ULongPtr?) -> CK_RV {
+    unsupported(session)
+}
+
 func setOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: CK_ULONG,
                        _ encryptionKey: CK_OBJECT_HANDLE, _ authenticationKey: CK_OBJECT_HANDLE) -> CK_RV {
-    getOperationState(session, nil, nil)
+    unsupported(session)
+}
+
+/// C_LoginUser (3.0): the members are 2.40 tokens, which know no user names (OpenSC's module answers the same).
+func loginUser(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: Bytes?, _ pinLength: CK_ULONG,
+               _ username: Bytes?, _ usernameLength: CK_ULONG) -> CK_RV {
+    unsupported(session)
+}
+
+/// C_SessionCancel (3.0), done by p11ha over its members (`Runtime.cancelOperations`).
+func sessionCancel(_ session: CK_SESSION_HANDLE, _ flags: CK_FLAGS) -> CK_RV {
+    entry { () throws(P11Error) in try runtime().cancelOperations(SessionHandle(session), flags: flags) }
 }
 
 func login(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: Bytes?, _ pinLength: CK_ULONG) -> CK_RV {

@@ -106,6 +106,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "mechanism-table", story: "every mechanism the group lists, with a valid parameter and invalid ones, gives through the group the codes a member gives directly, and the same output (or one the member accepts)",
                       setup: .direct()),
+        ScenarioStory(scenario: "interface-30", story: "the PKCS#11 3.0 function list works as the 2.40 one; C_SessionCancel ends the operations its flags name, so that the next C_*Init starts afresh; C_LoginUser and the message-based functions answer CKR_FUNCTION_NOT_SUPPORTED",
+                      setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
         ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",

@@ -59,22 +59,37 @@ func initializeScenario(_ m: Module) {
     let get = unsafeBitCast(getSymbol, to: Get.self)
     count = 0
     expect(getList(nil, &count), CKR_OK, "C_GetInterfaceList length query")
-    check(count == 1, "one interface")
-    var interfaces = [CK_INTERFACE](repeating: CK_INTERFACE(), count: 1)
-    count = 0
-    expect(getList(&interfaces, &count), CKR_BUFFER_TOO_SMALL, "C_GetInterfaceList with a short buffer")
+    check(count == 2, "two interfaces (\(count))")
+    var interfaces = [CK_INTERFACE](repeating: CK_INTERFACE(), count: 2)
     count = 1
+    expect(getList(&interfaces, &count), CKR_BUFFER_TOO_SMALL, "C_GetInterfaceList with a short buffer")
+    count = 2
     expect(getList(&interfaces, &count), CKR_OK, "C_GetInterfaceList")
-    check(String(cString: interfaces[0].pInterfaceName) == "PKCS 11", "the interface is \"PKCS 11\"")
+    let versions = interfaces.map { $0.pFunctionList?.load(as: CK_VERSION.self) }
+    check(interfaces.allSatisfy { String(cString: $0.pInterfaceName) == "PKCS 11" && $0.flags == 0 }, "both interfaces are \"PKCS 11\", flags 0")
+    check(versions[0]?.major == 3 && versions[0]?.minor == 0, "the first interface is 3.0")
+    check(versions[1]?.major == 2 && versions[1]?.minor == 40, "the second interface is 2.40")
+    var list240: UnsafeMutablePointer<CK_FUNCTION_LIST>? = nil
+    typealias GetFunctionList = @convention(c) (UnsafeMutablePointer<UnsafeMutablePointer<CK_FUNCTION_LIST>?>?) -> CK_RV
+    ok(unsafeBitCast(m.symbol("C_GetFunctionList")!, to: GetFunctionList.self)(&list240), "C_GetFunctionList")
+    check(interfaces[1].pFunctionList == list240.map { UnsafeMutableRawPointer($0) }, "the 2.40 interface's list is C_GetFunctionList's")
     var name = Array("PKCS 11".utf8) + [0]
     var found: UnsafeMutablePointer<CK_INTERFACE>? = nil
     expect(get(&name, nil, &found, 0), CKR_OK, "C_GetInterface(\"PKCS 11\")")
-    let list = found?.pointee.pFunctionList?.assumingMemoryBound(to: CK_FUNCTION_LIST.self)
-    check(list?.pointee.version.major == 2, "the interface's function list is the 2.40 one")
+    check(found?.pointee.pFunctionList == interfaces[0].pFunctionList, "without a version, the first (3.0)")
+    expect(get(nil, nil, &found, 0), CKR_OK, "C_GetInterface(NULL)")
+    check(found?.pointee.pFunctionList == interfaces[0].pFunctionList, "without a name, the default (3.0)")
+    var three = CK_VERSION(major: 3, minor: 0)
+    expect(get(&name, &three, &found, 0), CKR_OK, "C_GetInterface asking for version 3.0")
+    check(found?.pointee.pFunctionList == interfaces[0].pFunctionList, "version 3.0 is the 3.0 list")
+    var twoForty = CK_VERSION(major: 2, minor: 40)
+    expect(get(&name, &twoForty, &found, 0), CKR_OK, "C_GetInterface asking for version 2.40")
+    check(found?.pointee.pFunctionList == interfaces[1].pFunctionList, "version 2.40 is the 2.40 list")
     var wrongName = Array("Vendor X".utf8) + [0]
     expect(get(&wrongName, nil, &found, 0), CKR_ARGUMENTS_BAD, "C_GetInterface of an unknown interface")
-    var three = CK_VERSION(major: 3, minor: 0)
-    expect(get(nil, &three, &found, 0), CKR_ARGUMENTS_BAD, "C_GetInterface asking for version 3.0")
+    var twoFifty = CK_VERSION(major: 2, minor: 50)
+    expect(get(nil, &twoFifty, &found, 0), CKR_ARGUMENTS_BAD, "C_GetInterface asking for version 2.50")
+    expect(get(nil, nil, &found, 2), CKR_ARGUMENTS_BAD, "C_GetInterface with a flag no interface has")
     expect(get(nil, nil, nil, 0), CKR_ARGUMENTS_BAD, "C_GetInterface(NULL result)")
 }
 
@@ -262,4 +277,102 @@ func pinScenario(_ m: Module) {
     ok(m.f.C_Logout!(session), "C_Logout")
     expect(m.f.C_Login!(session, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count)), CKR_OK, "the PIN the SO set works on every member")
     ok(m.f.C_Finalize!(nil), "C_Finalize")
+}
+
+/// The PKCS#11 3.0 function list: its 2.40 part works as the 2.40 list; C_SessionCancel ends the operations its
+/// flags name (the next C_*Init starts afresh, and a digest cancelled after an update leaves no trace of it);
+/// C_LoginUser and the message-based functions answer CKR_FUNCTION_NOT_SUPPORTED.
+func interface30Scenario(_ m: Module) {
+    typealias Get = @convention(c) (UnsafeMutablePointer<CK_CHAR>?, UnsafeMutablePointer<CK_VERSION>?,
+                                    UnsafeMutablePointer<UnsafeMutablePointer<CK_INTERFACE>?>?, CK_FLAGS) -> CK_RV
+    guard let symbol = m.symbol("C_GetInterface") else { fatal("no C_GetInterface") }
+    var three = CK_VERSION(major: 3, minor: 0)
+    var found: UnsafeMutablePointer<CK_INTERFACE>? = nil
+    ok(unsafeBitCast(symbol, to: Get.self)(nil, &three, &found, 0), "C_GetInterface 3.0")
+    guard let f = found?.pointee.pFunctionList?.assumingMemoryBound(to: CK_FUNCTION_LIST_3_0.self).pointee else { fatal("no 3.0 list") }
+    let base = f.base
+    check(base.version.major == 3 && base.version.minor == 0, "the 3.0 list says 3.0")
+    ok(base.C_Initialize!(nil), "C_Initialize through the 3.0 list")
+    var info = CK_INFO()
+    ok(base.C_GetInfo!(&info), "C_GetInfo through the 3.0 list")
+    guard let s = slot(labelled: tokenLabelUnderTest, in: m) else { fatal("no slot") }
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+
+    // Encryption: a second C_EncryptInit is refused while one is active, and works after C_SessionCancel.
+    var generate = mechanism(CKM_AES_KEY_GEN)
+    let aes = Template().add(CKA_VALUE_LEN, ulong: 16).add(CKA_ENCRYPT, bool: true).add(CKA_SIGN, bool: true).add(CKA_TOKEN, bool: false)
+    var key: CK_OBJECT_HANDLE = 0
+    ok(base.C_GenerateKey!(session, &generate, &aes.attributes, aes.count, &key), "C_GenerateKey AES")
+    var ecb = mechanism(CKM_AES_ECB)
+    ok(base.C_EncryptInit!(session, &ecb, key), "C_EncryptInit")
+    expect(base.C_EncryptInit!(session, &ecb, key), CKR_OPERATION_ACTIVE, "C_EncryptInit while one is active")
+    expect(f.C_SessionCancel!(session, 0), CKR_OK, "C_SessionCancel with no flag")
+    expect(base.C_EncryptInit!(session, &ecb, key), CKR_OPERATION_ACTIVE, "no flag cancels nothing")
+    expect(f.C_SessionCancel!(session, CK_FLAGS(CKF_DECRYPT | CKF_VERIFY)), CKR_OK, "C_SessionCancel of operations not under way")
+    expect(f.C_SessionCancel!(session, CK_FLAGS(CKF_ENCRYPT)), CKR_OK, "C_SessionCancel(CKF_ENCRYPT)")
+    var block = [UInt8](repeating: 0x42, count: 16)
+    var out = [UInt8](repeating: 0, count: 16)
+    var length: CK_ULONG = 16
+    expect(base.C_Encrypt!(session, &block, 16, &out, &length), CKR_OPERATION_NOT_INITIALIZED, "C_Encrypt after the cancel")
+    for round in 0..<5 {
+        ok(base.C_EncryptInit!(session, &ecb, key), "C_EncryptInit after a cancel (round \(round))")
+        expect(f.C_SessionCancel!(session, CK_FLAGS(CKF_ENCRYPT | CKF_SIGN)), CKR_OK, "C_SessionCancel(CKF_ENCRYPT | CKF_SIGN)")
+    }
+    ok(base.C_EncryptInit!(session, &ecb, key), "C_EncryptInit")
+    length = 16
+    expect(base.C_Encrypt!(session, &block, 16, &out, &length), CKR_OK, "C_Encrypt")
+    check(Optional(out) == encryptBlock(m, session, key), "the encryption after the cancels is the key's")
+
+    // A digest cancelled after an update: the next one is of its own input only.
+    var sha256 = mechanism(CKM_SHA256)
+    var junk = Array("not part of it".utf8)
+    ok(base.C_DigestInit!(session, &sha256), "C_DigestInit")
+    expect(base.C_DigestUpdate!(session, &junk, CK_ULONG(junk.count)), CKR_OK, "C_DigestUpdate")
+    expect(f.C_SessionCancel!(session, CK_FLAGS(CKF_DIGEST)), CKR_OK, "C_SessionCancel(CKF_DIGEST)")
+    ok(base.C_DigestInit!(session, &sha256), "C_DigestInit after the cancel")
+    var abc = Array("abc".utf8)
+    var digest = [UInt8](repeating: 0, count: 32)
+    length = 32
+    expect(base.C_Digest!(session, &abc, 3, &digest, &length), CKR_OK, "C_Digest")
+    check(digest == hexBytes("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"), "SHA-256 of \"abc\" alone")
+
+    // A search.
+    let all = Template()
+    ok(base.C_FindObjectsInit!(session, &all.attributes, 0), "C_FindObjectsInit")
+    expect(f.C_SessionCancel!(session, CK_FLAGS(0x40)), CKR_OK, "C_SessionCancel(CKF_FIND_OBJECTS)")
+    var handles = [CK_OBJECT_HANDLE](repeating: 0, count: 4)
+    var n: CK_ULONG = 0
+    expect(base.C_FindObjects!(session, &handles, 4, &n), CKR_OPERATION_NOT_INITIALIZED, "C_FindObjects after the cancel")
+    ok(base.C_FindObjectsInit!(session, &all.attributes, 0), "C_FindObjectsInit after the cancel")
+    ok(base.C_FindObjectsFinal!(session), "C_FindObjectsFinal")
+    expect(f.C_SessionCancel!(9999, CK_FLAGS(CKF_ENCRYPT)), CKR_SESSION_HANDLE_INVALID, "C_SessionCancel of an unknown session")
+
+    // What the members (2.40 tokens) cannot do.
+    var pin = Array(userPIN.utf8)
+    var user = Array("alice".utf8)
+    expect(f.C_LoginUser!(session, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count), &user, 5), CKR_FUNCTION_NOT_SUPPORTED, "C_LoginUser")
+    expect(f.C_LoginUser!(9999, CK_USER_TYPE(CKU_USER), &pin, CK_ULONG(pin.count), &user, 5), CKR_SESSION_HANDLE_INVALID, "C_LoginUser, unknown session")
+    var gcm = mechanism(CKM_AES_GCM)
+    expect(f.C_MessageEncryptInit!(session, &gcm, key), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageEncryptInit")
+    expect(f.C_EncryptMessage!(session, nil, 0, nil, 0, &block, 16, &out, &length), CKR_FUNCTION_NOT_SUPPORTED, "C_EncryptMessage")
+    expect(f.C_EncryptMessageBegin!(session, nil, 0, nil, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_EncryptMessageBegin")
+    expect(f.C_EncryptMessageNext!(session, nil, 0, &block, 16, &out, &length, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_EncryptMessageNext")
+    expect(f.C_MessageEncryptFinal!(session), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageEncryptFinal")
+    expect(f.C_MessageDecryptInit!(session, &gcm, key), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageDecryptInit")
+    expect(f.C_DecryptMessage!(session, nil, 0, nil, 0, &block, 16, &out, &length), CKR_FUNCTION_NOT_SUPPORTED, "C_DecryptMessage")
+    expect(f.C_DecryptMessageBegin!(session, nil, 0, nil, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_DecryptMessageBegin")
+    expect(f.C_DecryptMessageNext!(session, nil, 0, &block, 16, &out, &length, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_DecryptMessageNext")
+    expect(f.C_MessageDecryptFinal!(session), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageDecryptFinal")
+    var cmac = mechanism(CKM_AES_CMAC)
+    expect(f.C_MessageSignInit!(session, &cmac, key), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageSignInit")
+    expect(f.C_SignMessage!(session, nil, 0, &block, 16, &out, &length), CKR_FUNCTION_NOT_SUPPORTED, "C_SignMessage")
+    expect(f.C_SignMessageBegin!(session, nil, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_SignMessageBegin")
+    expect(f.C_SignMessageNext!(session, nil, 0, &block, 16, &out, &length), CKR_FUNCTION_NOT_SUPPORTED, "C_SignMessageNext")
+    expect(f.C_MessageSignFinal!(session), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageSignFinal")
+    expect(f.C_MessageVerifyInit!(session, &cmac, key), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageVerifyInit")
+    expect(f.C_VerifyMessage!(session, nil, 0, &block, 16, &out, 16), CKR_FUNCTION_NOT_SUPPORTED, "C_VerifyMessage")
+    expect(f.C_VerifyMessageBegin!(session, nil, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_VerifyMessageBegin")
+    expect(f.C_VerifyMessageNext!(session, nil, 0, &block, 16, &out, 16), CKR_FUNCTION_NOT_SUPPORTED, "C_VerifyMessageNext")
+    expect(f.C_MessageVerifyFinal!(session), CKR_FUNCTION_NOT_SUPPORTED, "C_MessageVerifyFinal")
+    ok(base.C_Finalize!(nil), "C_Finalize through the 3.0 list")
 }

@@ -115,3 +115,39 @@ extension Runtime {
         return moved
     }
 }
+
+/// The operation flags of CK_MECHANISM_INFO that C_SessionCancel takes, by operation.
+extension OperationKind {
+    public var cancelFlag: CK_FLAGS {
+        switch self {
+        case .encrypt: CK_FLAGS(CKF_ENCRYPT)
+        case .decrypt: CK_FLAGS(CKF_DECRYPT)
+        case .digest: CK_FLAGS(CKF_DIGEST)
+        case .sign: CK_FLAGS(CKF_SIGN)
+        case .verify: CK_FLAGS(CKF_VERIFY)
+        case .signRecover: CK_FLAGS(CKF_SIGN_RECOVER)
+        case .verifyRecover: CK_FLAGS(CKF_VERIFY_RECOVER)
+        }
+    }
+}
+
+extension Runtime {
+    /// C_SessionCancel (PKCS#11 3.0), done by p11ha itself over 2.40 members: the session's operations named by
+    /// `flags` end (a search too, for CKF_FIND_OBJECTS), and each one's member session is rid of it the way a
+    /// stray operation is (`VirtualSession.endStrayOperations`), so that the next C_*Init starts afresh. A flag
+    /// for an operation not under way is ignored, as the specification says.
+    public func cancelOperations(_ handle: SessionHandle, flags: CK_FLAGS) throws(P11Error) {
+        let session = try session(handle)
+        defer { session.endCall() }
+        if flags & CK_FLAGS(P11HA_CKF_FIND_OBJECTS) != 0 {
+            session.state.withLock { $0.search = nil }
+        }
+        for kind in OperationKind.allCases where flags & kind.cancelFlag != 0 {
+            guard let op = try? session.operation(kind) else { continue }
+            session.endOperation(kind)
+            let member = session.group.members[op.member]
+            guard let memberSession = try? session.memberSession(member) else { continue }
+            session.endStrayOperations(on: member, memberSession, only: [kind])
+        }
+    }
+}
