@@ -108,6 +108,8 @@ struct ScenarioStory: Sendable, CustomTestStringConvertible {
                       setup: .direct()),
         ScenarioStory(scenario: "interface-30", story: "the PKCS#11 3.0 function list works as the 2.40 one; C_SessionCancel ends the operations its flags name, so that the next C_*Init starts afresh; C_LoginUser and the message-based functions answer CKR_FUNCTION_NOT_SUPPORTED",
                       setup: .direct()),
+        ScenarioStory(scenario: "generated-keys", story: "every generation mechanism the group lists makes a token object that every member holds once and that is the same key everywhere (secret keys digest alike, signatures verify across members, DH copies agree), or the policy refuses it with CKR_FUNCTION_FAILED and leaves nothing (Ed25519)",
+                      setup: .direct()),
         ScenarioStory(scenario: "replay-limit", story: "past replay-buffer, a member fault mid-operation is reported as CKR_DEVICE_ERROR",
                       setup: .faults(global: fastRecovery + ["replay-buffer = 16"])),
         ScenarioStory(scenario: "all-down", story: "with every member down calls fail fast; sessions and handles work again when members return",

@@ -321,3 +321,175 @@ func valueLengthScenario(_ m: Module) {
     check(zeros > 0, "the members' own copies answer CKA_VALUE_LEN 0 (\(zeros) copies)")
     ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM")
 }
+
+/// Every mechanism the group lists for generation (CKF_GENERATE, CKF_GENERATE_KEY_PAIR), used through the group
+/// for a token object: each member then holds it once and it is the same key everywhere (secret keys: the same
+/// SHA-256 by C_DigestKey; key pairs: one member's signature verifies with every other's public key, DH copies
+/// agree with one peer; domain parameters: the same prime), or the generated-keys policy answers with
+/// CKR_FUNCTION_FAILED and nothing is left (Ed25519 under the default, replicate).
+func generatedKeysScenario(_ m: Module) {
+    let s = initialized(m)
+    let session = openLoggedIn(m, slot: s, pin: userPIN)
+    let f = m.f
+    let run = "gk-\(getpid())"
+    var listed = [CK_MECHANISM_TYPE](repeating: 0, count: 256)
+    var count = CK_ULONG(listed.count)
+    ok(f.C_GetMechanismList!(s, &listed, &count), "C_GetMechanismList")
+    let generators = listed.prefix(Int(count)).filter { type in
+        var info = CK_MECHANISM_INFO()
+        return f.C_GetMechanismInfo!(s, type, &info) == CKR_OK && info.flags & CK_FLAGS(CKF_GENERATE | CKF_GENERATE_KEY_PAIR) != 0
+    }
+    check(generators.count >= 10, "the group lists the members' generation mechanisms (\(generators.count))")
+
+    // DSA and DH keys need domain parameters: generated once, as session objects.
+    func domain(_ mechanismType: CK_ULONG, _ keyType: CK_ULONG, bits: CK_ULONG, token: Bool, label: String) -> (CK_OBJECT_HANDLE, [[UInt8]]) {
+        var gen = mechanism(CK_MECHANISM_TYPE(mechanismType))
+        let t = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_DOMAIN_PARAMETERS)).add(CKA_KEY_TYPE, ulong: keyType)
+            .add(CKA_PRIME_BITS, ulong: bits).add(CKA_TOKEN, bool: token).add(CKA_LABEL, string: label)
+        var handle: CK_OBJECT_HANDLE = 0
+        ok(f.C_GenerateKey!(session, &gen, &t.attributes, t.count, &handle), "C_GenerateKey of domain parameters (\(label))")
+        return (handle, [CKA_PRIME, CKA_SUBPRIME, CKA_BASE].map { attribute(m, session, handle, CK_ATTRIBUTE_TYPE($0)) ?? [] })
+    }
+    let dsa = domain(CKM_DSA_PARAMETER_GEN, CK_ULONG(CKK_DSA), bits: 1024, token: false, label: "\(run)-dsa-domain").1
+    let dh = domain(CKM_DH_PKCS_PARAMETER_GEN, CK_ULONG(CKK_DH), bits: 512, token: false, label: "\(run)-dh-domain").1
+
+    enum Kind { case secret, pair(sign: CK_ULONG?, input: Int), agreement, parameters, uncarried }
+    var made: [(label: String, mechanism: CK_MECHANISM_TYPE, kind: Kind)] = []
+    for type in generators {
+        let label = "\(run)-\(String(type, radix: 16))"
+        var gen = mechanism(type)
+        let rv: CK_RV
+        let kind: Kind
+        func secret(_ length: CK_ULONG?) -> CK_RV {
+            let t = Template().add(CKA_TOKEN, bool: true).add(CKA_PRIVATE, bool: true).add(CKA_SENSITIVE, bool: true)
+                .add(CKA_ENCRYPT, bool: true).add(CKA_SIGN, bool: true).add(CKA_LABEL, string: label)
+            if let length { t.add(CKA_VALUE_LEN, ulong: length) }
+            var key: CK_OBJECT_HANDLE = 0
+            return f.C_GenerateKey!(session, &gen, &t.attributes, t.count, &key)
+        }
+        func pair(_ pub: Template, _ priv: Template) -> CK_RV {
+            pub.add(CKA_TOKEN, bool: true).add(CKA_LABEL, string: label)
+            priv.add(CKA_TOKEN, bool: true).add(CKA_PRIVATE, bool: true).add(CKA_SENSITIVE, bool: true).add(CKA_LABEL, string: label)
+            var a: CK_OBJECT_HANDLE = 0, b: CK_OBJECT_HANDLE = 0
+            return f.C_GenerateKeyPair!(session, &gen, &pub.attributes, pub.count, &priv.attributes, priv.count, &a, &b)
+        }
+        switch type {
+        case CK_MECHANISM_TYPE(CKM_AES_KEY_GEN): rv = secret(32); kind = .secret
+        case CK_MECHANISM_TYPE(CKM_GENERIC_SECRET_KEY_GEN): rv = secret(40); kind = .secret
+        case CK_MECHANISM_TYPE(CKM_DES_KEY_GEN), CK_MECHANISM_TYPE(CKM_DES2_KEY_GEN), CK_MECHANISM_TYPE(CKM_DES3_KEY_GEN):
+            rv = secret(nil); kind = .secret
+        case CK_MECHANISM_TYPE(CKM_RSA_PKCS_KEY_PAIR_GEN):
+            rv = pair(Template().add(CKA_MODULUS_BITS, ulong: 2048).add(CKA_VERIFY, bool: true), Template().add(CKA_SIGN, bool: true))
+            kind = .pair(sign: CKM_SHA256_RSA_PKCS, input: 100)
+        case CK_MECHANISM_TYPE(CKM_EC_KEY_PAIR_GEN):
+            rv = pair(Template().add(CKA_EC_PARAMS, p256).add(CKA_VERIFY, bool: true), Template().add(CKA_SIGN, bool: true))
+            kind = .pair(sign: CKM_ECDSA, input: 32)
+        case CK_MECHANISM_TYPE(CKM_DSA_KEY_PAIR_GEN):
+            rv = pair(Template().add(CKA_PRIME, dsa[0]).add(CKA_SUBPRIME, dsa[1]).add(CKA_BASE, dsa[2]).add(CKA_VERIFY, bool: true),
+                      Template().add(CKA_SIGN, bool: true))
+            kind = .pair(sign: CKM_DSA_SHA256, input: 100)
+        case CK_MECHANISM_TYPE(CKM_DH_PKCS_KEY_PAIR_GEN):
+            rv = pair(Template().add(CKA_PRIME, dh[0]).add(CKA_BASE, dh[2]), Template().add(CKA_DERIVE, bool: true))
+            kind = .agreement
+        case CK_MECHANISM_TYPE(CKM_EC_EDWARDS_KEY_PAIR_GEN):
+            rv = pair(Template().add(CKA_EC_PARAMS, ed25519).add(CKA_VERIFY, bool: true), Template().add(CKA_SIGN, bool: true))
+            kind = .uncarried
+        case CK_MECHANISM_TYPE(CKM_DSA_PARAMETER_GEN):
+            _ = domain(CKM_DSA_PARAMETER_GEN, CK_ULONG(CKK_DSA), bits: 1024, token: true, label: label); rv = CK_RV(CKR_OK); kind = .parameters
+        case CK_MECHANISM_TYPE(CKM_DH_PKCS_PARAMETER_GEN):
+            _ = domain(CKM_DH_PKCS_PARAMETER_GEN, CK_ULONG(CKK_DH), bits: 512, token: true, label: label); rv = CK_RV(CKR_OK); kind = .parameters
+        default:
+            check(false, "the group lists generation mechanism 0x\(String(type, radix: 16)), which this scenario lacks")
+            continue
+        }
+        if case .uncarried = kind {
+            // SoftHSM 2.6.1 cannot wrap EdDSA keys: under the default policy (replicate) the generation fails.
+            expect(rv, CKR_FUNCTION_FAILED, "generating with 0x\(String(type, radix: 16)) (a key type the members cannot carry)")
+        } else {
+            expect(rv, CKR_OK, "generating a token object with 0x\(String(type, radix: 16))")
+        }
+        made.append((label, type, kind))
+    }
+    ok(f.C_Finalize!(nil), "C_Finalize")
+
+    // Each member, directly.
+    let direct = Module(path: env("SOFTHSM_MODULE") ?? "")
+    ok(direct.f.C_Initialize!(nil), "C_Initialize SoftHSM directly")
+    var sessions: [(label: String, session: CK_SESSION_HANDLE)] = []
+    for label in (env("P11HA_TEST_MEMBERS") ?? "").split(separator: ",").map(String.init) {
+        guard let memberSlot = slot(labelled: label, in: direct) else { fatal("no member \(label)") }
+        sessions.append((label, openLoggedIn(direct, slot: memberSlot, pin: userPIN)))
+    }
+    func copies(_ label: String, _ objectClass: CK_ULONG) -> [(member: String, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE)] {
+        sessions.compactMap { member in
+            let found = find(direct, member.session, Template().add(CKA_LABEL, string: label).add(CKA_CLASS, ulong: objectClass))
+            check(found.count == 1, "\(member.label) holds \(label) (class \(objectClass)) once (\(found.count))")
+            return found.count == 1 ? (member.label, member.session, found[0]) : nil
+        }
+    }
+    for key in made {
+        let name = "0x\(String(key.mechanism, radix: 16))"
+        switch key.kind {
+        case .secret:
+            var digests = Set<[UInt8]>()
+            for copy in copies(key.label, CK_ULONG(CKO_SECRET_KEY)) {
+                var sha256 = mechanism(CK_MECHANISM_TYPE(CKM_SHA256))
+                var digest = [UInt8](repeating: 0, count: 32)
+                var length: CK_ULONG = 32
+                guard expect(direct.f.C_DigestInit!(copy.session, &sha256), CKR_OK, "C_DigestInit on \(copy.member)"),
+                      expect(direct.f.C_DigestKey!(copy.session, copy.handle), CKR_OK, "C_DigestKey of the \(name) key on \(copy.member)"),
+                      expect(direct.f.C_DigestFinal!(copy.session, &digest, &length), CKR_OK, "C_DigestFinal on \(copy.member)") else { continue }
+                digests.insert(digest)
+            }
+            check(digests.count == 1, "the \(name) key is the same on every member (\(digests.count) different digests)")
+        case .pair(let signing, let size):
+            let privates = copies(key.label, CK_ULONG(CKO_PRIVATE_KEY))
+            let publics = copies(key.label, CK_ULONG(CKO_PUBLIC_KEY))
+            guard let signing else { break }
+            for signer in privates {
+                var sign = mechanism(CK_MECHANISM_TYPE(signing))
+                var input = [UInt8](repeating: 0x5a, count: size)
+                var signature = [UInt8](repeating: 0, count: 512)
+                var length = CK_ULONG(signature.count)
+                guard expect(direct.f.C_SignInit!(signer.session, &sign, signer.handle), CKR_OK, "C_SignInit with \(signer.member)'s \(name) key"),
+                      expect(direct.f.C_Sign!(signer.session, &input, CK_ULONG(size), &signature, &length), CKR_OK, "C_Sign on \(signer.member)") else { continue }
+                for verifier in publics {
+                    var verify = mechanism(CK_MECHANISM_TYPE(signing))
+                    _ = direct.f.C_VerifyInit!(verifier.session, &verify, verifier.handle)
+                    expect(direct.f.C_Verify!(verifier.session, &input, CK_ULONG(size), &signature, length), CKR_OK,
+                           "\(signer.member)'s \(name) signature verifies with \(verifier.member)'s public key")
+                }
+            }
+        case .agreement:
+            let privates = copies(key.label, CK_ULONG(CKO_PRIVATE_KEY))
+            let publics = copies(key.label, CK_ULONG(CKO_PUBLIC_KEY))
+            guard let peer = publics.first.flatMap({ attribute(direct, $0.session, $0.handle, CK_ATTRIBUTE_TYPE(CKA_VALUE)) }) else { break }
+            var agreed = Set<[UInt8]>()
+            for party in privates {
+                let t = Template().add(CKA_CLASS, ulong: CK_ULONG(CKO_SECRET_KEY)).add(CKA_KEY_TYPE, ulong: CK_ULONG(CKK_AES))
+                    .add(CKA_VALUE_LEN, ulong: 16).add(CKA_ENCRYPT, bool: true).add(CKA_TOKEN, bool: false)
+                var value = peer
+                var secret: CK_OBJECT_HANDLE = 0
+                let rv = value.withUnsafeMutableBytes { raw -> CK_RV in
+                    var derive = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_DH_PKCS_DERIVE), pParameter: raw.baseAddress, ulParameterLen: CK_ULONG(raw.count))
+                    return direct.f.C_DeriveKey!(party.session, &derive, party.handle, &t.attributes, t.count, &secret)
+                }
+                guard expect(rv, CKR_OK, "DH derivation with \(party.member)'s copy"), let block = encryptBlock(direct, party.session, secret) else { continue }
+                agreed.insert(block)
+            }
+            check(agreed.count == 1, "every member's copy of the DH key agrees with one peer (\(agreed.count) different secrets)")
+        case .parameters:
+            var primes = Set<[UInt8]>()
+            for copy in copies(key.label, CK_ULONG(CKO_DOMAIN_PARAMETERS)) {
+                primes.insert(attribute(direct, copy.session, copy.handle, CK_ATTRIBUTE_TYPE(CKA_PRIME)) ?? [])
+            }
+            check(primes.count == 1, "the \(name) domain parameters are the same on every member")
+        case .uncarried:
+            for member in sessions {
+                let found = find(direct, member.session, Template().add(CKA_LABEL, string: key.label))
+                check(found.isEmpty, "the refused \(name) generation left nothing on \(member.label) (\(found.count))")
+            }
+        }
+    }
+    ok(direct.f.C_Finalize!(nil), "C_Finalize SoftHSM")
+}

@@ -23,6 +23,7 @@ let scenarios: [String: (Module) -> Void] = [
     "uncarried-key": uncarriedKeyScenario,
     "kept-key": keptKeyScenario,
     "value-length": valueLengthScenario,
+    "generated-keys": generatedKeysScenario,
     "interface-30": interface30Scenario,
     "mechanism-table": mechanismTableScenario,
     "failover": failoverScenario,
