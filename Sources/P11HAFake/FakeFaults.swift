@@ -13,6 +13,7 @@ public enum FakeCall: String, CaseIterable, Sendable {
     case createObject, copyObject, destroyObject, objectSize, attributeValues, setAttributeValues, findObjects
     case generateKey, generateKeyPair, wrapKey, unwrapKey, deriveKey, generateRandom, seedRandom
     case operationInit, singlePart, update, cipherUpdate, final, digestKey, verify, verifyFinal
+    case operationState, setOperationState
 }
 
 public enum FakeFault: Sendable, Equatable {

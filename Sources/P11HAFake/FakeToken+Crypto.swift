@@ -135,6 +135,41 @@ extension FakeToken {
         }
     }
 
+    /// The session's digest, as "FAKE-STATE", the mechanism, whether an update was made, and the input so far;
+    /// an operation with a key cannot be saved (CKR_STATE_UNSAVEABLE).
+    public func operationState(_ session: MemberSession) throws(P11Error) -> [UInt8] {
+        try gate(.operationState) { connection, _ throws(P11Error) in
+            guard store.savesOperationState else { throw P11Error.member(CK_RV(CKR_FUNCTION_NOT_SUPPORTED)) }
+            let s = try connection.session(session)
+            if s.operations.isEmpty { throw P11Error.member(CK_RV(CKR_OPERATION_NOT_INITIALIZED)) }
+            guard s.operations.count == 1, let op = s.operations[.digest], op.mechanism.parameter == .none else {
+                throw P11Error.member(CK_RV(CKR_STATE_UNSAVEABLE))
+            }
+            return Self.stateMagic + bigEndian(UInt64(op.mechanism.type)) + [op.multiPart ? 1 : 0] + op.input
+        }
+    }
+
+    public func setOperationState(_ session: MemberSession, _ state: [UInt8], encryptionKey: MemberObject?,
+                                  authenticationKey: MemberObject?) throws(P11Error) {
+        try gate(.setOperationState) { connection, _ throws(P11Error) in
+            guard store.savesOperationState else { throw P11Error.member(CK_RV(CKR_FUNCTION_NOT_SUPPORTED)) }
+            _ = try connection.session(session)
+            let header = Self.stateMagic.count
+            guard state.count >= header + 9, Array(state.prefix(header)) == Self.stateMagic else {
+                throw P11Error.member(CK_RV(CKR_SAVED_STATE_INVALID))
+            }
+            let type = state[header..<header + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            guard encryptionKey == nil, authenticationKey == nil else { throw P11Error.member(CK_RV(CKR_KEY_NOT_NEEDED)) }
+            guard store.mechanisms.contains(CK_MECHANISM_TYPE(type)) else { throw P11Error.member(CK_RV(CKR_SAVED_STATE_INVALID)) }
+            var op = FakeOperation(mechanism: Mechanism(CK_MECHANISM_TYPE(type)), key: nil)
+            op.multiPart = state[header + 8] != 0
+            op.input = Array(state[(header + 9)...])
+            connection.sessions[session.raw]!.operations = [.digest: op]
+        }
+    }
+
+    private static let stateMagic = Array("FAKE-STATE".utf8)
+
     /// A verification's last call: it ends the operation whatever the answer.
     private func verifying(_ call: FakeCall, _ session: MemberSession,
                            _ check: (FakeOperation) throws(P11Error) -> Void) throws(P11Error) {
@@ -398,3 +433,5 @@ enum FakeCrypto {
         }
     }
 }
+
+private func bigEndian(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: value.bigEndian) { Array($0) } }

@@ -13,6 +13,9 @@ public final class FakeTokenStore: Sendable {
     /// SoftHSM's rule: a session runs one operation at a time, of any kind (CKR_OPERATION_ACTIVE otherwise).
     /// Off: one of each kind at a time, as `OperationKind` allows.
     public let oneOperationPerSession: Bool
+    /// C_GetOperationState and C_SetOperationState work (for digests, the operations without a key); off, they
+    /// answer CKR_FUNCTION_NOT_SUPPORTED, as SoftHSM 2.6.1 does.
+    public let savesOperationState: Bool
     /// Token-wide faults: every connection sees them (a dead device, a slow HSM).
     public let faults: FakeFaults
 
@@ -40,13 +43,15 @@ public final class FakeTokenStore: Sendable {
     ///   - seed: every random byte, generated key and probabilistic fault follows from it.
     ///   - mechanisms: nil offers every mechanism the fake implements.
     public init(label: String = "fake token", serial: String? = nil, userPIN: String? = "1234", soPIN: String = "5678",
-                seed: UInt64 = 0, mechanisms: [CK_MECHANISM_TYPE]? = nil, oneOperationPerSession: Bool = false) {
+                seed: UInt64 = 0, mechanisms: [CK_MECHANISM_TYPE]? = nil, oneOperationPerSession: Bool = false,
+                savesOperationState: Bool = false) {
         self.label = label
         self.seed = seed
         let hex = String(mix64(seed ^ 0x5E41_A100), radix: 16, uppercase: true)
         self.serial = serial ?? String(repeating: "0", count: max(0, 16 - hex.count)) + hex
         self.mechanisms = mechanisms ?? FakeMechanisms.all.map(\.type)
         self.oneOperationPerSession = oneOperationPerSession
+        self.savesOperationState = savesOperationState
         self.faults = FakeFaults(seed: mix64(seed ^ 0xFA17_0000))
         state = Mutex(State(userPIN: userPIN.map { Array($0.utf8) }, soPIN: Array(soPIN.utf8),
                             random: SplitMix64(seed: seed), hidingRandom: SplitMix64(seed: mix64(seed ^ 0x41DE))))

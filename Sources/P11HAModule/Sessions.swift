@@ -34,14 +34,35 @@ func unsupported(_ session: CK_SESSION_HANDLE) -> CK_RV {
     }
 }
 
-/// An operation's state lives in one member's own format: it cannot move between members.
+/// An operation's state is in its member's own format, saved with the member it belongs to
+/// (`Runtime.operationState`); a member that cannot save states answers CKR_FUNCTION_NOT_SUPPORTED (SoftHSM).
 func getOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: ULongPtr?) -> CK_RV {
-    unsupported(session)
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        _ = try arguments(rt, session) { () throws(P11Error) in try capacity(state, length) }
+        try produce(state, length) { (room) throws(P11Error) -> Output in
+            let saved = try rt.operationState(SessionHandle(session))
+            guard let room else { return .length(saved.count) }
+            if room < saved.count { throw P11Error(CK_RV(CKR_BUFFER_TOO_SMALL), neededLength: saved.count) }
+            return .data(saved)
+        }
+    }
 }
 
 func setOperationState(_ session: CK_SESSION_HANDLE, _ state: Bytes?, _ length: CK_ULONG,
                        _ encryptionKey: CK_OBJECT_HANDLE, _ authenticationKey: CK_OBJECT_HANDLE) -> CK_RV {
-    unsupported(session)
+    entry { () throws(P11Error) in
+        let rt = try runtime()
+        let saved = try arguments(rt, session) { () throws(P11Error) -> [UInt8] in
+            let n = try P11HAModule.length(length)
+            guard let state else { throw P11Error.argumentsBad }
+            return Array(UnsafeBufferPointer(start: state, count: n))
+        }
+        let none = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+        try rt.setOperationState(SessionHandle(session), saved,
+                                 encryptionKey: encryptionKey == none ? nil : ObjectHandle(encryptionKey),
+                                 authenticationKey: authenticationKey == none ? nil : ObjectHandle(authenticationKey))
+    }
 }
 
 /// C_LoginUser (3.0): the members are 2.40 tokens, which know no user names (OpenSC's module answers the same).

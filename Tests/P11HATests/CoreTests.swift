@@ -79,6 +79,52 @@ import Testing
         }
     }
 
+    @Test("an operation's state is saved with the member that runs it and restored there, in another session: the digest goes on where it was; members that cannot save states answer as they would directly")
+    func operationStateSavedWithItsMember() throws {
+        let stores = (0..<3).map { FakeTokenStore(label: "member-\($0)", serial: "SERIAL\($0)", seed: 40 + UInt64($0), savesOperationState: true) }
+        try FakeGroup.setUpReplicationKey(on: stores)
+        let fake = try FakeGroup(sharing: stores)
+        let sha256 = Mechanism(CK_MECHANISM_TYPE(CKM_SHA256))
+        let rt = fake.runtime
+        let first = try fake.userSession(), second = try fake.userSession()
+        try rt.operationInit(.digest, first, sha256, key: nil)
+        try rt.update(.digest, first, Array("a message ".utf8))
+        let running = try rt.session(first).operation(.digest).member
+        let saved = try rt.operationState(first)
+        try rt.setOperationState(second, saved, encryptionKey: nil, authenticationKey: nil)
+        #expect(try rt.session(second).operation(.digest).member == running, "restored on the member that saved it")
+        try rt.update(.digest, second, Array("in two parts".utf8))
+        let restored = try rt.final(.digest, second, capacity: 64).bytes
+        try rt.operationInit(.digest, second, sha256, key: nil)
+        let whole = try rt.singlePart(.digest, second, Array("a message in two parts".utf8), capacity: 64).bytes
+        #expect(restored != nil && restored == whole)
+        // The first session's digest is still its own.
+        try rt.update(.digest, first, Array("in two parts".utf8))
+        #expect(try rt.final(.digest, first, capacity: 64).bytes == whole)
+
+        // What cannot be saved or restored, and why.
+        #expect(code { () throws(P11Error) in _ = try rt.operationState(first) } == CK_RV(CKR_OPERATION_NOT_INITIALIZED))
+        #expect(code { () throws(P11Error) in _ = try rt.setOperationState(first, Array("garbage".utf8), encryptionKey: nil, authenticationKey: nil) } == CK_RV(CKR_SAVED_STATE_INVALID))
+        let key = try rt.createObject(first, hmacKey("k"))
+        try rt.operationInit(.sign, first, hmac, key: key)
+        #expect(code { () throws(P11Error) in _ = try rt.operationState(first) } == CK_RV(CKR_STATE_UNSAVEABLE),
+                "the fake saves no operation with a key (the member's answer)")
+        try rt.operationInit(.digest, first, sha256, key: nil)
+        #expect(code { () throws(P11Error) in _ = try rt.operationState(first) } == CK_RV(CKR_STATE_UNSAVEABLE),
+                "two operations, perhaps on two members")
+
+        // A state whose member is out of service cannot be restored; a restored operation whose member fails ends.
+        try rt.operationInit(.digest, second, sha256, key: nil)
+        let again = try rt.operationState(second)
+        let owner = try rt.session(second).operation(.digest).member
+        try rt.setOperationState(first, again, encryptionKey: nil, authenticationKey: nil)
+        #expect((try? rt.session(first).operation(.sign)) == nil, "the restored state replaces the session's operations")
+        stores[owner].faults.crash()
+        #expect(code { () throws(P11Error) in _ = try rt.update(.digest, first, [1]) } == CK_RV(CKR_DEVICE_ERROR),
+                "not replayed: p11ha does not know the updates that made the state")
+        #expect(code { () throws(P11Error) in _ = try rt.setOperationState(second, again, encryptionKey: nil, authenticationKey: nil) } == CK_RV(CKR_SAVED_STATE_INVALID))
+    }
+
     @Test("a write that a later member refuses is undone where it succeeded, and the caller gets that member's code")
     func partialWriteUndone() throws {
         let fake = try FakeGroup()
@@ -466,4 +512,9 @@ import Testing
             #expect(again.objects[uid]?.isLive == true, "a creation later than the tombstone is the object made again")
         }
     }
+}
+
+/// The code a core call answers: CKR_OK, or its error's.
+private func code(_ body: () throws(P11Error) -> Void) -> CK_RV {
+    do { try body(); return CK_RV(CKR_OK) } catch { return error.rv }
 }

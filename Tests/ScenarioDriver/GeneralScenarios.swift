@@ -347,6 +347,20 @@ func interface30Scenario(_ m: Module) {
     ok(base.C_FindObjectsFinal!(session), "C_FindObjectsFinal")
     expect(f.C_SessionCancel!(9999, CK_FLAGS(CKF_ENCRYPT)), CKR_SESSION_HANDLE_INVALID, "C_SessionCancel of an unknown session")
 
+    // Operation state: SoftHSM 2.6.1 saves none, and the group answers as it does, leaving the operation be.
+    var stateLength: CK_ULONG = 0
+    expect(base.C_GetOperationState!(session, nil, &stateLength), CKR_FUNCTION_NOT_SUPPORTED, "C_GetOperationState, no operation")
+    ok(base.C_DigestInit!(session, &sha256), "C_DigestInit")
+    expect(base.C_DigestUpdate!(session, &abc, 1), CKR_OK, "C_DigestUpdate")
+    expect(base.C_GetOperationState!(session, nil, &stateLength), CKR_FUNCTION_NOT_SUPPORTED, "C_GetOperationState of a digest")
+    var rest = Array("bc".utf8)
+    expect(base.C_DigestUpdate!(session, &rest, 2), CKR_OK, "C_DigestUpdate after it")
+    length = 32
+    expect(base.C_DigestFinal!(session, &digest, &length), CKR_OK, "C_DigestFinal")
+    check(digest == hexBytes("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"), "the digest went on")
+    var foreign = Array("a state from elsewhere".utf8)
+    expect(base.C_SetOperationState!(session, &foreign, CK_ULONG(foreign.count), 0, 0), CKR_FUNCTION_NOT_SUPPORTED, "C_SetOperationState")
+
     // What the members (2.40 tokens) cannot do.
     var pin = Array(userPIN.utf8)
     var user = Array("alice".utf8)

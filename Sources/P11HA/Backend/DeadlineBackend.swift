@@ -196,4 +196,15 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
     public func verifyFinal(_ session: MemberSession, signature: [UInt8]) throws(P11Error) {
         try run { [base] () throws(P11Error) in try base.verifyFinal(session, signature: signature) }
     }
+
+    public func operationState(_ session: MemberSession) throws(P11Error) -> [UInt8] {
+        try run { [base] () throws(P11Error) in try base.operationState(session) }
+    }
+
+    public func setOperationState(_ session: MemberSession, _ state: [UInt8], encryptionKey: MemberObject?,
+                                  authenticationKey: MemberObject?) throws(P11Error) {
+        try run { [base] () throws(P11Error) in
+            try base.setOperationState(session, state, encryptionKey: encryptionKey, authenticationKey: authenticationKey)
+        }
+    }
 }

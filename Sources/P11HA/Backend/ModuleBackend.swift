@@ -494,6 +494,23 @@ public final class ModuleBackend: TokenBackend, @unchecked Sendable {
         try call { f.pointee.C_VerifyFinal!(session.raw, &signature, CK_ULONG(signature.count)) }
     }
 
+    public func operationState(_ session: MemberSession) throws(P11Error) -> [UInt8] {
+        var length: CK_ULONG = 0
+        try call { f.pointee.C_GetOperationState!(session.raw, nil, &length) }
+        var state = [UInt8](repeating: 0, count: Int(length))
+        try call { f.pointee.C_GetOperationState!(session.raw, &state, &length) }
+        return Array(state.prefix(Int(length)))
+    }
+
+    public func setOperationState(_ session: MemberSession, _ state: [UInt8], encryptionKey: MemberObject?,
+                                  authenticationKey: MemberObject?) throws(P11Error) {
+        var state = state
+        let none = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+        try call {
+            f.pointee.C_SetOperationState!(session.raw, &state, CK_ULONG(state.count), encryptionKey?.raw ?? none, authenticationKey?.raw ?? none)
+        }
+    }
+
     /// Output buffers and attribute buffers up to this size (in all) are given to the member as the caller claimed
     /// them; past it, the member is asked for the length first, so that p11ha's memory follows what the member
     /// answers, never what the caller claims (a claim of 2 GiB cost 2 GiB per attribute).

@@ -122,6 +122,11 @@ public protocol TokenBackend: AnyObject, Sendable {
     func digestKey(_ session: MemberSession, _ key: MemberObject) throws(P11Error)
     func verify(_ session: MemberSession, _ data: [UInt8], signature: [UInt8]) throws(P11Error)
     func verifyFinal(_ session: MemberSession, signature: [UInt8]) throws(P11Error)
+    /// C_GetOperationState: the session's operations, in the token's own format.
+    func operationState(_ session: MemberSession) throws(P11Error) -> [UInt8]
+    /// C_SetOperationState.
+    func setOperationState(_ session: MemberSession, _ state: [UInt8], encryptionKey: MemberObject?,
+                           authenticationKey: MemberObject?) throws(P11Error)
 }
 
 extension TokenBackend {

@@ -151,3 +151,102 @@ extension Runtime {
         }
     }
 }
+
+/// C_GetOperationState and C_SetOperationState: an operation's state is its member's own format, so it is saved
+/// with the member it belongs to (p11ha's header: "P11HA-OS", the member's index, the operation's kind and
+/// mechanism) and restored on that member only. A restored operation is not replayed on a peer if its member
+/// fails: p11ha does not know the updates that made the state.
+extension Runtime {
+    private static let stateMagic = Array("P11HA-OS".utf8)
+    private static let stateHeader = stateMagic.count + 4 + 1 + 8
+
+    public func operationState(_ handle: SessionHandle) throws(P11Error) -> [UInt8] {
+        let session = try session(handle)
+        defer { session.endCall() }
+        let active = session.state.withLock { state in
+            state.operations.enumerated().compactMap { index, op in op.map { (kind: OperationKind(rawValue: index)!, op: $0) } }
+        }
+        // Operations of several kinds may run on different members: no one member's state holds them all.
+        guard active.count <= 1 else { throw P11Error(CK_RV(CKR_STATE_UNSAVEABLE)) }
+        // Without an operation, the first member in service answers as it would directly (SoftHSM:
+        // CKR_FUNCTION_NOT_SUPPORTED), and its state, if it gives one, restores "no operation".
+        guard let member = active.first.map({ session.group.members[$0.op.member] }) ?? session.group.membersInService.first else {
+            throw P11Error.deviceError
+        }
+        if let first = active.first, !member.isInService || member.epoch.load(ordering: .acquiring) != first.op.epoch {
+            throw P11Error(CK_RV(CKR_STATE_UNSAVEABLE))
+        }
+        let state: [UInt8]
+        do {
+            state = try member.token.operationState(try session.memberSession(member))
+        } catch where error.isMemberFault {
+            // An operation goes on (its next call fails it over); its state cannot be had now.
+            throw P11Error(CK_RV(CKR_STATE_UNSAVEABLE))
+        }
+        return Self.stateMagic + withUnsafeBytes(of: UInt32(member.index).bigEndian) { Array($0) }
+            + [active.first.map { UInt8($0.kind.rawValue) } ?? Self.noOperation]
+            + withUnsafeBytes(of: UInt64(active.first?.op.mechanism.type ?? 0).bigEndian) { Array($0) } + state
+    }
+
+    /// The kind byte of a state saved with no operation under way.
+    private static let noOperation: UInt8 = 0xFF
+
+    public func setOperationState(_ handle: SessionHandle, _ saved: [UInt8], encryptionKey: ObjectHandle?,
+                                  authenticationKey: ObjectHandle?) throws(P11Error) {
+        let session = try session(handle)
+        defer { session.endCall() }
+        let invalid = P11Error(CK_RV(CKR_SAVED_STATE_INVALID))
+        let magic = Self.stateMagic.count
+        guard saved.count >= Self.stateHeader, Array(saved.prefix(magic)) == Self.stateMagic else {
+            // Not a state p11ha saved: the first member in service answers it as it would directly (SoftHSM:
+            // CKR_FUNCTION_NOT_SUPPORTED; a token that saves states: CKR_SAVED_STATE_INVALID).
+            guard let member = session.group.membersInService.first else { throw invalid }
+            let memberSession = try session.memberSession(member)
+            do {
+                try member.token.setOperationState(memberSession, saved, encryptionKey: nil, authenticationKey: nil)
+            } catch where !error.isMemberFault {
+                throw error
+            } catch {
+                throw invalid
+            }
+            session.endStrayOperations(on: member, memberSession)
+            throw invalid
+        }
+        let index = Int(saved[magic..<magic + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        let mechanismType = saved[magic + 5..<magic + 13].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let kindByte = saved[magic + 4]
+        let kind = OperationKind(rawValue: Int(kindByte))
+        guard index < session.group.members.count, kind != nil || kindByte == Self.noOperation else { throw invalid }
+        let member = session.group.members[index]
+        guard member.isInService else {
+            Log.event(.warning, "operation-state-lost", "group=\(session.group.name) member=\(member.name) reason=\"the state belongs to a member out of service\"")
+            throw invalid
+        }
+        func copy(_ key: ObjectHandle?) throws(P11Error) -> MemberObject? {
+            guard let key else { return nil }
+            guard let copy = try copies(of: key, in: session, invalid: .keyHandleInvalid)[index] else { throw P11Error.keyHandleInvalid }
+            return copy
+        }
+        let memberSession = try session.memberSession(member)
+        do {
+            try member.token.setOperationState(memberSession, Array(saved[Self.stateHeader...]),
+                                               encryptionKey: try copy(encryptionKey), authenticationKey: try copy(authenticationKey))
+        } catch where error.isMemberFault {
+            // No peer can take a state in that member's format: the device's error, whatever its code.
+            throw P11Error.deviceError
+        }
+        // The saved operation replaces the session's: those running on other members end there.
+        let replaced = session.state.withLock { state in state.operations.compactMap { $0?.member } }
+        session.endAllOperations()
+        for other in Set(replaced) where other != index {
+            let otherMember = session.group.members[other]
+            if let s = try? session.memberSession(otherMember) { session.endStrayOperations(on: otherMember, s) }
+        }
+        guard let kind else { return }
+        var op = VirtualSession.Operation(member: index, epoch: member.epoch.load(ordering: .acquiring),
+                                          mechanism: Mechanism(CK_MECHANISM_TYPE(mechanismType)), key: nil)
+        op.unreplayable = "restored by C_SetOperationState: its state is that member's own"
+        member.inFlight.add(1, ordering: .relaxed)
+        session.setOperation(kind, op)
+    }
+}
