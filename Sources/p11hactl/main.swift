@@ -1,7 +1,8 @@
 // p11hactl: the operator's tool. Reads the same configuration as the module (P11HA_CONF, or --config).
 import ArgumentParser
 import CInterop
-import Foundation
+import FoundationEssentials
+import Glibc
 import P11HA
 import P11HAAdmin
 
@@ -221,9 +222,14 @@ struct Status: ParsableCommand {
         }
     }
 
+    /// ISO 8601, UTC: 2026-11-30T15:00:00Z.
     func timestamp(_ seconds: Int64) -> String {
-        let formatter = ISO8601DateFormatter()
-        return formatter.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
+        var time = time_t(seconds)
+        var parts = tm()
+        guard gmtime_r(&time, &parts) != nil else { return "\(seconds)" }
+        var buffer = [CChar](repeating: 0, count: 32)
+        let n = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
+        return String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
 
@@ -290,7 +296,22 @@ func printable(_ text: String) -> String {
     return out
 }
 
-func hex(_ bytes: some Sequence<UInt8>) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+func hex(_ bytes: some Sequence<UInt8>) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    for byte in bytes { out += [digits[Int(byte >> 4)], digits[Int(byte & 0xF)]] }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// `text` left-aligned in `width` columns.
+func padded(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
+
+/// `value` right-aligned in `width` columns with `decimals` decimals (printf's %W.Df, through vsnprintf).
+func fixed(_ value: Double, width: Int, decimals: Int) -> String {
+    var buffer = [CChar](repeating: 0, count: 64)
+    let n = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%\(width).\(decimals)f", $0) }
+    return String(decoding: buffer.prefix(Int(max(0, n))).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
 
 struct DomainCreate: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -432,36 +453,26 @@ struct Bench: ParsableCommand {
             printError("p11hactl: no such group, or no local member to compare with")
             throw ExitCode(1)
         }
-        let here = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
-        let candidates = [here.appendingPathComponent("../libexec/p11ha/p11bench").path, here.appendingPathComponent("p11bench").path,
-                          here.appendingPathComponent("../p11bench").path]
-        guard let bench = benchProgram ?? candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        // Beside this program's own file (links resolved), as the Makefile installs them.
+        let here = executableDirectory()
+        let candidates = [here + "/../libexec/p11ha/p11bench", here + "/p11bench", here + "/../p11bench"]
+        guard let bench = benchProgram ?? candidates.first(where: { access($0, X_OK) == 0 }) else {
             printError("p11hactl: p11bench not found (looked in \(candidates.joined(separator: ", ")))")
             throw ExitCode(1)
         }
-        let p11ha = module ?? [here.appendingPathComponent("../lib/p11ha/libp11ha.so").path, here.appendingPathComponent("libp11ha.so").path]
-            .first { FileManager.default.fileExists(atPath: $0) } ?? "libp11ha.so"
+        let p11ha: String = module ?? [here + "/../lib/p11ha/libp11ha.so", here + "/libp11ha.so"].first { access($0, F_OK) == 0 } ?? "libp11ha.so"
         let pin = try readPIN(source: pinSource, prompt: "User PIN for group \(groupConfig.name): ")
         let token = first.uri.tokenLabel ?? ""
         let runs = [("p11ha", p11ha, groupConfig.label), ("direct", first.uri.modulePath, token)]
         var results: [String: [String: [String: String]]] = [:]
         for (name, path, label) in runs {
-            var environment = ProcessInfo.processInfo.environment
-            environment["P11BENCH_PIN"] = pin.withBytes { String(decoding: $0, as: UTF8.self) }
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: bench)
-            process.arguments = ["--module", path, "--token", label, "--threads", "1,\(threads)", "--seconds", String(seconds), "--ops", ops]
-            process.environment = environment
-            let out = Pipe()
-            process.standardOutput = out
-            try process.run()
-            let data = out.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            guard process.terminationStatus == 0 else {
+            let arguments: [String] = ["--module", path, "--token", label, "--threads", "1,\(threads)", "--seconds", String(seconds), "--ops", ops]
+            let pinText = pin.withBytes { String(decoding: $0, as: UTF8.self) }
+            guard let output = runCapturingOutput(bench, arguments, adding: ["P11BENCH_PIN=" + pinText]) else {
                 printError("p11hactl: p11bench on \(name) (\(path), token \(label)) failed")
                 throw ExitCode(1)
             }
-            for line in String(decoding: data, as: UTF8.self).split(separator: "\n") where line.hasPrefix("RESULT ") {
+            for line in output.split(separator: "\n") where line.hasPrefix("RESULT ") {
                 var fields: [String: String] = [:]
                 for pair in line.dropFirst(7).split(separator: " ") {
                     let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
@@ -471,19 +482,81 @@ struct Bench: ParsableCommand {
             }
         }
         print("group \(groupConfig.name) through \(p11ha) vs \(token) through \(first.uri.modulePath)")
-        print("op".padding(toLength: 24, withPad: " ", startingAt: 0) + "threads   direct ops/s   p11ha ops/s   p11ha/direct   direct p50/p99 us   p11ha p50/p99 us")
+        print(padded("op", 24) + "threads   direct ops/s   p11ha ops/s   p11ha/direct   direct p50/p99 us   p11ha p50/p99 us")
         for key in (results["direct"] ?? [:]).keys.sorted() {
             guard let d = results["direct"]?[key], let h = results["p11ha"]?[key],
                   let dOps = Double(d["ops_per_s"] ?? ""), let hOps = Double(h["ops_per_s"] ?? "") else { continue }
             let parts = key.split(separator: " ")
-            print(String(parts[0]).padding(toLength: 24, withPad: " ", startingAt: 0)
-                  + String(parts[1]).padding(toLength: 10, withPad: " ", startingAt: 0)
-                  + String(format: "%12.1f  %12.1f  %13.2f   %8@/%-8@  %8@/%-8@", dOps, hOps, hOps / dOps,
-                           d["p50_us"] ?? "?", d["p99_us"] ?? "?", h["p50_us"] ?? "?", h["p99_us"] ?? "?"))
+            let latencies = padded(String(repeating: " ", count: max(0, 8 - (d["p50_us"] ?? "?").count)) + (d["p50_us"] ?? "?") + "/" + (d["p99_us"] ?? "?"), 19)
+                + padded(String(repeating: " ", count: max(0, 8 - (h["p50_us"] ?? "?").count)) + (h["p50_us"] ?? "?") + "/" + (h["p99_us"] ?? "?"), 17)
+            print(padded(String(parts[0]), 24) + padded(String(parts[1]), 10) + fixed(dOps, width: 12, decimals: 1) + "  "
+                  + fixed(hOps, width: 12, decimals: 1) + "  " + fixed(hOps / dOps, width: 13, decimals: 2) + "   " + latencies)
         }
     }
 }
 
+/// The directory of this program's own file, links resolved (/proc/self/exe).
+func executableDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return "." }
+    let path = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    return String(path[..<slash])
+}
+
+/// Runs `program` with `arguments`, this process's environment plus `adding`, and returns what it printed on
+/// its standard output; nil when it could not start or did not exit 0.
+func runCapturingOutput(_ program: String, _ arguments: [String], adding: [String]) -> String? {
+    var pipeEnds: [Int32] = [0, 0]
+    guard pipe(&pipeEnds) == 0 else { return nil }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_adddup2(&actions, pipeEnds[1], 1)
+    posix_spawn_file_actions_addclose(&actions, pipeEnds[0])
+    var environment: [String] = []
+    var entry = environ
+    while let pointer = entry.pointee {
+        environment.append(String(cString: pointer))
+        entry += 1
+    }
+    environment += adding
+    let argv = ([program] + arguments).map { strdup($0) } + [nil]
+    let envp = environment.map { strdup($0) } + [nil]
+    defer {
+        for p in argv { free(p) }
+        for p in envp {
+            if let p { memset(p, 0, strlen(p)) }  // the PIN is among them
+            free(p)
+        }
+    }
+    var child = pid_t()
+    let spawned = posix_spawn(&child, program, &actions, nil, argv, envp)
+    close(pipeEnds[1])
+    defer { close(pipeEnds[0]) }
+    guard spawned == 0 else { return nil }
+    var output: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(pipeEnds[0], &chunk, chunk.count)
+        if n > 0 { output += chunk.prefix(n); continue }
+        if n < 0 && errno == EINTR { continue }
+        break
+    }
+    var status: Int32 = 0
+    while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+    // WIFEXITED and WEXITSTATUS: the low 7 bits are 0 when it exited, its status is in the next 8.
+    guard status & 0x7f == 0, (status >> 8) & 0xff == 0 else { return nil }
+    return String(decoding: output, as: UTF8.self)
+}
+
 func printError(_ text: String) {
-    FileHandle.standardError.write(Data((text + "\n").utf8))
+    let bytes = Array((text + "\n").utf8)
+    var done = 0
+    while done < bytes.count {
+        let n = bytes[done...].withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        if n <= 0 { if errno == EINTR { continue }; return }
+        done += n
+    }
 }
