@@ -15,6 +15,8 @@ let package = Package(
     products: [
         .library(name: "p11ha", type: .dynamic, targets: ["P11HAModule"]),
         .executable(name: "p11hactl", targets: ["p11hactl"]),
+        // The core and its fake members, for the benchmark package in Benchmarks/Overhead.
+        .library(name: "P11HACore", targets: ["P11HA", "P11HAFake"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

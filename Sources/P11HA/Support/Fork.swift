@@ -183,6 +183,7 @@ public enum ForkGate {
         }
         for module in modules { take(module.users) }
         take(ThreadPool.idle)
+        take(WorkerPool.idle)
         take(Log.sink)
         taken = release
     }
@@ -208,6 +209,8 @@ public enum ForkGate {
         }
         ThreadPool.idle.recreateInChild()
         ThreadPool.forgetInChild()
+        WorkerPool.idle.recreateInChild()
+        WorkerPool.forgetInChild()
         Log.sink.recreateInChild()
         happened.store(true, ordering: .sequentiallyConsistent)
         pending.store(false, ordering: .sequentiallyConsistent)
