@@ -57,18 +57,9 @@ enum WorkerPool {
         idle.withLock { $0.append(worker) }
     }
 
-    /// In a child: the parent's workers' threads are not here. Their records are kept, never freed (as the
-    /// thread pool's: a condition another, absent, thread waits on cannot be destroyed safely).
+    /// In a child: the parent's workers' threads are not here (see `forgetInherited`).
     static func forgetInChild() {
-        idle.withLock { workers in
-            _ = Unmanaged.passRetained(Inherited(workers))
-            workers = []
-        }
-    }
-
-    private final class Inherited {
-        let workers: [Worker]
-        init(_ workers: [Worker]) { self.workers = workers }
+        idle.withLock { forgetInherited(&$0) }
     }
 }
 
