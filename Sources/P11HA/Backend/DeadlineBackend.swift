@@ -45,6 +45,7 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
         if callsOverdue == 0 {
             _ = try? run { [base] () throws(P11Error) in base.disconnect() }
         }
+        executor.close()
     }
 
     public var callsUnderWay: Int { executor.busy + base.callsUnderWay }

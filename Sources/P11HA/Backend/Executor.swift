@@ -8,27 +8,21 @@ import Glibc
 import Synchronization
 
 final class Executor: @unchecked Sendable {
-    /// This member's calls under way: a member whose calls hang cannot eat every thread of the process; past the
-    /// limit its calls fail at once (it is out of service by then anyway).
-    private let calls = Atomic<Int>(0)
+    private let idle = Mutex<[Worker]>([])
+    /// Threads serving this member, busy or idle: a member whose calls hang cannot eat every thread of the
+    /// process; past the limit its calls fail at once (it is out of service by then anyway).
+    private let threads = Atomic<Int>(0)
     static let maxThreads = 64
+    fileprivate let closed = Atomic<Bool>(false)
 
     /// Runs `work` on a worker and waits for it until `timeout`; nil when the deadline passed first.
     func run<T>(timeout: Duration, _ work: @escaping () -> T) -> T? {
         if Worker.isCurrentThreadWorker { return work() }
-        guard calls.add(1, ordering: .relaxed).newValue <= Self.maxThreads else {
-            calls.subtract(1, ordering: .relaxed)
-            return nil
-        }
         let ticket = Ticket<T>()
         let forks = ForkGate.forks
-        let worker = WorkerPool.take()
+        guard let worker = takeWorker() else { return nil }
         worker.start { [self] in
-            let value = work()
-            calls.subtract(1, ordering: .relaxed)
-            // Back in the pool before the caller wakes: its next call finds this worker still spinning.
-            WorkerPool.finished(worker)
-            if !ticket.complete(value) { overdueCalls.subtract(1, ordering: .relaxed) }
+            if !ticket.complete(work()) { overdueCalls.subtract(1, ordering: .relaxed) }
         }
         return ticket.wait(timeout: timeout, overdue: overdueCalls, forksBefore: forks)
     }
@@ -38,28 +32,28 @@ final class Executor: @unchecked Sendable {
     private let overdueCalls = Atomic<Int>(0)
 
     /// Calls under way (a call past its deadline stays under way until the module returns).
-    var busy: Int { calls.load(ordering: .relaxed) }
-}
+    var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
 
-/// The process's idle workers, shared by every member's executor. A loop of calls spread over three members
-/// reuses the one worker still spinning from the last call; with a pool per member, each call found its member's
-/// worker asleep (its spin over while the two other members served) and paid a wake-up: about 20 us per call
-/// where one member alone cost 2.4 us (the overhead benchmark, Benchmarks/Overhead). Process-wide: in a child after
-/// fork the parent's workers do not exist (see Fork.swift).
-enum WorkerPool {
-    static let idle = ProcessLock<[Worker]>([])
-
-    static func take() -> Worker {
-        idle.withLock { $0.popLast() } ?? Worker()
+    /// Stops idle workers (busy ones stop when their call returns); their threads wait for other work (see spawnThread).
+    func close() {
+        closed.store(true, ordering: .releasing)
+        for worker in idle.withLock({ list in defer { list.removeAll() }; return list }) { worker.stop() }
     }
 
-    fileprivate static func finished(_ worker: Worker) {
+    private func takeWorker() -> Worker? {
+        if let worker = idle.withLock({ $0.popLast() }) { return worker }
+        guard threads.add(1, ordering: .relaxed).newValue <= Self.maxThreads else {
+            threads.subtract(1, ordering: .relaxed)
+            return nil
+        }
+        return Worker(owner: self)
+    }
+
+    /// Returns whether the worker should wait for more work.
+    fileprivate func finished(_ worker: Worker) -> Bool {
+        if closed.load(ordering: .acquiring) { return false }
         idle.withLock { $0.append(worker) }
-    }
-
-    /// In a child: the parent's workers' threads are not here (see `forgetInherited`).
-    static func forgetInChild() {
-        idle.withLock { forgetInherited(&$0) }
+        return true
     }
 }
 
@@ -136,11 +130,11 @@ private final class Ticket<T>: @unchecked Sendable {
     }
 }
 
-final class Worker: @unchecked Sendable {
+private final class Worker: @unchecked Sendable {
     private let wake = Handoff()
-    /// The next call, set by `start` and taken by the thread before it runs it: a call puts its worker back in
-    /// the pool before it ends, so the next one may be set while this one still runs.
     private var job: (() -> Void)?
+    private var stopping = false
+    private let owner: Executor
 
     private static let key: pthread_key_t = {
         var key = pthread_key_t()
@@ -150,19 +144,28 @@ final class Worker: @unchecked Sendable {
 
     static var isCurrentThreadWorker: Bool { pthread_getspecific(key) != nil }
 
-    fileprivate init() {
+    init(owner: Executor) {
+        self.owner = owner
         spawnThread { [self] in
             pthread_setspecific(Self.key, UnsafeRawPointer(bitPattern: 1))
+            // The thread goes back to the pool (see spawnThread): no longer a worker then.
+            defer { pthread_setspecific(Self.key, nil) }
             while true {
                 _ = wake.wait(spinNanos: 50_000, timeout: nil)
-                guard let current = job else { continue }
+                if stopping { return }
+                job?()
                 job = nil
-                current()
+                if !owner.finished(self) { return }
             }
         }
     }
 
-    fileprivate func start(_ job: @escaping () -> Void) {
+    func stop() {
+        stopping = true
+        wake.post()
+    }
+
+    func start(_ job: @escaping () -> Void) {
         self.job = job
         wake.post()
     }

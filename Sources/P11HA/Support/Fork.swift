@@ -183,7 +183,6 @@ public enum ForkGate {
         }
         for module in modules { take(module.users) }
         take(ThreadPool.idle)
-        take(WorkerPool.idle)
         take(Log.sink)
         taken = release
     }
@@ -209,8 +208,6 @@ public enum ForkGate {
         }
         ThreadPool.idle.recreateInChild()
         ThreadPool.forgetInChild()
-        WorkerPool.idle.recreateInChild()
-        WorkerPool.forgetInChild()
         Log.sink.recreateInChild()
         happened.store(true, ordering: .sequentiallyConsistent)
         pending.store(false, ordering: .sequentiallyConsistent)

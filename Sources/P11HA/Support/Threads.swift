@@ -55,22 +55,19 @@ final class PooledThread: @unchecked Sendable {
 enum ThreadPool {
     static let idle = ProcessLock<[PooledThread]>([])
 
-    /// In a child: the parent's idle threads are not here (see `forgetInherited`).
+    /// In a child: the parent's idle threads are not here. Their records are kept, never freed: destroying a
+    /// condition another (here absent) thread waits on can wait for ever.
     static func forgetInChild() {
-        idle.withLock { forgetInherited(&$0) }
+        idle.withLock { threads in
+            _ = Unmanaged.passRetained(Inherited(threads))
+            threads = []
+        }
     }
-}
 
-/// In a child after fork: empties a list of the parent's thread records (threads that are not in the child) without
-/// freeing them: destroying a condition another (here absent) thread waits on can wait for ever.
-func forgetInherited<T>(_ records: inout [T]) {
-    _ = Unmanaged.passRetained(Inherited(records))
-    records = []
-}
-
-private final class Inherited<T> {
-    let records: [T]
-    init(_ records: [T]) { self.records = records }
+    private final class Inherited {
+        let threads: [PooledThread]
+        init(_ threads: [PooledThread]) { self.threads = threads }
+    }
 }
 
 /// A flag one thread waits on, with a deadline, and another raises.
