@@ -145,7 +145,7 @@ extension FakeToken {
             guard s.operations.count == 1, let op = s.operations[.digest], op.mechanism.parameter == .none else {
                 throw P11Error.member(CK_RV(CKR_STATE_UNSAVEABLE))
             }
-            return Self.stateMagic + bigEndian(UInt64(op.mechanism.type)) + [op.multiPart ? 1 : 0] + op.input
+            return Self.stateMagic + bigEndianBytes(UInt64(op.mechanism.type)) + [op.multiPart ? 1 : 0] + op.input
         }
     }
 
@@ -158,7 +158,7 @@ extension FakeToken {
             guard state.count >= header + 9, Array(state.prefix(header)) == Self.stateMagic else {
                 throw P11Error.member(CK_RV(CKR_SAVED_STATE_INVALID))
             }
-            let type = state[header..<header + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let type: UInt64 = bigEndianValue(state[header..<header + 8])
             guard encryptionKey == nil, authenticationKey == nil else { throw P11Error.member(CK_RV(CKR_KEY_NOT_NEEDED)) }
             guard store.mechanisms.contains(CK_MECHANISM_TYPE(type)) else { throw P11Error.member(CK_RV(CKR_SAVED_STATE_INVALID)) }
             var op = FakeOperation(mechanism: Mechanism(CK_MECHANISM_TYPE(type)), key: nil)
@@ -433,5 +433,3 @@ enum FakeCrypto {
         }
     }
 }
-
-private func bigEndian(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: value.bigEndian) { Array($0) } }

@@ -306,6 +306,9 @@ func hex(_ bytes: some Sequence<UInt8>) -> String {
 /// `text` left-aligned in `width` columns.
 func padded(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
 
+/// `text` right-aligned in `width` columns.
+func rightAligned(_ text: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - text.count)) + text }
+
 /// `value` right-aligned in `width` columns with `decimals` decimals (printf's %W.Df, through vsnprintf).
 func fixed(_ value: Double, width: Int, decimals: Int) -> String {
     var buffer = [CChar](repeating: 0, count: 64)
@@ -487,8 +490,9 @@ struct Bench: ParsableCommand {
             guard let d = results["direct"]?[key], let h = results["p11ha"]?[key],
                   let dOps = Double(d["ops_per_s"] ?? ""), let hOps = Double(h["ops_per_s"] ?? "") else { continue }
             let parts = key.split(separator: " ")
-            let latencies = padded(String(repeating: " ", count: max(0, 8 - (d["p50_us"] ?? "?").count)) + (d["p50_us"] ?? "?") + "/" + (d["p99_us"] ?? "?"), 19)
-                + padded(String(repeating: " ", count: max(0, 8 - (h["p50_us"] ?? "?").count)) + (h["p50_us"] ?? "?") + "/" + (h["p99_us"] ?? "?"), 17)
+            // p50 right-aligned, p99 left-aligned, 8 columns each (printf's %8s/%-8s).
+            let latency = { (r: [String: String]) in rightAligned(r["p50_us"] ?? "?", 8) + "/" + padded(r["p99_us"] ?? "?", 8) }
+            let latencies = latency(d) + "  " + latency(h)
             print(padded(String(parts[0]), 24) + padded(String(parts[1]), 10) + fixed(dOps, width: 12, decimals: 1) + "  "
                   + fixed(hOps, width: 12, decimals: 1) + "  " + fixed(hOps / dOps, width: 13, decimals: 2) + "   " + latencies)
         }

@@ -18,7 +18,7 @@ package struct ObjectUID: Hashable, Comparable, Sendable, CustomStringConvertibl
     /// merged into one.
     package init(fingerprint: Fingerprint, attributes: [Attribute], occurrence: Int) {
         let bytes = encodeAttributes(fingerprint.attributes) + [0xFF] + encodeAttributes(attributes.sorted { $0.type < $1.type })
-            + withUnsafeBytes(of: UInt64(occurrence).bigEndian) { Array($0) }
+            + bigEndianBytes(UInt64(occurrence))
         high = digest64(bytes, seed: 0x7031_3168_6121_0001)
         low = digest64(bytes, seed: 0x7031_3168_6121_0002)
     }
@@ -132,8 +132,7 @@ package struct Fingerprint: Hashable, Sendable {
         }
         if var blob = wrapped {
             // RFC 5649 is deterministic: copies of one key wrap alike under the shared key. Only a digest is kept.
-            let digest = withUnsafeBytes(of: digest64(blob, seed: 1).bigEndian) { Array($0) }
-                + withUnsafeBytes(of: digest64(blob, seed: 2).bigEndian) { Array($0) }
+            let digest = bigEndianBytes(digest64(blob, seed: 1)) + bigEndianBytes(digest64(blob, seed: 2))
             for i in blob.indices { blob[i] = 0 }
             // The check value is not kept beside it: SoftHSM sets one on made keys, not on unwrapped copies.
             attributes.removeAll { $0.type == CKA_CHECK_VALUE }
@@ -371,8 +370,8 @@ func randomUInt64() -> UInt64 { UInt64.random(in: .min ... .max) }
 func encodeAttributes(_ attributes: [Attribute]) -> [UInt8] {
     var out: [UInt8] = []
     for a in attributes {
-        out += withUnsafeBytes(of: UInt64(a.type).bigEndian) { Array($0) }
-        out += withUnsafeBytes(of: UInt32(a.value.count).bigEndian) { Array($0) }
+        out += bigEndianBytes(UInt64(a.type))
+        out += bigEndianBytes(UInt32(a.value.count))
         out += a.value
     }
     return out
@@ -383,8 +382,8 @@ func decodeAttributes(_ bytes: [UInt8]) -> [Attribute]? {
     var i = 0
     while i < bytes.count {
         guard i + 12 <= bytes.count else { return nil }
-        let type = bytes[i..<i + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-        let length = Int(bytes[i + 8..<i + 12].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        let type: UInt64 = bigEndianValue(bytes[i..<i + 8])
+        let length = Int(bigEndianValue(bytes[i + 8..<i + 12]) as UInt32)
         i += 12
         guard i + length <= bytes.count else { return nil }
         result.append(Attribute(CK_ATTRIBUTE_TYPE(type), Array(bytes[i..<i + length])))

@@ -739,7 +739,8 @@ struct Newcomers {
     var placed = Set<MemberObject>()
     static let every = 16
     private var seen: [[[UInt8]?]] = []
-    private var sinceLook: Int? = nil
+    /// Copies since the last look; the first copy looks.
+    private var sinceLook = Newcomers.every
 
     init(token: any TokenBackend, session: MemberSession, enumerated: Set<MemberObject>) {
         self.token = token
@@ -750,7 +751,7 @@ struct Newcomers {
     /// Whether a newcomer has the class, and the label and ID where given, of `probe` (a search's template). A look
     /// that fails finds nothing, as a failed search did.
     mutating func match(_ probe: [Attribute]) -> Bool {
-        if sinceLook.map({ $0 >= Self.every }) ?? true {
+        if sinceLook >= Self.every {
             sinceLook = 0
             seen = []
             if let present = try? token.findObjects(session, [Attribute(CKA_TOKEN, bool: true)]) {
@@ -759,7 +760,7 @@ struct Newcomers {
                 }
             }
         }
-        sinceLook! += 1
+        sinceLook += 1
         let wanted = Self.types.map { type in probe.first { $0.type == type }?.value }
         return seen.contains { values in zip(wanted, values).allSatisfy { want, have in want == nil || want == have } }
     }

@@ -162,3 +162,9 @@ public func fieldString<T>(_ field: T) -> String {
         return String(decoding: bytes, as: UTF8.self)
     }
 }
+
+/// `value`'s bytes, most significant first: the order of p11ha's own encodings (records, identities, saved states).
+package func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] { withUnsafeBytes(of: value.bigEndian) { Array($0) } }
+
+/// The integer that `bytes` hold, most significant first (the inverse of `bigEndianBytes`).
+package func bigEndianValue<T: FixedWidthInteger>(_ bytes: some Collection<UInt8>) -> T { bytes.reduce(0) { $0 << 8 | T($1) } }

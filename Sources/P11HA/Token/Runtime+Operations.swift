@@ -183,9 +183,8 @@ extension Runtime {
             // An operation goes on (its next call fails it over); its state cannot be had now.
             throw P11Error(CK_RV(CKR_STATE_UNSAVEABLE))
         }
-        return Self.stateMagic + withUnsafeBytes(of: UInt32(member.index).bigEndian) { Array($0) }
-            + [active.first.map { UInt8($0.kind.rawValue) } ?? Self.noOperation]
-            + withUnsafeBytes(of: UInt64(active.first?.op.mechanism.type ?? 0).bigEndian) { Array($0) } + state
+        return Self.stateMagic + bigEndianBytes(UInt32(member.index)) + [active.first.map { UInt8($0.kind.rawValue) } ?? Self.noOperation]
+            + bigEndianBytes(UInt64(active.first?.op.mechanism.type ?? 0)) + state
     }
 
     /// The kind byte of a state saved with no operation under way.
@@ -212,8 +211,8 @@ extension Runtime {
             session.endStrayOperations(on: member, memberSession)
             throw invalid
         }
-        let index = Int(saved[magic..<magic + 4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
-        let mechanismType = saved[magic + 5..<magic + 13].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let index = Int(bigEndianValue(saved[magic..<magic + 4]) as UInt32)
+        let mechanismType: UInt64 = bigEndianValue(saved[magic + 5..<magic + 13])
         let kindByte = saved[magic + 4]
         let kind = OperationKind(rawValue: Int(kindByte))
         guard index < session.group.members.count, kind != nil || kindByte == Self.noOperation else { throw invalid }
