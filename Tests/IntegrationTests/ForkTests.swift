@@ -43,7 +43,7 @@ struct ForkTests {
         try #require(!frozen.isEmpty, "member-c's server had no connection to freeze")
         try servers.waitForEvent("member-failed", member: "member-b")
         try servers.waitForEvent("member-failed", member: "member-c", timeout: 20)
-        FileManager.default.createFile(atPath: go, contents: nil)
+        try #require(FileManager.default.createFile(atPath: go, contents: nil), "cannot create \(go)")
 
         let seconds = Double(Self.children) * 2 + 60
         let parent = try #require(storm.wait(seconds: seconds), "fork_storm still running after \(seconds) s:\n\(storm.output)\(storm.errorOutput)")

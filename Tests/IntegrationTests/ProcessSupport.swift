@@ -24,49 +24,48 @@ func runProcess(
     let path = try Paths.executable(executable, searchPath: environment["PATH"])
     let shown = describe(executable, arguments)
 
-    // A child that exits without reading its input must not kill the test process with SIGPIPE.
-    signal(SIGPIPE, SIG_IGN)
-
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    process.environment = environment
-    let outPipe = Pipe()
-    let errPipe = Pipe()
-    process.standardOutput = outPipe
-    process.standardError = errPipe
-    let inPipe: Pipe? = stdin == nil ? nil : Pipe()
-    process.standardInput = inPipe ?? FileHandle.nullDevice
-
-    let exited = DispatchSemaphore(value: 0)
-    process.terminationHandler = { _ in exited.signal() }
-    try process.run()
+    let output = try PipeEnds()
+    let errors = try PipeEnds()
+    let input = try stdin.map { _ in try PipeEnds() }
+    let nullDevice = open("/dev/null", O_RDONLY | O_CLOEXEC)
+    defer { close(nullDevice) }
+    let child: Child
+    do {
+        child = try Child(path, arguments, environment: environment,
+                          stdin: input?.read ?? nullDevice, stdout: output.write, stderr: errors.write)
+    } catch {
+        for ends in [output, errors] + (input.map { [$0] } ?? []) { ends.closeBoth() }
+        throw error
+    }
+    // The child has its copies; the test process keeps only its own ends, so that EOF comes when the child ends.
+    output.closeWrite()
+    errors.closeWrite()
+    input?.closeRead()
 
     // Drain both pipes while the child runs so that neither fills up and blocks it.
     let readers = DispatchGroup()
     let out = Collected()
     let err = Collected()
-    for (handle, sink) in [(outPipe.fileHandleForReading, out), (errPipe.fileHandleForReading, err)] {
-        let reader = UncheckedBox(handle)
+    for (fd, sink) in [(output.read, out), (errors.read, err)] {
         DispatchQueue.global().async(group: readers) {
-            sink.set(reader.value.readDataToEndOfFile())
+            sink.set(readToEnd(fd))
+            close(fd)
         }
     }
-    if let inPipe, let stdin {
-        let writer = UncheckedBox(inPipe.fileHandleForWriting)
+    if let input, let stdin {
+        let fd = input.write
         DispatchQueue.global().async {
-            try? writer.value.write(contentsOf: stdin)
-            try? writer.value.close()
+            writeAll(stdin, to: fd)
+            close(fd)
         }
     }
 
-    if exited.wait(timeout: .now() + seconds) == .timedOut {
-        // Foundation starts the child as a process group leader: end the whole group, grandchildren too.
-        let group = -process.processIdentifier
-        kill(group, SIGTERM)
-        if exited.wait(timeout: .now() + 2) == .timedOut {
-            kill(group, SIGKILL)
-            _ = exited.wait(timeout: .now() + 5)
+    guard let status = child.wait(seconds: seconds) else {
+        // The child leads its own process group: end the whole group, grandchildren too.
+        kill(-child.pid, SIGTERM)
+        if child.wait(seconds: 2) == nil {
+            kill(-child.pid, SIGKILL)
+            _ = child.wait(seconds: 5)
         }
         // A grandchild may still hold the pipes open: do not wait for the readers forever.
         _ = readers.wait(timeout: .now() + 2)
@@ -76,10 +75,6 @@ func runProcess(
     if readers.wait(timeout: .now() + 10) == .timedOut {
         throw SupportError("\(shown) exited but its output stayed open (a child process still holds it)")
     }
-
-    let status: Int32 =
-        process.terminationReason == .uncaughtSignal
-        ? 128 + process.terminationStatus : process.terminationStatus
     return ProcessResult(status: status, stdout: out.text, stderr: err.text)
 }
 
@@ -88,37 +83,25 @@ final class Started: @unchecked Sendable {
     let pid: pid_t
     let outputPath: String
     let errorPath: String
-    private let process: Process
-    private let exited = DispatchSemaphore(value: 0)
-    private let lock = NSLock()
-    /// Guarded by `lock`.
-    private var status: Int32?
+    private let child: Child
 
     init(_ executable: String, _ arguments: [String], environment: [String: String],
          output: String, errors: String) throws {
-        // A child that dies holding the other end of a pipe must not kill the test process with SIGPIPE.
-        signal(SIGPIPE, SIG_IGN)
         let path = try Paths.executable(executable, searchPath: environment["PATH"])
         outputPath = output
         errorPath = errors
-        for file in [output, errors] {
-            guard FileManager.default.createFile(atPath: file, contents: nil) else {
-                throw SupportError("cannot create \(file)")
-            }
+        let nullDevice = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        let out = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let err = open(errors, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        defer { for fd in [nullDevice, out, err] where fd >= 0 { close(fd) } }
+        guard nullDevice >= 0, out >= 0, err >= 0 else {
+            throw SupportError("cannot open \(output) or \(errors): \(String(cString: strerror(errno)))")
         }
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        process.environment = environment
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle(forWritingAtPath: output)
-        process.standardError = FileHandle(forWritingAtPath: errors)
-        process.terminationHandler = { [exited] _ in exited.signal() }
-        try process.run()
-        pid = process.processIdentifier
+        child = try Child(path, arguments, environment: environment, stdin: nullDevice, stdout: out, stderr: err)
+        pid = child.pid
     }
 
-    var isRunning: Bool { lock.withLock { status == nil } && process.isRunning }
+    var isRunning: Bool { child.status == nil }
 
     /// What it wrote so far.
     var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
@@ -126,40 +109,15 @@ final class Started: @unchecked Sendable {
 
     /// Waits for the exit; nil if it is still running after `seconds`. Killed by signal N, the status is 128 + N.
     func wait(seconds: Double) -> ProcessResult? {
-        let deadline = Date().addingTimeInterval(seconds)
-        var zombieSince: Date?
-        while lock.withLock({ status == nil }) {
-            if exited.wait(timeout: .now() + 0.1) == .success {
-                exited.signal()  // for any other waiter
-                let code = process.terminationReason == .uncaughtSignal
-                    ? 128 + process.terminationStatus : process.terminationStatus
-                lock.withLock { status = code }
-                break
-            }
-            // Foundation sometimes never notices a child's death (seen with a child killed by SIGSEGV): a zombie
-            // left for a second is reaped here, so that a crash is reported as one and not as a hang.
-            if ProcessStat(pid)?.state == "Z" {
-                let since = zombieSince ?? Date()
-                zombieSince = since
-                var raw: Int32 = 0
-                if Date().timeIntervalSince(since) > 1, waitpid(pid, &raw, WNOHANG) == pid {
-                    let signal = raw & 0x7f
-                    let code = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
-                    lock.withLock { status = code }
-                    break
-                }
-            }
-            if Date() >= deadline { return nil }
-        }
-        return lock.withLock { status }.map { ProcessResult(status: $0, stdout: output, stderr: errorOutput) }
+        child.wait(seconds: seconds).map { ProcessResult(status: $0, stdout: output, stderr: errorOutput) }
     }
 
     /// SIGKILL to the process and everything it started (found before the process dies and its children are
     /// reparented), then waits for it to be reaped.
     func killTree() {
-        guard lock.withLock({ status == nil }) else { return }
+        guard child.status == nil else { return }
         let children = descendants(of: pid)
-        // Foundation starts a child as the leader of its own process group, which its children join.
+        // The child leads its own process group, which its children join unless they leave it.
         if ProcessStat(pid)?.group == pid {
             Glibc.kill(-pid, SIGKILL)
         }
@@ -168,6 +126,134 @@ final class Started: @unchecked Sendable {
             Glibc.kill(child, SIGKILL)
         }
         _ = wait(seconds: 10)
+    }
+}
+
+/// A child process started with posix_spawn, reaped by a thread of its own. Foundation's Process is not used:
+/// on Linux it keeps every Process and its pipes alive (over 500 descriptors after the integration tests), and
+/// its scan of /proc/self/fd copies a whole dirent name past the end of the last entry: with that many
+/// descriptors the copy ran off a page, and the test process crashed in Process.run (CI, Nov 30).
+/// The child leads its own process group, has only descriptors 0 to 2, and SIGPIPE at its default (the test
+/// process ignores it; an application run by the tests should meet the signal as it would outside them).
+private final class Child: @unchecked Sendable {
+    let pid: pid_t
+    private let lock = NSLock()
+    private let exited = DispatchSemaphore(value: 0)
+    /// Guarded by `lock`: the shell-style status once reaped.
+    private var reaped: Int32?
+
+    init(_ path: String, _ arguments: [String], environment: [String: String],
+         stdin: Int32, stdout: Int32, stderr: Int32) throws {
+        // A child that dies holding the other end of a pipe must not kill the test process with SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for (source, target) in [(stdin, Int32(0)), (stdout, 1), (stderr, 2)] {
+            posix_spawn_file_actions_adddup2(&actions, source, target)
+        }
+        guard closeFrom(&actions, 3) == 0 else { throw SupportError("posix_spawn_file_actions_addclosefrom_np failed") }
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        sigaddset(&defaults, SIGPIPE)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        var unblocked = sigset_t()
+        sigemptyset(&unblocked)
+        posix_spawnattr_setsigmask(&attributes, &unblocked)
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
+        guard spawned == 0 else {
+            throw SupportError("cannot start \(path): \(String(cString: strerror(spawned)))")
+        }
+        self.pid = pid
+
+        let reaper = Thread { [self, pid] in
+            var raw: Int32 = 0
+            while waitpid(pid, &raw, 0) == -1 && errno == EINTR {}
+            let signal = raw & 0x7f
+            let status = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
+            lock.withLock { reaped = status }
+            exited.signal()
+        }
+        reaper.start()
+    }
+
+    /// The shell-style status, nil while it runs.
+    var status: Int32? { lock.withLock { reaped } }
+
+    /// The status once it exits, nil if it still runs after `seconds`.
+    func wait(seconds: Double) -> Int32? {
+        if let status { return status }
+        guard exited.wait(timeout: .now() + seconds) == .success else { return nil }
+        exited.signal()  // for any other waiter
+        return status
+    }
+}
+
+/// glibc's posix_spawn_file_actions_addclosefrom_np (2.34 and later), which Swift's Glibc module does not import.
+private let closeFrom: @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32 = {
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else {
+        fatalError("glibc 2.34 or later is needed (posix_spawn_file_actions_addclosefrom_np)")
+    }
+    return unsafeBitCast(symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32).self)
+}()
+
+/// Both ends of a pipe, close-on-exec (the child gets its end through dup2, which clears the flag).
+private struct PipeEnds {
+    let read: Int32
+    let write: Int32
+
+    init() throws {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else {
+            throw SupportError("pipe: \(String(cString: strerror(errno)))")
+        }
+        // Another thread's spawn between pipe and here does not matter: every child closes descriptors from 3 on.
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        read = ends[0]
+        write = ends[1]
+    }
+
+    func closeRead() { close(read) }
+    func closeWrite() { close(write) }
+    func closeBoth() { closeRead(); closeWrite() }
+}
+
+/// Everything `fd` yields until end of file.
+private func readToEnd(_ fd: Int32) -> Data {
+    var data = Data()
+    var buffer = [UInt8](repeating: 0, count: 65_536)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count > 0 {
+            data.append(contentsOf: buffer[..<count])
+        } else if count == 0 || errno != EINTR {
+            return data
+        }
+    }
+}
+
+/// Writes `data` to `fd`, stopping early if the reader has gone (EPIPE; SIGPIPE is ignored in the test process).
+private func writeAll(_ data: Data, to fd: Int32) {
+    var bytes = [UInt8](data)[...]
+    while !bytes.isEmpty {
+        let count = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if count > 0 {
+            bytes = bytes.dropFirst(count)
+        } else if count < 0 && errno != EINTR {
+            return
+        }
     }
 }
 
@@ -290,10 +376,4 @@ private final class Collected: @unchecked Sendable {
 
     func set(_ data: Data) { lock.withLock { self.data = data } }
     var text: String { lock.withLock { String(decoding: data, as: UTF8.self) } }
-}
-
-/// Hands a FileHandle to the one reader or writer thread that uses it.
-private struct UncheckedBox<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
 }
