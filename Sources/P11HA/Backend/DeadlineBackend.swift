@@ -16,11 +16,15 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
     /// Runs `work` within the deadline; past it, the caller gets `late` (a member fault) and the work goes on
     /// without it.
     @inline(__always)
-    private func run<T, E: Error>(late: E = P11Error.deadlineExceeded, _ work: @escaping () throws(E) -> T) throws(E) -> T {
-        guard let result = executor.run(timeout: timeout, { () -> Result<T, E> in
-            Result { () throws(E) -> T in try work() }
-        }) else { throw late }
+    private func run<T, E: Error>(late: E, _ work: @escaping () throws(E) -> T) throws(E) -> T {
+        guard let result = executor.run(timeout: timeout, work) else { throw late }
         return try result.get()
+    }
+
+    /// A member call within the deadline: past it, `P11Error.deadlineExceeded`.
+    @inline(__always)
+    private func run<T>(_ work: @escaping () throws(P11Error) -> T) throws(P11Error) -> T {
+        try run(late: P11Error.deadlineExceeded, work)
     }
 
     // MARK: life
@@ -45,7 +49,6 @@ public final class DeadlineBackend: TokenBackend, @unchecked Sendable {
         if callsOverdue == 0 {
             _ = try? run { [base] () throws(P11Error) in base.disconnect() }
         }
-        executor.close()
     }
 
     public var callsUnderWay: Int { executor.busy + base.callsUnderWay }

@@ -3,28 +3,50 @@
 //
 // Handing a call to another thread costs two wake-ups, tens of microseconds on a virtual machine; both
 // sides therefore spin briefly before they sleep: a caller waits for a fast call by spinning (yielding the
-// CPU), and a worker that just finished spins a little for the next call.
+// CPU), and a worker that just finished spins a little for the next call, which comes from the same application
+// thread (each has its worker), whatever member it goes to.
 import Glibc
 import Synchronization
 
 final class Executor: @unchecked Sendable {
-    private let idle = Mutex<[Worker]>([])
-    /// Threads serving this member, busy or idle: a member whose calls hang cannot eat every thread of the
-    /// process; past the limit its calls fail at once (it is out of service by then anyway).
-    private let threads = Atomic<Int>(0)
+    /// This member's calls under way, overdue ones included: a member whose calls hang cannot eat every thread of
+    /// the process; past the limit its calls fail at once (it is out of service by then anyway).
+    private let calls = Atomic<Int>(0)
     static let maxThreads = 64
-    fileprivate let closed = Atomic<Bool>(false)
 
-    /// Runs `work` on a worker and waits for it until `timeout`; nil when the deadline passed first.
-    func run<T>(timeout: Duration, _ work: @escaping () -> T) -> T? {
-        if Worker.isCurrentThreadWorker { return work() }
-        let ticket = Ticket<T>()
-        let forks = ForkGate.forks
-        guard let worker = takeWorker() else { return nil }
-        worker.start { [self] in
-            if !ticket.complete(work()) { overdueCalls.subtract(1, ordering: .relaxed) }
+    /// Runs `work` on the calling thread's worker and waits for it until `timeout`; nil when the deadline passed
+    /// first. Nothing is allocated for the hand-off: the worker and its two wake-ups are the thread's, reused call
+    /// after call, and the result is written straight into this frame (only by a call whose caller still waits).
+    func run<T, E: Error>(timeout: Duration, _ work: @escaping () throws(E) -> T) -> Result<T, E>? {
+        if Worker.isCurrentThreadWorker { return Result { () throws(E) -> T in try work() } }
+        guard calls.add(1, ordering: .relaxed).newValue <= Self.maxThreads else {
+            calls.subtract(1, ordering: .relaxed)
+            return nil
         }
-        return ticket.wait(timeout: timeout, overdue: overdueCalls, forksBefore: forks)
+        let forks = ForkGate.forks
+        let worker = Worker.paired()
+        var result: Result<T, E>? = nil
+        let delivered = withUnsafeMutablePointer(to: &result) { slot in
+            // Outlives this frame only in a call whose caller gave up, and such a call cannot claim it (below).
+            let slot = UnsafeMutableRawPointer(slot)
+            worker.start { [self, worker] in
+                let value = Result { () throws(E) -> T in try work() }
+                calls.subtract(1, ordering: .relaxed)
+                if worker.claim() {
+                    slot.assumingMemoryBound(to: Result<T, E>?.self).pointee = value
+                    worker.deliver()
+                } else {
+                    overdueCalls.subtract(1, ordering: .relaxed)
+                }
+            }
+            return worker.awaitDelivery(timeout: timeout, overdue: overdueCalls, forksBefore: forks)
+        }
+        guard delivered else {
+            // The worker is still inside the member: this thread gets another for its next call.
+            Worker.unpair(worker)
+            return nil
+        }
+        return result
     }
 
     /// Calls whose caller gave up at the deadline and that are still inside the token.
@@ -32,29 +54,7 @@ final class Executor: @unchecked Sendable {
     private let overdueCalls = Atomic<Int>(0)
 
     /// Calls under way (a call past its deadline stays under way until the module returns).
-    var busy: Int { threads.load(ordering: .relaxed) - idle.withLock { $0.count } }
-
-    /// Stops idle workers (busy ones stop when their call returns); their threads wait for other work (see spawnThread).
-    func close() {
-        closed.store(true, ordering: .releasing)
-        for worker in idle.withLock({ list in defer { list.removeAll() }; return list }) { worker.stop() }
-    }
-
-    private func takeWorker() -> Worker? {
-        if let worker = idle.withLock({ $0.popLast() }) { return worker }
-        guard threads.add(1, ordering: .relaxed).newValue <= Self.maxThreads else {
-            threads.subtract(1, ordering: .relaxed)
-            return nil
-        }
-        return Worker(owner: self)
-    }
-
-    /// Returns whether the worker should wait for more work.
-    fileprivate func finished(_ worker: Worker) -> Bool {
-        if closed.load(ordering: .acquiring) { return false }
-        idle.withLock { $0.append(worker) }
-        return true
-    }
+    var busy: Int { calls.load(ordering: .relaxed) }
 }
 
 /// Spins while `condition` holds, for at most `nanos`, yielding the CPU now and then; returns the condition's
@@ -97,76 +97,119 @@ private final class Handoff: @unchecked Sendable {
     }
 }
 
-/// The result of one call, handed from the worker to the waiting caller (who may have given up).
-private final class Ticket<T>: @unchecked Sendable {
-    private let done = Handoff()
-    private var result: T?
-    /// 0 waiting, 1 completed, 2 the caller gave up (the call is overdue).
-    private let state = Atomic<Int>(0)
-
-    /// Hands the result over; false when the caller had given up on it.
-    func complete(_ value: T) -> Bool {
-        result = value
-        let (completed, _) = state.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing)
-        done.post()
-        return completed
-    }
-
-    /// The result, or nil when `timeout` passed first: the call then counts in `overdue` until it completes
-    /// (counted before the call is marked given up, so that its completion never finds the count at zero).
-    func wait(timeout: Duration, overdue: borrowing Atomic<Int>, forksBefore: UInt64) -> T? {
-        // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
-        // afford the wake-up. A longer spin starves other processes on a loaded machine.
-        if !done.wait(spinNanos: 200_000, timeout: timeout), ForkGate.forked(since: forksBefore) {
-            // A fork held the call back (it waits for the calls in flight to end): the member gets its full time
-            // once more, and is not blamed for the application's fork.
-            _ = done.wait(spinNanos: 0, timeout: timeout)
-        }
-        if state.load(ordering: .acquiring) == 1 { return result }
-        overdue.add(1, ordering: .relaxed)
-        if state.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return nil }
-        overdue.subtract(1, ordering: .relaxed)
-        return result
-    }
-}
-
+/// A thread of p11ha's paired with one application thread, which hands it that thread's member calls, whatever the
+/// member. Calls from one thread come one at a time, so its worker is idle, and most often still spinning after the
+/// last call, when the next comes. Workers per member (the earlier design) made a loop of calls spread over three
+/// members find its member's worker asleep each time, a wake-up of about 20 us per call where one member cost 2.4 us
+/// (Benchmarks/Overhead). A worker left inside an overdue call is unpaired: it stops once the call returns.
 private final class Worker: @unchecked Sendable {
+    /// The caller's wake-up for the worker: a call is ready.
     private let wake = Handoff()
+    /// The worker's wake-up for the caller: the result is in place.
+    private let done = Handoff()
+    /// The call under way: 0 running, 1 claimed by the worker (its result is being written), 2 given up by the
+    /// caller (overdue). Back to 0 once delivered; a worker whose call was given up is never used again.
+    private let outcome = Atomic<Int>(0)
+    /// Set by `start`, taken by the worker's thread (the handoff orders the two).
     private var job: (() -> Void)?
-    private var stopping = false
-    private let owner: Executor
+    private let stopping = Atomic<Bool>(false)
+    /// The process it was made in: after fork, the forking thread still names its parent's worker, whose thread
+    /// is not in the child.
+    private let generation = ForkGate.generation
 
-    private static let key: pthread_key_t = {
+    /// Marks p11ha's worker threads (a call they make runs inline).
+    private static let workerKey: pthread_key_t = {
         var key = pthread_key_t()
         pthread_key_create(&key, nil)
         return key
     }()
 
-    static var isCurrentThreadWorker: Bool { pthread_getspecific(key) != nil }
+    /// The calling thread's worker (retained); stopped when the thread ends.
+    private static let pairKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { raw in
+            guard let raw else { return }
+            let worker = Unmanaged<Worker>.fromOpaque(raw).takeRetainedValue()
+            if worker.generation == ForkGate.generation { worker.stop() }
+        }
+        return key
+    }()
 
-    init(owner: Executor) {
-        self.owner = owner
+    static var isCurrentThreadWorker: Bool { pthread_getspecific(workerKey) != nil }
+
+    /// The calling thread's worker, made on its first call (and again in a forked child, and after an overdue call).
+    @inline(__always)
+    static func paired() -> Worker {
+        if let raw = pthread_getspecific(pairKey) {
+            let worker = Unmanaged<Worker>.fromOpaque(raw).takeUnretainedValue()
+            if worker.generation == ForkGate.generation { return worker }
+            // The parent's worker: its record is kept (its condition may be one an absent thread waited on).
+        }
+        let worker = Worker()
+        pthread_setspecific(pairKey, Unmanaged.passRetained(worker).toOpaque())
+        return worker
+    }
+
+    /// Lets `worker`, inside an overdue call, stop when the call returns; the calling thread gets a new one.
+    static func unpair(_ worker: Worker) {
+        guard let raw = pthread_getspecific(pairKey), raw == Unmanaged.passUnretained(worker).toOpaque() else { return }
+        pthread_setspecific(pairKey, nil)
+        Unmanaged<Worker>.fromOpaque(raw).release()
+        worker.stop()
+    }
+
+    private init() {
         spawnThread { [self] in
-            pthread_setspecific(Self.key, UnsafeRawPointer(bitPattern: 1))
+            pthread_setspecific(Self.workerKey, UnsafeRawPointer(bitPattern: 1))
             // The thread goes back to the pool (see spawnThread): no longer a worker then.
-            defer { pthread_setspecific(Self.key, nil) }
+            defer { pthread_setspecific(Self.workerKey, nil) }
             while true {
                 _ = wake.wait(spinNanos: 50_000, timeout: nil)
-                if stopping { return }
-                job?()
+                if stopping.load(ordering: .acquiring) { return }
+                guard let current = job else { continue }
                 job = nil
-                if !owner.finished(self) { return }
+                current()
             }
         }
     }
 
-    func stop() {
-        stopping = true
+    private func stop() {
+        stopping.store(true, ordering: .releasing)
         wake.post()
     }
 
     func start(_ job: @escaping () -> Void) {
         self.job = job
         wake.post()
+    }
+
+    /// On the worker, once the member returned: whether the caller still waits (the result may then be written).
+    func claim() -> Bool {
+        outcome.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// On the worker, once the claimed result is written.
+    func deliver() { done.post() }
+
+    /// On the caller: whether the result was delivered before `timeout`. A call given up counts in `overdue` until
+    /// it returns (counted before it is marked given up, so that its end never finds the count at zero).
+    func awaitDelivery(timeout: Duration, overdue: borrowing Atomic<Int>, forksBefore: UInt64) -> Bool {
+        // Most calls (signatures with EC keys, digests, random) finish within the spin; longer ones (RSA)
+        // afford the wake-up. A longer spin starves other processes on a loaded machine.
+        var delivered = done.wait(spinNanos: 200_000, timeout: timeout)
+        if !delivered, ForkGate.forked(since: forksBefore) {
+            // A fork held the call back (it waits for the calls in flight to end): the member gets its full time
+            // once more, and is not blamed for the application's fork.
+            delivered = done.wait(spinNanos: 0, timeout: timeout)
+        }
+        if !delivered {
+            overdue.add(1, ordering: .relaxed)
+            if outcome.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return false }
+            // The worker claimed the call as the deadline passed: its result is being written, a matter of moments.
+            overdue.subtract(1, ordering: .relaxed)
+            _ = done.wait(spinNanos: 200_000, timeout: nil)
+        }
+        outcome.store(0, ordering: .releasing)
+        return true
     }
 }

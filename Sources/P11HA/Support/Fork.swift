@@ -63,6 +63,10 @@ public enum ForkGate {
     private static let drainNanos = Atomic<UInt64>(2_000_000_000)
     /// Set in a child: the parent's runtime is not this process's to use.
     static let happened = Atomic<Bool>(false)
+    /// Counts the forks into this process (0 in a process that was not forked from one using p11ha): records made
+    /// in a parent tell by it that they are inherited.
+    private static let children = Atomic<UInt64>(0)
+    static var generation: UInt64 { children.load(ordering: .relaxed) }
     /// Forks begun in this process, for calls to tell whether one held them back.
     private static let begun = Atomic<UInt64>(0)
 
@@ -209,6 +213,7 @@ public enum ForkGate {
         ThreadPool.idle.recreateInChild()
         ThreadPool.forgetInChild()
         Log.sink.recreateInChild()
+        children.add(1, ordering: .relaxed)
         happened.store(true, ordering: .sequentiallyConsistent)
         pending.store(false, ordering: .sequentiallyConsistent)
     }
