@@ -88,7 +88,7 @@ struct file_key {
     struct timespec mtime, ctime;
 };
 
-enum verb { VERB_OK, VERB_FAIL, VERB_FAIL_AFTER, VERB_HANG, VERB_WEDGE };
+enum verb { VERB_OK, VERB_FAIL, VERB_FAIL_AFTER, VERB_HANG, VERB_WEDGE, VERB_SLOW };
 
 /* Successful C_Initialize calls of this process: a wedge holds until the next one. */
 static unsigned long starts;
@@ -98,6 +98,7 @@ struct command {
     CK_RV code;
     unsigned long let_through; /* fail-after: matching calls still to let through */
     unsigned long wedged_start; /* wedge: the value of `starts` when this version of the file was read */
+    unsigned long micros;       /* slow: the service time of one matching call */
     int every_function;        /* no function listed */
     unsigned char functions[FUNCTION_COUNT];
 };
@@ -108,6 +109,8 @@ struct control {
     char label[LABEL_SIZE];
     struct file_key key;
     struct command command;
+    /* slow: the token's one engine, which serves one matching call at a time. */
+    pthread_mutex_t engine;
 };
 static struct control *controls;
 
@@ -387,6 +390,9 @@ static struct command parse_command(char *text, const char *label)
         parsed.verb = VERB_WEDGE;
         parsed.wedged_start = __atomic_load_n(&starts, __ATOMIC_ACQUIRE);
         first_function = 2;
+    } else if (strcmp(words[0], "slow") == 0 && count >= 2 && parse_number(words[1], &parsed.micros)) {
+        parsed.verb = VERB_SLOW;
+        first_function = 2;
     } else if (strcmp(words[0], "hang") == 0) {
         parsed.verb = VERB_HANG;
         first_function = 1;
@@ -468,10 +474,12 @@ static void reload(struct control *control, const char *path)
     /* Still changing: leave the key stale so the next call reads it again. */
 }
 
-enum decision { FORWARD, INJECT, HANG };
+enum decision { FORWARD, INJECT, HANG, SLOW };
 
-/* What to do now with a call of `function` on the token `label`, per its command file. */
-static enum decision decide(const char *control_dir, const char *label, enum function function, CK_RV *code)
+/* What to do now with a call of `function` on the token `label`, per its command file. SLOW names the token's
+ * engine and the service time. */
+static enum decision decide(const char *control_dir, const char *label, enum function function, CK_RV *code,
+                            pthread_mutex_t **engine, unsigned long *micros)
 {
     char path[PATH_MAX];
     if (snprintf(path, sizeof path, "%s/%s", control_dir, label) >= (int)sizeof path)
@@ -495,6 +503,7 @@ static enum decision decide(const char *control_dir, const char *label, enum fun
             return FORWARD;
         }
         snprintf(control->label, sizeof control->label, "%s", label);
+        pthread_mutex_init(&control->engine, NULL);
         control->command.verb = VERB_OK; /* key.present == 0: an absent file, until read */
         control->next = controls;
         controls = control;
@@ -521,6 +530,11 @@ static enum decision decide(const char *control_dir, const char *label, enum fun
         case VERB_WEDGE:
             if (command->wedged_start == __atomic_load_n(&starts, __ATOMIC_ACQUIRE))
                 decision = INJECT;
+            break;
+        case VERB_SLOW:
+            decision = SLOW;
+            *engine = &control->engine;
+            *micros = command->micros;
             break;
         case VERB_OK:
             break;
@@ -564,9 +578,20 @@ static int enter_slot(struct call *call, enum function function, CK_SLOT_ID slot
 
     for (;;) {
         CK_RV code = CKR_OK;
-        switch (decide(call->settings->control, call->label, function, &code)) {
+        pthread_mutex_t *engine = NULL;
+        unsigned long micros = 0;
+        switch (decide(call->settings->control, call->label, function, &code, &engine, &micros)) {
         case FORWARD:
             return 1;
+        case SLOW: {
+            /* The engine is busy for the service time, then the call goes on to the real module. */
+            struct timespec service = { (time_t)(micros / 1000000), (long)(micros % 1000000) * 1000 };
+            pthread_mutex_lock(engine);
+            while (nanosleep(&service, &service) != 0 && errno == EINTR) {
+            }
+            pthread_mutex_unlock(engine);
+            return 1;
+        }
         case INJECT:
             call->rv = code;
             return 0;
