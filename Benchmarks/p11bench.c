@@ -5,7 +5,7 @@
  *   cc -Wall -Wextra -O2 $(pkg-config --cflags p11-kit-1) \
  *      -o p11bench p11bench.c -ldl -lpthread
  *   p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]   (or the PIN in P11BENCH_PIN)
- *            [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random]
+ *            [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,create]
  *
  * For each operation and each thread count it runs the operation for S seconds
  * (default 3) in N threads started together, and prints one line:
@@ -15,7 +15,9 @@
  * Each timed operation is the whole call sequence an application makes for it
  * (for example C_SignInit + C_Sign), since that is what a caller waits for.
  * Keys are session objects generated at start, one set per session, so the
- * token is left as it was found. Progress goes to stderr, results to stdout.
+ * token is left as it was found, except by "create" (not run unless asked for), which
+ * creates token data objects labelled "p11bench-create" and leaves them: the rate at which
+ * the token stores new objects, for comparisons such as a member's resynchronization. Progress goes to stderr, results to stdout.
  * Any failed call ends the run with the call's name and CK_RV, exit status 1.
  */
 
@@ -31,7 +33,7 @@
 
 #include <p11-kit/pkcs11.h>
 
-enum op { OP_ECDSA, OP_RSA, OP_AES_GCM, OP_SHA256, OP_RANDOM, OP_COUNT };
+enum op { OP_ECDSA, OP_RSA, OP_AES_GCM, OP_SHA256, OP_RANDOM, OP_CREATE, OP_COUNT };
 
 static const struct {
     const char *option;   /* name in --ops */
@@ -42,6 +44,7 @@ static const struct {
     [OP_AES_GCM] = { "aes-gcm", "aes256-gcm-encrypt-1k" },
     [OP_SHA256]  = { "sha256",  "sha256-digest-1k" },
     [OP_RANDOM]  = { "random",  "random-32" },
+    [OP_CREATE]  = { "create",  "create-token-data-object" },
 };
 
 #define MAX_THREAD_COUNTS 16
@@ -64,6 +67,7 @@ struct worker {
     CK_SESSION_HANDLE session;
     CK_OBJECT_HANDLE ec_key, rsa_key, aes_key;
     uint64_t gcm_counter;           /* makes every GCM IV unique under one key */
+    uint64_t created;               /* create: objects made by this session, for their values */
 
     enum op op;                     /* what the current run measures */
     double seconds;
@@ -93,7 +97,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]\n"
-            "                [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random]\n");
+            "                [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,create]\n"
+            "  (create, which leaves token data objects, runs only when asked for)\n");
     exit(2);
 }
 
@@ -155,7 +160,7 @@ static void parse_options(int argc, char **argv)
     options.thread_counts[0] = 1;
     options.thread_count_count = 1;
     for (int op = 0; op < OP_COUNT; op++)
-        options.selected[op] = 1;
+        options.selected[op] = op != OP_CREATE;
 
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
@@ -400,6 +405,19 @@ static CK_RV run_once(struct worker *w, const char **call)
     case OP_RANDOM:
         *call = "C_GenerateRandom";
         return p11->C_GenerateRandom(w->session, random, sizeof random);
+    case OP_CREATE: {
+        CK_OBJECT_CLASS data = CKO_DATA;
+        CK_BBOOL yes = CK_TRUE;
+        static const char label[] = "p11bench-create";
+        uint64_t value[2] = { (uint64_t)(uintptr_t)w, w->created++ };
+        CK_ATTRIBUTE template[] = {
+            { CKA_CLASS, &data, sizeof data }, { CKA_TOKEN, &yes, sizeof yes },
+            { CKA_LABEL, (void *)label, sizeof label - 1 }, { CKA_VALUE, value, sizeof value },
+        };
+        CK_OBJECT_HANDLE object;
+        *call = "C_CreateObject";
+        return p11->C_CreateObject(w->session, template, 4, &object);
+    }
     default:
         *call = "unknown operation";
         return CKR_GENERAL_ERROR;
