@@ -399,6 +399,36 @@ import Testing
         #expect(fake.members[0].token.callsOverdue >= 1, "the hung call, past its deadline, still holds its worker, not the caller")
     }
 
+    @Test("each thread's calls go to a worker of its own, which stops when the thread ends: threads that come and go leave no worker behind")
+    func workersEndWithTheirThreads() throws {
+        let fake = try FakeGroup(operationTimeout: "5s")
+        let sessions = try (0..<6).map { _ in try fake.userSession() }
+        let runtime = fake.runtime
+        final class Seen: @unchecked Sendable {
+            weak var worker: AnyObject?
+            var errors = 0
+        }
+        let seen = sessions.map { _ in Seen() }
+        for round in 0..<3 {
+            let threads = ProcessLock<Int>(0)
+            for (session, record) in zip(sessions, seen) {
+                threads.withLock { $0 += 1 }
+                spawnTestThread {
+                    for _ in 0..<20 where (try? runtime.generateRandom(session, count: 16))?.count != 16 { record.errors += 1 }
+                    record.worker = Executor.currentThreadWorker
+                    threads.withLock { $0 -= 1 }
+                }
+            }
+            waitWhile({ threads.withLock { $0 } > 0 }, upTo: .seconds(10), polling: .milliseconds(5))
+            #expect(threads.withLock { $0 } == 0, "round \(round): threads still calling after 10 s")
+            #expect(seen.allSatisfy { $0.errors == 0 })
+            // Every worker is freed once its thread has ended and it has stopped (a worker left waiting for a
+            // thread that is gone would be kept, with its thread, for ever).
+            waitWhile({ seen.contains { $0.worker != nil } }, upTo: .seconds(5), polling: .milliseconds(5))
+            #expect(seen.allSatisfy { $0.worker == nil }, "round \(round): workers of ended threads still alive")
+        }
+    }
+
     @Test("C_Initialize with a member that never answers starts the group without it; C_Finalize returns")
     func startWithSilentMember() throws {
         let fake = try FakeGroup(operationTimeout: "200ms") { stores in
@@ -517,4 +547,16 @@ import Testing
 /// The code a core call answers: CKR_OK, or its error's.
 private func code(_ body: () throws(P11Error) -> Void) -> CK_RV {
     do { try body(); return CK_RV(CKR_OK) } catch { return error.rv }
+}
+
+/// Runs `body` on a new thread that ends when `body` returns (spawnThread's threads never end).
+func spawnTestThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box { let body: @Sendable () -> Void; init(_ body: @escaping @Sendable () -> Void) { self.body = body } }
+    var thread = pthread_t()
+    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    guard pthread_create(&thread, nil, { raw in
+        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+        return nil
+    }, context) == 0 else { fatalError("pthread_create") }
+    pthread_detach(thread)
 }

@@ -55,6 +55,10 @@ final class Executor: @unchecked Sendable {
 
     /// Calls under way (a call past its deadline stays under way until the module returns).
     var busy: Int { calls.load(ordering: .relaxed) }
+
+    /// The calling thread's worker, if it has one (for tests: it is freed once the thread has ended and the
+    /// worker has stopped).
+    static var currentThreadWorker: AnyObject? { Worker.current }
 }
 
 /// Spins while `condition` holds, for at most `nanos`, yielding the CPU now and then; returns the condition's
@@ -129,13 +133,20 @@ private final class Worker: @unchecked Sendable {
         var key = pthread_key_t()
         pthread_key_create(&key) { raw in
             guard let raw else { return }
-            let worker = Unmanaged<Worker>.fromOpaque(raw).takeRetainedValue()
-            if worker.generation == ForkGate.generation { worker.stop() }
+            let worker = Unmanaged<Worker>.fromOpaque(raw)
+            // A parent's worker (this thread forked since) is kept, never freed: its wake-up may be one an absent
+            // thread waited on, and destroying such a condition can wait for ever.
+            guard worker.takeUnretainedValue().generation == ForkGate.generation else { return }
+            worker.takeRetainedValue().stop()
         }
         return key
     }()
 
     static var isCurrentThreadWorker: Bool { pthread_getspecific(workerKey) != nil }
+
+    static var current: Worker? {
+        pthread_getspecific(pairKey).map { Unmanaged<Worker>.fromOpaque($0).takeUnretainedValue() }
+    }
 
     /// The calling thread's worker, made on its first call (and again in a forked child, and after an overdue call).
     @inline(__always)
