@@ -17,7 +17,8 @@
  * Keys are session objects generated at start, one set per session, so the
  * token is left as it was found, except by "create" (not run unless asked for), which
  * creates token data objects labelled "p11bench-create" and leaves them: the rate at which
- * the token stores new objects, for comparisons such as a member's resynchronization. Progress goes to stderr, results to stdout.
+ * the token stores new objects, for comparisons such as a member's resynchronization.
+ * Progress goes to stderr, results to stdout.
  * Any failed call ends the run with the call's name and CK_RV, exit status 1.
  */
 
