@@ -1,6 +1,7 @@
 // The group core's decisions on fake members, in-process: failover, replay, undo, classification, recovery,
 // deadlines and start-up; each test reads as what a user of the group can count on.
 import CInterop
+import Foundation
 import Glibc
 @testable import P11HA
 import P11HAFake
@@ -410,17 +411,16 @@ import Testing
         }
         let seen = sessions.map { _ in Seen() }
         for round in 0..<3 {
-            let threads = ProcessLock<Int>(0)
+            let threads = DispatchGroup()
             for (session, record) in zip(sessions, seen) {
-                threads.withLock { $0 += 1 }
-                spawnTestThread {
+                threads.enter()
+                Thread.detachNewThread {
                     for _ in 0..<20 where (try? runtime.generateRandom(session, count: 16))?.count != 16 { record.errors += 1 }
                     record.worker = Executor.currentThreadWorker
-                    threads.withLock { $0 -= 1 }
+                    threads.leave()
                 }
             }
-            waitWhile({ threads.withLock { $0 } > 0 }, upTo: .seconds(10), polling: .milliseconds(5))
-            #expect(threads.withLock { $0 } == 0, "round \(round): threads still calling after 10 s")
+            #expect(threads.wait(timeout: .now() + 10) == .success, "round \(round): threads still calling after 10 s")
             #expect(seen.allSatisfy { $0.errors == 0 })
             // Every worker is freed once its thread has ended and it has stopped (a worker left waiting for a
             // thread that is gone would be kept, with its thread, for ever).
@@ -547,16 +547,4 @@ import Testing
 /// The code a core call answers: CKR_OK, or its error's.
 private func code(_ body: () throws(P11Error) -> Void) -> CK_RV {
     do { try body(); return CK_RV(CKR_OK) } catch { return error.rv }
-}
-
-/// Runs `body` on a new thread that ends when `body` returns (spawnThread's threads never end).
-func spawnTestThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box { let body: @Sendable () -> Void; init(_ body: @escaping @Sendable () -> Void) { self.body = body } }
-    var thread = pthread_t()
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
-    guard pthread_create(&thread, nil, { raw in
-        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
-        return nil
-    }, context) == 0 else { fatalError("pthread_create") }
-    pthread_detach(thread)
 }

@@ -12,14 +12,14 @@ final class Executor: @unchecked Sendable {
     /// This member's calls under way, overdue ones included: a member whose calls hang cannot eat every thread of
     /// the process; past the limit its calls fail at once (it is out of service by then anyway).
     private let calls = Atomic<Int>(0)
-    static let maxThreads = 64
+    static let maxCalls = 64
 
     /// Runs `work` on the calling thread's worker and waits for it until `timeout`; nil when the deadline passed
     /// first. Nothing is allocated for the hand-off: the worker and its two wake-ups are the thread's, reused call
     /// after call, and the result is written straight into this frame (only by a call whose caller still waits).
     func run<T, E: Error>(timeout: Duration, _ work: @escaping () throws(E) -> T) -> Result<T, E>? {
         if Worker.isCurrentThreadWorker { return Result { () throws(E) -> T in try work() } }
-        guard calls.add(1, ordering: .relaxed).newValue <= Self.maxThreads else {
+        guard calls.add(1, ordering: .relaxed).newValue <= Self.maxCalls else {
             calls.subtract(1, ordering: .relaxed)
             return nil
         }
@@ -120,6 +120,9 @@ private final class Worker: @unchecked Sendable {
     /// The process it was made in: after fork, the forking thread still names its parent's worker, whose thread
     /// is not in the child.
     private let generation = ForkGate.generation
+    /// Made in a parent process: kept, never freed, in this one (its wake-up may be one an absent thread waited on,
+    /// and destroying such a condition can wait for ever).
+    private var isInherited: Bool { generation != ForkGate.generation }
 
     /// Marks p11ha's worker threads (a call they make runs inline).
     private static let workerKey: pthread_key_t = {
@@ -134,9 +137,7 @@ private final class Worker: @unchecked Sendable {
         pthread_key_create(&key) { raw in
             guard let raw else { return }
             let worker = Unmanaged<Worker>.fromOpaque(raw)
-            // A parent's worker (this thread forked since) is kept, never freed: its wake-up may be one an absent
-            // thread waited on, and destroying such a condition can wait for ever.
-            guard worker.takeUnretainedValue().generation == ForkGate.generation else { return }
+            guard !worker.takeUnretainedValue().isInherited else { return }
             worker.takeRetainedValue().stop()
         }
         return key
@@ -151,11 +152,8 @@ private final class Worker: @unchecked Sendable {
     /// The calling thread's worker, made on its first call (and again in a forked child, and after an overdue call).
     @inline(__always)
     static func paired() -> Worker {
-        if let raw = pthread_getspecific(pairKey) {
-            let worker = Unmanaged<Worker>.fromOpaque(raw).takeUnretainedValue()
-            if worker.generation == ForkGate.generation { return worker }
-            // The parent's worker: its record is kept (its condition may be one an absent thread waited on).
-        }
+        // An inherited worker is left in place of being released: the new one takes its slot.
+        if let worker = current, !worker.isInherited { return worker }
         let worker = Worker()
         pthread_setspecific(pairKey, Unmanaged.passRetained(worker).toOpaque())
         return worker
