@@ -1,4 +1,5 @@
 // Deterministic stand-ins for randomness and cryptography: a seeded generator and a keyed hash, nothing secret.
+import P11HA
 
 /// SplitMix64: one 64-bit state, so a run replays exactly from its seed. Public for the tests' seeded runs.
 public struct SplitMix64: Sendable {
@@ -112,8 +113,8 @@ func keystreamXOR(_ data: [UInt8], key: [UInt8], nonce: [UInt8], offset: Int) ->
 
 func u64Bytes(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: value.littleEndian) { Array($0) } }
 
-func u32Bytes(_ value: Int) -> [UInt8] { withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).bigEndian) { Array($0) } }
+func u32Bytes(_ value: Int) -> [UInt8] { bigEndianBytes(UInt32(truncatingIfNeeded: value)) }
 
 func readU32(_ bytes: ArraySlice<UInt8>) -> Int {
-    bytes.prefix(4).reduce(0) { $0 << 8 | Int($1) }
+    bigEndianValue(bytes.prefix(4))
 }
