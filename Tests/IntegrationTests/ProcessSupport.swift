@@ -219,7 +219,8 @@ private struct PipeEnds {
         guard pipe(&ends) == 0 else {
             throw SupportError("pipe: \(String(cString: strerror(errno)))")
         }
-        // Another thread's spawn between pipe and here does not matter: every child closes descriptors from 3 on.
+        // For programs the test process starts otherwise (system()); children started here close every descriptor
+        // from 3 on anyway, so a spawn between pipe and here does not matter.
         for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
         read = ends[0]
         write = ends[1]
