@@ -1,6 +1,6 @@
-// p11ha's lock in a child after fork, on the thread that forked, with another thread waiting for it: what an nginx
-// worker's main thread and p11ha's own threads do. (Synchronization's Mutex traps here: its cached thread ID is the
-// parent's.)
+// Fork, in the test process itself: p11ha's lock in a child, on the thread that forked, with another thread waiting
+// for it (what an nginx worker's main thread and p11ha's own threads do; Synchronization's Mutex traps here: its
+// cached thread ID is the parent's); and a child forked while a member's module restarts.
 import Glibc
 @testable import P11HA
 import Testing
@@ -32,3 +32,66 @@ import Testing
         #expect(signal != 0 || (status >> 8) & 0xff == 0, "the child's count was wrong (exit status \((status >> 8) & 0xff))")
     }
 }
+
+/// Waits for `child` up to `seconds`, then kills it; its status, nil when it had to be killed.
+private func waitForChild(_ child: pid_t, seconds: Int) -> Int32? {
+    var status: Int32 = 0
+    for _ in 0..<(seconds * 100) {
+        if waitpid(child, &status, WNOHANG) == child { return status }
+        usleep(10_000)
+    }
+    kill(child, SIGKILL)
+    waitpid(child, &status, 0)
+    return nil
+}
+
+@Suite(.serialized) struct ModulesAfterFork {
+    @Test("a call that starts while a fork waits for a member's call in flight is told, after the fork, that a fork held it back")
+    func callHeldByFork() throws {
+        ForkGate.install(drainWait: .seconds(2))
+        let module = try ModuleRegistry.load(path: "/usr/lib/softhsm/libsofthsm2.so", address: nil)
+        // A member's call that does not return: the fork waits for it (up to the drain time).
+        try #require(ForkGate.enter(module))
+        defer { ForkGate.exit(module) }
+        var forker = pthread_t()
+        pthread_create(&forker, nil, { _ in
+            let child = fork()
+            if child == 0 { _exit(0) }
+            var status: Int32 = 0
+            waitpid(child, &status, 0)
+            return nil
+        }, nil)
+        // A call that starts now, while the fork waits, is held at the gate until the fork is done.
+        var spins = 0
+        while !ForkGate.forked(since: ForkGate.forks) && spins < 100_000 {
+            usleep(20)
+            spins += 1
+        }
+        let whileWaiting = ForkGate.forks
+        pthread_join(forker, nil)
+        #expect(ForkGate.forked(since: whileWaiting),
+                "the fork is over: a call that read the count while it waited must see that a fork held it back")
+    }
+
+    @Test("a child forked while a module's restart waits for the calls in flight to end can call the module")
+    func forkDuringRestart() throws {
+        ForkGate.install(drainWait: .seconds(2))
+        // Loaded, never initialized: the child only passes the gate that every call into it passes.
+        let module = try ModuleRegistry.load(path: "/usr/lib/softhsm/libsofthsm2.so", address: nil)
+        // What `ModuleRegistry.restartShared` holds while it waits: new calls wait at the gate until it is done.
+        module.restarting.store(true, ordering: .sequentiallyConsistent)
+        let child = fork()
+        if child == 0 {
+            // The restart's thread is not in this process: nothing here would ever clear its flag.
+            let entered = ForkGate.enter(module)
+            if entered { ForkGate.exit(module) }
+            _exit(entered ? 0 : 1)
+        }
+        module.restarting.store(false, ordering: .sequentiallyConsistent)
+        // The gate holds a call at most 3 s (the drain, then one more second) before it looks again; 10 s is a hang.
+        let status = waitForChild(child, seconds: 10)
+        #expect(status != nil, "the child's call waited for a restart that is not under way in the child (killed after 10 s)")
+        if let status { #expect(status == 0, "the child could not call the module (status \(status))") }
+    }
+}
+

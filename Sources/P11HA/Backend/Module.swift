@@ -34,10 +34,13 @@ public final class LoadedModule: @unchecked Sendable {
         self.functions = functions
     }
 
-    /// In the child, from fork's handler: the parent's users and starts under way are not this process's.
+    /// In the child, from fork's handler: the parent's users, starts and restarts under way are not this process's.
+    /// A restart's flag copied set would hold every call of the child at `ForkGate.enter` for ever: the thread
+    /// that would clear it is not here (a fork may come while a restart waits for the calls in flight to end).
     func afterFork() {
         users.withLock { $0.count = 0 }
         changing.store(false, ordering: .relaxed)
+        restarting.store(false, ordering: .relaxed)
         abandoned.store(inFlight.load(ordering: .relaxed) > 0 || abandoned.load(ordering: .relaxed), ordering: .relaxed)
         inFlight.store(0, ordering: .relaxed)
         wedged.store(false, ordering: .relaxed)
