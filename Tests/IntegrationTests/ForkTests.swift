@@ -26,6 +26,20 @@ struct ForkTests {
         let go = members.dir + "/go"
         var environment = members.environment
         environment["FORK_STORM_GO"] = go
+        // fork_storm's SoftHSM gets a token store of its own, a copy made while no process writes: SoftHSM's
+        // C_Initialize takes a file lock on every token of its store, and member-c's server, frozen below, may be
+        // stopped holding one on member-c's files. Sharing the store, every child's C_Initialize of member-a then
+        // waited for that lock for ever (seen with gdb: a child in SoftHSM's C_Initialize, in fcntl, and
+        // /proc/locks showing the stopped server's read lock on member-c's `generation` file); the children found
+        // member-a unreachable and failed, and the parent's own calls into SoftHSM could stop there too. That is
+        // SoftHSM's doing, which p11ha bounds by the operation-timeout; the test is about fork.
+        let ownStore = members.dir + "/fork-storm-tokens"
+        let copied = try runProcess("/bin/cp", ["-a", members.dir + "/tokens", ownStore])
+        try #require(copied.status == 0, "cannot copy the token store: \(copied.stderr)")
+        let ownConf = members.dir + "/fork-storm-softhsm2.conf"
+        try "directories.tokendir = \(ownStore)\nobjectstore.backend = file\nlog.level = ERROR\n"
+            .write(toFile: ownConf, atomically: true, encoding: .utf8)
+        environment["SOFTHSM2_CONF"] = ownConf
         // A child gets 10 s: far beyond what one needs (C_Initialize within one operation-timeout, then a signature).
         let storm = try servers.start(program.path, [Paths.debugModule, members.group, members.userPIN, "K", String(Self.children),
                                                      "2", mode, "10"], environment: environment, name: "fork_storm")
