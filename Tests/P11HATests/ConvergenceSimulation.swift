@@ -625,7 +625,14 @@ final class Simulation {
             // first round lasts a scrub interval, so that each process looks at every object of every member too
             // (the guarantees hold once the members have been in service together that long).
             let worker = hosts[0].runtime.recovery.worker
-            clock.advance(by: UInt64((rounds == 1 ? worker.scrubInterval : worker.watchInterval).milliseconds))
+            var pause = UInt64((rounds == 1 ? worker.scrubInterval : worker.watchInterval).milliseconds)
+            // A process that waits before it sets back a value (one that may be a write under way: `Group.settles`)
+            // has asked for a catch-up at a set time: time passes until then too.
+            let now = clock.milliseconds
+            if let due = hosts.map({ $0.runtime.groups[0].catchUpAgainAt.load(ordering: .acquiring) }).filter({ $0 > now }).min() {
+                pause = max(pause, due - now)
+            }
+            clock.advance(by: pause)
             for host in hosts { _ = host.runtime.recovery.recoverMembers() }
             settled = hosts.allSatisfy { $0.session != nil && $0.membersOutOfService.isEmpty
                 && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring)

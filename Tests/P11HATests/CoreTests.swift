@@ -5,6 +5,7 @@ import Foundation
 import Glibc
 @testable import P11HA
 import P11HAFake
+import Synchronization
 import Testing
 
 @Suite struct TheCoreOnFakeMembers {
@@ -237,6 +238,71 @@ import Testing
             #expect(fake.objects(labelled: "in-flight", on: store) == 1 && fake.objects(labelled: "first", on: store) == 1, "member \(store)")
         }
         #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
+    @Test("another process's catch-up between an application's rename on the members and its record leaves the new label: a rename that returns CKR_OK is never set back")
+    func catchUpBesideRename() throws {
+        let clock = SimulatedClock()
+        let first = try FakeGroup(clock: clock)
+        let second = try FakeGroup(sharing: first.stores, clock: clock)
+        let session = try first.userSession()
+        let object = try first.runtime.createObject(session, dataObject("before"))
+        _ = try second.userSession()
+        second.recover()
+        // The rename's record waits on member 0, the first it is written to: every member holds the new label then,
+        // none its record.
+        first.connections[0].faults.inject(.hangThenProceed, on: [.createObject], times: 1)
+        let renamed = DispatchSemaphore(value: 0)
+        let outcome = Synchronization.Mutex<Result<Void, P11Error>?>(nil)
+        let runtime = first.runtime
+        Thread {
+            let result = Result { () throws(P11Error) in
+                try runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
+            }
+            outcome.withLock { $0 = result }
+            renamed.signal()
+        }.start()
+        for _ in 0..<500 where first.connections[0].faults.hangingCalls == 0 { usleep(10_000) }
+        try #require(first.connections[0].faults.hangingCalls == 1, "the rename's record never reached member 0")
+        second.group.catchUpWanted.store(true, ordering: .releasing)
+        second.recover()
+        for store in 0..<3 { #expect(first.objects(labelled: "after", on: store) == 1, "member \(store) beside the rename") }
+        first.connections[0].faults.releaseHangs()
+        renamed.wait()
+        #expect(throws: Never.self) { try outcome.withLock { $0 }?.get() }
+        // Long after, with the record read: nothing to set back either.
+        clock.advance(by: second.group.writeSettles + 1)
+        second.group.catchUpWanted.store(true, ordering: .releasing)
+        second.recover()
+        for store in 0..<3 {
+            #expect(first.objects(labelled: "after", on: store) == 1 && first.objects(labelled: "before", on: store) == 0,
+                    "member \(store) after the rename")
+        }
+        #expect(first.members.allSatisfy(\.isInService) && second.members.allSatisfy(\.isInService))
+    }
+
+    @Test("a label changed on a member behind p11ha's back is set back by a catch-up once it has stayed longer than a write can take")
+    func changeWithoutRecordIsSetBack() throws {
+        let clock = SimulatedClock()
+        let fake = try FakeGroup(clock: clock)
+        let session = try fake.userSession()
+        _ = try fake.runtime.createObject(session, dataObject("kept"))
+        let token = fake.stores[1].connection()
+        try token.connect()
+        defer { token.disconnect() }
+        let s = try token.openSession(readWrite: true)
+        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array("kept".utf8))]) {
+            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array("changed".utf8))])
+        }
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        #expect(fake.objects(labelled: "changed", on: 1) == 1, "a write may still be under way: it waits")
+        #expect(fake.group.catchUpAgainAt.load(ordering: .acquiring) == clock.milliseconds + fake.group.writeSettles,
+                "a catch-up is asked for when it may be set back")
+        clock.advance(by: fake.group.writeSettles)
+        fake.recover()
+        #expect(fake.objects(labelled: "kept", on: 1) == 1 && fake.objects(labelled: "changed", on: 1) == 0)
     }
 
     @Test("a compaction leaves each live object one record on every member, and a destroyed one none once its tombstone is past the retention; objects stay as they were, and another process writes nothing back")

@@ -28,9 +28,10 @@ final class FakeGroup {
     /// - sharing: the stores of another FakeGroup: this one is then another process (another host: its own lock
     ///   directory) on the same members.
     /// - settings: more lines for the [p11ha] section.
+    /// - clock: the replication stamps' clock (the wall clock when nil), for tests that let time pass.
     init(members count: Int = 3, seed: UInt64 = 1, operationTimeout: String? = nil, backgroundRecovery: Bool = false,
          replicationKey: Bool = true, sharedModule: Bool = false, sharing: [FakeTokenStore]? = nil, settings: [String] = [],
-         prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
+         clock: SimulatedClock? = nil, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
         var template = Array("/tmp/p11ha-unit.XXXXXX".utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
         directory = String(cString: made)
@@ -59,7 +60,7 @@ final class FakeGroup {
         runtime = try Runtime.start(config, backends: { member, _, _ in
             let token = connections[stores.firstIndex { $0.label == member.uri.tokenLabel }!]
             return timeout.map { DeadlineBackend(token, timeout: $0) } ?? token
-        }, backgroundRecovery: backgroundRecovery)
+        }, backgroundRecovery: backgroundRecovery, replicaClock: clock.map { clock in ReplicaClock(now: { clock.milliseconds }) })
     }
 
     deinit {

@@ -67,6 +67,13 @@ public final class Group: @unchecked Sendable {
     let catchUpAgainAt = Atomic<UInt64>(0)
     /// Set when the members' records should be looked at (after a login).
     let watchWanted = Atomic<Bool>(false)
+    /// Attribute values a catch-up found on a member that may be an application's change still under way (see
+    /// `settles`), with when each was first seen (replica clock, ms).
+    private let valuesInDoubt = Mutex<[ValueInDoubt: UInt64]>([:])
+    /// How long an application's attribute change may take from its first member to its record on the last: every
+    /// member's set and record within the operation-timeout, and a member that misses its deadline leaves service,
+    /// so at most one timeout per member, plus one for the calls that answer (`Config.boundedWait`).
+    let writeSettles: UInt64
     /// The records this process has read or written on each member, by handle (so that only new ones are read),
     /// valid while the member's epoch and the object table's generation hold (a restart or a logout renumbers).
     let recordCache = Mutex<[Int: RecordCache]>([:])
@@ -91,6 +98,7 @@ public final class Group: @unchecked Sendable {
          replicaClock: ReplicaClock = ReplicaClock(), retention: Duration? = nil) {
         self.slotID = slotID
         self.retention = retention.map { UInt64($0.milliseconds) }
+        writeSettles = UInt64(members.count + 1) * UInt64(lockWait.milliseconds)
         self.replicaClock = replicaClock
         lastScrub.store(replicaClock.milliseconds, ordering: .relaxed)
         lastCompaction.store(replicaClock.milliseconds, ordering: .relaxed)
@@ -120,6 +128,35 @@ public final class Group: @unchecked Sendable {
 
     public var name: String { config.name }
     public var label: String { config.label }
+
+    /// Whether a catch-up may now set back `doubt`, a value that may be an application's change under way: a write
+    /// sets the attribute on the members before it writes its record, and until then its value looks like one made
+    /// without a record, which a catch-up sets back (the write's CKR_OK then comes with the old value on a member).
+    /// Only once the value has been there `writeSettles` can no write of it be under way: such a write has written
+    /// its record, or failed and been set back, by then, and the catch-up that finds the value still there read the
+    /// records again first. Until then a catch-up is asked for at that time.
+    func settles(_ doubt: ValueInDoubt) -> Bool {
+        let now = replicaClock.milliseconds
+        let firstSeen = valuesInDoubt.withLock { table in
+            if let first = table[doubt] { return first }
+            table[doubt] = now
+            return now
+        }
+        let due = firstSeen &+ writeSettles
+        if now >= due { return true }
+        var current = catchUpAgainAt.load(ordering: .acquiring)
+        while current == 0 || current > due {
+            let (exchanged, original) = catchUpAgainAt.compareExchange(expected: current, desired: due, ordering: .acquiringAndReleasing)
+            if exchanged { break }
+            current = original
+        }
+        return false
+    }
+
+    /// Forgets the values in doubt on `member` that a catch-up of it did not find again (`found`: those it found).
+    func keepValuesInDoubt(_ found: Set<ValueInDoubt>, on member: Int) {
+        valuesInDoubt.withLock { table in table = table.filter { $0.key.member != member || found.contains($0.key) } }
+    }
 
     /// The member with the fewest operations in flight among the active members in service that hold a copy
     /// (`copies` nil: any), ties broken round-robin; standby members only when no active one can serve.
@@ -225,3 +262,13 @@ struct RecordCache {
     var generation: UInt64
     var stamps: [MemberObject: Stamp] = [:]
 }
+
+/// The value of one attribute on one member's copy of an object, which a catch-up would set back but which may be an
+/// application's change under way (`Group.settles`).
+struct ValueInDoubt: Hashable {
+    let member: Int
+    let object: ObjectUID
+    let type: CK_ATTRIBUTE_TYPE
+    let value: [UInt8]
+}
+

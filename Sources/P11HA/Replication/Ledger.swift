@@ -196,6 +196,13 @@ extension Ledger.ObjectState {
         attributes.allSatisfy { a in pastValues[a.type].map { $0.contains(a.value) } ?? true }
     }
 
+    /// Whether `value` of `type`, found on a member whose records are `held`, may be an application's change under
+    /// way rather than one the member missed: no record gave it, or the member holds the record of the value it
+    /// should have (it took that change, and its value moved on since: a change back to an earlier value).
+    func mayBeUnderWay(_ value: [UInt8], of type: CK_ATTRIBUTE_TYPE, memberHolds held: Set<Stamp>) -> Bool {
+        !(pastValues[type]?.contains(value) ?? false) || (attributes[type].map { held.contains($0.stamp) } ?? false)
+    }
+
     /// The attributes of `actual` to set so that it has this state's values.
     package func corrections(to actual: [Attribute]) -> [Attribute] {
         template.filter { wanted in actual[wanted.type].map { $0.value != wanted.value } ?? true }

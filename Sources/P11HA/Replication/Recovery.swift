@@ -212,7 +212,7 @@ final class Recovery: @unchecked Sendable {
                                                          loggedIn: loggedIn, lease: lease, cancelled: { worker.stopping })
                         if report.changedAnything || !report.complete { done = false }
                         if !report.complete { complete = false }
-                        if report.changedAnything || !report.unrepairable.isEmpty {
+                        if report.changedAnything || !report.unrepairable.isEmpty || report.waiting > 0 {
                             Log.event(.info, "member-caught-up", "group=\(group.name) member=\(target.member.name) \(report)")
                         }
                         logUnrepairable(report, target.member, group)

@@ -224,6 +224,8 @@ package final class ReplicaKeeper: Sendable {
         package var unrepairable: [String] = []
         /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
         package var retry = 0
+        /// Values left for a later catch-up, which may be an application's change under way (`Group.settles`).
+        package var waiting = 0
         var unrecorded = 0
         /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
         /// moment), so they are looked for again later.
@@ -235,7 +237,7 @@ package final class ReplicaKeeper: Sendable {
         package var complete: Bool { retry == 0 }
         var changedAnything: Bool { copied + destroyed + changed + recordsWritten + adopted > 0 }
         package var description: String {
-            "copied=\(copied) destroyed=\(destroyed) changed=\(changed) records=\(recordsWritten) adopted=\(adopted) unrepairable=\(unrepairable.count) retry=\(retry) unrecorded=\(unrecorded)"
+            "copied=\(copied) destroyed=\(destroyed) changed=\(changed) records=\(recordsWritten) adopted=\(adopted) unrepairable=\(unrepairable.count) retry=\(retry) unrecorded=\(unrecorded)\(waiting > 0 ? " waiting=\(waiting)" : "")"
         }
     }
 
@@ -342,9 +344,25 @@ package final class ReplicaKeeper: Sendable {
             Log.event(.info, "repair-destroyed", "group=\(group.name) member=\(target.member.name) label=\"\(copy.attributes[CK_ATTRIBUTE_TYPE(CKA_LABEL)].map { String(decoding: $0.value, as: UTF8.self) } ?? "")\" reason=\"\(reason)\"")
             report.destroyed += 1
         }
+        // A value that may be an application's change under way waits (`Group.settles`); one the member missed is
+        // set at once. Only on a copy of an object the member holds a record of: a write changes the copies it knows,
+        // made with their records; a copy of an object the member has no record of is another one's, paired with it
+        // (a look-alike, relabelled: `Pairing`).
+        let objectsHeld = Set(held.compactMap { ledger.records[$0]?.object })
+        var inDoubt = Set<ValueInDoubt>()
+        defer { group.keepValuesInDoubt(inDoubt, on: target.member.index) }
         for (uid, copy) in pairing.copies {
             report.copiesHeld[uid] = copy.handle
-            let corrections = ledger.objects[uid]!.corrections(to: copy.attributes)
+            let state = ledger.objects[uid]!
+            let corrections = state.corrections(to: copy.attributes).filter { wanted in
+                guard objectsHeld.contains(uid), let found = copy.attributes[wanted.type]?.value,
+                      state.mayBeUnderWay(found, of: wanted.type, memberHolds: held) else { return true }
+                let doubt = ValueInDoubt(member: target.member.index, object: uid, type: wanted.type, value: found)
+                inDoubt.insert(doubt)
+                if group.settles(doubt) { return true }
+                report.waiting += 1
+                return false
+            }
             guard !corrections.isEmpty else { continue }
             try mayChange()
             try token.setAttributeValues(target.session, copy.handle, corrections)
