@@ -5,7 +5,7 @@
  *   cc -Wall -Wextra -O2 $(pkg-config --cflags p11-kit-1) \
  *      -o p11bench p11bench.c -ldl -lpthread
  *   p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]   (or the PIN in P11BENCH_PIN)
- *            [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,create]
+ *            [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,getattr,create]
  *
  * For each operation and each thread count it runs the operation for S seconds
  * (default 3) in N threads started together, and prints one line:
@@ -34,7 +34,7 @@
 
 #include <p11-kit/pkcs11.h>
 
-enum op { OP_ECDSA, OP_RSA, OP_AES_GCM, OP_SHA256, OP_RANDOM, OP_CREATE, OP_COUNT };
+enum op { OP_ECDSA, OP_RSA, OP_AES_GCM, OP_SHA256, OP_RANDOM, OP_GETATTR, OP_CREATE, OP_COUNT };
 
 static const struct {
     const char *option;   /* name in --ops */
@@ -45,6 +45,7 @@ static const struct {
     [OP_AES_GCM] = { "aes-gcm", "aes256-gcm-encrypt-1k" },
     [OP_SHA256]  = { "sha256",  "sha256-digest-1k" },
     [OP_RANDOM]  = { "random",  "random-32" },
+    [OP_GETATTR] = { "getattr", "get-attribute-value" },
     [OP_CREATE]  = { "create",  "create-token-data-object" },
 };
 
@@ -98,7 +99,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: p11bench --module PATH --token LABEL --pin PIN [--threads N[,N...]]\n"
-            "                [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,create]\n"
+            "                [--seconds S] [--ops ecdsa,rsa,aes-gcm,sha256,random,getattr,create]\n"
             "  (create, which leaves token data objects, runs only when asked for)\n");
     exit(2);
 }
@@ -332,7 +333,7 @@ static void *generate_keys(void *arg)
 {
     struct worker *w = arg;
     CK_RV rv = CKR_OK;
-    if (options.selected[OP_ECDSA] && (rv = generate_ec_key(w)) != CKR_OK)
+    if ((options.selected[OP_ECDSA] || options.selected[OP_GETATTR]) && (rv = generate_ec_key(w)) != CKR_OK)
         w->failed_call = "C_GenerateKeyPair (EC P-256)";
     else if (options.selected[OP_RSA] && (rv = generate_rsa_key(w)) != CKR_OK)
         w->failed_call = "C_GenerateKeyPair (RSA-2048)";
@@ -406,6 +407,14 @@ static CK_RV run_once(struct worker *w, const char **call)
     case OP_RANDOM:
         *call = "C_GenerateRandom";
         return p11->C_GenerateRandom(w->session, random, sizeof random);
+    case OP_GETATTR: {
+        /* What an application asks of a key before it uses it (an OpenSSL engine: its type and ID). */
+        CK_KEY_TYPE type;
+        CK_BYTE id[64];
+        CK_ATTRIBUTE template[] = { { CKA_KEY_TYPE, &type, sizeof type }, { CKA_ID, id, sizeof id } };
+        *call = "C_GetAttributeValue";
+        return p11->C_GetAttributeValue(w->session, w->ec_key, template, 2);
+    }
     case OP_CREATE: {
         CK_OBJECT_CLASS data = CKO_DATA;
         CK_BBOOL yes = CK_TRUE;

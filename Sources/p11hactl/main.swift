@@ -444,8 +444,8 @@ struct Bench: ParsableCommand {
     var seconds: Double = 3
     @Option(name: .long, help: "The thread count compared with 1 thread (default: the number of CPUs).")
     var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-    @Option(name: .long, help: "Any of ecdsa,rsa,aes-gcm,sha256,random.")
-    var ops = "ecdsa,rsa,aes-gcm,sha256,random"
+    @Option(name: .long, help: "Any of ecdsa,rsa,aes-gcm,sha256,random,getattr.")
+    var ops = "ecdsa,rsa,aes-gcm,sha256,random,getattr"
     @Option(name: .customLong("p11bench"), help: "The p11bench program (default: installed beside p11hactl).")
     var benchProgram: String?
 
