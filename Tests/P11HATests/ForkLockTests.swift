@@ -1,6 +1,6 @@
 // Fork, in the test process itself: p11ha's lock in a child, on the thread that forked, with another thread waiting
 // for it (what an nginx worker's main thread and p11ha's own threads do; Synchronization's Mutex traps here: its
-// cached thread ID is the parent's); and a child forked while a member's module restarts.
+// cached thread ID is the parent's); a call held back by a fork; and a child forked while a member's module restarts.
 import Glibc
 @testable import P11HA
 import Testing
