@@ -200,7 +200,7 @@ extension Ledger.ObjectState {
     /// way rather than one the member missed: no record gave it, or the member holds the record of the value it
     /// should have (it took that change, and its value moved on since: a change back to an earlier value).
     func mayBeUnderWay(_ value: [UInt8], of type: CK_ATTRIBUTE_TYPE, memberHolds held: Set<Stamp>) -> Bool {
-        !(pastValues[type]?.contains(value) ?? false) || (attributes[type].map { held.contains($0.stamp) } ?? false)
+        !once(had: [Attribute(type, value)]) || (attributes[type].map { held.contains($0.stamp) } ?? false)
     }
 
     /// The attributes of `actual` to set so that it has this state's values.
