@@ -37,8 +37,10 @@ struct ForkTests {
         let copied = try runProcess("/bin/cp", ["-a", members.dir + "/tokens", ownStore])
         try #require(copied.status == 0, "cannot copy the token store: \(copied.stderr)")
         let ownConf = members.dir + "/fork-storm-softhsm2.conf"
-        try "directories.tokendir = \(ownStore)\nobjectstore.backend = file\nlog.level = ERROR\n"
-            .write(toFile: ownConf, atomically: true, encoding: .utf8)
+        let conf = try String(contentsOfFile: members.softhsmConf, encoding: .utf8)
+            .replacingOccurrences(of: members.dir + "/tokens", with: ownStore)
+        try #require(conf.contains(ownStore), "no token directory to replace in \(members.softhsmConf):\n\(conf)")
+        try conf.write(toFile: ownConf, atomically: true, encoding: .utf8)
         environment["SOFTHSM2_CONF"] = ownConf
         // A child gets 10 s: far beyond what one needs (C_Initialize within one operation-timeout, then a signature).
         let storm = try servers.start(program.path, [Paths.debugModule, members.group, members.userPIN, "K", String(Self.children),

@@ -262,8 +262,7 @@ import Testing
             outcome.withLock { $0 = result }
             renamed.signal()
         }.start()
-        for _ in 0..<500 where first.connections[0].faults.hangingCalls == 0 { usleep(10_000) }
-        try #require(first.connections[0].faults.hangingCalls == 1, "the rename's record never reached member 0")
+        try #require(eventually { first.connections[0].faults.hangingCalls == 1 }, "the rename's record never reached member 0")
         second.group.catchUpWanted.store(true, ordering: .releasing)
         second.recover()
         for store in 0..<3 { #expect(first.objects(labelled: "after", on: store) == 1, "member \(store) beside the rename") }

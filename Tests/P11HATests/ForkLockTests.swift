@@ -34,12 +34,9 @@ import Testing
 }
 
 /// Waits for `child` up to `seconds`, then kills it; its status, nil when it had to be killed.
-private func waitForChild(_ child: pid_t, seconds: Int) -> Int32? {
+private func waitForChild(_ child: pid_t, seconds: Double) -> Int32? {
     var status: Int32 = 0
-    for _ in 0..<(seconds * 100) {
-        if waitpid(child, &status, WNOHANG) == child { return status }
-        usleep(10_000)
-    }
+    if eventually(seconds: seconds, { waitpid(child, &status, WNOHANG) == child }) { return status }
     kill(child, SIGKILL)
     waitpid(child, &status, 0)
     return nil
@@ -62,11 +59,7 @@ private func waitForChild(_ child: pid_t, seconds: Int) -> Int32? {
             return nil
         }, nil)
         // A call that starts now, while the fork waits, is held at the gate until the fork is done.
-        var spins = 0
-        while !ForkGate.forked(since: ForkGate.forks) && spins < 100_000 {
-            usleep(20)
-            spins += 1
-        }
+        _ = eventually(seconds: 2) { ForkGate.forked(since: ForkGate.forks) }
         let whileWaiting = ForkGate.forks
         pthread_join(forker, nil)
         #expect(ForkGate.forked(since: whileWaiting),
