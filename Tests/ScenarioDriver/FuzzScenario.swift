@@ -28,6 +28,8 @@ struct FuzzSettings {
     let seed = env("P11HA_FUZZ_SEED").flatMap { UInt64($0) }
     let baseSeed = env("P11HA_FUZZ_BASE_SEED").flatMap { UInt64($0) }
     let steps = Int(env("P11HA_FUZZ_STEPS") ?? "") ?? 300
+    /// A function episodes call more often (FuzzEpisode's focus).
+    let focus = env("P11HA_FUZZ_FOCUS").flatMap { $0.isEmpty ? nil : $0 }
     let referenceToken = env("P11HA_FUZZ_REFERENCE_TOKEN")
     let reference = env("P11HA_FUZZ_REFERENCE") == "1"
     let trace = env("P11HA_FUZZ_TRACE") == "1"
@@ -52,7 +54,7 @@ func fuzzEpisodeScenario(_ m: Module) {
     _ = m.f.C_GetSlotList!(CK_BBOOL(CK_FALSE), &slots, &count)
     _ = m.f.C_Finalize!(nil)
 
-    let episode = FuzzEpisode(seed: seed, steps: settings.steps, userPIN: userPIN, soPIN: soPIN)
+    let episode = FuzzEpisode(seed: seed, steps: settings.steps, userPIN: userPIN, soPIN: soPIN, focus: settings.focus)
     let x = FuzzExecutor(m, slot: slot, allSlots: Array(slots.prefix(Int(count))), reserved: ReservedBuffer())
     let watchdog = Watchdog(limit: settings.hangSeconds)
     let states = settings.reference ? nil : m.symbol("p11ha_member_states")
@@ -291,7 +293,8 @@ func fuzzScenario(_ m: Module) {
         emitLine("fuzz: episode seed \(seed), \(settings.steps) calls (the prologue included)")
     } else {
         emitLine("fuzz: base seed \(base) (P11HA_FUZZ_BASE_SEED=\(base) repeats this run), \(settings.seconds) s, "
-            + "\(settings.steps) calls per episode, hang past \(settings.hangSeconds) s, "
+            + "\(settings.steps) calls per episode, " + (settings.focus.map { "more calls of \($0), " } ?? "")
+            + "hang past \(settings.hangSeconds) s, "
             + (settings.referenceToken == nil ? "no reference token" : "reference token \(settings.referenceToken!)"))
     }
     let start = monotonicSeconds()
@@ -302,7 +305,8 @@ func fuzzScenario(_ m: Module) {
     var reported = 0
     func report(_ seed: UInt64, _ what: String) {
         reported += 1
-        check(false, "episode seed \(seed): \(what)\n  replay: scripts/fuzz --seed \(seed)")
+        check(false, "episode seed \(seed): \(what)\n  replay: scripts/fuzz --seed \(seed)"
+              + (settings.steps == 300 ? "" : " --steps \(settings.steps)") + (settings.focus.map { " --focus \($0)" } ?? ""))
         fflush(nil)
     }
     repeat {
