@@ -339,6 +339,53 @@ import Testing
         for store in 0..<3 { #expect(first.objects(labelled: "kept-4", on: store) == 0, "member \(store)") }
     }
 
+    @Test("a member that missed 100 writes gets their records in a few batches, each record of which every process counts as held; a compaction removes records from a batch by writing again those that stay")
+    func recordBatches() throws {
+        let settings = ["record-retention = 1s", "scrub-interval = 1s"]
+        let fake = try FakeGroup(settings: settings)
+        let session = try fake.userSession()
+        fake.stores[2].faults.inject(.error(CK_RV(CKR_DEVICE_ERROR)), on: [.createObject], times: 1)
+        var objects: [ObjectHandle] = []
+        for n in 0..<100 { objects.append(try fake.runtime.createObject(session, dataObject("o\(n)", value: [UInt8(n)]))) }
+        #expect(fake.health(2) == .stale)
+        fake.recover()
+        #expect(fake.health(2) == .inService)
+        let held = try recordStamps(fake.stores[0])
+        #expect(held.count == 100 && fake.records(on: 0) == 100, "one record per write on a member that took them")
+        let batches = ReplicaRecord.batches(try records(fake.stores[0]))
+        #expect(batches.count > 1 && batches.count < 10 && fake.records(on: 2) == batches.count,
+                "\(fake.records(on: 2)) record objects on the returning member, \(batches.count) batches expected")
+        let returned = try recordStamps(fake.stores[2])
+        #expect(returned == held)
+        // Another process reads them as held: it writes no record again.
+        let second = try FakeGroup(sharing: fake.stores, settings: settings)
+        _ = try second.userSession()
+        second.recover()
+        #expect(second.members.allSatisfy { $0.isInService } && fake.records(on: 2) == batches.count)
+
+        // A rename (its two records become a snapshot) and a destroy (its records go after the retention) of
+        // objects whose creation records are in the first batch.
+        try fake.runtime.setAttributeValues(session, objects[1], [Attribute(CKA_LABEL, Array("renamed".utf8))])
+        try fake.runtime.destroyObject(session, objects[2])
+        usleep(1_100_000)
+        for _ in 0..<3 {
+            fake.group.catchUpWanted.store(true, ordering: .releasing)
+            fake.recover()
+        }
+        let left = try recordStamps(fake.stores[0])
+        #expect(left.count == 99, "98 creations and the renamed object's snapshot: \(left.count)")
+        for store in 1..<3 {
+            let stamps = try recordStamps(fake.stores[store])
+            #expect(stamps == left, "member \(store)")
+        }
+        #expect(fake.records(on: 2) == batches.count + 1, "the batches, the first written again without two records, and the snapshot")
+        for store in 0..<3 {
+            #expect(fake.objects(labelled: "renamed", on: store) == 1 && fake.objects(labelled: "o2", on: store) == 0
+                    && fake.objects(labelled: "o3", on: store) == 1, "member \(store)")
+        }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
     @Test("a rename whose object the records in reach do not describe, while a member whose records may (another process renamed it there) cannot be read, is refused with nothing changed")
     func writeRefusedWithoutIdentity() throws {
         let first = try FakeGroup()
@@ -552,6 +599,41 @@ import Testing
         #expect(ReplicaRecord(decoding: []) == nil)
     }
 
+    @Test("a batch of records survives encoding, each record whole and in order; damaged or truncated batches are refused; batches keep one privacy each and their limits")
+    func batchRoundTrip() throws {
+        let records = (0..<5).map { record(.set, UInt64(40 + $0), [Attribute(CKA_LABEL, Array("label \($0)\nwith a newline".utf8))]) }
+        let decoded = try #require(ReplicaRecord.decodeAll(ReplicaRecord.encodedBatch(records)))
+        #expect(decoded.map(\.stamp) == records.map(\.stamp) && decoded.map(\.attributes) == records.map(\.attributes))
+        #expect(ReplicaRecord.decodeAll(records[0].encoded())?.map(\.stamp) == [records[0].stamp], "a record alone")
+        let batch = ReplicaRecord.encodedBatch(records)
+        #expect(ReplicaRecord.decodeAll(Array(batch.dropLast())) == nil, "truncated")
+        #expect(ReplicaRecord.decodeAll(batch + [10]) == nil, "trailing bytes")
+        #expect(ReplicaRecord.decodeAll(Array(String(decoding: batch, as: UTF8.self).replacingOccurrences(of: "records 1 5", with: "records 1 6").utf8)) == nil)
+        #expect(ReplicaRecord.decodeAll(Array(String(decoding: batch, as: UTF8.self).replacingOccurrences(of: "set", with: "sot").utf8)) == nil)
+        #expect(ReplicaRecord.decodeAll(Array("p11ha-records 1 99999999999999999999\n".utf8)) == nil)
+        #expect(ReplicaRecord(decoding: batch) == nil, "a reader of single records skips a batch")
+
+        var mixed: [ReplicaRecord] = []
+        for n in 0..<200 {
+            let value = [UInt8](repeating: 1, count: n == 7 ? 20_000 : 4)
+            let fingerprint = Fingerprint([Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_VALUE, value)])
+            mixed.append(ReplicaRecord(stamp: Stamp(milliseconds: 1, counter: UInt64(n), writer: 7), operation: .create,
+                                       object: ObjectUID(high: 1, low: UInt64(n)), fingerprint: fingerprint,
+                                       attributes: [Attribute(CKA_LABEL, Array("o\(n)".utf8))], isPrivate: n % 3 == 0))
+        }
+        let cut = ReplicaRecord.batches(mixed)
+        let all: [ReplicaRecord] = cut.flatMap { $0 }
+        #expect(all.count == 200 && Set(all.map { $0.stamp }) == Set(mixed.map { $0.stamp }))
+        for batch in cut {
+            let stamps = batch.map { $0.stamp }
+            #expect(Set(batch.map { $0.isPrivate }).count == 1)
+            #expect(stamps == stamps.sorted(), "in order")
+            #expect(batch.count <= ReplicaRecord.batchCount)
+            #expect(batch.count == 1 || ReplicaRecord.encodedBatch(batch).count <= ReplicaRecord.batchBytes + 64)
+        }
+        #expect(cut.contains { $0.count == 1 && $0[0].stamp.counter == 7 }, "a record over the size limit goes alone")
+    }
+
     @Test("a snapshot survives encoding and folds as the records it stands for, beside changes made meanwhile; those records are no longer written to members")
     func snapshots() throws {
         let label = { (text: String) in [Attribute(CKA_LABEL, Array(text.utf8))] }
@@ -613,3 +695,13 @@ import Testing
 private func code(_ body: () throws(P11Error) -> Void) -> CK_RV {
     do { try body(); return CK_RV(CKR_OK) } catch { return error.rv }
 }
+
+/// The records a store holds, read from the store itself: each record object's, a batch's several.
+private func records(_ store: FakeTokenStore) throws -> [ReplicaRecord] {
+    try store.tokenObjects(matching: [Attribute(CKA_LABEL, Array(ReplicaRecord.label.utf8))]).flatMap { object in
+        let value = object.first { $0.type == CKA_VALUE }?.value ?? []
+        return try #require(ReplicaRecord.decodeAll(value), "a record object that does not decode")
+    }
+}
+
+private func recordStamps(_ store: FakeTokenStore) throws -> Set<Stamp> { Set(try records(store).map(\.stamp)) }

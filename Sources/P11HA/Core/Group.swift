@@ -260,7 +260,8 @@ public final class Group: @unchecked Sendable {
 struct RecordCache {
     var epoch: Int
     var generation: UInt64
-    var stamps: [MemberObject: Stamp] = [:]
+    /// The stamps of the records at each handle read: one, or a batch's.
+    var stamps: [MemberObject: [Stamp]] = [:]
 }
 
 /// The value of one attribute on one member's copy of an object, which a catch-up would set back but which may be an

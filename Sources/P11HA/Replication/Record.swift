@@ -285,14 +285,90 @@ extension ReplicaRecord {
     /// Writes the record on a member: one new token object.
     @discardableResult
     func write(on token: any TokenBackend, _ session: MemberSession) throws(P11Error) -> MemberObject {
-        try token.createObject(session, Self.searchTemplate(isPrivate: isPrivate) + [
-            Attribute(CKA_APPLICATION, Array(Self.application.utf8)), Attribute(CKA_VALUE, encoded()),
+        try Self.writeObject(encoded(), isPrivate: isPrivate, on: token, session)
+    }
+
+    private static func writeObject(_ value: [UInt8], isPrivate: Bool, on token: any TokenBackend,
+                                    _ session: MemberSession) throws(P11Error) -> MemberObject {
+        try token.createObject(session, searchTemplate(isPrivate: isPrivate) + [
+            Attribute(CKA_APPLICATION, Array(application.utf8)), Attribute(CKA_VALUE, value),
         ])
     }
 
+    /// A batch: several records in one token object, for a repair that gives a member the records it lacks (one
+    /// object per record made a returning member's resync write two objects per missed one, the copy and its
+    /// record). Its value is `p11ha-records 1 COUNT` and then, per record, a line with its length and the record as
+    /// one record object holds it. Every record in it is held by the member as if it stood alone; the batch is
+    /// never changed, and goes only when every record in it may go (`ReplicaKeeper.compact`). Readers of the
+    /// single-record format skip a batch as unreadable, and write its records again alone.
+    static let batchHead = "p11ha-records 1 "
+    /// At most this many records, and this many bytes of them, in one batch (HSMs limit an object's size; a record
+    /// larger than the limit goes alone).
+    static let batchCount = 64
+    static let batchBytes = 16 * 1024
+
+    /// `records` (all private, or all public) in one token object; one record is written as itself.
+    static func writeBatch(_ records: [ReplicaRecord], on token: any TokenBackend,
+                           _ session: MemberSession) throws(P11Error) -> MemberObject {
+        guard records.count > 1 else { return try records[0].write(on: token, session) }
+        return try writeObject(encodedBatch(records), isPrivate: records[0].isPrivate, on: token, session)
+    }
+
+    static func encodedBatch(_ records: [ReplicaRecord]) -> [UInt8] {
+        var value = Array((batchHead + "\(records.count)\n").utf8)
+        for record in records {
+            let encoded = record.encoded()
+            value += Array("\(encoded.count)\n".utf8) + encoded
+        }
+        return value
+    }
+
+    /// `records` cut into batches of one privacy each, within `batchCount` and `batchBytes`, in their order.
+    static func batches(_ records: [ReplicaRecord]) -> [[ReplicaRecord]] {
+        var result: [[ReplicaRecord]] = []
+        for isPrivate in [false, true] {
+            var batch: [ReplicaRecord] = [], bytes = 0
+            for record in records where record.isPrivate == isPrivate {
+                let size = record.encoded().count
+                if !batch.isEmpty && (batch.count == batchCount || bytes + size > batchBytes) {
+                    result.append(batch)
+                    batch = []
+                    bytes = 0
+                }
+                batch.append(record)
+                bytes += size
+            }
+            if !batch.isEmpty { result.append(batch) }
+        }
+        return result
+    }
+
+    /// The records a record object holds: itself, or a batch's; nil when any part cannot be decoded.
+    static func decodeAll(_ bytes: [UInt8]) -> [ReplicaRecord]? {
+        let head = Array(batchHead.utf8)
+        guard bytes.count > head.count, Array(bytes[..<head.count]) == head else { return ReplicaRecord(decoding: bytes).map { [$0] } }
+        var position = head.count
+        func line() -> Int? {
+            guard let end = bytes[position...].firstIndex(of: 10), end - position <= 9,
+                  let number = Int(String(decoding: bytes[position..<end], as: UTF8.self)), number >= 0 else { return nil }
+            position = end + 1
+            return number
+        }
+        guard let count = line(), count > 1 else { return nil }
+        var records: [ReplicaRecord] = []
+        for _ in 0..<count {
+            guard let length = line(), length <= bytes.count - position,
+                  let record = ReplicaRecord(decoding: Array(bytes[position..<(position + length)])) else { return nil }
+            records.append(record)
+            position += length
+        }
+        guard position == bytes.count else { return nil }
+        return records
+    }
+
     /// The records at `handles` (those of one search: a second search may answer differently for a moment), with
-    /// their handles; one gone meanwhile is left out. A record that cannot be decoded is skipped (logged once per
-    /// reading): it cannot be what any writer of this format made.
+    /// their handles (a batch's records share one); one gone meanwhile is left out. A record that cannot be decoded
+    /// is skipped (logged once per reading): it cannot be what any writer of this format made.
     static func read(on token: any TokenBackend, _ session: MemberSession,
                      handles: [MemberObject]) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
         var result: [(MemberObject, ReplicaRecord)] = []
@@ -306,7 +382,7 @@ extension ReplicaRecord {
                 // that read records failed so once in the multi-writer test).
                 continue
             }
-            if let record = ReplicaRecord(decoding: value) { result.append((handle, record)) } else { unreadable += 1 }
+            if let records = decodeAll(value) { result += records.map { (handle, $0) } } else { unreadable += 1 }
         }
         if unreadable > 0 { Log.event(.warning, "replication-record-unreadable", "count=\(unreadable)") }
         return result

@@ -84,14 +84,14 @@ package final class ReplicaKeeper: Sendable {
         var new: [ReplicaRecord] = []
         group.ledger.withLock { ledger in
             for (handle, record) in fresh {
-                cache.stamps[handle] = record.stamp
+                cache.stamps[handle, default: []].append(record.stamp)
                 if ledger.add(record) {
                     new.append(record)
                     group.replicaClock.witness(record.stamp)
                 }
             }
         }
-        let held = Set(cache.stamps.values)
+        let held = Set(cache.stamps.values.joined())
         group.recordCache.withLock { $0[member.index] = cache }
         return (held, new)
     }
@@ -120,11 +120,16 @@ package final class ReplicaKeeper: Sendable {
 
     /// Notes a record this process wrote on a member at `handle`.
     func noteWritten(_ record: ReplicaRecord, at handle: MemberObject, on member: Member, in group: Group) {
+        noteWritten([record], at: handle, on: member, in: group)
+    }
+
+    /// Notes records this process wrote on a member at `handle`, a batch of them.
+    func noteWritten(_ records: [ReplicaRecord], at handle: MemberObject, on member: Member, in group: Group) {
         let epoch = member.handleEra
         let generation = group.objects.withLock { $0.generation }
         group.recordCache.withLock { caches in
             guard var cache = caches[member.index], cache.epoch == epoch, cache.generation == generation else { return }
-            cache.stamps[handle] = record.stamp
+            cache.stamps[handle] = records.map(\.stamp)
             caches[member.index] = cache
         }
     }
@@ -447,12 +452,20 @@ package final class ReplicaKeeper: Sendable {
         // Not those of objects it could not be given: its records then differ from its peers', and every process's
         // watch asks for another repair (simulation seed 29115: once written, the records were alike everywhere,
         // the one process that knew the object was missing restarted, and it stayed missing for good).
-        for record in ledger.records.values.sorted(by: { $0.stamp < $1.stamp })
-        where !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger) {
-            guard loggedIn || !record.isPrivate else { continue }
+        // In batches: one object per record made a resync write two objects per missed one.
+        let lacking = ledger.records.values.sorted(by: { $0.stamp < $1.stamp }).filter { record in
+            !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger)
+                && (loggedIn || !record.isPrivate)
+        }
+        for batch in ReplicaRecord.batches(lacking) {
             try mayChange()
-            noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group)
-            report.recordsWritten += 1
+            do throws(P11Error) {
+                noteWritten(batch, at: try ReplicaRecord.writeBatch(batch, on: token, target.session), on: target.member, in: group)
+            } catch where !error.isMemberFault && batch.count > 1 {
+                // A token that refuses an object this large (its own limit) takes them one by one.
+                for record in batch { noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group) }
+            }
+            report.recordsWritten += batch.count
         }
         // The previous format's journals go once what the member holds is adopted (only logged in: see above).
         if loggedIn { for handle in oldJournals { try? token.destroyObject(target.session, handle) } }
@@ -555,23 +568,33 @@ package final class ReplicaKeeper: Sendable {
                 expiring.insert(record.stamp)
             }
         }
+        func removable(_ stamp: Stamp) -> Bool {
+            guard !kept.contains(stamp), let record = ledger.records[stamp], !group.isReplicable(record, in: ledger) else { return false }
+            return !ledger.superseded.contains(stamp) || covered.contains(stamp) || ledger.objects[record.object]?.destroyed == true
+        }
+        let first = Stamp(milliseconds: 0, counter: 0, writer: 0)
         for r in reached {
             let cache = group.recordCache.withLock { $0[r.member.index] }
-            for (handle, stamp) in (cache?.stamps ?? [:]).sorted(by: { $0.value < $1.value }) where !kept.contains(stamp) {
-                guard let record = ledger.records[stamp], !group.isReplicable(record, in: ledger),
-                      !ledger.superseded.contains(stamp) || covered.contains(stamp) || ledger.objects[record.object]?.destroyed == true
-                else { continue }
+            for (handle, stamps) in (cache?.stamps ?? [:]).sorted(by: { ($0.value.min() ?? first) < ($1.value.min() ?? first) }) {
+                let going = stamps.filter(removable)
+                guard !going.isEmpty else { continue }
+                // A batch some of whose records must stay is written again without the others, first.
+                let staying = stamps.filter { !going.contains($0) }.compactMap { ledger.records[$0] }
+                guard staying.count + going.count == stamps.count else { continue }
                 guard try mayChange() else {
                     result.more = true
                     return result
                 }
                 do throws(P11Error) {
-                    // Still this record at this handle: a module may give a handle freed by another process's
+                    // Still these records at this handle: a module may give a handle freed by another process's
                     // compaction to another object.
                     let value = try r.member.token.readAttributes(r.session, handle, [CKA_VALUE])[0] ?? []
-                    guard ReplicaRecord(decoding: value)?.stamp == stamp else { continue }
+                    guard let there = ReplicaRecord.decodeAll(value), Set(there.map(\.stamp)) == Set(stamps) else { continue }
+                    if !staying.isEmpty {
+                        noteWritten(staying, at: try ReplicaRecord.writeBatch(staying, on: r.member.token, r.session), on: r.member, in: group)
+                    }
                     try r.member.token.destroyObject(r.session, handle)
-                    if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 }
+                    for stamp in going { if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 } }
                 } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
                     // Removed meanwhile by another process's compaction.
                 }
