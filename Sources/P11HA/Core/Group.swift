@@ -80,6 +80,12 @@ public final class Group: @unchecked Sendable {
     /// When (replica clock, ms) the members' records were last looked at for writes of other processes
     /// (`Recovery.watch`).
     let lastWatch = Atomic<UInt64>(0)
+    /// The records each member in service (by index) lacked at the last watch: a record that is young, and that the
+    /// member did not lack then, may be a write on its way to it (`Recovery.watch`).
+    let lackedAtLastWatch = Mutex<[Int: Set<Stamp>]>([:])
+    /// Records of this process's writes that a member in service failed to take (it answered a probe, so it stays):
+    /// a catch-up writes them however young they are (`ReplicaKeeper.repair`'s `settledBefore`).
+    let recordsMissed = Mutex<Set<Stamp>>([])
     /// When (replica clock, ms) the members in service were last all looked at, object by object (`Recovery`'s
     /// scrub); the first scrub is one interval after start.
     let lastScrub = Atomic<UInt64>(0)
@@ -144,13 +150,18 @@ public final class Group: @unchecked Sendable {
         }
         let due = firstSeen &+ writeSettles
         if now >= due { return true }
+        catchUp(by: due)
+        return false
+    }
+
+    /// Asks for a catch-up at `due` (replica clock, ms) at the latest.
+    func catchUp(by due: UInt64) {
         var current = catchUpAgainAt.load(ordering: .acquiring)
         while current == 0 || current > due {
             let (exchanged, original) = catchUpAgainAt.compareExchange(expected: current, desired: due, ordering: .acquiringAndReleasing)
             if exchanged { break }
             current = original
         }
-        return false
     }
 
     /// Forgets the values in doubt on `member` that a catch-up of it did not find again (`found`: those it found).

@@ -212,6 +212,7 @@ package final class ReplicaKeeper: Sendable {
             if error.timedOut || !error.isMemberFault || !fanOut.answersProbe(member) {
                 fanOut.markStale(member, reason: "missed a write's record: \(error)")
             } else {
+                group.recordsMissed.withLock { _ = $0.insert(record.stamp) }
                 catchUp = true
             }
         }
@@ -229,8 +230,11 @@ package final class ReplicaKeeper: Sendable {
         package var unrepairable: [String] = []
         /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
         package var retry = 0
-        /// Values left for a later catch-up, which may be an application's change under way (`Group.settles`).
+        /// Values left for a later catch-up, which may be an application's change under way (`Group.settles`), and
+        /// objects and records left so because they may be writes on their way (`settledBefore`).
         package var waiting = 0
+        /// When (replica clock, ms) what was left as possibly on its way can no longer be (0: nothing left so).
+        var settlesAt: UInt64 = 0
         var unrecorded = 0
         /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
         /// moment), so they are looked for again later.
@@ -262,8 +266,12 @@ package final class ReplicaKeeper: Sendable {
     /// Objects no record describes are left alone, except at a member's first sync (no record on it, or the
     /// previous format's journal): then they are adopted. `loggedIn`: private records and objects are visible.
     /// Called under the target's lease.
+    /// `settledBefore` (replica clock, ms; a catch-up of members in service): an object the target lacks with every
+    /// record of it, all stamped after this, and a record stamped after it, may be a write on its way to the target
+    /// (a write makes its objects on one member after another, then its records so): left for a later catch-up,
+    /// asked for by the time it can no longer be (`Group.writeSettles`), unless a write found the record missed.
     package func repair(_ target: Reached, peers: [Reached], in group: Group, loggedIn: Bool,
-                lease: Lease? = nil, cancelled: () -> Bool = { false }) throws(P11Error) -> Repair {
+                lease: Lease? = nil, settledBefore: UInt64? = nil, cancelled: () -> Bool = { false }) throws(P11Error) -> Repair {
         var report = Repair()
         // Before each change: the lease still held, and no shutdown under way (C_Finalize waits for the pass).
         func mayChange() throws(P11Error) {
@@ -377,8 +385,24 @@ package final class ReplicaKeeper: Sendable {
         // peer 500 times).
         var peerPairings: [Int: Pairing] = [:]
         var newcomers = Newcomers(token: token, session: target.session, enumerated: Set(targetView.map(\.handle)))
+        // Each object's first record, when young ones wait (`settledBefore`).
+        var born: [ObjectUID: UInt64] = [:]
+        if settledBefore != nil {
+            for record in ledger.records.values { born[record.object] = min(born[record.object] ?? .max, record.stamp.milliseconds) }
+        }
+        func young(_ milliseconds: UInt64) -> Bool {
+            guard let settledBefore, milliseconds > settledBefore else { return false }
+            let settles = milliseconds &+ group.writeSettles
+            report.settlesAt = report.settlesAt == 0 ? settles : min(report.settlesAt, settles)
+            report.waiting += 1
+            return true
+        }
         for uid in pairing.missing.sorted() {
             let state = ledger.objects[uid]!
+            if !objectsHeld.contains(uid), let first = born[uid], young(first) {
+                unsettled.insert(uid)
+                continue
+            }
             var source: (Reached, MemberCopy)? = nil
             for peer in peers {
                 if peerPairings[peer.member.index] == nil {
@@ -453,9 +477,10 @@ package final class ReplicaKeeper: Sendable {
         // watch asks for another repair (simulation seed 29115: once written, the records were alike everywhere,
         // the one process that knew the object was missing restarted, and it stayed missing for good).
         // In batches: one object per record made a resync write two objects per missed one.
+        let missed = group.recordsMissed.withLock { $0 }
         let lacking = ledger.records.values.sorted(by: { $0.stamp < $1.stamp }).filter { record in
             !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger)
-                && (loggedIn || !record.isPrivate)
+                && (loggedIn || !record.isPrivate) && (missed.contains(record.stamp) || !young(record.stamp.milliseconds))
         }
         for batch in ReplicaRecord.batches(lacking) {
             try mayChange()
@@ -466,6 +491,7 @@ package final class ReplicaKeeper: Sendable {
                 for record in batch { noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group) }
             }
             report.recordsWritten += batch.count
+            group.recordsMissed.withLock { $0.subtract(batch.map(\.stamp)) }
         }
         // The previous format's journals go once what the member holds is adopted (only logged in: see above).
         if loggedIn { for handle in oldJournals { try? token.destroyObject(target.session, handle) } }
