@@ -280,6 +280,48 @@ import Testing
         #expect(first.members.allSatisfy(\.isInService) && second.members.allSatisfy(\.isInService))
     }
 
+    @Test("a write's record on its way to a member is left to the write by another process: its watch asks for no catch-up at the first look, and its catch-up does not write the record a second time")
+    func recordOnItsWay() throws {
+        let clock = SimulatedClock()
+        let first = try FakeGroup(clock: clock)
+        let second = try FakeGroup(sharing: first.stores, clock: clock)
+        let session = try first.userSession()
+        let object = try first.runtime.createObject(session, dataObject("before"))
+        _ = try second.userSession()
+        second.recover()
+        let before = try records(first.stores[2]).count
+        // The destroy's tombstone is written to members 0 and 1, and waits on member 2, the last. (A rename's
+        // record would do too, but the watch asks for a catch-up after any recent rename of another process.)
+        first.connections[2].faults.inject(.hangThenProceed, on: [.createObject], times: 1)
+        let renamed = DispatchSemaphore(value: 0)
+        let runtime = first.runtime
+        Thread {
+            _ = try? runtime.destroyObject(session, object)
+            renamed.signal()
+        }.start()
+        try #require(eventually { first.connections[2].faults.hangingCalls == 1 }, "the tombstone never reached member 2")
+        #expect(try records(first.stores[1]).count == before + 1 && records(first.stores[2]).count == before)
+        second.group.catchUpWanted.store(false, ordering: .releasing)
+        second.runtime.recovery.watch(second.group)
+        let afterOneLook = second.group.catchUpWanted.load(ordering: .acquiring)
+        #expect(!afterOneLook, "one look at a young record proves nothing")
+        second.runtime.recovery.watch(second.group)
+        let afterTwoLooks = second.group.catchUpWanted.load(ordering: .acquiring)
+        #expect(afterTwoLooks, "lacked at two looks: a catch-up")
+        second.recover()
+        #expect(try records(first.stores[2]).count == before, "the catch-up left the record to the write")
+        let asked = second.group.catchUpAgainAt.load(ordering: .acquiring)
+        #expect(asked != 0, "and asked for a catch-up when it can no longer be on its way")
+        first.connections[2].faults.releaseHangs()
+        renamed.wait()
+        clock.advance(by: second.group.writeSettles + 1)
+        second.recover()
+        let stamps = try records(first.stores[2]).map(\.stamp)
+        #expect(stamps.count == before + 1 && Set(stamps).count == stamps.count, "each record once on member 2")
+        for store in 0..<3 { #expect(first.objects(labelled: "before", on: store) == 0, "member \(store)") }
+        #expect(first.members.allSatisfy { $0.isInService } && second.members.allSatisfy { $0.isInService })
+    }
+
     @Test("a label changed on a member behind p11ha's back is set back by a catch-up once it has stayed longer than a write can take")
     func changeWithoutRecordIsSetBack() throws {
         let clock = SimulatedClock()
