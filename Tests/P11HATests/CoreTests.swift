@@ -242,27 +242,17 @@ import Testing
 
     @Test("another process's catch-up between an application's rename on the members and its record leaves the new label: a rename that returns CKR_OK is never set back")
     func catchUpBesideRename() throws {
-        let clock = SimulatedClock()
-        let first = try FakeGroup(clock: clock)
-        let second = try FakeGroup(sharing: first.stores, clock: clock)
-        let session = try first.userSession()
-        let object = try first.runtime.createObject(session, dataObject("before"))
-        _ = try second.userSession()
-        second.recover()
+        let (clock, first, second, session, object) = try twoProcesses()
         // The rename's record waits on member 0, the first it is written to: every member holds the new label then,
         // none its record.
-        first.connections[0].faults.inject(.hangThenProceed, on: [.createObject], times: 1)
-        let renamed = DispatchSemaphore(value: 0)
         let outcome = Synchronization.Mutex<Result<Void, P11Error>?>(nil)
         let runtime = first.runtime
-        Thread {
+        let renamed = try heldWrite(first, member: 0) {
             let result = Result { () throws(P11Error) in
                 try runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("after".utf8))])
             }
             outcome.withLock { $0 = result }
-            renamed.signal()
-        }.start()
-        try #require(eventually { first.connections[0].faults.hangingCalls == 1 }, "the rename's record never reached member 0")
+        }
         second.group.catchUpWanted.store(true, ordering: .releasing)
         second.recover()
         for store in 0..<3 { #expect(first.objects(labelled: "after", on: store) == 1, "member \(store) beside the rename") }
@@ -282,24 +272,12 @@ import Testing
 
     @Test("a write's record on its way to a member is left to the write by another process: its watch asks for no catch-up at the first look, and its catch-up does not write the record a second time")
     func recordOnItsWay() throws {
-        let clock = SimulatedClock()
-        let first = try FakeGroup(clock: clock)
-        let second = try FakeGroup(sharing: first.stores, clock: clock)
-        let session = try first.userSession()
-        let object = try first.runtime.createObject(session, dataObject("before"))
-        _ = try second.userSession()
-        second.recover()
+        let (clock, first, second, session, object) = try twoProcesses()
         let before = try records(first.stores[2]).count
         // The destroy's tombstone is written to members 0 and 1, and waits on member 2, the last. (A rename's
         // record would do too, but the watch asks for a catch-up after any recent rename of another process.)
-        first.connections[2].faults.inject(.hangThenProceed, on: [.createObject], times: 1)
-        let renamed = DispatchSemaphore(value: 0)
         let runtime = first.runtime
-        Thread {
-            _ = try? runtime.destroyObject(session, object)
-            renamed.signal()
-        }.start()
-        try #require(eventually { first.connections[2].faults.hangingCalls == 1 }, "the tombstone never reached member 2")
+        let destroyed = try heldWrite(first, member: 2) { _ = try? runtime.destroyObject(session, object) }
         #expect(try records(first.stores[1]).count == before + 1 && records(first.stores[2]).count == before)
         second.group.catchUpWanted.store(false, ordering: .releasing)
         second.runtime.recovery.watch(second.group)
@@ -313,7 +291,7 @@ import Testing
         let asked = second.group.catchUpAgainAt.load(ordering: .acquiring)
         #expect(asked != 0, "and asked for a catch-up when it can no longer be on its way")
         first.connections[2].faults.releaseHangs()
-        renamed.wait()
+        destroyed.wait()
         clock.advance(by: second.group.writeSettles + 1)
         second.recover()
         let stamps = try records(first.stores[2]).map(\.stamp)
@@ -752,3 +730,29 @@ private func records(_ store: FakeTokenStore) throws -> [ReplicaRecord] {
 }
 
 private func recordStamps(_ store: FakeTokenStore) throws -> Set<Stamp> { Set(try records(store).map(\.stamp)) }
+
+/// Two processes of one host sharing three fake members on one clock; the first made an object labelled "before",
+/// which the second has read.
+private func twoProcesses() throws -> (SimulatedClock, FakeGroup, FakeGroup, SessionHandle, ObjectHandle) {
+    let clock = SimulatedClock()
+    let first = try FakeGroup(clock: clock)
+    let second = try FakeGroup(sharing: first.stores, clock: clock)
+    let session = try first.userSession()
+    let object = try first.runtime.createObject(session, dataObject("before"))
+    _ = try second.userSession()
+    second.recover()
+    return (clock, first, second, session, object)
+}
+
+/// Starts `write` on a thread of its own with its first C_CreateObject on `member` (a record's) held, and returns
+/// once it is held (`releaseHangs` lets it go on); the semaphore is signalled when the write has returned.
+private func heldWrite(_ fake: FakeGroup, member: Int, _ write: @escaping @Sendable () -> Void) throws -> DispatchSemaphore {
+    fake.connections[member].faults.inject(.hangThenProceed, on: [.createObject], times: 1)
+    let done = DispatchSemaphore(value: 0)
+    Thread {
+        write()
+        done.signal()
+    }.start()
+    try #require(eventually { fake.connections[member].faults.hangingCalls == 1 }, "the write's record never reached member \(member)")
+    return done
+}
