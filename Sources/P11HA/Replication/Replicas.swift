@@ -477,7 +477,12 @@ package final class ReplicaKeeper: Sendable {
         // watch asks for another repair (simulation seed 29115: once written, the records were alike everywhere,
         // the one process that knew the object was missing restarted, and it stayed missing for good).
         // In batches: one object per record made a resync write two objects per missed one.
-        let missed = group.recordsMissed.withLock { $0 }
+        // Those a compaction has made needless since are forgotten (nothing else would remove them).
+        let current = group.ledger.withLock { $0 }
+        let missed = group.recordsMissed.withLock { missed in
+            missed = missed.filter { current.records[$0].map { group.isReplicable($0, in: current) } ?? false }
+            return missed
+        }
         let lacking = ledger.records.values.sorted(by: { $0.stamp < $1.stamp }).filter { record in
             !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger)
                 && (loggedIn || !record.isPrivate) && (missed.contains(record.stamp) || !young(record.stamp.milliseconds))
