@@ -131,18 +131,49 @@ public protocol TokenBackend: AnyObject, Sendable {
 
 extension TokenBackend {
     /// The values of attributes that are not sensitive (identity, class), or nil for each one refused.
+    /// One call with a buffer of `expected` bytes for each reads most attributes (class, label, ID, flags); only
+    /// those it does not give (too large, or refused: the answer does not say which) are asked for their lengths
+    /// and read again. Two calls for every read made a returning member's enumeration four calls per object.
     public func readAttributes(_ session: MemberSession, _ object: MemberObject,
-                               _ types: [CK_ATTRIBUTE_TYPE]) throws(P11Error) -> [[UInt8]?] {
+                               _ types: [CK_ATTRIBUTE_TYPE], expected: Int = 256) throws(P11Error) -> [[UInt8]?] {
+        // Attribute arrays hold pointers the member would follow: never a buffer it did not size.
+        let direct = types.indices.filter { !attributeArrayTypes.contains(types[$0]) }
+        var result = [[UInt8]?](repeating: nil, count: types.count)
+        var rest = Array(types.indices)
+        if !direct.isEmpty {
+            let first = try attributeValues(session, object, direct.map { AttributeQuery(types[$0], capacity: expected) })
+            if first.rv != CKR_OK && !partialAttributeAnswers.contains(first.rv) { throw P11Error.member(first.rv) }
+            rest = types.indices.filter { attributeArrayTypes.contains(types[$0]) }
+            for (i, answer) in zip(direct, first.answers) {
+                if answer.length == CK_UNAVAILABLE_INFORMATION_VALUE || answer.length > CK_ULONG(expected) {
+                    rest.append(i)
+                } else {
+                    result[i] = answer.value ?? []
+                }
+            }
+            if rest.isEmpty { return result }
+            rest.sort()
+        }
+        let values = try readAttributesInTwoCalls(session, object, rest.map { types[$0] })
+        for (i, value) in zip(rest, values) { result[i] = value }
+        return result
+    }
+
+    /// The lengths, then the values of those that have one (none refused or empty: no second call).
+    private func readAttributesInTwoCalls(_ session: MemberSession, _ object: MemberObject,
+                                          _ types: [CK_ATTRIBUTE_TYPE]) throws(P11Error) -> [[UInt8]?] {
         let sizes = try attributeValues(session, object, types.map { AttributeQuery($0, capacity: nil) })
         if sizes.rv != CKR_OK && !partialAttributeAnswers.contains(sizes.rv) { throw P11Error.member(sizes.rv) }
-        let queries = zip(types, sizes.answers).map { type, answer in
-            AttributeQuery(type, capacity: answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? 0 : Int(answer.length))
-        }
-        let values = try attributeValues(session, object, queries)
+        var result: [[UInt8]?] = sizes.answers.map { $0.length == CK_UNAVAILABLE_INFORMATION_VALUE ? nil : [] }
+        let needed = types.indices.filter { sizes.answers[$0].length != CK_UNAVAILABLE_INFORMATION_VALUE && sizes.answers[$0].length > 0 }
+        if needed.isEmpty { return result }
+        let values = try attributeValues(session, object, needed.map { AttributeQuery(types[$0], capacity: Int(sizes.answers[$0].length)) })
         if values.rv != CKR_OK && !partialAttributeAnswers.contains(values.rv) { throw P11Error.member(values.rv) }
-        return zip(sizes.answers, values.answers).map { size, answer in
-            size.length == CK_UNAVAILABLE_INFORMATION_VALUE ? nil : (answer.value ?? [])
+        for (i, answer) in zip(needed, values.answers) {
+            // Refused now though its length was given (changed meanwhile): as refused.
+            result[i] = answer.length == CK_UNAVAILABLE_INFORMATION_VALUE ? nil : (answer.value ?? [])
         }
+        return result
     }
 }
 

@@ -369,6 +369,9 @@ extension ReplicaRecord {
     /// The records at `handles` (those of one search: a second search may answer differently for a moment), with
     /// their handles (a batch's records share one); one gone meanwhile is left out. A record that cannot be decoded
     /// is skipped (logged once per reading): it cannot be what any writer of this format made.
+    /// A record's value is a few hundred bytes (a batch's, up to `batchBytes`): read in one call when it fits.
+    static let expectedSize = 2048
+
     static func read(on token: any TokenBackend, _ session: MemberSession,
                      handles: [MemberObject]) throws(P11Error) -> [(MemberObject, ReplicaRecord)] {
         var result: [(MemberObject, ReplicaRecord)] = []
@@ -376,7 +379,7 @@ extension ReplicaRecord {
         for handle in handles {
             let value: [UInt8]
             do throws(P11Error) {
-                value = try token.readAttributes(session, handle, [CKA_VALUE])[0] ?? []
+                value = try token.readAttributes(session, handle, [CKA_VALUE], expected: expectedSize)[0] ?? []
             } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
                 // Removed since the search by a compaction: as if the search had not found it (an application's write
                 // that read records failed so once in the multi-writer test).

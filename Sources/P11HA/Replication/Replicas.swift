@@ -619,7 +619,7 @@ package final class ReplicaKeeper: Sendable {
                 do throws(P11Error) {
                     // Still these records at this handle: a module may give a handle freed by another process's
                     // compaction to another object.
-                    let value = try r.member.token.readAttributes(r.session, handle, [CKA_VALUE])[0] ?? []
+                    let value = try r.member.token.readAttributes(r.session, handle, [CKA_VALUE], expected: ReplicaRecord.expectedSize)[0] ?? []
                     guard let there = ReplicaRecord.decodeAll(value), Set(there.map(\.stamp)) == Set(stamps) else { continue }
                     if !staying.isEmpty {
                         noteWritten(staying, at: try ReplicaRecord.writeBatch(staying, on: r.member.token, r.session), on: r.member, in: group)
