@@ -406,6 +406,34 @@ import Testing
         #expect(fake.members.allSatisfy { $0.isInService })
     }
 
+    @Test("objects the members held before p11ha are adopted at the first sync under one identity each on every member, their records written in a few batches")
+    func adoptionInBatches() throws {
+        let fake = try FakeGroup(prepare: { stores in
+            for store in stores {
+                let token = store.connection()
+                try! token.connect()
+                let s = try! token.openSession(readWrite: true)
+                try! token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+                for n in 0..<100 { _ = try! token.createObject(s, dataObject("pre-\(n)", value: [UInt8(n)])) }
+                token.disconnect()
+            }
+        })
+        _ = try fake.userSession()
+        for _ in 0..<2 {
+            fake.group.catchUpWanted.store(true, ordering: .releasing)
+            fake.recover()
+        }
+        let first = try records(fake.stores[0])
+        #expect(first.count == 100 && first.allSatisfy { $0.operation == .adopt }, "\(first.count) records, \(Set(first.map(\.stamp)).count) stamps, \(Set(first.map(\.object)).count) objects, \(fake.records(on: 0)) record objects")
+        for store in 0..<3 {
+            let stamps = try recordStamps(fake.stores[store])
+            #expect(stamps == Set(first.map(\.stamp)), "member \(store) holds every adoption's record")
+            #expect(fake.records(on: store) < 10, "member \(store): \(fake.records(on: store)) record objects for 100 records")
+            #expect(fake.objects(labelled: "pre-7", on: store) == 1, "member \(store)")
+        }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
     @Test("a rename whose object the records in reach do not describe, while a member whose records may (another process renamed it there) cannot be read, is refused with nothing changed")
     func writeRefusedWithoutIdentity() throws {
         let first = try FakeGroup()

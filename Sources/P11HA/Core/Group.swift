@@ -83,9 +83,11 @@ public final class Group: @unchecked Sendable {
     /// The records each member in service (by index) lacked at the last watch: a record that is young, and that the
     /// member did not lack then, may be a write on its way to it (`Recovery.watch`).
     let lackedAtLastWatch = Mutex<[Int: Set<Stamp>]>([:])
-    /// Records of this process's writes that a member in service failed to take (it answered a probe, so it stays):
-    /// a catch-up writes them however young they are (`ReplicaKeeper.repair`'s `settledBefore`).
-    let recordsMissed = Mutex<Set<Stamp>>([])
+    /// Records this process knows are on no way to the members that lack them, which a catch-up therefore writes
+    /// however young they are (`ReplicaKeeper.repair`'s `settledBefore`): those of its writes that a member in
+    /// service failed to take (it answered a probe, so it stays), and its adoptions. Each is forgotten once no member
+    /// in service lacks it (`Recovery.watch`) or a compaction has made it needless.
+    let recordsDue = Mutex<Set<Stamp>>([])
     /// When (replica clock, ms) the members in service were last all looked at, object by object (`Recovery`'s
     /// scrub); the first scrub is one interval after start.
     let lastScrub = Atomic<UInt64>(0)

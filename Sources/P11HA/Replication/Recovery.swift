@@ -170,6 +170,7 @@ final class Recovery: @unchecked Sendable {
             defer { last = lacking }
             return last
         }
+        group.recordsDue.withLock { due in due = due.filter { stamp in lacking.values.contains { $0.contains(stamp) } } }
         let now = group.replicaClock.milliseconds
         let missing = lacking.contains { member, stamps in
             stamps.contains { $0.milliseconds &+ group.writeSettles <= now || lackedBefore[member]?.contains($0) == true }

@@ -212,7 +212,7 @@ package final class ReplicaKeeper: Sendable {
             if error.timedOut || !error.isMemberFault || !fanOut.answersProbe(member) {
                 fanOut.markStale(member, reason: "missed a write's record: \(error)")
             } else {
-                group.recordsMissed.withLock { _ = $0.insert(record.stamp) }
+                group.recordsDue.withLock { _ = $0.insert(record.stamp) }
                 catchUp = true
             }
         }
@@ -327,7 +327,10 @@ package final class ReplicaKeeper: Sendable {
         }
         // Only with every record visible (logged in): without, a member's private records would be missed.
         if loggedIn && (firstSync || !oldJournals.isEmpty) {
-            report.adopted = try adopt(target, in: group, view: try view(target))
+            let adopted = try adopt(target, in: group, view: try view(target))
+            report.adopted = adopted.count
+            // Held now: not written to it a second time below.
+            held.formUnion(adopted)
             views[target.member.index] = nil
         }
         let ledger = group.ledger.withLock { $0 }
@@ -479,24 +482,18 @@ package final class ReplicaKeeper: Sendable {
         // In batches: one object per record made a resync write two objects per missed one.
         // Those a compaction has made needless since are forgotten (nothing else would remove them).
         let current = group.ledger.withLock { $0 }
-        let missed = group.recordsMissed.withLock { missed in
-            missed = missed.filter { current.records[$0].map { group.isReplicable($0, in: current) } ?? false }
-            return missed
+        let due = group.recordsDue.withLock { due in
+            due = due.filter { current.records[$0].map { group.isReplicable($0, in: current) } ?? false }
+            return due
         }
         let lacking = ledger.records.values.sorted(by: { $0.stamp < $1.stamp }).filter { record in
             !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger)
-                && (loggedIn || !record.isPrivate) && (missed.contains(record.stamp) || !young(record.stamp.milliseconds))
+                && (loggedIn || !record.isPrivate) && (due.contains(record.stamp) || !young(record.stamp.milliseconds))
         }
         for batch in ReplicaRecord.batches(lacking) {
             try mayChange()
-            do throws(P11Error) {
-                noteWritten(batch, at: try ReplicaRecord.writeBatch(batch, on: token, target.session), on: target.member, in: group)
-            } catch where !error.isMemberFault && batch.count > 1 {
-                // A token that refuses an object this large (its own limit) takes them one by one.
-                for record in batch { noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group) }
-            }
+            try write(batch, on: target, in: group)
             report.recordsWritten += batch.count
-            group.recordsMissed.withLock { $0.subtract(batch.map(\.stamp)) }
         }
         // The previous format's journals go once what the member holds is adopted (only logged in: see above).
         if loggedIn { for handle in oldJournals { try? token.destroyObject(target.session, handle) } }
@@ -621,9 +618,7 @@ package final class ReplicaKeeper: Sendable {
                     // compaction to another object.
                     let value = try r.member.token.readAttributes(r.session, handle, [CKA_VALUE], expected: ReplicaRecord.expectedSize)[0] ?? []
                     guard let there = ReplicaRecord.decodeAll(value), Set(there.map(\.stamp)) == Set(stamps) else { continue }
-                    if !staying.isEmpty {
-                        noteWritten(staying, at: try ReplicaRecord.writeBatch(staying, on: r.member.token, r.session), on: r.member, in: group)
-                    }
+                    if !staying.isEmpty { try write(staying, on: r, in: group) }
                     try r.member.token.destroyObject(r.session, handle)
                     for stamp in going { if expiring.contains(stamp) { result.expired += 1 } else { result.removed += 1 } }
                 } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
@@ -661,23 +656,41 @@ package final class ReplicaKeeper: Sendable {
 
     /// Records every unrecorded object of the member as created (identities drawn from what they are, so that
     /// another host adopting the same objects names them alike, and identical copies merge).
-    private func adopt(_ target: Reached, in group: Group, view: [MemberCopy]) throws(P11Error) -> Int {
+    /// Returns the stamps of the records it wrote.
+    private func adopt(_ target: Reached, in group: Group, view: [MemberCopy]) throws(P11Error) -> [Stamp] {
         let ledger = group.ledger.withLock { $0 }
         let pairing = Pairing(view, with: ledger)
-        var adopted = 0
+        var adopted: [Stamp] = []
         var seen = Set<ObjectUID>()
+        var records: [ReplicaRecord] = []
         for copy in pairing.unrecorded {
             let attributes = copy.attributes.filter { ReplicaRecord.replicatedTypes.contains($0.type) }
             let uid = ObjectUID(fingerprint: copy.fingerprint, attributes: attributes, occurrence: 0)
             guard seen.insert(uid).inserted else { continue }
-            let record = ReplicaRecord(stamp: group.replicaClock.next(), operation: .adopt, object: uid, fingerprint: copy.fingerprint,
-                                       attributes: attributes, isPrivate: copy.isPrivate)
-            noteWritten(record, at: try record.write(on: target.member.token, target.session), on: target.member, in: group)
-            group.ledger.withLock { _ = $0.add(record) }
-            adopted += 1
+            records.append(ReplicaRecord(stamp: group.replicaClock.next(), operation: .adopt, object: uid, fingerprint: copy.fingerprint,
+                                         attributes: attributes, isPrivate: copy.isPrivate))
         }
-        if adopted > 0 { Log.event(.info, "objects-adopted", "group=\(group.name) member=\(target.member.name) objects=\(adopted)") }
+        // In batches, as a repair's: a token of a thousand objects joining the group took a thousand writes.
+        for batch in ReplicaRecord.batches(records) {
+            try write(batch, on: target, in: group)
+            group.ledger.withLock { ledger in for record in batch { _ = ledger.add(record) } }
+            // Complete, not on their way: the other members get them at once.
+            group.recordsDue.withLock { $0.formUnion(batch.map(\.stamp)) }
+            adopted += batch.map(\.stamp)
+        }
+        if !adopted.isEmpty { Log.event(.info, "objects-adopted", "group=\(group.name) member=\(target.member.name) objects=\(adopted.count)") }
         return adopted
+    }
+
+    /// Writes `batch` (one privacy) on the target as one token object; a token that refuses an object that large
+    /// (its own limit) takes the records one by one.
+    private func write(_ batch: [ReplicaRecord], on target: Reached, in group: Group) throws(P11Error) {
+        let token = target.member.token
+        do throws(P11Error) {
+            noteWritten(batch, at: try ReplicaRecord.writeBatch(batch, on: token, target.session), on: target.member, in: group)
+        } catch where !error.isMemberFault && batch.count > 1 {
+            for record in batch { noteWritten(record, at: try record.write(on: token, target.session), on: target.member, in: group) }
+        }
     }
 
     /// The member's token objects (not p11ha's own), each with its fingerprint and replicated attributes.
