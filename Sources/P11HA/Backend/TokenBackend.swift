@@ -138,12 +138,11 @@ extension TokenBackend {
                                _ types: [CK_ATTRIBUTE_TYPE], expected: Int = 256) throws(P11Error) -> [[UInt8]?] {
         // Attribute arrays hold pointers the member would follow: never a buffer it did not size.
         let direct = types.indices.filter { !attributeArrayTypes.contains(types[$0]) }
+        var rest = types.indices.filter { attributeArrayTypes.contains(types[$0]) }
         var result = [[UInt8]?](repeating: nil, count: types.count)
-        var rest = Array(types.indices)
         if !direct.isEmpty {
             let first = try attributeValues(session, object, direct.map { AttributeQuery(types[$0], capacity: expected) })
             if first.rv != CKR_OK && !partialAttributeAnswers.contains(first.rv) { throw P11Error.member(first.rv) }
-            rest = types.indices.filter { attributeArrayTypes.contains(types[$0]) }
             for (i, answer) in zip(direct, first.answers) {
                 if answer.length == CK_UNAVAILABLE_INFORMATION_VALUE || answer.length > CK_ULONG(expected) {
                     rest.append(i)

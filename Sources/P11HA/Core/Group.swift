@@ -85,8 +85,9 @@ public final class Group: @unchecked Sendable {
     let lackedAtLastWatch = Mutex<[Int: Set<Stamp>]>([:])
     /// Records this process knows are on no way to the members that lack them, which a catch-up therefore writes
     /// however young they are (`ReplicaKeeper.repair`'s `settledBefore`): those of its writes that a member in
-    /// service failed to take (it answered a probe, so it stays), and its adoptions. Each is forgotten once no member
-    /// in service lacks it (`Recovery.watch`) or a compaction has made it needless.
+    /// service failed to take (it answered a probe, so it stays), and its adoptions. Each is forgotten at the first
+    /// watch where no member in service lacks it (`Recovery.watch`; one a compaction has made needless is lacked by
+    /// none).
     let recordsDue = Mutex<Set<Stamp>>([])
     /// When (replica clock, ms) the members in service were last all looked at, object by object (`Recovery`'s
     /// scrub); the first scrub is one interval after start.

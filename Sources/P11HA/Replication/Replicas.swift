@@ -480,12 +480,7 @@ package final class ReplicaKeeper: Sendable {
         // watch asks for another repair (simulation seed 29115: once written, the records were alike everywhere,
         // the one process that knew the object was missing restarted, and it stayed missing for good).
         // In batches: one object per record made a resync write two objects per missed one.
-        // Those a compaction has made needless since are forgotten (nothing else would remove them).
-        let current = group.ledger.withLock { $0 }
-        let due = group.recordsDue.withLock { due in
-            due = due.filter { current.records[$0].map { group.isReplicable($0, in: current) } ?? false }
-            return due
-        }
+        let due = group.recordsDue.withLock { $0 }
         let lacking = ledger.records.values.sorted(by: { $0.stamp < $1.stamp }).filter { record in
             !held.contains(record.stamp) && !unsettled.contains(record.object) && group.isReplicable(record, in: ledger)
                 && (loggedIn || !record.isPrivate) && (due.contains(record.stamp) || !young(record.stamp.milliseconds))
@@ -674,9 +669,10 @@ package final class ReplicaKeeper: Sendable {
         for batch in ReplicaRecord.batches(records) {
             try write(batch, on: target, in: group)
             group.ledger.withLock { ledger in for record in batch { _ = ledger.add(record) } }
+            let stamps = batch.map(\.stamp)
             // Complete, not on their way: the other members get them at once.
-            group.recordsDue.withLock { $0.formUnion(batch.map(\.stamp)) }
-            adopted += batch.map(\.stamp)
+            group.recordsDue.withLock { $0.formUnion(stamps) }
+            adopted += stamps
         }
         if !adopted.isEmpty { Log.event(.info, "objects-adopted", "group=\(group.name) member=\(target.member.name) objects=\(adopted.count)") }
         return adopted
