@@ -87,7 +87,7 @@ extension Runtime {
             do throws(P11Error) {
                 let repair = try replicas.repair(target, peers: peers, in: group, loggedIn: true, lease: lease)
                 progress("\(target.member.name): repaired from the replication records: \(repair)")
-                report.repairsPending += repair.unrepairable.count + repair.retry + repair.waiting
+                report.repairsPending += repair.unrepairable.count + repair.retry + repair.inFlux + repair.waiting
             } catch {
                 throw SyncError(description: "\(target.member.name): repair from the replication records: \(error)")
             }

@@ -228,8 +228,14 @@ package final class ReplicaKeeper: Sendable {
         /// Live objects the member lacks that no reachable member can give it (none holds a copy, or the key is
         /// not extractable, or a member has no replication key).
         package var unrepairable: [String] = []
-        /// Copies that failed this time (another process changed the holder meanwhile): tried again later.
+        /// What kept the repair from reading all it must (a peer that could not be read: it may hold tombstones
+        /// the target must apply): tried again later, and a returning member stays out until then.
         package var retry = 0
+        /// Objects another writer was changing while the repair ran (the holder's copy changed under the copy, a
+        /// copy appeared on the target meanwhile, one object listed under two handles): left to the catch-up that
+        /// follows. A returning member does not wait for them: under other hosts' steady writes some object is
+        /// always in flux, and waiting for none kept a member out for as long as they wrote (multi-writer test).
+        package var inFlux = 0
         /// Values left for a later catch-up, which may be an application's change under way (`Group.settles`), and
         /// objects and records left so because they may be writes on their way (`settledBefore`).
         package var waiting = 0
@@ -243,10 +249,14 @@ package final class ReplicaKeeper: Sendable {
         /// repair left it: what a returning member's handles are (`Recovery.reattach`), without a search each.
         package var copiesHeld: [ObjectUID: MemberObject] = [:]
 
-        package var complete: Bool { retry == 0 }
+        /// Every object settled: nothing left for a later pass.
+        package var complete: Bool { retry == 0 && inFlux == 0 }
+        /// Up to date but for objects other writers are changing (which the catch-up after its return brings): a
+        /// returning member may serve again.
+        package var mayReturn: Bool { retry == 0 }
         var changedAnything: Bool { copied + destroyed + changed + recordsWritten + adopted > 0 }
         package var description: String {
-            "copied=\(copied) destroyed=\(destroyed) changed=\(changed) records=\(recordsWritten) adopted=\(adopted) unrepairable=\(unrepairable.count) retry=\(retry) unrecorded=\(unrecorded)\(waiting > 0 ? " waiting=\(waiting)" : "")"
+            "copied=\(copied) destroyed=\(destroyed) changed=\(changed) records=\(recordsWritten) adopted=\(adopted) unrepairable=\(unrepairable.count) retry=\(retry)\(inFlux > 0 ? " in-flux=\(inFlux)" : "") unrecorded=\(unrecorded)\(waiting > 0 ? " waiting=\(waiting)" : "")"
         }
     }
 
@@ -352,11 +362,16 @@ package final class ReplicaKeeper: Sendable {
                 let kept = pairing.copies.values.filter { $0.fingerprint == copy.fingerprint }.map(\.handle)
                 guard let other = kept.first, try distinct(copy.handle, other, on: target) else {
                     Log.event(.info, "repair-kept-copy", "group=\(group.name) member=\(target.member.name) handles=\(copy.handle.raw),\(kept.first?.raw ?? 0) reason=\"the member lists one object under two handles\"")
-                    report.retry += 1
+                    report.inFlux += 1
                     continue
                 }
             }
-            try token.destroyObject(target.session, copy.handle)
+            do throws(P11Error) {
+                try token.destroyObject(target.session, copy.handle)
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                // Another process destroyed it meanwhile (a multi-writer test's repair failed whole so, again and again).
+                continue
+            }
             Log.event(.info, "repair-destroyed", "group=\(group.name) member=\(target.member.name) label=\"\(copy.attributes[CK_ATTRIBUTE_TYPE(CKA_LABEL)].map { String(decoding: $0.value, as: UTF8.self) } ?? "")\" reason=\"\(reason)\"")
             report.destroyed += 1
         }
@@ -381,7 +396,13 @@ package final class ReplicaKeeper: Sendable {
             }
             guard !corrections.isEmpty else { continue }
             try mayChange()
-            try token.setAttributeValues(target.session, copy.handle, corrections)
+            do throws(P11Error) {
+                try token.setAttributeValues(target.session, copy.handle, corrections)
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                // Destroyed by another process since the enumeration: its tombstone is read at the next pass.
+                report.inFlux += 1
+                continue
+            }
             report.changed += 1
         }
         // Each peer paired once, not once per missing object (a returning member missing 500 objects paired a whole
@@ -439,7 +460,7 @@ package final class ReplicaKeeper: Sendable {
             let probe = [Attribute(CKA_CLASS, ulong: state.fingerprint.objectClass)]
                 + state.template.filter { [CK_ATTRIBUTE_TYPE(CKA_LABEL), CK_ATTRIBUTE_TYPE(CKA_ID)].contains($0.type) }
             if newcomers.match(probe) {
-                report.retry += 1
+                report.inFlux += 1
                 unsettled.insert(uid)
                 continue
             }
@@ -454,7 +475,7 @@ package final class ReplicaKeeper: Sendable {
             } catch {
                 // The holder's doing (a fault, or its copy changed under us by another process), never the target's:
                 // tried again at the next pass.
-                report.retry += 1
+                if error.isMemberFault { report.retry += 1 } else { report.inFlux += 1 }
                 unsettled.insert(uid)
                 continue
             }
@@ -471,7 +492,7 @@ package final class ReplicaKeeper: Sendable {
                 report.unrepairable.append(name + " reason=\"cannot be unwrapped there (\(error))\"")
             } catch {
                 // The holder's copy changed under us (another process): tried again at the next pass.
-                report.retry += 1
+                report.inFlux += 1
                 unsettled.insert(uid)
             }
         }
