@@ -2,6 +2,7 @@
 // hard link, FIFO or foreign file gets, and that a lock held elsewhere delays a write by at most its wait, the
 // write's journal record following once the lock is free.
 import CInterop
+import Foundation
 import Glibc
 @testable import P11HA
 import P11HAFake
@@ -321,6 +322,48 @@ final class LockHolder {
         #expect(fake.objects(labelled: "missed", on: 1) == 1)
         let counts = recordCounts(fake)
         #expect(Set(counts).count == 1, "every member holds the write's record: \(counts)")
+    }
+
+    @Test("a process of this host that waits for the host lock to bring a member back is seen while it waits; a catch-up gives way to it, and runs once it is done")
+    func catchUpsGiveWay() throws {
+        // The lock alone: a wait that announces itself is seen by every other opener, and only while it lasts.
+        let dir = try TemporaryDirectory()
+        let lock = HostFileLock(directory: HostDirectory(path: dir.path), name: "g.lock")
+        let holder = try LockHolder(dir.path + "/g.lock")
+        #expect(!lock.isWanted())
+        let waiting = Thread { _ = lock.withLock(waitingUpTo: .seconds(3), announced: true, { () }) }
+        waiting.start()
+        #expect(eventually { lock.isWanted() }, "a wait that announces itself is seen")
+        holder.release()
+        #expect(eventually { !lock.isWanted() }, "the announcement ends with the wait and the work")
+
+        // A group: the catch-up that would set back a label changed behind p11ha's back waits for the announcement.
+        let clock = SimulatedClock()
+        let fake = try FakeGroup(clock: clock)
+        let session = try fake.userSession()
+        _ = try fake.runtime.createObject(session, dataObject("kept"))
+        let token = fake.stores[1].connection()
+        try token.connect()
+        defer { token.disconnect() }
+        let s = try token.openSession(readWrite: true)
+        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array("kept".utf8))]) {
+            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array("changed".utf8))])
+        }
+        // The first catch-up sees the value, which may be a write under way; it may be set back once that long has passed.
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        clock.advance(by: fake.group.writeSettles)
+        // Another process of this host waits to bring a member back (a shared lock on the announcement file).
+        let want = open(fake.group.hostLock.path + ".want", O_RDONLY | O_CREAT | O_CLOEXEC, 0o600)
+        #expect(want >= 0 && flock(want, LOCK_SH) == 0)
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        #expect(fake.objects(labelled: "changed", on: 1) == 1, "the catch-up gave way")
+        close(want)
+        fake.group.catchUpWanted.store(true, ordering: .releasing)
+        fake.recover()
+        #expect(fake.objects(labelled: "kept", on: 1) == 1 && fake.objects(labelled: "changed", on: 1) == 0, "and ran once it was done")
     }
 
     @Test("a health change meets a busy status file lock without waiting; the worker writes it once the lock is free")

@@ -26,10 +26,11 @@ final class HostLock: Sendable {
 
     /// Runs `body` holding the lock, or returns nil when it could not be had within `wait` (held elsewhere, or a
     /// directory or file that failed verification), which is logged once per problem (`host-lock-busy`).
-    /// `cancelled` ends the wait early.
-    func withLock<T, E: Error>(for work: String, waitingUpTo wait: Duration, cancelled: () -> Bool = { false },
+    /// `cancelled` ends the wait early. `announced` (a returning member's repair): work that gives way
+    /// (`isWanted`) leaves the lock to it.
+    func withLock<T, E: Error>(for work: String, waitingUpTo wait: Duration, announced: Bool = false, cancelled: () -> Bool = { false },
                                _ body: () throws(E) -> T) throws(E) -> T? {
-        switch try file.withLock(waitingUpTo: wait, cancelled: cancelled, body) {
+        switch try file.withLock(waitingUpTo: wait, announced: announced, cancelled: cancelled, body) {
         case .success(let value):
             problems.clear { Log.event(.info, "host-lock-available", "group=\(group) lock=\(path)") }
             return value
@@ -46,6 +47,10 @@ final class HostLock: Sendable {
             return nil
         }
     }
+
+    /// Whether another process of this host waits for the lock to bring a member up to date: catch-ups and
+    /// compactions stop for it (and do not start).
+    var isWanted: Bool { file.isWanted() }
 
     func onDeferredWork(_ wake: @escaping @Sendable () -> Void) {
         wakeHook.withLock { $0 = wake }

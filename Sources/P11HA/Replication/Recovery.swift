@@ -199,8 +199,12 @@ final class Recovery: @unchecked Sendable {
     /// changes nothing).
     func catchUp(_ group: Group) -> Bool {
         var settled = true
+        // A catch-up gives way to another process of this host that waits to bring a member back (`HostLock.isWanted`):
+        // it does not start, and stops at its next change.
+        func givesWay() -> Bool { worker.stopping || group.hostLock.isWanted }
+        if group.hostLock.isWanted { return false }
         let result = group.hostLock.withLock(for: "catching up members in service", waitingUpTo: group.hostLock.wait,
-                                             cancelled: { worker.stopping }) { () -> Bool in
+                                             cancelled: givesWay) { () -> Bool in
             let (caughtUp, compaction) = group.loginChanges.withLock { _ -> (Bool, (reached: [ReplicaKeeper.Reached], complete: Bool)?) in
                 let loggedIn = group.login.withLock { $0.userType == CK_USER_TYPE(CKU_USER) }
                 // With the SO logged in, the user's objects are not visible: nothing is concluded then.
@@ -217,7 +221,7 @@ final class Recovery: @unchecked Sendable {
                     reached.append(ReplicaKeeper.Reached(member: member, session: s))
                 }
                 for target in reached {
-                    if worker.stopping { return (false, nil) }
+                    if givesWay() { return (false, nil) }
                     guard let lease = try? Lease.acquire(target.member, target.session, clock: group.replicaClock, duration: Self.leaseDuration) else {
                         done = false; complete = false
                         continue
@@ -228,7 +232,7 @@ final class Recovery: @unchecked Sendable {
                         let report = try replicas.repair(target, peers: reached.filter { $0.member !== target.member }, in: group,
                                                          loggedIn: loggedIn, lease: lease,
                                                          settledBefore: group.replicaClock.milliseconds &- group.writeSettles,
-                                                         cancelled: { worker.stopping })
+                                                         cancelled: givesWay)
                         if report.settlesAt != 0 { group.catchUp(by: report.settlesAt) }
                         if report.changedAnything || !report.complete { done = false }
                         if !report.complete { complete = false }
@@ -253,6 +257,7 @@ final class Recovery: @unchecked Sendable {
                         if !fanOut.failUnlessItAnswersProbe(target.member, error) { done = false }
                     } catch {
                         done = false; complete = false
+                        if givesWay() { return (false, nil) }
                         Log.event(.warning, "member-catch-up-failed", "group=\(group.name) member=\(target.member.name) reason=\"\(error)\"")
                     }
                 }
@@ -299,7 +304,7 @@ final class Recovery: @unchecked Sendable {
         let deadline = group.replicaClock.milliseconds + UInt64(min(Self.compactionRound, Self.leaseDuration / 2).milliseconds)
         do throws(P11Error) {
             guard let report = try replicas.compact(reached, in: group, leases: leases, expiring: expiring, deadline: deadline,
-                                                    cancelled: { worker.stopping }) else { return true }
+                                                    cancelled: { worker.stopping || group.hostLock.isWanted }) else { return true }
             if report.changedAnything || report.copiesSeen { Log.event(.info, "records-compacted", "group=\(group.name) \(report)") }
             if report.more {
                 group.catchUpAgainAt.store(now + UInt64(worker.watchInterval.milliseconds), ordering: .releasing)
@@ -308,7 +313,12 @@ final class Recovery: @unchecked Sendable {
             group.lastCompaction.store(now, ordering: .releasing)
             return !report.copiesSeen
         } catch {
-            // Tried again at the next interval: a compaction that stops leaves nothing wrong.
+            // A compaction that stops leaves nothing wrong. One that gave way to a returning member's repair is taken
+            // up again soon; any other, at the next interval.
+            if group.hostLock.isWanted {
+                group.catchUpAgainAt.store(now + UInt64(worker.watchInterval.milliseconds), ordering: .releasing)
+                return false
+            }
             group.lastCompaction.store(now, ordering: .releasing)
             Log.event(.warning, "records-compaction-stopped", "group=\(group.name) reason=\"\(error)\"")
             return true
@@ -376,7 +386,7 @@ final class Recovery: @unchecked Sendable {
             // Never without the host lock and the member's lease: when another process holds either, this round is
             // skipped, and the member is tried again at the next probe.
             let repaired = try group.hostLock.withLock(for: "bringing \(member.name) up to date", waitingUpTo: group.hostLock.wait,
-                                                       cancelled: { worker.stopping }) { () throws(P11Error) -> ReplicaKeeper.Repair? in
+                                                       announced: true, cancelled: { worker.stopping }) { () throws(P11Error) -> ReplicaKeeper.Repair? in
                 try group.loginChanges.withLock { _ throws(P11Error) -> ReplicaKeeper.Repair? in
                     guard loggedIn == group.login.withLock({ $0.userType == CK_USER_TYPE(CKU_USER) }) else { return nil }
                     return try resynchronize(member, session, loggedIn: loggedIn, in: group)

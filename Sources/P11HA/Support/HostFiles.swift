@@ -341,18 +341,30 @@ struct HostFileLock: Sendable {
     }
 
     /// Runs `body` holding the lock if it can be had within `wait` (flock LOCK_NB polled with short sleeps);
-    /// `cancelled` ends the wait early (a shutdown).
-    func withLock<T, E: Error>(waitingUpTo wait: Duration, cancelled: () -> Bool = { false },
+    /// `cancelled` ends the wait early (a shutdown). `announced`: while it waits and holds the lock, the process
+    /// says so on a second file (`isWanted`), so that work that gives way (`Recovery`'s catch-ups and compactions)
+    /// stops and leaves the lock to it: polled, a lock that its holder takes again at once is seldom had (a process
+    /// of one host waited for it for 20 s, every try, while another caught up and compacted).
+    func withLock<T, E: Error>(waitingUpTo wait: Duration, announced: Bool = false, cancelled: () -> Bool = { false },
                                _ body: () throws(E) -> T) throws(E) -> Result<T, Failure> {
         let fd: Int32
+        var announcement: Int32 = -1
         do throws(HostFileProblem) {
             let open = try directory.open()
             fd = try open.openLockFile(name)
+            if announced, let want = try? open.openLockFile(wantName) {
+                // Shared: several may wait at once. Not had (someone is looking, `isWanted`, for a moment): no matter.
+                announcement = want
+                _ = flock(want, LOCK_SH | LOCK_NB)
+            }
         } catch {
             return .failure(.refused(error))
         }
-        // Closing the file releases the lock, also when `body` throws.
-        defer { close(fd) }
+        // Closing the files releases the locks, also when `body` throws.
+        defer {
+            close(fd)
+            if announcement >= 0 { close(announcement) }
+        }
         let start = monotonicNanos()
         let deadline = start + wait.nanoseconds
         var pause: UInt64 = 500_000
@@ -368,6 +380,17 @@ struct HostFileLock: Sendable {
             pause = min(pause * 2, 20_000_000)
         }
         return .success(try body())
+    }
+
+    private var wantName: String { name + ".want" }
+
+    /// Whether another process waits for the lock, or holds it, with `announced`.
+    func isWanted() -> Bool {
+        guard let open = try? directory.open(), let want = try? open.openLockFile(wantName) else { return false }
+        defer { close(want) }
+        guard flock(want, LOCK_EX | LOCK_NB) == 0 else { return errno == EWOULDBLOCK }
+        flock(want, LOCK_UN)
+        return false
     }
 }
 
