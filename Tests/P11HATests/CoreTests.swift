@@ -389,6 +389,28 @@ import Testing
         for store in 0..<3 { #expect(first.objects(labelled: "kept-4", on: store) == 0, "member \(store)") }
     }
 
+    @Test("a compaction round past its deadline leaves the tombstones past the retention for the next round, without searching the members for their copies, and says there is more")
+    func compactionRoundKeepsItsDeadline() throws {
+        let first = try FakeGroup(settings: ["record-retention = 1s", "scrub-interval = 1s"])
+        let session = try first.userSession()
+        for n in 0..<5 { try first.runtime.destroyObject(session, try first.runtime.createObject(session, dataObject("doomed-\(n)"))) }
+        usleep(1_100_000)
+        let group = first.group
+        let reached = try group.members.map { ReplicaKeeper.Reached(member: $0, session: try $0.token.openSession(readWrite: true)) }
+        defer { for r in reached { r.member.token.closeSession(r.session) } }
+        let leases = try reached.map { try #require(try Lease.acquire($0.member, $0.session, clock: group.replicaClock, duration: .seconds(30))) }
+        defer { for lease in leases { lease.release() } }
+        func searches() -> Int { first.stores.map { $0.faults.count(.findObjects) }.reduce(0, +) }
+        let before = searches()
+        let late = try #require(try first.runtime.replicas.compact(reached, in: group, leases: leases, deadline: group.replicaClock.milliseconds))
+        // Two reads of each member's records (one search each), and no search for a copy of a destroyed object.
+        #expect(searches() - before == 2 * reached.count, "\(searches() - before) searches")
+        #expect(late.more && late.expired == 0 && late.removed == 0, "\(late)")
+        let onTime = try #require(try first.runtime.replicas.compact(reached, in: group, leases: leases))
+        #expect(!onTime.more && onTime.expired == 15, "a tombstone on each of 3 members, 5 times: \(onTime)")
+        for store in 0..<3 { #expect(first.records(on: store) == 0, "member \(store)") }
+    }
+
     @Test("a member that missed 100 writes gets their records in a few batches, each record of which every process counts as held; a compaction removes records from a batch by writing again those that stay")
     func recordBatches() throws {
         let settings = ["record-retention = 1s", "scrub-interval = 1s"]
