@@ -353,9 +353,14 @@ struct HostFileLock: Sendable {
             let open = try directory.open()
             fd = try open.openLockFile(name)
             if announced, let want = try? open.openLockFile(wantName) {
-                // Shared: several may wait at once. Not had (someone is looking, `isWanted`, for a moment): no matter.
+                // Shared: several may wait at once. Refused only while another process looks (`isWanted` holds it
+                // exclusively for a moment): asked again a few times, a millisecond apart.
                 announcement = want
-                _ = flock(want, LOCK_SH | LOCK_NB)
+                var tries = 0
+                while flock(want, LOCK_SH | LOCK_NB) != 0 && tries < 5 {
+                    tries += 1
+                    usleep(1_000)
+                }
             }
         } catch {
             return .failure(.refused(error))
