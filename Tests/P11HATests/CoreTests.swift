@@ -332,20 +332,7 @@ import Testing
 
     @Test("a label changed on a member behind p11ha's back is set back by a catch-up once it has stayed longer than a write can take")
     func changeWithoutRecordIsSetBack() throws {
-        let clock = SimulatedClock()
-        let fake = try FakeGroup(clock: clock)
-        let session = try fake.userSession()
-        _ = try fake.runtime.createObject(session, dataObject("kept"))
-        let token = fake.stores[1].connection()
-        try token.connect()
-        defer { token.disconnect() }
-        let s = try token.openSession(readWrite: true)
-        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
-        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array("kept".utf8))]) {
-            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array("changed".utf8))])
-        }
-        fake.group.catchUpWanted.store(true, ordering: .releasing)
-        fake.recover()
+        let (clock, fake) = try labelChangedBehindP11HA()
         #expect(fake.objects(labelled: "changed", on: 1) == 1, "a write may still be under way: it waits")
         #expect(fake.group.catchUpAgainAt.load(ordering: .acquiring) == clock.milliseconds + fake.group.writeSettles,
                 "a catch-up is asked for when it may be set back")

@@ -95,6 +95,19 @@ final class FakeGroup {
 
     /// The same AES key, trusted, under p11ha's replication key identity, on every store (what `p11hactl domain
     /// create` leaves behind).
+    /// Renames, directly on member `store` (a connection of its own, as another program would), the objects
+    /// labelled `label`: a change no record describes.
+    func relabelBehindP11HA(on store: Int, _ label: String, to newLabel: String) throws {
+        let token = stores[store].connection()
+        try token.connect()
+        defer { token.disconnect() }
+        let s = try token.openSession(readWrite: true)
+        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(Self.userPIN))
+        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array(label.utf8))]) {
+            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array(newLabel.utf8))])
+        }
+    }
+
     static func setUpReplicationKey(on stores: [FakeTokenStore]) throws {
         let value = (0..<32).map { UInt8($0 &* 7 &+ 3) }
         for store in stores {
@@ -161,4 +174,17 @@ final class TemporaryDirectory {
         close(fd)
         return full
     }
+}
+
+/// A group on a simulated clock whose object "kept" member 1 holds renamed "changed" behind p11ha's back, after one
+/// catch-up (which saw the value and left it: it may be a write under way).
+func labelChangedBehindP11HA() throws -> (SimulatedClock, FakeGroup) {
+    let clock = SimulatedClock()
+    let fake = try FakeGroup(clock: clock)
+    let session = try fake.userSession()
+    _ = try fake.runtime.createObject(session, dataObject("kept"))
+    try fake.relabelBehindP11HA(on: 1, "kept", to: "changed")
+    fake.group.catchUpWanted.store(true, ordering: .releasing)
+    fake.recover()
+    return (clock, fake)
 }

@@ -338,21 +338,8 @@ final class LockHolder {
         #expect(eventually { !lock.isWanted() }, "the announcement ends with the wait and the work")
 
         // A group: the catch-up that would set back a label changed behind p11ha's back waits for the announcement.
-        let clock = SimulatedClock()
-        let fake = try FakeGroup(clock: clock)
-        let session = try fake.userSession()
-        _ = try fake.runtime.createObject(session, dataObject("kept"))
-        let token = fake.stores[1].connection()
-        try token.connect()
-        defer { token.disconnect() }
-        let s = try token.openSession(readWrite: true)
-        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
-        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array("kept".utf8))]) {
-            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array("changed".utf8))])
-        }
-        // The first catch-up sees the value, which may be a write under way; it may be set back once that long has passed.
-        fake.group.catchUpWanted.store(true, ordering: .releasing)
-        fake.recover()
+        // Its first catch-up saw the value, which may be a write under way; it may be set back once that long has passed.
+        let (clock, fake) = try labelChangedBehindP11HA()
         clock.advance(by: fake.group.writeSettles)
         // Another process of this host waits to bring a member back (a shared lock on the announcement file).
         let want = open(fake.group.hostLock.path + ".want", O_RDONLY | O_CREAT | O_CLOEXEC, 0o600)
