@@ -93,8 +93,6 @@ final class FakeGroup {
         stores[store].tokenObjects(matching: [Attribute(CKA_LABEL, Array(label.utf8))]).count
     }
 
-    /// The same AES key, trusted, under p11ha's replication key identity, on every store (what `p11hactl domain
-    /// create` leaves behind).
     /// Renames, directly on member `store` (a connection of its own, as another program would), the objects
     /// labelled `label`: a change no record describes.
     func relabelBehindP11HA(on store: Int, _ label: String, to newLabel: String) throws {
@@ -108,6 +106,8 @@ final class FakeGroup {
         }
     }
 
+    /// The same AES key, trusted, under p11ha's replication key identity, on every store (what `p11hactl domain
+    /// create` leaves behind).
     static func setUpReplicationKey(on stores: [FakeTokenStore]) throws {
         let value = (0..<32).map { UInt8($0 &* 7 &+ 3) }
         for store in stores {
