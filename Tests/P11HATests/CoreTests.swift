@@ -221,6 +221,29 @@ import Testing
         #expect(fake.members.allSatisfy { $0.isInService })
     }
 
+    @Test("an object whose copy on a member was replaced behind this process (another process's repair destroyed one of two copies) is sized, renamed and destroyed through the copy found there again, never answered CKR_OBJECT_HANDLE_INVALID")
+    func replacedCopyFoundAgain() throws {
+        let fake = try FakeGroup()
+        let session = try fake.userSession()
+        let object = try fake.runtime.createObject(session, dataObject("replaced"))
+        // Another program replaces the copy on member 0, the first one every read goes to: same object, new handle.
+        let token = fake.stores[0].connection()
+        try token.connect()
+        defer { token.disconnect() }
+        let s = try token.openSession(readWrite: true)
+        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
+        let old = try token.findObjects(s, [Attribute(CKA_LABEL, Array("replaced".utf8))])
+        try #require(old.count == 1)
+        let template = try token.readAttributes(s, old[0], [CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE])
+        try token.destroyObject(s, old[0])
+        _ = try token.createObject(s, zip([CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE], template).map { Attribute($0, $1 ?? []) })
+        #expect(try fake.runtime.objectSize(session, object) > 0)
+        try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("renamed".utf8))])
+        try fake.runtime.destroyObject(session, object)
+        for store in 0..<3 { #expect(fake.objects(labelled: "replaced", on: store) + fake.objects(labelled: "renamed", on: store) == 0, "member \(store)") }
+        #expect(fake.members.allSatisfy { $0.isInService })
+    }
+
     @Test("an object destroyed while a member was away is destroyed there when it returns, never brought back")
     func destroyWhileAway() throws {
         let fake = try FakeGroup()
