@@ -227,16 +227,13 @@ import Testing
         let session = try fake.userSession()
         let object = try fake.runtime.createObject(session, dataObject("replaced"))
         // Another program replaces the copy on member 0, the first one every read goes to: same object, new handle.
-        let token = fake.stores[0].connection()
-        try token.connect()
-        defer { token.disconnect() }
-        let s = try token.openSession(readWrite: true)
-        try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
-        let old = try token.findObjects(s, [Attribute(CKA_LABEL, Array("replaced".utf8))])
-        try #require(old.count == 1)
-        let template = try token.readAttributes(s, old[0], [CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE])
-        try token.destroyObject(s, old[0])
-        _ = try token.createObject(s, zip([CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE], template).map { Attribute($0, $1 ?? []) })
+        try fake.asAnotherProgram(on: 0) { token, s in
+            let old = try token.findObjects(s, [Attribute(CKA_LABEL, Array("replaced".utf8))])
+            try #require(old.count == 1)
+            let template = try token.readAttributes(s, old[0], [CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE])
+            try token.destroyObject(s, old[0])
+            _ = try token.createObject(s, zip([CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE], template).map { Attribute($0, $1 ?? []) })
+        }
         #expect(try fake.runtime.objectSize(session, object) > 0)
         try fake.runtime.setAttributeValues(session, object, [Attribute(CKA_LABEL, Array("renamed".utf8))])
         try fake.runtime.destroyObject(session, object)
@@ -276,14 +273,11 @@ import Testing
         let session = try fake.userSession()
         _ = try fake.runtime.createObject(session, dataObject("first", value: [7]))
         // As a write of the application leaves it between its copies and its record: on the members, undescribed.
-        for store in fake.stores {
-            let token = store.connection()
-            try token.connect()
-            defer { token.disconnect() }
-            let s = try token.openSession(readWrite: true)
-            try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(FakeGroup.userPIN))
-            _ = try token.createObject(s, dataObject("in-flight", value: [7]))
-            token.closeSession(s)
+        for store in fake.stores.indices {
+            try fake.asAnotherProgram(on: store) { token, s in
+                _ = try token.createObject(s, dataObject("in-flight", value: [7]))
+                token.closeSession(s)
+            }
         }
         fake.group.catchUpWanted.store(true, ordering: .releasing)
         fake.recover()

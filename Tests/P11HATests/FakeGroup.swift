@@ -93,16 +93,23 @@ final class FakeGroup {
         stores[store].tokenObjects(matching: [Attribute(CKA_LABEL, Array(label.utf8))]).count
     }
 
-    /// Renames, directly on member `store` (a connection of its own, as another program would), the objects
-    /// labelled `label`: a change no record describes.
-    func relabelBehindP11HA(on store: Int, _ label: String, to newLabel: String) throws {
+    /// Runs `body` on member `store` as another program would: a connection of its own, a session logged in as the
+    /// user.
+    func asAnotherProgram<T>(on store: Int, _ body: (FakeToken, MemberSession) throws -> T) throws -> T {
         let token = stores[store].connection()
         try token.connect()
         defer { token.disconnect() }
         let s = try token.openSession(readWrite: true)
         try token.login(s, userType: CK_USER_TYPE(CKU_USER), pin: Secret(Self.userPIN))
-        for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array(label.utf8))]) {
-            try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array(newLabel.utf8))])
+        return try body(token, s)
+    }
+
+    /// Renames, directly on member `store`, the objects labelled `label`: a change no record describes.
+    func relabelBehindP11HA(on store: Int, _ label: String, to newLabel: String) throws {
+        try asAnotherProgram(on: store) { token, s in
+            for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array(label.utf8))]) {
+                try token.setAttributeValues(s, copy, [Attribute(CKA_LABEL, Array(newLabel.utf8))])
+            }
         }
     }
 
