@@ -68,7 +68,10 @@ extension FakeToken {
             let (ref, found) = try connection.object(object, in: storeState, invalid: CKR_OBJECT_HANDLE_INVALID)
             try connection.checkMayHold(found, in: s)
             guard found.bool(CKA_DESTROYABLE) else { throw P11Error.member(CK_RV(CKR_ACTION_PROHIBITED)) }
-            if case .token(let id) = ref { storeState.objects[id] = nil }
+            if case .token(let id) = ref {
+                storeState.objects[id] = nil
+                if store.staleIndexes { connection.committed(id, created: false, in: &storeState) }
+            }
             connection.forget(ref)
         }
     }
@@ -131,7 +134,8 @@ extension FakeToken {
             _ = try connection.session(session)
             let user = connection.login == .user
             let visible = { (object: FakeObject) in (!object.isPrivate || user) && object.matches(template) }
-            let tokenIDs = storeState.objects.keys.sorted().filter { visible(storeState.objects[$0]!) }
+            let indexed = store.staleIndexes ? connection.indexed(&storeState) : nil
+            let tokenIDs = storeState.objects.keys.sorted().filter { indexed?.contains($0) != false && visible(storeState.objects[$0]!) }
             let shown = FakeTokenStore.unhidden(tokenIDs, in: &storeState)
             let sessionIDs = connection.sessionObjects.keys.sorted().filter { visible(connection.sessionObjects[$0]!.object) }
             let refs = shown.map { ObjectRef.token($0) } + sessionIDs.map { ObjectRef.session($0) }

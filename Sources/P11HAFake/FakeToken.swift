@@ -44,6 +44,9 @@ public final class FakeToken: TokenBackend {
         /// Never reset, not even by a restart: an old handle must never name a new object or session.
         var nextHandle: CK_ULONG
         var nextSession: CK_ULONG
+        /// This process's index of the token's objects and the store's generation it last took, with the store's
+        /// `staleIndexes` (nil: none built since the module restarted; the next search or write builds it).
+        var index: (objects: Set<UInt64>, generation: UInt64)? = nil
     }
 
     let state: Mutex<Connection>
@@ -104,10 +107,12 @@ public final class FakeToken: TokenBackend {
 
     public func connect() throws(ConnectFailure) {
         do {
-            try gate(.connect, needsModule: false) { connection, _ in
+            try gate(.connect, needsModule: false) { connection, storeState in
                 if connection.connected { return }
                 connection.connected = true
                 connection.crashesSeen = (store.faults.crashes, faults.crashes)
+                // SoftHSM indexes its tokens when it starts.
+                if store.staleIndexes { _ = connection.indexed(&storeState) }
             }
         } catch {
             throw ConnectFailure.unreachable("fake token \(store.label): \(error)")
@@ -325,11 +330,29 @@ extension FakeToken.Connection {
 
     /// What a module restart leaves: nothing of this connection (token objects stay in the store).
     mutating func restart() {
+        index = nil
         sessions = [:]
         sessionObjects = [:]
         handles = [:]
         refHandles = [:]
         login = .none
+    }
+
+    /// The token objects this process's searches can show (`FakeTokenStore.staleIndexes`): its index, rebuilt
+    /// only when the generation moved since this process last took it.
+    mutating func indexed(_ store: inout FakeTokenStore.State) -> Set<UInt64> {
+        if let index, index.generation == store.generation { return index.objects }
+        index = (Set(store.objects.keys), store.generation)
+        return index!.objects
+    }
+
+    /// A token object created or destroyed by this process, as SoftHSM commits it: the generation moves on and
+    /// this process takes the new value along, its index rebuilt only if it had none.
+    mutating func committed(_ id: UInt64, created: Bool, in store: inout FakeTokenStore.State) {
+        var objects = index?.objects ?? Set(store.objects.keys)
+        if created { objects.insert(id) } else { objects.remove(id) }
+        store.generation += 1
+        index = (objects, store.generation)
     }
 
     mutating func forget(_ ref: FakeToken.ObjectRef) {
@@ -385,6 +408,7 @@ extension FakeToken.Connection {
         let id = owner.takeID(&store)
         if object.isToken {
             store.objects[id] = object
+            if owner.staleIndexes { committed(id, created: true, in: &store) }
             return MemberObject(handle(for: .token(id)))
         }
         sessionObjects[id] = FakeToken.SessionObject(object: object, creator: session.raw)

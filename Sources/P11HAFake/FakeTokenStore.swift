@@ -18,6 +18,13 @@ public final class FakeTokenStore: Sendable {
     public let savesOperationState: Bool
     /// Token-wide faults: every connection sees them (a dead device, a slow HSM).
     public let faults: FakeFaults
+    /// SoftHSM 2.6.1's file store, as it behaves across processes: each process keeps an index of the token's
+    /// objects, rebuilt at a search only when the token's generation has moved since the process last wrote or
+    /// rebuilt it. A process's own create or destroy moves the generation and takes the new value along without
+    /// rebuilding (`Generation::commit`), so objects another process created before that write stay out of its
+    /// searches until some other process creates or destroys one. Destroyed objects drop out at once, and
+    /// attribute changes show at once (each object file is read again when it changed).
+    public let staleIndexes: Bool
 
     struct Hiding {
         var template: [Attribute]
@@ -34,6 +41,8 @@ public final class FakeTokenStore: Sendable {
         var hidings: [Hiding] = []
         var hidingRandom: SplitMix64
         var connections = 0
+        /// Moved by every create and destroy of a token object (with `staleIndexes`).
+        var generation: UInt64 = 0
     }
 
     let state: Mutex<State>
@@ -44,7 +53,7 @@ public final class FakeTokenStore: Sendable {
     ///   - mechanisms: nil offers every mechanism the fake implements.
     public init(label: String = "fake token", serial: String? = nil, userPIN: String? = "1234", soPIN: String = "5678",
                 seed: UInt64 = 0, mechanisms: [CK_MECHANISM_TYPE]? = nil, oneOperationPerSession: Bool = false,
-                savesOperationState: Bool = false) {
+                savesOperationState: Bool = false, staleIndexes: Bool = false) {
         self.label = label
         self.seed = seed
         let hex = String(mix64(seed ^ 0x5E41_A100), radix: 16, uppercase: true)
@@ -52,6 +61,7 @@ public final class FakeTokenStore: Sendable {
         self.mechanisms = mechanisms ?? FakeMechanisms.all.map(\.type)
         self.oneOperationPerSession = oneOperationPerSession
         self.savesOperationState = savesOperationState
+        self.staleIndexes = staleIndexes
         self.faults = FakeFaults(seed: mix64(seed ^ 0xFA17_0000))
         state = Mutex(State(userPIN: userPIN.map { Array($0.utf8) }, soPIN: Array(soPIN.utf8),
                             random: SplitMix64(seed: seed), hidingRandom: SplitMix64(seed: mix64(seed ^ 0x41DE))))

@@ -29,14 +29,16 @@ final class FakeGroup {
     ///   directory) on the same members.
     /// - settings: more lines for the [p11ha] section.
     /// - clock: the replication stamps' clock (the wall clock when nil), for tests that let time pass.
+    /// - staleIndexes: the stores keep SoftHSM's per-process indexes (`FakeTokenStore.staleIndexes`).
     init(members count: Int = 3, seed: UInt64 = 1, operationTimeout: String? = nil, backgroundRecovery: Bool = false,
          replicationKey: Bool = true, sharedModule: Bool = false, sharing: [FakeTokenStore]? = nil, settings: [String] = [],
-         clock: SimulatedClock? = nil, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
+         clock: SimulatedClock? = nil, staleIndexes: Bool = false, prepare: ([FakeTokenStore]) -> Void = { _ in }) throws {
         var template = Array("/tmp/p11ha-unit.XXXXXX".utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp") }
         directory = String(cString: made)
         let stores = sharing ?? (0..<count).map { index in
-            FakeTokenStore(label: "member-\(index)", serial: "SERIAL\(index)", seed: seed &* 31 &+ UInt64(index))
+            FakeTokenStore(label: "member-\(index)", serial: "SERIAL\(index)", seed: seed &* 31 &+ UInt64(index),
+                           staleIndexes: staleIndexes)
         }
         self.stores = stores
         if replicationKey && sharing == nil { try Self.setUpReplicationKey(on: stores) }

@@ -512,6 +512,33 @@ private func waitUntil(_ condition: () -> Bool) {
         #expect(try pattern(5).contains(true) && pattern(5).contains(false))
     }
 
+    @Test("with SoftHSM's indexes, a process that creates an object after another's does not find the other's until a third process writes; destroys and renames show at once")
+    func staleIndexes() throws {
+        // As measured on SoftHSM 2.6.1 (README, "What the stores do"): two processes, one creates "solo"; the other
+        // creates an object of its own after it and then searches 164,000 times in 3 s without finding "solo".
+        let store = FakeTokenStore(seed: 37, staleIndexes: true)
+        let (a, sa) = try open(store)
+        let (b, sb) = try open(store)
+        let (c, sc) = try open(store)
+        let solo = [Attribute(CKA_LABEL, Array("solo".utf8))]
+        _ = try b.findObjects(sb, [])
+        let object = try a.createObject(sa, dataObject("solo"))
+        #expect(try b.findObjects(sb, solo).count == 1, "nothing written by b since: its index is rebuilt")
+        let (d, sd) = try open(store)
+        _ = try d.findObjects(sd, [])
+        let other = try a.createObject(sa, dataObject("other"))
+        _ = try d.createObject(sd, dataObject("mine"))
+        for _ in 0..<3 { #expect(try d.findObjects(sd, [Attribute(CKA_LABEL, Array("other".utf8))]).isEmpty) }
+        #expect(try d.findObjects(sd, [Attribute(CKA_LABEL, Array("mine".utf8))]).count == 1, "its own object it sees")
+        try a.setAttributeValues(sa, object, [Attribute(CKA_LABEL, Array("solo-2".utf8))])
+        #expect(try b.findObjects(sb, [Attribute(CKA_LABEL, Array("solo-2".utf8))]).count == 1, "a rename shows at once")
+        _ = try c.createObject(sc, dataObject("third"))
+        #expect(try d.findObjects(sd, [Attribute(CKA_LABEL, Array("other".utf8))]).count == 1, "a third process wrote: d's index is rebuilt")
+        try a.destroyObject(sa, other)
+        _ = try d.createObject(sd, dataObject("mine-2"))
+        #expect(try d.findObjects(sd, [Attribute(CKA_LABEL, Array("other".utf8))]).isEmpty, "a destroy shows at once")
+    }
+
     @Test("probabilistic faults replay from the seed")
     func probabilisticFaults() throws {
         func pattern(_ seed: UInt64) throws -> [CK_RV] {
