@@ -945,41 +945,59 @@ package final class Lease {
     package static let repairDuration: Duration = .seconds(30)
 
     package static func acquire(_ member: Member, _ session: MemberSession, clock: ReplicaClock, duration: Duration) throws(P11Error) -> Lease? {
+        let token = member.token
+        // A look before claiming. SoftHSM's file store shows a process the objects other processes created only
+        // until it creates or destroys one itself: its own write takes the token's generation along without
+        // reading the token again, so what others made before stays out of its searches until some other process
+        // writes ("What the stores do" in REPLICATION.md). A claim made first hid, from the search after it, the
+        // very claims it was looking for: two hosts held one member's lease and copied the same objects to it.
+        if try !liveClaims(on: token, session, excluding: nil, clock: clock).isEmpty { return nil }
         let stamp = clock.next()
         let expires = stamp.milliseconds + UInt64(duration.milliseconds)
         let lease = Lease(member: member, session: session, clock: clock, stamp: stamp, expires: expires)
-        let token = member.token
         lease.claim = try token.createObject(session, [
             Attribute(CKA_CLASS, ulong: CKO_DATA), Attribute(CKA_TOKEN, bool: true), Attribute(CKA_PRIVATE, bool: false),
             Attribute(CKA_LABEL, Array(label.utf8)), Attribute(CKA_APPLICATION, Array(ReplicaRecord.application.utf8)),
             Attribute(CKA_VALUE, Array("p11ha-lease 1 \(stamp.milliseconds) \(stamp.counter) \(hex64(stamp.writer)) \(expires) \(thisHost.isEmpty ? "-" : thisHost) \(getpid())".utf8)),
         ])
+        do throws(P11Error) {
+            try lease.look()
+        } catch {
+            lease.release()
+            if error.rv == CKR_FUNCTION_CANCELED { return nil }
+            throw error
+        }
+        // The first change looks again (`check`): one look proves nothing, and by then other processes' writes
+        // have likely shown this one what its own claim hid.
+        return lease
+    }
+
+    /// The live claims of other claimants on the member, with their handles. Expired claims, this process's own
+    /// claims left by a repair that could not remove them, and claims of processes of this host that are gone
+    /// are removed on the way.
+    private static func liveClaims(on token: any TokenBackend, _ session: MemberSession, excluding own: MemberObject?,
+                                   clock: ReplicaClock) throws(P11Error) -> [(MemberObject, Claim)] {
         let now = clock.milliseconds
-        lease.lastLook = now
-        var heldByOther = false
-        for (handle, other) in try claims(on: token, session) where handle != lease.claim {
+        var live: [(MemberObject, Claim)] = []
+        for (handle, other) in try claims(on: token, session) where handle != own {
             if other.expires < now || other.stamp.writer == clock.writer || other.claimantIsDeadHere {
-                // Expired, this process's own claim left by a repair that could not remove it, or the claim of a
-                // process of this host that is gone.
                 try? token.destroyObject(session, handle)
                 continue
             }
-            if other.stamp < stamp { heldByOther = true }
+            live.append((handle, other))
         }
-        // One look proves nothing: a search on SoftHSM misses objects now and then while another process writes the
-        // token, and a claim missed here let two processes copy one object to one member seconds apart (the
-        // one-host multi-writer test). A second search must agree before the lease is taken.
-        if !heldByOther {
-            heldByOther = try claims(on: token, session).contains { handle, other in
-                handle != lease.claim && other.stamp < stamp && other.expires >= now && other.stamp.writer != clock.writer
-                    && !other.claimantIsDeadHere
-            }
+        return live
+    }
+
+    /// A look at the other claims: an earlier one holds the lease (this claim gives way: CKR_FUNCTION_CANCELED);
+    /// a later one is removed. Its claimant may not see this claim (its own claim hid it), and learns that it lost
+    /// when it finds its claim gone, before its next change (`check`).
+    private func look() throws(P11Error) {
+        for (handle, other) in try Self.liveClaims(on: member.token, session, excluding: claim, clock: clock) {
+            if other.stamp < stamp { throw P11Error(CK_RV(CKR_FUNCTION_CANCELED)) }
+            try? member.token.destroyObject(session, handle)
+            Log.event(.info, "lease-claim-removed", "member=\(member.name) reason=\"a later claim than this process's\"")
         }
-        if heldByOther {
-            lease.release()
-            return nil
-        }
-        return lease
     }
 
     static func parse(_ value: [UInt8]) -> Claim? {
@@ -991,21 +1009,33 @@ package final class Lease {
     }
 
     /// Before each change to the member: the lease must still hold for a while (a margin for the change itself),
-    /// and, looked at again every second, no earlier claim may have appeared (a claimant whose search ran before
-    /// this claim was made, with a clock behind this one's, also believes it holds the lease: the later stamp
-    /// gives way at its next look).
+    /// this claim must still be there (an earlier claimant that saw it removed it), and, looked at again every
+    /// second (the first change always looks), no earlier claim may have appeared: a claimant whose search ran
+    /// before this claim was made, or whose own write hid it, also believes it holds the lease; the later stamp
+    /// gives way at its next look, and the earlier one removes the later claim when it sees it.
     func check() throws(P11Error) {
         let now = clock.milliseconds
         if now + 1_000 > expires {
             Log.event(.warning, "lease-lapsed", "member=\(member.name)")
             throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
         }
-        guard now >= lastLook + 1_000 else { return }
+        if let claim {
+            // Read by handle, afresh: SoftHSM reads an object's file again when it changed or went.
+            do throws(P11Error) {
+                _ = try member.token.readAttributes(session, claim, [CKA_LABEL])
+            } catch where error.rv == CKR_OBJECT_HANDLE_INVALID {
+                self.claim = nil
+                Log.event(.info, "lease-yielded", "member=\(member.name) reason=\"an earlier claimant removed this claim\"")
+                throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
+            }
+        }
+        guard lastLook == 0 || now >= lastLook + 1_000 else { return }
         lastLook = now
-        for claim in try Self.claims(on: member.token, session) where claim.1.stamp < stamp && claim.1.expires >= now
-            && claim.1.stamp.writer != clock.writer && !claim.1.claimantIsDeadHere {
+        do throws(P11Error) {
+            try look()
+        } catch where error.rv == CKR_FUNCTION_CANCELED {
             Log.event(.info, "lease-yielded", "member=\(member.name)")
-            throw P11Error(CK_RV(CKR_FUNCTION_CANCELED))
+            throw error
         }
     }
 
