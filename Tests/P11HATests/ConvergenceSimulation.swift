@@ -31,6 +31,9 @@ let simulationWorkers: Int = {
 /// to tell failures of replication between writers from those of searches that miss objects.
 let simulationHidings = environmentNumber("P11HA_SIM_HIDINGS") != 0
 
+/// P11HA_SIM_STALE_INDEXES=1: every member's store keeps SoftHSM's per-process indexes (`FakeTokenStore.staleIndexes`).
+let simulationStaleIndexes = environmentNumber("P11HA_SIM_STALE_INDEXES") == 1
+
 /// Whether this process hashes with a fixed seed: p11ha iterates dictionaries in places (a repair pairs a member's
 /// objects fingerprint by fingerprint, in a dictionary's order), and without it that order changes from process
 /// to process and from dictionary to dictionary, so that a seed's run may differ.
@@ -297,7 +300,8 @@ final class Simulation {
         // Tombstones kept 1 s only, so that every compaction (ReplicaKeeper.compact) removes all it may; half the
         // seeds compact (and scrub) every 3 s (12 steps), under the faults of the steps, the others at their heals only.
         compactsOften = random.below(2) == 0
-        stores = (0..<memberCount).map { FakeTokenStore(label: "member-\($0)", serial: "SIMULATED\($0)", seed: random.next()) }
+        stores = (0..<memberCount).map { FakeTokenStore(label: "member-\($0)", serial: "SIMULATED\($0)", seed: random.next(),
+                                                         staleIndexes: simulationStaleIndexes) }
         self.random = random
         tellsP11HALog = logLevel <= .info
         try FakeGroup.setUpReplicationKey(on: stores)
@@ -337,7 +341,7 @@ final class Simulation {
     func report(_ problems: [ConvergenceCheck.Problem]) -> String {
         """
         seed \(seed): \(hostCount) hosts, \(stores.count) members, \(steps) steps, \(compactsOften ? "compacting every 3 s" : "compacting at heals"), fingerprint \(String(fingerprint, radix: 16))
-        replay: SWIFT_DETERMINISTIC_HASHING=1 \(simulationHidings ? "" : "P11HA_SIM_HIDINGS=0 ")P11HA_SEED=\(seed) swift test --skip-build --filter ConvergenceSimulation\(deterministicHashing ? "" : "\n(this run hashed with a random seed: a replay makes the same steps, but p11ha may order some calls differently)")
+        replay: SWIFT_DETERMINISTIC_HASHING=1 \(simulationHidings ? "" : "P11HA_SIM_HIDINGS=0 ")\(simulationStaleIndexes ? "P11HA_SIM_STALE_INDEXES=1 " : "")P11HA_SEED=\(seed) swift test --skip-build --filter ConvergenceSimulation/manyHostsConverge\(deterministicHashing ? "" : "\n(this run hashed with a random seed: a replay makes the same steps, but p11ha may order some calls differently)")
         \(problems.prefix(12).map { "  ✗ \($0)" }.joined(separator: "\n"))\(problems.count > 12 ? "\n  ... \(problems.count - 12) more" : "")
         story:
         \(story.joined(separator: "\n"))
