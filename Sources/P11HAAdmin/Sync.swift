@@ -85,9 +85,12 @@ extension Runtime {
             }
             defer { lease.release() }
             do throws(P11Error) {
-                let repair = try replicas.repair(target, peers: peers, in: group, loggedIn: true, lease: lease)
+                // A process just started, which has read every member's records before writing to them: a value no
+                // record gives is not a change whose records it cannot see, even where every member holds it.
+                let repair = try replicas.repair(target, peers: peers, in: group, loggedIn: true, lease: lease,
+                                                 mayOverruleAlike: true)
                 progress("\(target.member.name): repaired from the replication records: \(repair)")
-                report.repairsPending += repair.unrepairable.count + repair.retry + repair.inFlux + repair.waiting
+                report.repairsPending += repair.unrepairable.count + repair.retry + repair.inFlux + repair.waiting + repair.heldAlike
             } catch {
                 throw SyncError(description: "\(target.member.name): repair from the replication records: \(error)")
             }

@@ -358,6 +358,41 @@ import Testing
         #expect(fake.objects(labelled: "kept", on: 1) == 1 && fake.objects(labelled: "changed", on: 1) == 0)
     }
 
+    @Test("another host's acknowledged rename whose records this process cannot see (SoftHSM hides them after a create of its own) is not set back while every member holds it; p11hactl sync's kind of repair, which has read every record, still sets back such a value")
+    func renameWithHiddenRecordsStays() throws {
+        let clock = SimulatedClock()
+        let first = try FakeGroup(clock: clock, staleIndexes: true)
+        let second = try FakeGroup(sharing: first.stores, clock: clock)
+        let kept = try first.runtime.createObject(try first.userSession(), dataObject("kept"))
+        let session = try second.userSession()
+        try first.runtime.setAttributeValues(try first.userSession(), kept, [Attribute(CKA_LABEL, Array("renamed".utf8))])
+        // The second process's create takes each store's generation along: the rename's records stay out of its view.
+        _ = try second.runtime.createObject(session, dataObject("other"))
+        second.group.catchUpWanted.store(true, ordering: .releasing)
+        second.recover()
+        clock.advance(by: second.group.writeSettles + 1)
+        second.group.catchUpWanted.store(true, ordering: .releasing)
+        second.recover()
+        for store in 0..<3 {
+            #expect(first.objects(labelled: "renamed", on: store) == 1 && first.objects(labelled: "kept", on: store) == 0, "member \(store)")
+        }
+
+        // A repair allowed to overrule such values (`p11hactl sync`, a fresh process) sets back a value no record
+        // gives, held by every member: here one changed behind p11ha's back on all three.
+        for store in 0..<3 { try first.relabelBehindP11HA(on: store, "renamed", to: "everywhere") }
+        let group = first.group
+        let reached = try group.members.map { ReplicaKeeper.Reached(member: $0, session: try $0.token.openSession(readWrite: true)) }
+        defer { for r in reached { r.member.token.closeSession(r.session) } }
+        for (index, target) in reached.enumerated() {
+            let peers = reached.enumerated().filter { $0.offset != index }.map(\.element)
+            for _ in 0..<2 {
+                _ = try first.runtime.replicas.repair(target, peers: peers, in: group, loggedIn: true, mayOverruleAlike: true)
+                clock.advance(by: group.writeSettles + 1)
+            }
+        }
+        for store in 0..<3 { #expect(first.objects(labelled: "renamed", on: store) == 1, "member \(store)") }
+    }
+
     @Test("a compaction leaves each live object one record on every member, and a destroyed one none once its tombstone is past the retention; objects stay as they were, and another process writes nothing back")
     func compaction() throws {
         let settings = ["record-retention = 1s", "scrub-interval = 1s"]
