@@ -90,7 +90,7 @@ extension Runtime {
                 let repair = try replicas.repair(target, peers: peers, in: group, loggedIn: true, lease: lease,
                                                  mayOverruleAlike: true)
                 progress("\(target.member.name): repaired from the replication records: \(repair)")
-                report.repairsPending += repair.unrepairable.count + repair.retry + repair.inFlux + repair.waiting + repair.heldAlike
+                report.repairsPending += repair.unrepairable.count + repair.retry + repair.inFlux + repair.waiting
             } catch {
                 throw SyncError(description: "\(target.member.name): repair from the replication records: \(error)")
             }
