@@ -637,7 +637,11 @@ final class Simulation {
                 pause = max(pause, due - now)
             }
             clock.advance(by: pause)
-            for host in hosts { _ = host.runtime.recovery.recoverMembers() }
+            for host in hosts {
+                // Which host's pass the log lines below come from (a replay's log is every host's).
+                if tellsP11HALog { Log.event(.info, "simulation-pass", "host \(host.number), heal round \(rounds)") }
+                _ = host.runtime.recovery.recoverMembers()
+            }
             settled = hosts.allSatisfy { $0.session != nil && $0.membersOutOfService.isEmpty
                 && !$0.runtime.groups[0].catchUpWanted.load(ordering: .acquiring) && !$0.runtime.groups[0].watchWanted.load(ordering: .acquiring)
                 && $0.runtime.groups[0].catchUpAgainAt.load(ordering: .acquiring) == 0 }
