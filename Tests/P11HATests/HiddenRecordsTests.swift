@@ -59,4 +59,25 @@ struct HiddenRecords {
         for store in 0..<2 { #expect(copies(labels, on: store) == 0, "member \(store)") }
         #expect(copies(["other"], on: 0) == 1 && copies(["other"], on: 1) == 1)
     }
+
+    @Test("an object the records say is live that no member holds (as one destroyed by a process whose tombstone this one cannot see) is noted when first found, and counts as lasting only once it is still missing a watch interval later")
+    func noHolderIsWarnedOnlyWhenLasting() throws {
+        let a = try first.userSession()
+        _ = try first.runtime.createObject(a, dataObject("vanished", value: [4]))
+        for store in 0..<2 {
+            try first.asAnotherProgram(on: store) { token, s in
+                for copy in try token.findObjects(s, [Attribute(CKA_LABEL, Array("vanished".utf8))]) { try token.destroyObject(s, copy) }
+            }
+        }
+        func since() -> [UInt64] { first.members.flatMap { $0.history.withLock { Array($0.noHolderSince.values) } } }
+        first.group.catchUpWanted.store(true, ordering: .releasing)
+        first.recover()
+        let noted = since()
+        #expect(noted.count == 2 && noted.allSatisfy { $0 == noted[0] }, "each member's object noted once: \(noted)")
+        let interval = UInt64(first.runtime.recovery.worker.watchInterval.milliseconds)
+        clock.advance(by: interval)
+        first.recover()
+        #expect(since() == noted, "still missing a watch interval later, since the first sighting")
+        #expect(clock.milliseconds >= noted[0] + interval)
+    }
 }

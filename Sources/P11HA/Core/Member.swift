@@ -23,6 +23,9 @@ public struct MemberHistory: Sendable {
     public var failures = 0
     /// Objects the last repair could not give the member (named; see `ReplicaKeeper.Repair`).
     public var unrepairable: [String] = []
+    /// When (replica clock, ms) each object of `unrepairable` was first found with no holder in reach, as long
+    /// as every repair since found it so.
+    var noHolderSince: [String: UInt64] = [:]
 }
 
 /// Seconds since the epoch, for operators' records.

@@ -261,9 +261,9 @@ package final class ReplicaKeeper: Sendable {
         /// When (replica clock, ms) what was left as possibly on its way can no longer be (0: nothing left so).
         var settlesAt: UInt64 = 0
         var unrecorded = 0
-        /// Objects no member in reach was seen to hold: one look proves nothing (a store can hide objects for a
-        /// moment), so they are looked for again later.
-        package var noHolder = 0
+        /// Objects no member in reach was seen to hold (named as in `unrepairable`): one look proves nothing (a
+        /// store can hide objects for a moment, and SoftHSM a tombstone for longer), so they are looked for again later.
+        package var noHolder: Set<String> = []
         /// The target's copy of each live object the repair paired or placed (by replication identity), as the
         /// repair left it: what a returning member's handles are (`Recovery.reattach`), without a search each.
         package var copiesHeld: [ObjectUID: MemberObject] = [:]
@@ -486,7 +486,7 @@ package final class ReplicaKeeper: Sendable {
             }
             guard let (peer, copy) = source else {
                 report.unrepairable.append(name + " reason=\"no member in reach holds it\"")
-                report.noHolder += 1
+                report.noHolder.insert(report.unrepairable.last!)
                 unsettled.insert(uid)
                 continue
             }
