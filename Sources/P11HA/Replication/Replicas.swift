@@ -160,23 +160,6 @@ package final class ReplicaKeeper: Sendable {
             let uid = ledger.identity(of: description.fingerprint, attributes: description.attributes)
             return (uid, ledger.objects[uid]?.isLive != true && !ledger.live(description.fingerprint).isEmpty)
         }
-        if alike {
-            // The records read do not describe this copy, yet an object of its fingerprint is live: most likely this
-            // very object, changed by another process whose record this one cannot see. Reading again does not
-            // always help: SoftHSM hides from a process the objects others created before its own last create or
-            // destroy ("What the stores do" in REPLICATION.md). Named by the identity an adoption gives it, its
-            // rename and destroy named nobody, and a key destroyed with CKR_OK stayed on the member that missed the
-            // destroy, then came back to the others (simulation seeds 6249 and 8564 under `--stale-indexes`: another
-            // host's rename record hidden by this process's own destroy). So the copy is what a repair of this
-            // member would take it for: the live object the pairing gives it to, when it gives it to one (a copy
-            // under values no record gave, beside the live object's own copy, is another object: `Pairing`).
-            // Rare, so the member's objects are read whole for it.
-            let ledger = group.ledger.withLock { $0 }
-            let view = try enumerate(Reached(member: member, session: session), ledger: ledger)
-            if let (paired, _) = Pairing(view, with: ledger).copies.first(where: { $0.value.handle == copy }) {
-                return (paired, description)
-            }
-        }
         if alike && read.count < group.members.count {
             // The records read do not describe this copy, yet an object of its fingerprint is live: most likely this
             // very object, changed by another process whose record only a member not read holds (a rename that
@@ -187,6 +170,23 @@ package final class ReplicaKeeper: Sendable {
             // records can be read.
             Log.event(.warning, "write-refused", "group=\(group.name) reason=\"the records in reach do not identify the object; a member that cannot be read may hold them\"")
             throw P11Error.deviceError
+        }
+        if alike {
+            // The records read do not describe this copy, yet an object of its fingerprint is live: most likely this
+            // very object, changed by another process whose record this one cannot see. Reading again does not
+            // always help: SoftHSM hides from a process the objects others created before its own last create or
+            // destroy ("What the stores do" in REPLICATION.md). Named by the identity an adoption gives it, its
+            // rename and destroy named nobody, and a key destroyed with CKR_OK stayed on the member that missed the
+            // destroy, then came back to the others (simulation seeds 6249 and 8564 under `--stale-indexes`: another
+            // host's rename record hidden by this process's own destroy). So the copy is what a repair of this
+            // member would take it for: the live object the pairing gives it to, when it gives it to one (a copy
+            // under values no record gave, beside the live object's own copy, is another object: `Pairing`).
+            // Rare, so the member's objects are read whole for it. (Every member's records were read: see above.)
+            let ledger = group.ledger.withLock { $0 }
+            let view = try enumerate(Reached(member: member, session: session), ledger: ledger)
+            if let (paired, _) = Pairing(view, with: ledger).copies.first(where: { $0.value.handle == copy }) {
+                return (paired, description)
+            }
         }
         return (uid, description)
     }
