@@ -347,7 +347,9 @@ func writesWhileDownScenario(_ m: Module) {
 func resyncCheckScenario(_ m: Module) {
     let s = initialized(m)
     // C_Login sees member-c holding fewer records than the others and starts a catch-up in the background: the
-    // members converge while this process runs (looked at directly through SoftHSM, for up to 20 s).
+    // members converge while this process runs (looked at directly through SoftHSM, for up to 40 s). The catch-up
+    // leaves the objects the writer made a moment ago for `(members + 1) × operation-timeout` (20 s here), since
+    // they could be writes on their way; looking for 20 s, the look ended just before they came on a fast machine.
     _ = openLoggedIn(m, slot: s, pin: userPIN)
     waitInService(m, s)
     // SoftHSM asked directly: the same module instance p11ha's members use (already initialized, already logged
@@ -357,7 +359,8 @@ func resyncCheckScenario(_ m: Module) {
     check(initialized == CKR_OK || initialized == CKR_CRYPTOKI_ALREADY_INITIALIZED, "C_Initialize SoftHSM directly: \(initialized)")
     let expected = [("resync-new", 1), ("resync-doomed", 0), ("resync-old-name", 0), ("resync-new-name", 1), ("resync-key", 2)]
     var wrong: [String] = []
-    for _ in 0..<200 {
+    let deadline = monotonicSeconds() + 40
+    while monotonicSeconds() < deadline {
         wrong = []
         for label in memberLabels {
             guard let memberSlot = slot(labelled: label, in: direct) else { fatal("no member \(label)") }
